@@ -1,0 +1,141 @@
+"""Ray actors that host an engine for one model role (target, draft, verifier), and how to start them.
+
+`EngineHost` is a plain class: tests and notebooks use it directly (`EngineHost(role_cfg).engine`); `start_host`
+wraps it as an async Ray actor with the role's resources, restarts and placement. Concurrent `generate` calls
+from many controllers land in one engine, which batches them (continuous batching): this is the "one batched
+target pass" of Lookahead Reasoning. A caller that cancels its Ray call (`ray.cancel`) cancels its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import asdict
+
+import torch
+
+from actors import zoo
+from actors.engine import Engine, Request, Result, Speculation
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(role) -> Engine:
+    """An engine for a `pipelines.config.RoleConfig` (or its dict form)."""
+    model_cfg, engine_cfg = role.model, role.engine
+    threads = engine_cfg.torch_threads or os.cpu_count()  # Ray sets OMP_NUM_THREADS=1 in workers: undo it
+    torch.set_num_threads(threads)
+    model, tok = zoo.load_model(model_cfg.name, model_cfg.dtype, model_cfg.device, model_cfg.trust_remote_code)
+    spec_cfg = engine_cfg.speculation
+    draft = None
+    if spec_cfg.method == "draft":
+        d = spec_cfg.draft_model
+        draft, draft_tok = zoo.load_model(d.name, d.dtype, d.device, d.trust_remote_code)
+        if draft_tok.get_vocab() != tok.get_vocab():
+            raise ValueError(f"draft {d.name!r} uses another tokenizer than target {model_cfg.name!r}: "
+                             "token-level SD needs the same tokenizer")
+    spec = Speculation(spec_cfg.method, spec_cfg.num_tokens, spec_cfg.ngram_max, spec_cfg.ngram_min)
+    return Engine(model, tok, draft_model=draft, speculation=spec,
+                  prefix_cache_tokens=engine_cfg.prefix_cache_tokens, max_batch=engine_cfg.max_batch)
+
+
+class EngineHost:
+    def __init__(self, role_name: str, role):
+        self.role_name = role_name
+        self.model_name = role.model.name
+        self.engine = build_engine(role)
+        self._futures: dict[str, asyncio.Future] = {}
+        self._loop_task: asyncio.Task | None = None
+
+    def info(self) -> dict:
+        eng = self.engine
+        return {"role": self.role_name, "model": self.model_name, "device": str(eng.target.device),
+                "dtype": str(eng.target.dtype), "vocab_size": eng.target.model.config.vocab_size,
+                "eos_ids": sorted(eng.eos_ids), "speculation": asdict(eng.speculation),
+                "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
+
+    async def generate(self, requests: list[Request]) -> list[Result]:
+        loop = asyncio.get_running_loop()
+        ids, futures = [], []
+        for req in requests:
+            req.request_id = ""  # ids are the engine's: unique across callers
+            rid = self.engine.submit(req)
+            fut = loop.create_future()
+            self._futures[rid] = fut
+            ids.append(rid)
+            futures.append(fut)
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = loop.create_task(self._run())
+        try:
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:
+            for rid in ids:
+                self.engine.cancel(rid)
+            raise
+
+    async def next_token_probs(self, prefixes: list[list[int]], candidate_ids: list[int]) -> list[list[float]]:
+        results = await self.generate([Request(prompt_ids=p, candidate_ids=list(candidate_ids), max_new_tokens=0)
+                                       for p in prefixes])
+        return [r.probs for r in results]
+
+    async def stats(self) -> dict:
+        eng = self.engine
+        return {"live": len(eng.live), "pending": len(eng.pending), "waiting": len(self._futures),
+                "cached_sequences": len(eng.target.cache),
+                "cached_tokens": sum(s.length for s in eng.target.cache.values())}
+
+    async def _run(self) -> None:
+        """Step the engine in a worker thread while the event loop keeps taking requests."""
+        while self.engine.busy:
+            try:
+                finished = await asyncio.to_thread(self.engine.step)
+            except Exception as exc:  # fail every waiting caller, keep the actor usable
+                log.exception("engine step failed")
+                self.engine.pending.clear()
+                for lv in list(self.engine.live):
+                    self.engine.live.remove(lv)
+                    self.engine.target.release(lv.seq)
+                for fut in self._futures.values():
+                    if not fut.done():
+                        fut.set_exception(exc)
+                self._futures.clear()
+                return
+            for res in finished:
+                fut = self._futures.pop(res.request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(res)
+
+
+def start_host(role_name: str, role, placement_group=None, bundle_index: int | None = None):
+    """Start an EngineHost as an async Ray actor with the role's resources and restart policy."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    a = role.actor
+    options = dict(num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_restarts=a.max_restarts,
+                   max_concurrency=a.max_concurrency, name=None)
+    if placement_group is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement_group, placement_group_bundle_index=-1 if bundle_index is None else bundle_index)
+    elif a.scheduling == "spread":
+        options["scheduling_strategy"] = "SPREAD"
+    return ray.remote(EngineHost).options(**options).remote(role_name, role)
+
+
+def init_ray(ray_cfg) -> None:
+    """Connect to `ray.address` (or RAY_ADDRESS); with neither, start a local instance in this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:  # a cluster or `ray job submit`: the job's runtime env applies
+        ray.init(address=address, namespace=ray_cfg.namespace, log_to_driver=True)
+    else:
+        # offline switches and caches reach the workers; secrets (tokens, keys) never do
+        env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "SPECMOE_", "TRITON_"))
+               and not any(s in k for s in ("TOKEN", "KEY", "SECRET"))}
+        runtime_env = {"env_vars": env} if env else None
+        ray.init(num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, namespace=ray_cfg.namespace,
+                 include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
