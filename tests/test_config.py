@@ -1,0 +1,45 @@
+import pytest
+
+from pipelines.config import CollectConfig, ConfigError, load_config
+
+
+def test_demo_preset_and_overrides():
+    cfg = load_config(CollectConfig, "collect", ["data.num_problems=7", "generation.sampling.temperature=0.5"])
+    assert cfg.data.num_problems == 7
+    assert cfg.generation.sampling.temperature == 0.5
+    assert cfg.target.model.name == "smollm2-135m-instruct"
+    assert cfg.generation.step_delimiter == "\n\n"
+
+
+def test_named_preset_and_file(tmp_path):
+    assert load_config(CollectConfig, "collect", ["tiny"]).target.model.name == "tiny-llama"
+    f = tmp_path / "mine.yaml"
+    f.write_text("data: {num_problems: 3}\ntarget: {engine: {speculation: {method: ngram, num_tokens: 6}}}\n")
+    cfg = load_config(CollectConfig, "collect", [str(f), "run.name=x"])
+    assert cfg.data.num_problems == 3 and cfg.target.engine.speculation.num_tokens == 6 and cfg.run.name == "x"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["data.num_problemz=3"], "data.num_problemz"),
+    (["target.model.nmae=x"], "target.model.nmae"),
+    (["data.num_problems=three"], "data.num_problems"),
+    (["generation.sampling.top_p=1.5"], "generation.sampling.top_p"),
+    (["data.source=s3"], "data.source"),
+    (["target.engine.speculation.method=eagle"], "target.engine.speculation.method"),
+    (["target.engine.speculation.num_tokens=0"], "target.engine.speculation.num_tokens"),
+    (["nope"], "unknown preset"),
+    (["data.num_problems"], "unknown preset"),
+])
+def test_bad_config_names_the_key(args, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(CollectConfig, "collect", args)
+    assert needle in str(err.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("generation: {max_new_tokenz: 5}\n")
+    with pytest.raises(ConfigError, match="max_new_tokenz"):
+        load_config(CollectConfig, "collect", [str(f)])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(CollectConfig, "collect", [str(tmp_path / "missing.yaml")])

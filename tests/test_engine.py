@@ -1,0 +1,206 @@
+"""The engine on tiny random models built from real configs: losslessness, batching, caching, counters."""
+
+import pytest
+import torch
+
+from actors import zoo
+from actors.engine import Engine, EngineError, Request, Sampling, Speculation
+from tests.conftest import hf_greedy
+
+PROMPT = [1, 504, 3458, 314, 260, 1345, 28, 1789, 43, 9023, 29, 2]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral", "tiny-qwen3-moe"])
+def test_greedy_matches_transformers_generate(name):
+    model, tok = zoo.load_model(name, device="cpu")
+    engine = Engine(model, tok)
+    engine.eos_ids = set()  # random weights: let both run the full length
+    [res] = engine.generate([Request(PROMPT, max_new_tokens=24)])
+    model.generation_config.eos_token_id = None
+    assert res.token_ids == hf_greedy(model, PROMPT, 24)
+    assert res.finish_reason == "length"
+    assert res.counters.decode_tokens == 24 and res.counters.prefill_tokens == len(PROMPT)
+    assert res.counters.forward_passes == 24  # one prefill + 23 decode passes
+
+
+def test_batch_of_different_prefixes_equals_one_by_one(tiny_llama):
+    model, tok = tiny_llama
+    prompts = [PROMPT, PROMPT[:5], PROMPT + [77, 78, 79], [9, 8, 7, 6]]
+    alone = []
+    for p in prompts:
+        engine = Engine(model, tok, prefix_cache_tokens=0)
+        engine.eos_ids = set()
+        alone.append(engine.generate([Request(p, max_new_tokens=12 + len(p) % 3)])[0].token_ids)
+    engine = Engine(model, tok)
+    engine.eos_ids = set()
+    together = engine.generate([Request(p, max_new_tokens=12 + len(p) % 3) for p in prompts])
+    assert [r.token_ids for r in together] == alone
+
+
+def test_committed_prefix_is_never_prefilled_again(tiny_llama):
+    model, tok = tiny_llama
+    engine = Engine(model, tok)
+    engine.eos_ids = set()
+    committed = list(PROMPT)
+    prefilled = 0
+    for step in range(5):  # step by step, as a step-level controller commits
+        [res] = engine.generate([Request(committed, max_new_tokens=6)])
+        prefilled += res.counters.prefill_tokens
+        committed += res.token_ids
+    # the prompt once, then only the one not-yet-fed last token of each committed step
+    assert prefilled == len(PROMPT) + 4
+    # a foreign continuation (e.g. an accepted draft step) costs exactly its own tokens
+    [res] = engine.generate([Request(committed + [5, 6, 7], max_new_tokens=2)])
+    assert res.counters.prefill_tokens == 1 + 3
+    # without a prefix cache, everything is prefilled
+    engine = Engine(model, tok, prefix_cache_tokens=0)
+    [res] = engine.generate([Request(committed, max_new_tokens=1)])
+    assert res.counters.prefill_tokens == len(committed)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_token_speculation_is_lossless_under_greedy(tiny_llama, method, k):
+    model, tok = tiny_llama
+    draft = zoo.load_model("tiny-llama-draft-l1", device="cpu")[0] if method == "draft" else None
+    plain = Engine(model, tok)
+    spec = Engine(model, tok, draft_model=draft, speculation=Speculation(method, k))
+    for e in (plain, spec):
+        e.eos_ids = set()
+    prompts = [PROMPT, PROMPT[:7] + PROMPT[:7]]  # the second repeats itself: n-gram lookup finds matches
+    want = [r.token_ids for r in plain.generate([Request(p, max_new_tokens=30) for p in prompts])]
+    got = spec.generate([Request(p, max_new_tokens=30) for p in prompts])
+    assert [r.token_ids for r in got] == want
+    for r in got:
+        c = r.counters
+        assert c.decode_tokens == 30 and 0 <= c.accepted_tokens <= c.drafted_tokens
+        # every target pass yields one token plus the accepted proposals
+        assert c.forward_passes + c.accepted_tokens >= 30
+        assert c.forward_passes <= 30
+    assert sum(r.counters.accepted_tokens for r in got) > 0
+
+
+def test_draft_that_equals_target_accepts_everything(tiny_llama):
+    model, tok = tiny_llama
+    engine = Engine(model, tok, draft_model=model, speculation=Speculation("draft", 4))
+    engine.eos_ids = set()
+    [res] = engine.generate([Request(PROMPT, max_new_tokens=21)])
+    c = res.counters
+    assert c.accepted_tokens == c.drafted_tokens == 16  # 4 passes x 4 proposals, + 1 own token each + 1 last
+    assert c.forward_passes == 1 + 4
+
+
+def test_stop_string_eos_and_length(tiny_llama):
+    model, tok = tiny_llama
+    engine = Engine(model, tok)
+    engine.eos_ids = set()
+    [full] = engine.generate([Request(PROMPT, max_new_tokens=20)])
+    # pick the text of tokens 6..7 as a stop string: generation must end at the first token completing it
+    stop = tok.decode(full.token_ids[6:8])
+    [res] = engine.generate([Request(PROMPT, max_new_tokens=20, stop=(stop,))])
+    assert res.finish_reason == "stop" and stop in res.text
+    first_end = next(i for i in range(1, 21) if stop in tok.decode(full.token_ids[:i]))
+    assert res.token_ids == full.token_ids[:first_end]
+    engine.eos_ids = {full.token_ids[4]}
+    [res] = engine.generate([Request(PROMPT, max_new_tokens=20)])
+    first_eos = full.token_ids.index(full.token_ids[4])
+    assert res.finish_reason == "eos" and res.token_ids == full.token_ids[:first_eos + 1]
+    assert tok.decode([full.token_ids[4]]) not in res.text or first_eos > 0
+
+
+def test_seeded_sampling_is_reproducible(tiny_llama):
+    model, tok = tiny_llama
+    engine = Engine(model, tok)
+
+    def sample(seed, top_k=0, top_p=1.0):
+        return engine.generate([Request(PROMPT, max_new_tokens=12, sampling=Sampling(1.0, top_p, top_k, seed))])[0]
+
+    assert sample(1).token_ids == sample(1).token_ids
+    assert sample(1).token_ids != sample(2).token_ids
+    logits = model(torch.tensor([PROMPT])).logits[0, -1]
+    allowed = set(logits.topk(3).indices.tolist())
+    assert all(sample(s, top_k=3).token_ids[0] in allowed for s in range(10))
+
+
+def test_speculative_sampling_keeps_the_target_distribution(tiny_llama):
+    """Second-token marginal under draft speculation vs the exact sum over first tokens (top-k 3)."""
+    model, tok = tiny_llama
+    draft = zoo.load_model("tiny-llama-draft-l1", device="cpu")[0]
+    sampling = dict(temperature=1.0, top_k=3)
+    logits1 = model(torch.tensor([PROMPT])).logits[0, -1]
+    p1 = torch.zeros_like(logits1)
+    top1 = logits1.topk(3)
+    p1[top1.indices] = torch.softmax(top1.values, -1)
+    exact = torch.zeros_like(logits1)
+    for t in top1.indices.tolist():
+        lg = model(torch.tensor([PROMPT + [t]])).logits[0, -1]
+        top2 = lg.topk(3)
+        exact[top2.indices] += p1[t] * torch.softmax(top2.values, -1)
+    engine = Engine(model, tok, draft_model=draft, speculation=Speculation("draft", 2))
+    engine.eos_ids = set()
+    n = 1500
+    results = engine.generate([Request(PROMPT, max_new_tokens=2, sampling=Sampling(seed=s, **sampling))
+                               for s in range(n)])
+    counts = torch.zeros_like(logits1)
+    for r in results:
+        counts[r.token_ids[1]] += 1
+    tv = 0.5 * (counts / n - exact).abs().sum().item()
+    assert tv < 0.05, tv
+    assert sum(r.counters.drafted_tokens for r in results) > 0
+
+
+def test_cancel_leaves_nothing_running(tiny_llama):
+    model, tok = tiny_llama
+    engine = Engine(model, tok)
+    engine.eos_ids = set()
+    keep = engine.submit(Request(PROMPT, max_new_tokens=10))
+    drop = engine.submit(Request(PROMPT[:6], max_new_tokens=10))
+    queued = engine.submit(Request(PROMPT[:3], max_new_tokens=10))
+    engine.max_batch = 2
+    finished = {r.request_id: r for r in engine.step()}
+    engine.cancel(drop)
+    engine.cancel(queued)
+    while engine.busy:
+        finished.update({r.request_id: r for r in engine.step()})
+    assert finished[drop].finish_reason == "cancelled" and finished[queued].finish_reason == "cancelled"
+    assert finished[keep].finish_reason == "length" and len(finished[keep].token_ids) == 10
+    assert not engine.live and not engine.pending and not engine.target.active
+
+
+def test_next_token_probs_match_softmax(tiny_llama):
+    model, tok = tiny_llama
+    engine = Engine(model, tok)
+    probs = engine.next_token_probs([PROMPT, PROMPT[:4]], [5, 17, 300])
+    for prefix, got in zip([PROMPT, PROMPT[:4]], probs):
+        want = torch.softmax(model(torch.tensor([prefix])).logits[0, -1].float(), -1)[[5, 17, 300]]
+        torch.testing.assert_close(torch.tensor(got), want, rtol=1e-4, atol=1e-7)
+
+
+def test_bad_requests(tiny_llama):
+    model, tok = tiny_llama
+    with pytest.raises(EngineError, match="needs a draft model"):
+        Engine(model, tok, speculation=Speculation("draft", 4))
+    engine = Engine(model, tok)
+    with pytest.raises(EngineError, match="unknown speculation"):
+        engine.submit(Request(PROMPT, speculation=Speculation("eagle")))
+    with pytest.raises(EngineError, match="at least one prompt token"):
+        engine.submit(Request([]))
+    other = zoo.load_model("tiny-llama", device="cpu")[0]
+    other.config.vocab_size += 1
+    with pytest.raises(EngineError, match="vocabulary"):
+        Engine(model, tok, draft_model=other)
+
+
+def test_runner_logits_match_transformers_while_buffers_grow(tiny_llama):
+    from actors.runner import ModelRunner
+
+    model, _ = tiny_llama
+    runner = ModelRunner(model)
+    tokens = (PROMPT * 20)[:150]
+    seq = runner.acquire(tokens[:2], reserve=0)  # capacity 64: grows twice below
+    got = [runner.forward([seq], [tokens[:2]], all_logits=True)[0]]
+    for i in range(2, len(tokens), 7):  # chunks of up to 7 new tokens on top of the cache
+        got.append(runner.forward([seq], [tokens[i:i + 7]], all_logits=True)[0])
+    assert seq.capacity >= 150 and seq.length == 150
+    want = model(torch.tensor([tokens])).logits[0].float()
+    torch.testing.assert_close(torch.cat(got), want, rtol=1e-4, atol=1e-4)
