@@ -94,6 +94,9 @@ class EngineError(ValueError):
     pass
 
 
+PREFILL_BATCH_MAX_TOKENS = 32  # uncached prompt tokens up to which requests share one padded prefill forward
+
+
 class Engine:
     def __init__(self, model, tokenizer, draft_model=None, speculation: Speculation | None = None,
                  prefix_cache_tokens: int = 32768, max_batch: int = 16):
@@ -161,10 +164,11 @@ class Engine:
         """Admit, prefill, decode or speculate once for every live request; return those that finished."""
         finished: list[Result] = []
         self._apply_cancellations(finished)
-        while self.pending and len(self.live) < self.max_batch:
-            live = self._admit(self.pending.popleft())
-            if live.finish:
-                finished.append(self._finish(live))
+        admitted = []
+        while self.pending and len(self.live) + len(admitted) < self.max_batch:
+            admitted.append(self._acquire(self.pending.popleft()))
+        for lv in self._prefill(admitted):
+            finished.append(self._finish(lv))
         plain = [lv for lv in self.live if lv.spec.method == "none"]
         for chunk in _chunks(plain, self.max_batch):
             self._decode(chunk)
@@ -188,7 +192,7 @@ class Engine:
             finished.append(self._finish(lv))
         self.cancelled.clear()
 
-    def _admit(self, req: Request) -> _Live:
+    def _acquire(self, req: Request) -> _Live:
         spec = req.speculation or self.speculation
         reserve = req.max_new_tokens + spec.num_tokens + 2
         seq = self.target.acquire(req.prompt_ids, reserve)
@@ -196,21 +200,32 @@ class Engine:
         gen = None
         if req.sampling.temperature > 0:
             gen = torch.Generator().manual_seed(req.sampling.seed if req.sampling.seed is not None else 0)
-        lv = _Live(req, seq, draft_seq, spec, gen, time.perf_counter())
-        todo = req.prompt_ids[seq.length:]
-        lv.logits = self.target.forward([seq], [todo])[0]
-        lv.counters.prefill_tokens += len(todo)
-        lv.counters.forward_passes += 1
-        if req.candidate_ids is not None:
-            probs = torch.softmax(lv.logits, -1)
-            lv.probs = probs[torch.tensor(req.candidate_ids)].tolist()
-            lv.finish = "probs"
-            return lv
-        if req.max_new_tokens == 0:
-            lv.finish = "length"
-            return lv
-        self.live.append(lv)
-        return lv
+        return _Live(req, seq, draft_seq, spec, gen, time.perf_counter())
+
+    def _prefill(self, admitted: list[_Live]) -> list[_Live]:
+        """Run the uncached prompt tokens; short ones (e.g. branches off a shared committed prefix) go in one
+        padded forward, long ones alone. Returns the requests that are already finished (probes)."""
+        short = [lv for lv in admitted if len(lv.req.prompt_ids) - lv.seq.length <= PREFILL_BATCH_MAX_TOKENS]
+        groups = [short] if short else []
+        groups += [[lv] for lv in admitted if lv not in short]
+        done = []
+        for group in groups:
+            todo = [lv.req.prompt_ids[lv.seq.length:] for lv in group]
+            logits = self.target.forward([lv.seq for lv in group], todo)
+            for lv, t, lg in zip(group, todo, logits):
+                lv.logits = lg
+                lv.counters.prefill_tokens += len(t)
+                lv.counters.forward_passes += 1
+                if lv.req.candidate_ids is not None:
+                    lv.probs = torch.softmax(lg, -1)[torch.tensor(lv.req.candidate_ids)].tolist()
+                    lv.finish = "probs"
+                elif lv.req.max_new_tokens == 0:
+                    lv.finish = "length"
+                if lv.finish:
+                    done.append(lv)
+                else:
+                    self.live.append(lv)
+        return done
 
     def _finish(self, lv: _Live) -> Result:
         self.target.release(lv.seq)

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from pipelines.answers import extract_answer, gold_answer, is_correct, last_boxed
+from pipelines.config import DataConfig
+from pipelines.data import DataError, load_problems, prompt_ids
+
+
+def test_reasoning_gym_is_seeded_and_offset():
+    a = load_problems(DataConfig(name="gsm_symbolic", num_problems=3, seed=7)).items
+    b = load_problems(DataConfig(name="gsm_symbolic", num_problems=3, seed=7)).items
+    c = load_problems(DataConfig(name="gsm_symbolic", num_problems=2, seed=7, offset=1)).items
+    assert [p.question for p in a] == [p.question for p in b]
+    assert [p.question for p in c] == [p.question for p in a[1:]]
+    assert all(p.answer for p in a)
+    for name in ("chain_sum", "basic_arithmetic"):
+        [p] = load_problems(DataConfig(name=name, num_problems=1)).items
+        assert p.question and p.answer is not None
+
+
+def _write(tmp_path, lines):
+    f = tmp_path / "data.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    return f
+
+
+def test_jsonl_fields_and_bad_rows(tmp_path):
+    f = _write(tmp_path, [json.dumps({"q": "1+1?", "a": "#### 2"}), "{not json",
+                          json.dumps({"a": "3"}), json.dumps({"q": "2+2?", "a": "\\boxed{4}"})])
+    cfg = DataConfig(source="jsonl", path=str(f), question_field="q", answer_field="a", num_problems=10)
+    with pytest.raises(DataError, match="row 2 is not an object"):
+        load_problems(cfg)
+    cfg.bad_rows = "skip"
+    got = load_problems(cfg)
+    assert got.skipped_rows == 2
+    assert [(p.question, p.answer) for p in got.items] == [("1+1?", "2"), ("2+2?", "4")]
+    cfg.path = str(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="does not exist"):
+        load_problems(cfg)
+
+
+def test_hub_without_network_is_a_clear_error():
+    with pytest.raises(DataError, match="cannot load hub dataset 'openai/gsm8k'.*data.source=jsonl"):
+        load_problems(DataConfig(source="hub", name="gsm8k"))
+
+
+@pytest.mark.parametrize("text, want", [
+    ("so the total is \\boxed{42}.", "42"),
+    ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("we get 12 apples and 1,250 pears", "1250"),
+    ("no number here", None),
+])
+def test_extract_answer(text, want):
+    assert extract_answer(text) == want
+
+
+def test_checking_with_math_verify():
+    assert is_correct("0.5", "\\frac{1}{2}")
+    assert is_correct("42", gold_answer("Natalia sold 48/2 = 24 clips.\n#### 42"))
+    assert not is_correct("41", "42")
+    assert not is_correct(None, "42")
+    assert last_boxed("\\boxed{x") is None
+
+
+def test_prompt_uses_the_chat_template(smollm):
+    _, tok = smollm
+    [p] = load_problems(DataConfig(name="chain_sum", num_problems=1)).items
+    ids = prompt_ids(tok, p, DataConfig())
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system") and p.question in text
+    assert text.endswith("<|im_start|>assistant\n")

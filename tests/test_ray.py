@@ -1,0 +1,142 @@
+"""Real Ray: engine hosts as async actors, the collect job, and `ray job submit` against a real head."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from actors.engine import Request
+from actors.hosts import EngineHost, init_ray, start_host
+from pipelines.config import CollectConfig, RayConfig, RoleConfig, load_config
+from tests.test_engine import PROMPT
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    init_ray(RayConfig(num_cpus=2))
+    yield
+    ray.shutdown()
+
+
+def _tiny_role(**engine):
+    role = RoleConfig()
+    role.model.name = "tiny-llama"
+    role.actor.num_cpus = 0.25
+    for k, v in engine.items():
+        setattr(role.engine, k, v)
+    return role
+
+
+def test_concurrent_callers_are_batched_and_match_sequential(local_ray):
+    host = start_host("target", _tiny_role())
+    info = ray.get(host.info.remote())
+    assert info["role"] == "target" and info["model"] == "tiny-llama" and info["torch_threads"] >= 1
+    prompts = [PROMPT, PROMPT[:6], PROMPT + [50, 51], PROMPT[:3]]
+    local = EngineHost("target", _tiny_role()).engine
+    want = [r.token_ids for r in local.generate([Request(p, max_new_tokens=10) for p in prompts])]
+    refs = [host.generate.remote([Request(p, max_new_tokens=10)]) for p in prompts]  # four callers at once
+    got = [ray.get(r)[0].token_ids for r in refs]
+    assert got == want
+    probs = ray.get(host.next_token_probs.remote([PROMPT], [5, 6]))
+    assert probs == local.next_token_probs([PROMPT], [5, 6])
+    ray.kill(host)
+
+
+def test_cancelling_a_call_cancels_its_requests(local_ray):
+    host = start_host("target", _tiny_role())
+    ray.get(host.info.remote())
+    ref = host.generate.remote([Request(PROMPT, max_new_tokens=3000)])
+    time.sleep(1.0)
+    ray.cancel(ref)
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
+        ray.get(ref, timeout=60)
+    for _ in range(50):
+        stats = ray.get(host.stats.remote())
+        if stats["live"] == 0 and stats["pending"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["live"] == 0 and stats["pending"] == 0 and stats["waiting"] == 0
+    [res] = ray.get(host.generate.remote([Request(PROMPT, max_new_tokens=4)]))  # still serving
+    assert len(res.token_ids) == 4
+    ray.kill(host)
+
+
+def test_collect_job_writes_a_datasets_loadable_run_and_resumes(local_ray, tmp_path):
+    import datasets
+
+    from pipelines import collect
+
+    cfg = load_config(CollectConfig, "collect", ["tiny", f"run.out_dir={tmp_path}"])
+    run_dir = collect.run(cfg)
+    rows = datasets.load_dataset("json", data_files=str(run_dir / "trajectories.jsonl"), split="train")
+    assert len(rows) == 2 and set(rows.column_names) >= {"question", "answer", "steps", "step_token_ids", "correct"}
+    for row in rows:
+        assert "".join(row["steps"]) == row["response"]
+        assert sum(len(t) for t in row["step_token_ids"]) == row["num_tokens"] <= 24
+        assert all(len(t) <= 8 for t in row["step_token_ids"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_problems"] == 2 and summary["accuracy"] is not None
+    # resume: finished problems are skipped, nothing is appended twice
+    lines = (run_dir / "trajectories.jsonl").read_text()
+    cfg2 = load_config(CollectConfig, "collect", ["tiny", f"run.resume={run_dir}"])
+    collect.run(cfg2, collect.make_run_dir(cfg2, "collect"))
+    assert (run_dir / "trajectories.jsonl").read_text() == lines
+    from pipelines.tracking import offline_summary
+
+    assert offline_summary(run_dir)["num_problems"] == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_real_head(tmp_path):
+    ray.shutdown()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = shutil.which("ray", path=str(bin_dir)) or "ray"
+    gcs, dash = _free_port(), _free_port()
+    temp = Path("/tmp") / f"ray-test-{os.getpid()}"
+    # --block keeps the head in this process group: stopping it stops only this head, not the user's clusters
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}",
+                             "--include-dashboard=true"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 180
+        while subprocess.run([ray_cli, "job", "list", "--address", address], env=env, capture_output=True,
+                             timeout=60).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+        out_dir = tmp_path / "runs"
+        submit = subprocess.run(
+            [ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "python", "-m", "pipelines.collect", "tiny", f"run.out_dir={out_dir}", "data.num_problems=1"],
+            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+        assert "succeeded" in submit.stdout.lower()
+        [run_dir] = list((out_dir / "collect").iterdir())
+        assert json.loads((run_dir / "summary.json").read_text())["num_problems"] == 1
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
