@@ -48,6 +48,14 @@ class EngineHost:
         self._futures: dict[str, asyncio.Future] = {}
         self._loop_task: asyncio.Task | None = None
 
+    @classmethod
+    def from_engine(cls, engine: Engine, role_name: str = "target", model_name: str = "") -> "EngineHost":
+        """An in-process host around an existing engine (tests, notebooks)."""
+        host = cls.__new__(cls)
+        host.role_name, host.model_name, host.engine = role_name, model_name, engine
+        host._futures, host._loop_task = {}, None
+        return host
+
     def info(self) -> dict:
         eng = self.engine
         return {"role": self.role_name, "model": self.model_name, "device": str(eng.target.device),

@@ -1,0 +1,455 @@
+"""Controllers: `run(problem) -> Trace` over the target, draft and verifier.
+
+Methods (any step method takes `+sd`: token-level SD inside every target step):
+- `ar`: the target alone, one step request at a time; `sd`: the same with token-level SD in the target engine.
+- `lr_sync` (Lookahead Reasoning, Algorithm 1): the draft writes gamma steps one after another; the target writes
+  t_0..t_gamma in one batched call (t_j from the prefix plus d_<j); j* = first rejected draft; commit d_<j* and
+  t_j*. When all drafts pass, they are committed and t_gamma (the target's step from the new prefix) becomes the
+  next cycle's t_0, so always-accept is draft-only decoding and never-accept is `ar`.
+- `lr_async` (the asynchronous tree): every node of the lookahead window (depth <= gamma from the accepted root)
+  has its target step launched as soon as its prefix exists, and nodes at depth < gamma launch W draft children.
+  The first accepted child of the root wins and becomes the root (siblings cancelled, its subtree kept); all
+  children rejected -> commit the root's target step and open a fresh root.
+- `fpsr` (DREAM-R): per window position j, the target's own step t_j and the verification of draft d_j are
+  launched together as soon as d_j exists (a verifier that needs t_j waits for it); at the first rejection j*
+  everything beyond j* is cancelled (early stop) and t_j*, usually already computed, is committed (clean
+  fallback); all accepted -> slide the window, t_gamma becoming the next window's t_0.
+A draft step cut at the step cap (no delimiter, no EOS) is rejected without asking the verifier, unless
+`cut_drafts="verify"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from actors.engine import Request, Result, Sampling, Speculation
+from rewards.verifiers import Item, Verdict, Verifier
+from speculative.clients import HostClient
+from speculative.trace import Committed, Trace, Verification
+
+STEP_METHODS = ("lr_sync", "lr_async", "fpsr")
+METHODS = ("ar", "sd") + STEP_METHODS + tuple(f"{m}+sd" for m in STEP_METHODS)
+
+
+class ControllerError(ValueError):
+    pass
+
+
+@dataclass
+class Settings:
+    method: str = "lr_async"
+    gamma: int = 4
+    width: int = 1
+    max_new_tokens: int = 384
+    step_max_tokens: int = 100
+    delimiter: str = "\n\n"
+    target_sampling: Sampling = field(default_factory=Sampling)
+    draft_sampling: Sampling = field(default_factory=Sampling)
+    token_speculation: Speculation = field(default_factory=lambda: Speculation("ngram", 4))
+    cut_drafts: str = "reject"  # reject | verify
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ControllerError(f"unknown method {self.method!r}; known: {list(METHODS)}")
+        if self.gamma < 1:
+            raise ControllerError(f"gamma must be >= 1, got {self.gamma}")
+        if self.width < 1:
+            raise ControllerError(f"width must be >= 1, got {self.width}")
+        if self.width > 1 and self.draft_sampling.temperature == 0:
+            raise ControllerError("width > 1 needs draft sampling (temperature > 0): greedy siblings are identical")
+        if self.cut_drafts not in ("reject", "verify"):
+            raise ControllerError(f"cut_drafts must be reject or verify, got {self.cut_drafts!r}")
+
+    @property
+    def base(self) -> str:
+        return self.method.split("+")[0]
+
+    @property
+    def uses_token_sd(self) -> bool:
+        return self.method == "sd" or self.method.endswith("+sd")
+
+
+@dataclass
+class StepOut:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+    @property
+    def ends_answer(self) -> bool:
+        return self.finish_reason == "eos"
+
+
+class Controller:
+    def __init__(self, settings: Settings, target: HostClient, draft: Optional[HostClient] = None,
+                 verifier: Optional[Verifier] = None):
+        settings.check()
+        if settings.base in STEP_METHODS and (draft is None or verifier is None):
+            raise ControllerError(f"method {settings.method!r} needs a draft and a verifier")
+        self.s, self.target, self.draft, self.verifier = settings, target, draft, verifier
+
+    async def run(self, problem_id: str, question: str, prompt_ids: list[int]) -> Trace:
+        run = _Run(self, problem_id, question, prompt_ids)
+        t0 = time.perf_counter()
+        await {"ar": run.autoregressive, "sd": run.autoregressive, "lr_sync": run.lr_sync,
+               "lr_async": run.lr_async, "fpsr": run.fpsr}[self.s.base]()
+        run.trace.wall_s = time.perf_counter() - t0
+        run.trace.finish_reason = "eos" if run.trace.steps and run.trace.steps[-1].finish_reason == "eos" else "length"
+        return run.trace
+
+
+class _Run:
+    def __init__(self, ctl: Controller, problem_id: str, question: str, prompt_ids: list[int]):
+        self.ctl, self.s = ctl, ctl.s
+        self.question, self.prompt = question, list(prompt_ids)
+        self.trace = Trace(problem_id, self.s.method, len(prompt_ids))
+        self.committed: list[int] = []
+        self.done = False
+        self.cycle = 0
+
+    # ------------------------------------------------------------ model calls
+
+    def _request(self, path: list[int], sampling: Sampling, seed_offset: int, speculation: Speculation) -> Request:
+        remaining = self.s.max_new_tokens - len(self.committed) - len(path)
+        prefix = self.prompt + self.committed + path
+        seed = None if sampling.seed is None else sampling.seed * 1_000_003 + len(prefix) * 31 + seed_offset
+        return Request(prefix, max_new_tokens=max(1, min(self.s.step_max_tokens, remaining)),
+                       stop=(self.s.delimiter,), sampling=replace(sampling, seed=seed), speculation=speculation)
+
+    def room(self, path: list[int]) -> bool:
+        return len(self.committed) + len(path) < self.s.max_new_tokens
+
+    # Requests are built when a call is made (not when its coroutine first runs): the committed prefix may move
+    # before a spawned task starts.
+    def target_steps(self, paths: list[list[int]]):
+        spec = self.s.token_speculation if self.s.uses_token_sd else Speculation("none")
+        return self._target_steps([self._request(p, self.s.target_sampling, 0, spec) for p in paths])
+
+    async def _target_steps(self, reqs: list[Request]) -> list[StepOut]:
+        t0 = time.perf_counter()
+        results = await self.ctl.target.generate(reqs)
+        self.trace.target_step_s += (time.perf_counter() - t0) * len(results)
+        t = self.trace
+        out = []
+        for r in results:
+            t.target_requests += 1
+            t.target_tokens += len(r.token_ids)
+            t.token_drafted += r.counters.drafted_tokens
+            t.token_accepted += r.counters.accepted_tokens
+            t.token_passes += r.counters.forward_passes
+            out.append(StepOut(r.token_ids, r.text, r.finish_reason))
+        return out
+
+    def target_step(self, path: list[int]):
+        spec = self.s.token_speculation if self.s.uses_token_sd else Speculation("none")
+        req = self._request(path, self.s.target_sampling, 0, spec)
+
+        async def one():
+            return (await self._target_steps([req]))[0]
+
+        return one()
+
+    def draft_step(self, path: list[int], sibling: int = 0):
+        return self._draft_step(self._request(path, self.s.draft_sampling, sibling, Speculation("none")))
+
+    async def _draft_step(self, req: Request) -> StepOut:
+        t0 = time.perf_counter()
+        [r] = await self.ctl.draft.generate([req])
+        self.trace.draft_step_s += time.perf_counter() - t0
+        self.trace.draft_requests += 1
+        self.trace.draft_tokens += len(r.token_ids)
+        return StepOut(r.token_ids, r.text, r.finish_reason)
+
+    def _is_cut(self, d: StepOut, path: list[int]) -> bool:
+        """Stopped by the step cap (not by the delimiter, EOS or the answer's own budget)."""
+        return d.finish_reason == "length" and self.room(path + d.token_ids)
+
+    async def verify(self, depth: int, triples: list[tuple[list[int], str, Optional[StepOut], StepOut]]) -> list[Verdict]:
+        """Verdicts for (draft path before the step, its text, target step or None, draft step), recorded in
+        the trace with their depth in the cycle."""
+        verdicts: list[Optional[Verdict]] = [None] * len(triples)
+        items, where = [], []
+        for i, (path, path_text, t, d) in enumerate(triples):
+            if self.s.cut_drafts == "reject" and self._is_cut(d, path):
+                verdicts[i] = Verdict(False, 0.0, "cut")
+                continue
+            items.append(Item(self.question, self.trace.text + path_text, d.text, d.token_ids,
+                              None if t is None else t.text, None if t is None else t.token_ids))
+            where.append(i)
+        if items:
+            self.trace.verifier_calls += 1
+            for i, v in zip(where, await self.ctl.verifier.verify(items)):
+                verdicts[i] = v
+        for i, v in enumerate(verdicts):
+            self.trace.verifications.append(Verification(self.cycle, depth + i, v.accept, float(v.score), v.reason))
+        return verdicts
+
+    def commit(self, step: StepOut, origin: str, depth: int) -> None:
+        self.committed += step.token_ids
+        self.trace.steps.append(Committed(step.token_ids, step.text, origin, self.cycle, depth, step.finish_reason))
+        if step.ends_answer or len(self.committed) >= self.s.max_new_tokens or not step.token_ids:
+            self.done = True
+
+    def waste(self, steps: list[StepOut], who: str) -> None:
+        n = sum(len(s.token_ids) for s in steps)
+        if who == "target":
+            self.trace.wasted_target_tokens += n
+        else:
+            self.trace.wasted_draft_tokens += n
+
+    # ------------------------------------------------------------ ar / sd
+
+    async def autoregressive(self) -> None:
+        while not self.done:
+            [t] = await self.target_steps([[]])
+            self.commit(t, "target", 0)
+            self.trace.cycles += 1
+
+    # ------------------------------------------------------------ Lookahead Reasoning, synchronous
+
+    async def lr_sync(self) -> None:
+        t0_ready: Optional[StepOut] = None
+        while not self.done:
+            self.trace.cycles += 1
+            drafts: list[StepOut] = []
+            path: list[int] = []
+            while len(drafts) < self.s.gamma and self.room(path):
+                d = await self.draft_step(path)
+                drafts.append(d)
+                path = path + d.token_ids
+                if d.ends_answer or not d.token_ids:
+                    break
+            paths = [sum((d.token_ids for d in drafts[:j]), []) for j in range(len(drafts) + 1)]
+            texts = ["".join(d.text for d in drafts[:j]) for j in range(len(drafts) + 1)]
+            todo = paths[1:] if t0_ready is not None else paths
+            computed = await self.target_steps(todo)  # one call: the engine batches these
+            targets = ([t0_ready] if t0_ready is not None else []) + computed
+            verdicts = await self.verify(0, [(paths[j], texts[j], targets[j], drafts[j]) for j in range(len(drafts))])
+            j_star = next((j for j, v in enumerate(verdicts) if not v.accept), len(drafts))
+            beyond = len(verdicts) - j_star - 1
+            if beyond > 0:  # judged in the same batch, but past the first rejection: not part of the cycle
+                del self.trace.verifications[-beyond:]
+            for j in range(j_star):
+                self.commit(drafts[j], "draft", j)
+            self.waste(drafts[j_star:], "draft")
+            if j_star < len(drafts):
+                self.commit(targets[j_star], "target", j_star)
+                self.waste(targets[:j_star] + targets[j_star + 1:], "target")
+                t0_ready = None
+            else:
+                self.waste(targets[:-1], "target")
+                t0_ready = targets[-1]  # the target's step from the new prefix: the next cycle's t_0
+            self.cycle += 1
+
+    # ------------------------------------------------------------ FPSR
+
+    async def fpsr(self) -> None:
+        t0_ready: Optional[StepOut] = None
+        while not self.done:
+            self.trace.cycles += 1
+            await self._fpsr_window(t0_ready)
+            t0_ready = self._next_t0
+            self.cycle += 1
+
+    async def _fpsr_window(self, t0_ready: Optional[StepOut]) -> None:
+        self._next_t0 = None
+        tasks: list[asyncio.Task] = []
+
+        def spawn(coro) -> asyncio.Task:
+            task = asyncio.ensure_future(coro)
+            tasks.append(task)
+            return task
+
+        async def ready(value):
+            return value
+
+        paths: list[list[int]] = [[]]
+        texts: list[str] = [""]
+        target_tasks = [spawn(ready(t0_ready)) if t0_ready is not None else spawn(self.target_step([]))]
+        drafts: list[StepOut] = []
+        verdict_tasks: list[asyncio.Task] = []
+
+        async def verify_at(j, d):
+            t = await target_tasks[j] if self.ctl.verifier.needs_target_step else None
+            return (await self.verify(j, [(paths[j], texts[j], t, d)]))[0]
+
+        async def drafting():
+            path: list[int] = []
+            while len(drafts) < self.s.gamma and self.room(path):
+                d = await self.draft_step(path)
+                j = len(drafts)
+                drafts.append(d)
+                path = path + d.token_ids
+                paths.append(path)
+                texts.append(texts[-1] + d.text)
+                verdict_tasks.append(spawn(verify_at(j, d)))  # launched together with t_{j+1}
+                target_tasks.append(spawn(self.target_step(path)))
+                if d.ends_answer or not d.token_ids:
+                    break
+
+        draft_task = spawn(drafting())
+        try:
+            j = 0
+            while True:
+                while j >= len(verdict_tasks) and not draft_task.done():
+                    await asyncio.wait([draft_task] + verdict_tasks[j:], return_when=asyncio.FIRST_COMPLETED)
+                if j >= len(verdict_tasks):  # every draft accepted: slide the window
+                    draft_task.result()
+                    for k in range(len(drafts)):
+                        self.commit(drafts[k], "draft", k)
+                    self._next_t0 = await target_tasks[-1]
+                    self.waste([t.result() for t in target_tasks[:-1] if t.done() and not t.cancelled()
+                                and t.exception() is None], "target")
+                    return
+                verdict = await verdict_tasks[j]
+                if not verdict.accept:
+                    for k in range(j):
+                        self.commit(drafts[k], "draft", k)
+                    fallback = await target_tasks[j]  # clean fallback: usually computed already
+                    self.commit(fallback, "target", j)
+                    self.waste(drafts[j:], "draft")
+                    return
+                j += 1
+        finally:
+            await self._cancel(tasks)
+
+    async def _cancel(self, tasks: list[asyncio.Task]) -> None:
+        """Early stop: cancel unfinished work and count it; finished but unused steps were counted as waste."""
+        live = [t for t in tasks if not t.done()]
+        for t in live:
+            t.cancel()
+        self.trace.cancelled_requests += len(live)
+        if live:
+            await asyncio.gather(*live, return_exceptions=True)
+
+    # ------------------------------------------------------------ Lookahead Reasoning, asynchronous tree
+
+    async def lr_async(self) -> None:
+        tree = _Tree(self)
+        root = tree.node([], None, 0)
+        depth_in_cycle = 0
+        self.trace.cycles = 1
+        try:
+            while not self.done:
+                tree.grow(root)
+                winner = await tree.decide(root, depth_in_cycle)
+                if winner is not None:
+                    self.commit(winner.step, "draft", depth_in_cycle)
+                    tree.drop(root, keep=winner)
+                    root = tree.rebase(winner)
+                    depth_in_cycle += 1
+                else:
+                    t = await root.target
+                    self.commit(t, "target", depth_in_cycle)
+                    tree.drop(root, keep=None)
+                    root = tree.node([], None, 0)
+                    depth_in_cycle = 0
+                    self.cycle += 1
+                    self.trace.cycles += 1
+        finally:
+            await self._cancel(tree.tasks)
+
+
+class _Node:
+    def __init__(self, path: list[int], step: Optional[StepOut], level: int):
+        self.path, self.step, self.level = path, step, level  # path: draft tokens since the committed prefix
+        self.text = ""  # the path's text
+        self.target: Optional[asyncio.Task] = None
+        self.drafts: list[asyncio.Task] = []
+        self.children: list[_Node] = []
+        self.verdicts: dict[int, asyncio.Task] = {}  # child index -> verification task
+
+
+class _Tree:
+    def __init__(self, run: _Run):
+        self.run, self.s = run, run.s
+        self.tasks: list[asyncio.Task] = []
+        self.root_level = 0
+        self._depth = 0
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.append(task)
+        return task
+
+    def node(self, path, step, level) -> _Node:
+        return _Node(path, step, level)
+
+    def grow(self, node: _Node) -> None:
+        """Launch the target step of every node in the window and the drafts of nodes above depth gamma."""
+        run = self.run
+        if node.target is None and run.room(node.path):
+            node.target = self.spawn(run.target_step(node.path))
+        ended = node.step is not None and (node.step.ends_answer or not node.step.token_ids)
+        if not node.drafts and not ended and node.level - self.root_level < self.s.gamma and run.room(node.path):
+            node.drafts = [self.spawn(self._draft(node, w)) for w in range(self.s.width)]
+        for child in node.children:
+            self.grow(child)
+
+    async def _draft(self, parent: _Node, sibling: int) -> _Node:
+        d = await self.run.draft_step(parent.path, sibling)
+        child = _Node(parent.path + d.token_ids, d, parent.level + 1)
+        child.text = parent.text + d.text
+        parent.children.append(child)
+        index = len(parent.children) - 1
+        parent.verdicts[index] = self.spawn(self._verify(parent, child))
+        self.grow(child)
+        return child
+
+    async def _verify(self, parent: _Node, child: _Node) -> Verdict:
+        t = await parent.target if (parent.target is not None and self.run.ctl.verifier.needs_target_step) else None
+        depth = self._depth + parent.level - self.root_level
+        return (await self.run.verify(depth, [(parent.path, parent.text, t, child.step)]))[0]
+
+    async def decide(self, root: _Node, depth: int) -> Optional[_Node]:
+        """The first child of the root whose draft step is accepted, or None when all are rejected."""
+        self._depth = depth
+        while True:
+            for i, child in enumerate(root.children):
+                v = root.verdicts.get(i)
+                if v is not None and v.done() and v.result().accept:
+                    return child
+            drafting = [t for t in root.drafts if not t.done()]
+            judging = [v for v in root.verdicts.values() if not v.done()]
+            if not drafting and not judging:
+                return None
+            await asyncio.wait(drafting + judging, return_when=asyncio.FIRST_COMPLETED)
+
+    def drop(self, node: _Node, keep: Optional[_Node]) -> None:
+        """Cancel the subtree of `node` except `keep`'s; count finished-but-unused steps as waste."""
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n is keep:
+                continue
+            for task, who in [(n.target, "target")] + [(t, "draft") for t in n.drafts]:
+                if task is None:
+                    continue
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    if who == "target" and not (n is node and keep is None):  # the committed fallback
+                        self.run.waste([task.result()], "target")
+                elif not task.done():
+                    task.cancel()
+                    self.run.trace.cancelled_requests += 1
+            for i, child in enumerate(n.children):
+                if child is not keep:
+                    self.run.waste([child.step], "draft")
+                v = n.verdicts.get(i)
+                if v is not None and not v.done():
+                    v.cancel()
+                stack.append(child)
+
+    def rebase(self, winner: _Node) -> _Node:
+        """The accepted child becomes the root: paths are relative to the committed prefix again."""
+        cut, cut_text = len(winner.path), len(winner.text)
+        stack = [winner]
+        while stack:
+            n = stack.pop()
+            n.path, n.text = n.path[cut:], n.text[cut_text:]
+            stack.extend(n.children)
+        self.root_level = winner.level
+        winner.step = None
+        return winner

@@ -1,0 +1,151 @@
+"""Controllers over real tiny engines (in-process hosts) and over scripted hosts."""
+
+import asyncio
+
+import pytest
+
+from actors import zoo
+from actors.engine import Counters, Engine, Result, Sampling, Speculation
+from actors.hosts import EngineHost
+from rewards.verifiers import Always, Exact, RandomAccept, Verdict, Verifier
+from speculative.clients import HostClient
+from speculative.controllers import Controller, ControllerError, Settings
+from tests.test_engine import PROMPT
+
+STEP_METHODS = ["lr_sync", "lr_async", "fpsr"]
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    target, tok = zoo.load_model("tiny-llama", device="cpu")
+    draft, _ = zoo.load_model("tiny-llama-draft-l1", device="cpu")
+
+    def host(model, drafter=None):
+        return HostClient(EngineHost.from_engine(Engine(model, tok, draft_model=drafter)))
+
+    return {"target": host(target, draft), "draft": host(draft), "same": host(target), "tok": tok}
+
+
+def run(ctl, prompt=PROMPT):
+    return asyncio.run(ctl.run("p0", "question", prompt))
+
+
+def settings(method, **kw):
+    base = dict(method=method, gamma=3, max_new_tokens=40, step_max_tokens=6, delimiter="\n\n",
+                token_speculation=Speculation("draft", 3))
+    base.update(kw)
+    return Settings(**base)
+
+
+@pytest.fixture(scope="module")
+def ar_tokens(hosts):
+    return run(Controller(settings("ar"), hosts["target"])).token_ids
+
+
+@pytest.mark.parametrize("gamma", [1, 3])
+@pytest.mark.parametrize("sd", [False, True])
+@pytest.mark.parametrize("method", STEP_METHODS)
+@pytest.mark.parametrize("drafter", ["draft", "same"])
+def test_exact_verifier_is_lossless(hosts, ar_tokens, method, sd, gamma, drafter):
+    ctl = Controller(settings(method + ("+sd" if sd else ""), gamma=gamma), hosts["target"], hosts[drafter],
+                     Exact("tokens"))
+    trace = run(ctl)
+    assert trace.token_ids == ar_tokens
+    accepted = sum(v.accepted for v in trace.verifications)
+    if drafter == "same":  # a draft identical to the target: every completed draft step passes
+        assert accepted > 0 and any(s.origin == "draft" for s in trace.steps)
+        assert all(v.accepted for v in trace.verifications if v.reason != "cut")
+    assert sum(s.origin == "draft" for s in trace.steps) <= accepted
+    if sd:
+        assert trace.token_drafted > 0
+
+
+@pytest.mark.parametrize("method", STEP_METHODS)
+def test_always_accept_is_draft_only_and_never_accept_is_ar(hosts, ar_tokens, method):
+    draft_only = run(Controller(settings("ar"), hosts["draft"])).token_ids
+    always = run(Controller(settings(method, cut_drafts="verify"), hosts["target"], hosts["draft"], Always()))
+    assert always.token_ids == draft_only
+    assert all(s.origin == "draft" for s in always.steps)
+    never = run(Controller(settings(method), hosts["target"], hosts["draft"], RandomAccept(0.0)))
+    assert never.token_ids == ar_tokens
+    assert all(s.origin == "target" for s in never.steps)
+
+
+def test_sd_method_matches_ar(hosts, ar_tokens):
+    trace = run(Controller(settings("sd"), hosts["target"]))
+    assert trace.token_ids == ar_tokens and trace.token_drafted > 0
+
+
+def test_bad_settings_fail_before_any_model_call(hosts):
+    with pytest.raises(ControllerError, match="unknown method"):
+        Controller(settings("lookahead"), hosts["target"])
+    with pytest.raises(ControllerError, match="gamma"):
+        Controller(settings("lr_sync", gamma=0), hosts["target"], hosts["draft"], Always())
+    with pytest.raises(ControllerError, match="needs a draft"):
+        Controller(settings("fpsr"), hosts["target"])
+    with pytest.raises(ControllerError, match="width > 1"):
+        Controller(settings("lr_async", width=2), hosts["target"], hosts["draft"], Always())
+
+
+# ---------------------------------------------------------------- scripted hosts
+
+
+class ScriptedHost:
+    """Step i (counted in tokens after the prompt) is [i + 1] * 2 for the target; the draft writes the same
+    step, or a wrong one at the positions in `wrong_at`. Every step ends with the delimiter."""
+
+    def __init__(self, prompt_len, wrong_at=(), delay_s=0.0):
+        self.prompt_len, self.wrong_at, self.delay_s = prompt_len, set(wrong_at), delay_s
+        self.running = 0
+        self.seen = []
+
+    async def generate(self, requests):
+        out = []
+        self.running += len(requests)
+        try:
+            await asyncio.sleep(self.delay_s)
+            for r in requests:
+                pos = (len(r.prompt_ids) - self.prompt_len) // 2
+                self.seen.append(pos)
+                tok = 100 + pos + (50 if pos in self.wrong_at else 0)
+                finish = "eos" if pos == 9 else "stop"
+                out.append(Result("", [tok, tok], f"s{tok}\n\n", finish, Counters()))
+        finally:
+            self.running -= len(requests)
+        return out
+
+
+def test_sync_bookkeeping_on_scripted_hosts():
+    target, draft = ScriptedHost(len(PROMPT)), ScriptedHost(len(PROMPT), wrong_at={2, 7})
+    ctl = Controller(settings("lr_sync", max_new_tokens=100), HostClient(target), HostClient(draft), Exact("tokens"))
+    trace = run(ctl)
+    assert trace.token_ids == [t for i in range(10) for t in (100 + i, 100 + i)]
+    # cycle 1: d0 d1 accepted, d2 wrong -> t2; cycle 2 from step 3: d3 d4 d5 accepted (t6 kept as next t0);
+    # cycle 3: d6 ok, d7 wrong -> t7; cycle 4: d8 ok, d9 (eos) ok
+    assert [s.origin for s in trace.steps] == ["draft", "draft", "target", "draft", "draft", "draft", "draft",
+                                               "target", "draft", "draft"]
+    assert [(v.cycle, v.depth, v.accepted) for v in trace.verifications] == [
+        (0, 0, True), (0, 1, True), (0, 2, False), (1, 0, True), (1, 1, True), (1, 2, True),
+        (2, 0, True), (2, 1, False), (3, 0, True), (3, 1, True)]
+    assert trace.cycles == 4 and trace.finish_reason == "eos"
+
+
+class WrongStepVerifier(Verifier):
+    """Knows the script: rejects the draft's wrong steps (token >= 150) without the target's step."""
+
+    needs_target_step = False
+
+    async def verify(self, items):
+        return [Verdict(it.draft_ids[0] < 150, 0.5) for it in items]
+
+
+@pytest.mark.parametrize("method", ["fpsr", "lr_async"])
+def test_early_stop_cancels_and_falls_back_cleanly(method):
+    target, draft = ScriptedHost(len(PROMPT), delay_s=0.05), ScriptedHost(len(PROMPT), wrong_at={1}, delay_s=0.01)
+    ctl = Controller(settings(method, max_new_tokens=100, gamma=4), HostClient(target), HostClient(draft),
+                     WrongStepVerifier())
+    trace = run(ctl)
+    assert trace.token_ids == [t for i in range(10) for t in (100 + i, 100 + i)]
+    assert trace.steps[1].origin == "target"  # the rejected position's target step is committed
+    assert target.running == 0 and draft.running == 0  # nothing left running
+    assert trace.cancelled_requests > 0 or trace.wasted_target_tokens > 0

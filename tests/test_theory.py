@@ -1,0 +1,47 @@
+import math
+import random
+
+import pytest
+
+from speculative.theory import f_async, f_sync, g_token, predicted_speedup
+
+
+@pytest.mark.parametrize("a, c, g, want_sync, want_async", [
+    (0.5, 0.1, 6, 1.312, 1.808), (0.63, 0.1, 6, 1.689, 2.258), (0.6, 0.2, 3, 1.400, 1.773), (0.5, 0.1, 12, 0.952, 1.818),
+])
+def test_reference_fixtures(a, c, g, want_sync, want_async):
+    assert f_sync(a, c, g) == pytest.approx(want_sync, abs=1e-3)
+    assert f_async(a, c, g) == pytest.approx(want_async, abs=1e-3)
+
+
+def test_async_branches_agree_at_one_over_c():
+    a, c = 0.55, 0.25
+    below = (1 - a ** 4) / ((1 - a) + c * (a - a ** 5 - 4 * (1 - a) * a ** 4))
+    assert below == pytest.approx(1 / (c + (1 - c) * (1 - a)), rel=1e-9)
+    assert f_async(a, c, 4) == pytest.approx(below)
+
+
+def test_sync_model_matches_a_monte_carlo_of_its_cycle():
+    """Per cycle: gamma draft steps (cost c each, the first overlaps nothing), one target pass (cost 1 - c:
+    the model's denominator), commit up to the first rejection; all accepted commits the drafts only."""
+    a, c, gamma = 0.6, 0.15, 4
+    rng = random.Random(0)
+    steps = cost = 0.0
+    for _ in range(200_000):
+        j = 0
+        while j < gamma and rng.random() < a:
+            j += 1
+        steps += j + 1 if j < gamma else gamma
+        cost += 1 - c + c * gamma
+    assert steps / cost == pytest.approx(f_sync(a, c, gamma), rel=3e-3)
+
+
+def test_token_sd_bounds_and_combination():
+    assert g_token(0.0, 0.1, 4) == pytest.approx(1 / 1.4)
+    assert g_token(0.8, 0.0, 1000) == pytest.approx(1 / (1 - 0.8), rel=1e-6)
+    assert g_token(1.0, 0.0, 4) == 5
+    assert predicted_speedup("lr_async+sd", 0.5, 0.1, 6, token_speedup=1.5) == pytest.approx(1.808 * 1.5, abs=2e-3)
+    assert predicted_speedup("ar", 0.3, 0.1, 6) == 1.0
+    assert math.isinf(f_async(1.0, 0.0, 3))
+    with pytest.raises(ValueError):
+        f_sync(1.2, 0.1, 3)
