@@ -87,6 +87,12 @@ class EngineHost:
                                        for p in prefixes])
         return [r.probs for r in results]
 
+    async def clear_cache(self) -> None:
+        """Forget finished sequences' KV (benchmarks: no run reuses another's work)."""
+        self.engine.target.clear_cache()
+        if self.engine.draft is not None:
+            self.engine.draft.clear_cache()
+
     async def stats(self) -> dict:
         eng = self.engine
         return {"live": len(eng.live), "pending": len(eng.pending), "waiting": len(self._futures),

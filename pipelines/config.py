@@ -160,7 +160,89 @@ class DemoConfig:
     moe_ppl_tokens: int = bounded(4096, ge=64, help="tokens of pydoc text for the MoE-vs-dense perplexity")
 
 
-JOBS: dict[str, type] = {"collect": CollectConfig, "demo": DemoConfig}
+METHODS = ("ar", "sd", "lr_sync", "lr_async", "fpsr", "lr_sync+sd", "lr_async+sd", "fpsr+sd")
+VERIFIERS = ("exact", "embedding", "judge", "tbvm", "score", "random", "always")
+
+
+@dataclass
+class VerifierConfig:
+    kind: str = choice("tbvm", VERIFIERS)
+    model: str = field(default="target", metadata={"help": "'target' asks the target actor; else a model name "
+                                                           "hosted by a verifier actor (see verifier_role)"})
+    exact_mode: str = choice("normalized", ["normalized", "text", "tokens"])
+    short_circuit: bool = True  # exact match accepts without asking the model
+    alpha: float = bounded(0.7, ge=0, le=1, help="tbvm: accept iff p_pos / (p_pos + p_neg) > alpha")
+    positive_words: list[str] = field(default_factory=lambda: ["yes", "Yes"])
+    negative_words: list[str] = field(default_factory=lambda: ["no", "No"])
+    threshold: float = bounded(0.85, help="embedding: cosine threshold; score: minimum score 0-9")
+    p: float = bounded(0.5, ge=0, le=1, help="random: accept probability")
+    seed: int = 0
+
+
+@dataclass
+class LookaheadConfig:
+    gamma: int = bounded(4, ge=1, help="lookahead depth (draft steps per window)")
+    width: int = bounded(1, ge=1, help="lr_async: draft children per node (> 1 needs draft sampling)")
+    cut_drafts: str = choice("reject", ["reject", "verify"], help="a draft step cut at the step cap")
+
+
+@dataclass
+class TokenSpecConfig:
+    method: str = choice("ngram", ["ngram", "draft"])
+    num_tokens: int = bounded(4, ge=1)
+    ngram_max: int = bounded(3, ge=1)
+    ngram_min: int = bounded(1, ge=1)
+    draft_model: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2-135m-draft-l6"))
+
+
+@dataclass
+class EvaluateConfig:
+    """pipelines.evaluate: methods side by side on the same actors and problems."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="evaluate"))
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    target: RoleConfig = field(default_factory=RoleConfig)
+    draft: RoleConfig = field(default_factory=lambda: RoleConfig(model=ModelConfig(name="smollm2-135m-draft-l6")))
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    verifier_role: RoleConfig = field(default_factory=RoleConfig)  # used when verifier.model is not 'target'
+    methods: list[str] = field(default_factory=lambda: ["ar", "sd", "lr_async", "lr_async+sd", "fpsr"])
+    lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
+    token_speculation: TokenSpecConfig = field(default_factory=TokenSpecConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    draft_sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    problems_in_flight: int = bounded(1, ge=1)
+    accuracy: bool = True  # grade answers (needs gold answers)
+
+    def check(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"config key 'methods': unknown method(s) {bad}; known: {list(METHODS)}")
+        if not self.methods:
+            raise ConfigError("config key 'methods': empty")
+        if self.lookahead.width > 1 and self.draft_sampling.temperature == 0:
+            raise ConfigError("config key 'lookahead.width': > 1 needs draft_sampling.temperature > 0")
+
+
+@dataclass
+class SweepConfig:
+    """pipelines.sweep: a Ray Tune grid of evaluations."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="sweep"))
+    ray: RayConfig = field(default_factory=RayConfig)
+    base: str = field(default="demo", metadata={"help": "evaluate preset or YAML file each trial starts from"})
+    overrides: list[str] = field(default_factory=list)  # key.path=value applied to every trial
+    grid: dict[str, list[Any]] = field(default_factory=lambda: {"lookahead.gamma": [2, 4],
+                                                                "verifier.kind": ["tbvm", "embedding"]})
+    metric: str = "lr_async/speedup"
+    mode: str = choice("max", ["max", "min"])
+    max_concurrent_trials: int = bounded(1, ge=1)
+    trial_cpus: float = bounded(1.0, ge=0, help="CPUs of a trial's driver bundle")
+
+
+JOBS: dict[str, type] = {"collect": CollectConfig, "demo": DemoConfig, "evaluate": EvaluateConfig,
+                         "sweep": SweepConfig}
 
 
 # ---------------------------------------------------------------- loading

@@ -1,0 +1,220 @@
+"""Evaluate speculative methods side by side on the same actors and problems.
+
+    python -m pipelines.evaluate                         # demo preset: SmolLM2 target, early-exit draft, TBVM
+    python -m pipelines.evaluate tiny                    # random tiny models, seconds
+    python -m pipelines.evaluate methods=[ar,lr_sync,fpsr] lookahead.gamma=3 verifier.kind=embedding
+    python -m pipelines.evaluate target.model.name=runs/quantize/<dir>/model   # any model directory
+    python -m pipelines.evaluate run.resume=runs/evaluate/<dir>                # skip finished problems
+
+Every method runs on the same target, draft and verifier actors, one method after another, with the engines'
+prefix caches cleared in between (so no method reuses another's work); `ar` is the speed baseline. Writes
+traces/<method>.jsonl (one trace per problem), summary.json, report.md with tables and plots, and a W&B run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from actors import zoo
+from actors.engine import Sampling, Speculation
+from actors.hosts import init_ray, start_host
+from pipelines.answers import extract_answer, is_correct
+from pipelines.config import ConfigError, EvaluateConfig, SpeculationConfig, parse_cli
+from pipelines.data import load_problems, prompt_ids
+from pipelines.runs import append_jsonl, make_run_dir, read_jsonl, save_config, write_json
+from pipelines.tracking import Tracker
+from rewards import verifiers as V
+from speculative.clients import HostClient
+from speculative.controllers import STEP_METHODS, Controller, Settings
+from speculative.metrics import add_speedups, summarize
+from speculative.trace import Trace
+
+
+def preflight(cfg: EvaluateConfig):
+    """Everything that can be wrong before a model is loaded: problems, answers, tokenizers."""
+    problems = load_problems(cfg.data).items
+    if cfg.accuracy and any(p.answer is None for p in problems):
+        missing = next(p.id for p in problems if p.answer is None)
+        raise ConfigError(f"accuracy=true but problem {missing!r} has no answer (field {cfg.data.answer_field!r}); "
+                          "set accuracy=false to time without grading")
+    tok = zoo.load_tokenizer(cfg.target.model.name, cfg.target.model.trust_remote_code)
+    uses_steps = any(m.split("+")[0] in STEP_METHODS for m in cfg.methods)
+    uses_token_draft = cfg.token_speculation.method == "draft" and any(m == "sd" or m.endswith("+sd")
+                                                                      for m in cfg.methods)
+    others = []
+    if uses_steps:
+        others.append(("draft", cfg.draft.model.name))
+    if uses_token_draft:
+        others.append(("token_speculation.draft_model", cfg.token_speculation.draft_model.name))
+    for key, name in others:
+        if zoo.load_tokenizer(name).get_vocab() != tok.get_vocab():
+            raise ConfigError(f"config key {key!r}: {name!r} uses another tokenizer than the target "
+                              f"{cfg.target.model.name!r}" + (" (token-level SD needs the same one)"
+                                                              if key.startswith("token") else ""))
+    return problems, tok
+
+
+def target_role(cfg: EvaluateConfig):
+    ts = cfg.token_speculation
+    spec = SpeculationConfig(method="draft" if ts.method == "draft" else "none", draft_model=ts.draft_model,
+                             num_tokens=ts.num_tokens, ngram_max=ts.ngram_max, ngram_min=ts.ngram_min)
+    return replace(cfg.target, engine=replace(cfg.target.engine, speculation=spec))
+
+
+class EncoderClient:
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def similarity_pairs(self, texts):
+        return await self.handle.similarity_pairs.remote(texts)
+
+
+def build_verifier(cfg: EvaluateConfig, target: HostClient, tok):
+    vc = cfg.verifier
+    if vc.kind == "exact":
+        return V.Exact(vc.exact_mode)
+    if vc.kind == "always":
+        return V.Always()
+    if vc.kind == "random":
+        return V.RandomAccept(vc.p, vc.seed)
+    if vc.kind == "embedding":
+        import ray
+
+        from actors.encoder import EncoderHost
+
+        inner = V.Embedding(EncoderClient(ray.remote(EncoderHost).options(num_cpus=0.1).remote(1)), vc.threshold)
+    else:
+        if vc.model == "target":
+            client, vtok = target, tok
+        else:
+            client = HostClient(start_host("verifier", replace(cfg.verifier_role, model=replace(
+                cfg.verifier_role.model, name=vc.model))))
+            vtok = zoo.load_tokenizer(vc.model)
+        if vc.kind == "judge":
+            inner = V.Judge(client, vtok)
+        elif vc.kind == "tbvm":
+            inner = V.TBVM(client, vtok, vc.alpha, tuple(vc.positive_words), tuple(vc.negative_words))
+        else:
+            inner = V.Score(client, vtok, int(vc.threshold))
+    return V.ShortCircuit(inner) if vc.short_circuit else inner
+
+
+def settings_for(cfg: EvaluateConfig, method: str) -> Settings:
+    g, s, d, ts = cfg.generation, cfg.generation.sampling, cfg.draft_sampling, cfg.token_speculation
+    return Settings(method=method, gamma=cfg.lookahead.gamma, width=cfg.lookahead.width,
+                    max_new_tokens=g.max_new_tokens, step_max_tokens=g.step_max_tokens, delimiter=g.step_delimiter,
+                    target_sampling=Sampling(s.temperature, s.top_p, s.top_k, s.seed),
+                    draft_sampling=Sampling(d.temperature, d.top_p, d.top_k, d.seed),
+                    token_speculation=Speculation(ts.method, ts.num_tokens, ts.ngram_max, ts.ngram_min),
+                    cut_drafts=cfg.lookahead.cut_drafts)
+
+
+async def _evaluate_method(cfg, method, controller, problems, prompts, out: Path, hosts) -> list[dict]:
+    done = {row["problem_id"]: row for row in read_jsonl(out)}
+    todo = [p for p in problems if p.id not in done]
+    for h in hosts:  # no method reuses another's cached work
+        await h.clear_cache.remote()
+    slots = asyncio.Semaphore(cfg.problems_in_flight)
+    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=method, unit="problem")
+
+    async def one(problem):
+        async with slots:
+            trace = await controller.run(problem.id, problem.question, prompts[problem.id])
+        row = trace.to_dict()
+        row["predicted"] = extract_answer(trace.text)
+        row["correct"] = is_correct(row["predicted"], problem.answer) if cfg.accuracy else None
+        append_jsonl(out, row)
+        done[problem.id] = row
+        bar.update()
+
+    await asyncio.gather(*(one(p) for p in todo))
+    bar.close()
+    return [done[p.id] for p in problems]
+
+
+def evaluate(cfg: EvaluateConfig, run_dir: Path | None = None) -> tuple[Path, dict]:
+    problems, tok = preflight(cfg)
+    run_dir = run_dir or make_run_dir(cfg, "evaluate")
+    resolved = save_config(cfg, run_dir, "evaluate")
+    (run_dir / "traces").mkdir(exist_ok=True)
+    tracker = Tracker(cfg.wandb, run_dir, "evaluate", resolved)
+    init_ray(cfg.ray)
+    methods = list(dict.fromkeys(["ar"] + list(cfg.methods)))  # ar is the baseline
+    need_draft = any(m.split("+")[0] in STEP_METHODS for m in methods)
+    target_handle = start_host("target", target_role(cfg))
+    draft_handle = start_host("draft", cfg.draft) if need_draft else None
+    target = HostClient(target_handle)
+    draft = HostClient(draft_handle) if draft_handle else None
+    verifier = build_verifier(cfg, target, tok) if need_draft else None
+    hosts = [h for h in (target_handle, draft_handle) if h is not None]
+    prompts = {p.id: prompt_ids(tok, p, cfg.data) for p in problems}
+
+    async def main():
+        warm = settings_for(cfg, "ar")
+        warm.max_new_tokens = 4
+        await Controller(warm, target).run("warmup", problems[0].question, prompts[problems[0].id])
+        rows = {}
+        for method in methods:
+            ctl = Controller(settings_for(cfg, method), target, draft if method != "ar" else None,
+                             verifier if method.split("+")[0] in STEP_METHODS else None)
+            rows[method] = await _evaluate_method(cfg, method, ctl, problems, prompts,
+                                                  run_dir / "traces" / f"{method}.jsonl", hosts)
+        return rows
+
+    t0 = time.perf_counter()
+    rows = asyncio.run(main())
+    summaries = {}
+    for method, method_rows in rows.items():
+        s = summarize([Trace.from_dict(r) for r in method_rows], cfg.lookahead.gamma)
+        graded = [r["correct"] for r in method_rows if r["correct"] is not None]
+        s["accuracy"] = sum(graded) / len(graded) if graded else None
+        ar_answers = {r["problem_id"]: r["predicted"] for r in rows["ar"]}
+        s["answer_agreement"] = sum(
+            (r["predicted"] is not None and ar_answers[r["problem_id"]] is not None
+             and is_correct(r["predicted"], ar_answers[r["problem_id"]])) or r["predicted"] == ar_answers[r["problem_id"]]
+            for r in method_rows) / len(method_rows)
+        summaries[method] = s
+    add_speedups(summaries)
+    summary = {"methods": summaries, "wall_s": time.perf_counter() - t0, "num_problems": len(problems),
+               "target": cfg.target.model.name, "draft": cfg.draft.model.name, "verifier": cfg.verifier.kind,
+               "gamma": cfg.lookahead.gamma}
+    write_json(run_dir / "summary.json", summary)
+    from pipelines.report import evaluation_report
+
+    report_path, figures = evaluation_report(run_dir, summary)
+    flat = {f"{m}/{k}": v for m, s in summaries.items() for k, v in s.items() if isinstance(v, (int, float))}
+    tracker.summary(flat)
+    tracker.table("methods", ["method", "speedup", "predicted_speedup", "step_accept_rate", "accuracy",
+                              "answer_agreement", "tokens_per_s"],
+                  [[m, s.get("speedup"), s.get("predicted_speedup"), s["step_accept_rate"], s["accuracy"],
+                    s["answer_agreement"], s["tokens_per_s"]] for m, s in summaries.items()])
+    for fig in figures:
+        tracker.image(fig.stem, fig)
+    tracker.finish()
+    for h in hosts:
+        import ray
+
+        ray.kill(h)
+    print(report_path.read_text())
+    print(f"evaluate: report {report_path}")
+    return run_dir, summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli("evaluate", sys.argv[1:] if argv is None else argv)
+    try:
+        evaluate(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

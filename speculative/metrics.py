@@ -1,0 +1,72 @@
+"""Metrics of one method over many problems, computed from traces only.
+
+Names follow the papers and vLLM: step_accept_rate (accepted draft steps / verified draft steps, a cut draft counts
+as rejected), acceptance by depth (conditional: a depth is judged only while every earlier draft in the window
+passed), token-level acceptance_rate (accepted / drafted tokens) and mean_acceptance_length (1 + accepted tokens
+per target verification pass).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from speculative.theory import predicted_speedup
+from speculative.trace import Trace
+
+
+def summarize(traces: list[Trace], gamma: int = 1) -> dict:
+    n = len(traces)
+    tokens = sum(len(t.token_ids) for t in traces)
+    wall = sum(t.wall_s for t in traces)
+    verifs = [v for t in traces for v in t.verifications]
+    by_depth: dict[int, list[bool]] = defaultdict(list)
+    for v in verifs:
+        by_depth[v.depth].append(v.accepted)
+    cycles = sum(t.cycles for t in traces)
+    draft_steps = sum(s.origin == "draft" for t in traces for s in t.steps)
+    steps = sum(len(t.steps) for t in traces)
+    target_req = sum(t.target_requests for t in traces)
+    draft_req = sum(t.draft_requests for t in traces)
+    target_cost = sum(t.target_step_s for t in traces) / max(target_req, 1)
+    draft_cost = sum(t.draft_step_s for t in traces) / max(draft_req, 1)
+    drafted = sum(t.token_drafted for t in traces)
+    accepted = sum(t.token_accepted for t in traces)
+    passes = sum(t.token_passes for t in traces)
+    return {
+        "num_problems": n,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall else 0.0,
+        "steps": steps,
+        "draft_steps_committed": draft_steps,
+        "cycles": cycles,
+        "accepted_steps_per_cycle": draft_steps / cycles if cycles else 0.0,
+        "step_accept_rate": sum(v.accepted for v in verifs) / len(verifs) if verifs else 0.0,
+        "verifications": len(verifs),
+        "accept_rate_by_depth": {d: sum(a) / len(a) for d, a in sorted(by_depth.items())},
+        "verifier_calls": sum(t.verifier_calls for t in traces),
+        "target_requests": target_req,
+        "draft_requests": draft_req,
+        "cancelled_requests": sum(t.cancelled_requests for t in traces),
+        "wasted_target_tokens": sum(t.wasted_target_tokens for t in traces),
+        "wasted_draft_tokens": sum(t.wasted_draft_tokens for t in traces),
+        "target_step_s": target_cost,
+        "draft_step_s": draft_cost,
+        "step_cost_ratio": draft_cost / target_cost if target_cost and draft_req else 0.0,
+        "token_acceptance_rate": accepted / drafted if drafted else 0.0,
+        "token_mean_acceptance_length": 1 + accepted / passes if passes and drafted else 1.0,
+        "gamma": gamma,
+    }
+
+
+def add_speedups(summaries: dict[str, dict]) -> None:
+    """Speedup vs `ar` (tokens/s on the same problems and actors) and the speedup the theory predicts from each
+    method's measured step accept rate and cost ratio (token-level SD multiplies by `sd`'s measured speedup)."""
+    ar = summaries.get("ar")
+    if not ar or not ar["tokens_per_s"]:
+        return
+    token_speedup = summaries["sd"]["tokens_per_s"] / ar["tokens_per_s"] if "sd" in summaries else 1.0
+    for method, s in summaries.items():
+        s["speedup"] = s["tokens_per_s"] / ar["tokens_per_s"]
+        s["predicted_speedup"] = predicted_speedup(method, s["step_accept_rate"], s["step_cost_ratio"], s["gamma"],
+                                                   token_speedup)
