@@ -65,7 +65,7 @@ async def _collect(cfg: CollectConfig, target, tokenizer, problems, out: Path, t
     return [done[p.id] for p in problems]
 
 
-def summarize(rows: list[dict], prompt_tokens: int) -> dict:
+def summarize(rows: list[dict], prompt_tokens: int, wall_s: float) -> dict:
     n = len(rows)
     graded = [r for r in rows if r["correct"] is not None]
     tokens = sum(r["num_tokens"] for r in rows)
@@ -76,7 +76,8 @@ def summarize(rows: list[dict], prompt_tokens: int) -> dict:
         "mean_tokens": tokens / n if n else 0,
         "mean_steps": sum(steps) / n if n else 0,
         "mean_step_tokens": tokens / max(sum(steps), 1),
-        "tokens_per_s": tokens / max(sum(r["wall_s"] for r in rows), 1e-9),
+        "tokens_per_s": tokens / max(wall_s, 1e-9),  # throughput with problems_in_flight at once
+        "wall_s": wall_s,
         "finish_reasons": {k: sum(r["finish_reason"] == k for r in rows) for k in ("eos", "length")},
         # every prompt and answer token prefilled once = 1.0; per-step re-prefill would be ~ number of steps
         "prefill_tokens_ratio": sum(r["prefill_tokens"] for r in rows) / max(prompt_tokens + tokens, 1),
@@ -91,9 +92,10 @@ def run(cfg: CollectConfig, run_dir: Path | None = None) -> Path:
     tracker = Tracker(cfg.wandb, run_dir, "collect", resolved)
     init_ray(cfg.ray)
     target = start_host("target", cfg.target)
+    t0 = time.perf_counter()
     rows = asyncio.run(_collect(cfg, target, tokenizer, problems, run_dir / "trajectories.jsonl", tracker))
     prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)
-    summary = summarize(rows, prompt_tokens)
+    summary = summarize(rows, prompt_tokens, time.perf_counter() - t0)
     write_json(run_dir / "summary.json", summary)
     tracker.summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
     tracker.table("trajectories", ["id", "correct", "num_tokens", "num_steps", "response"],

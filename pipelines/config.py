@@ -150,16 +150,6 @@ class CollectConfig:
     problems_in_flight: int = bounded(4, ge=1)
 
 
-@dataclass
-class DemoConfig:
-    """pipelines.demo: what `make demo` runs."""
-
-    run: RunConfig = field(default_factory=lambda: RunConfig(name="demo"))
-    collect: CollectConfig = field(default_factory=CollectConfig)
-    moe_model: str = "smollm2-moe-8x"
-    moe_ppl_tokens: int = bounded(4096, ge=64, help="tokens of pydoc text for the MoE-vs-dense perplexity")
-
-
 METHODS = ("ar", "sd", "lr_sync", "lr_async", "fpsr", "lr_sync+sd", "lr_async+sd", "fpsr+sd")
 VERIFIERS = ("exact", "embedding", "judge", "tbvm", "score", "random", "always")
 
@@ -239,6 +229,17 @@ class SweepConfig:
     mode: str = choice("max", ["max", "min"])
     max_concurrent_trials: int = bounded(1, ge=1)
     trial_cpus: float = bounded(1.0, ge=0, help="CPUs of a trial's driver bundle")
+
+
+@dataclass
+class DemoConfig:
+    """pipelines.demo: what `make demo` runs."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="demo"))
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    moe_model: str = "smollm2-moe-8x"
+    moe_ppl_tokens: int = bounded(4096, ge=64, help="tokens of pydoc text for the MoE-vs-dense perplexity")
 
 
 JOBS: dict[str, type] = {"collect": CollectConfig, "demo": DemoConfig, "evaluate": EvaluateConfig,

@@ -6,7 +6,8 @@
 1. builds SmolLM2-135M-Instruct (from its packaged GGUF), the early-exit draft and the demo MoE made from
    SmolLM2's weights, and reports the MoE's perplexity beside the dense model's on Python's pydoc text;
 2. runs `pipelines.collect` (the target's step-by-step answers on GSM-style problems) on a local Ray instance;
-3. writes <run_dir>/report.md with tables and a plot, and prints where it is.
+3. runs `pipelines.evaluate`: ar, sd, lr_async, lr_async+sd and fpsr side by side on the same actors;
+4. writes <run_dir>/report.md with tables and plots, and prints where it is.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 from actors import zoo
 from pipelines import collect
 from pipelines.config import DemoConfig, parse_cli
+from pipelines.evaluate import evaluate
+from pipelines.report import method_table
 from pipelines.runs import make_run_dir, read_jsonl, save_config, write_json
 from pipelines.tracking import Tracker
 from quant.perplexity import perplexity, pydoc_text
@@ -68,7 +71,7 @@ def plot(run_dir: Path, rows: list[dict], models: dict) -> Path:
     return path
 
 
-def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect_dir: Path) -> Path:
+def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect_dir: Path, evaluation: dict) -> Path:
     d, m = models["dense"], models["moe"]
     lines = [
         "# SpecMoE demo", "",
@@ -89,7 +92,13 @@ def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect
     first = rows[0]
     lines += ["", f"First answer, step by step (`{first['id']}`):", ""]
     lines += [f"{i + 1}. {json.dumps(s)}" for i, s in enumerate(first["steps"][:12])]
-    lines += ["", "![demo](demo.png)", "", f"Trajectories: `{collect_dir / 'trajectories.jsonl'}`"]
+    lines += ["", "![demo](demo.png)", "", f"Trajectories: `{collect_dir / 'trajectories.jsonl'}`", "",
+              f"## Speculative methods ({evaluation['num_problems']} problems, verifier `{evaluation['verifier']}`, "
+              f"gamma {evaluation['gamma']})", "",
+              "The draft is not aligned with the target yet (SAPO trains it), so step acceptance is low; speedups "
+              "are measured against `ar` on the same actors and cores.", ""]
+    lines += method_table(evaluation["methods"])
+    lines += ["", "![speedup](evaluate/speedup_and_accept_rate.png)", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -100,20 +109,24 @@ def run(cfg: DemoConfig) -> Path:
     run_dir = make_run_dir(cfg, "demo")
     resolved = save_config(cfg, run_dir, "demo")
     torch.manual_seed(0)
-    print("[1/3] building the demo models and measuring the MoE against the dense target")
+    print("[1/4] building the demo models and measuring the MoE against the dense target")
     models = moe_vs_dense(cfg)
     print(f"      dense ppl {models['dense']['ppl']:.2f}, MoE ppl {models['moe']['ppl']:.2f}")
-    print("[2/3] collecting step-by-step answers on a local Ray instance")
+    print("[2/4] collecting step-by-step answers on a local Ray instance")
     collect_dir = run_dir / "collect"
     collect_dir.mkdir(exist_ok=True)
     collect_cfg = replace(cfg.collect, wandb=replace(cfg.collect.wandb, group=run_dir.name))
     collect.run(collect_cfg, collect_dir)
     rows = read_jsonl(collect_dir / "trajectories.jsonl")
     summary = json.loads((collect_dir / "summary.json").read_text())
-    print("[3/3] writing the report")
+    print("[3/4] evaluating ar, sd and the step-level methods side by side")
+    eval_dir = run_dir / "evaluate"
+    eval_dir.mkdir(exist_ok=True)
+    _, evaluation = evaluate(replace(cfg.evaluate, wandb=replace(cfg.evaluate.wandb, group=run_dir.name)), eval_dir)
+    print("[4/4] writing the report")
     figure = plot(run_dir, rows, models)
-    path = report(run_dir, models, summary, rows, collect_dir)
-    write_json(run_dir / "summary.json", {"models": models, "collect": summary,
+    path = report(run_dir, models, summary, rows, collect_dir, evaluation)
+    write_json(run_dir / "summary.json", {"models": models, "collect": summary, "evaluate": evaluation,
                                           "wall_s": time.perf_counter() - t0})
     tracker = Tracker(cfg.collect.wandb, run_dir, "demo", resolved)
     tracker.summary({"ppl_dense": models["dense"]["ppl"], "ppl_moe": models["moe"]["ppl"],

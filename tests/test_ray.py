@@ -140,3 +140,15 @@ def test_ray_job_submit_against_a_real_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_demo_tiny_end_to_end(local_ray, tmp_path):
+    from pipelines import demo
+    from pipelines.config import DemoConfig
+
+    run_dir = demo.run(load_config(DemoConfig, "demo", ["tiny", f"run.out_dir={tmp_path}"]))
+    text = (run_dir / "report.md").read_text()
+    assert "## Models" in text and "## Collected trajectories" in text and "| lr_async+sd |" in text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["models"]["moe"]["ppl"] > 0 and summary["evaluate"]["methods"]["fpsr"]["answer_agreement"] == 1.0
+    assert (run_dir / "demo.png").stat().st_size > 1000
