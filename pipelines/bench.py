@@ -1,6 +1,7 @@
 """Benchmarks: scripts that measure side by side in one run and write JSON (never timed tests).
 
     python -m pipelines.bench engine --out bench-engine.json
+    python -m pipelines.bench spec --out bench-spec.json [--num-problems 20] [--max-new-tokens 96]
 
 engine: on `smollm2-135m-instruct` (in-process engine, CPU unless a GPU is present), writes
   ar_vs_hf_ratio                 our greedy decode tokens/s over transformers' `generate` on the same prompts
@@ -9,6 +10,11 @@ engine: on `smollm2-135m-instruct` (in-process engine, CPU unless a GPU is prese
                                  over prompt + answer length
   sd_greedy_identical, sd_speedup  token-level SD with the draft (default smollm2-135m-draft-l6) vs AR
   plus the raw timings, acceptance counters, the n-gram SD figures and the device.
+
+spec: the demo evaluation (SmolLM2 target, early-exit draft, TBVM at alpha 0.7) on held-out problems, every
+  method on the same actors, at 1 and 4 problems in flight; per method: speedup, step_accept_rate,
+  answer_agreement, accuracy, predicted_speedup, tokens_per_s_1, tokens_per_s_4, plus the checks
+  within_20pct_of_predicted and fpsr_ge_lr_sync.
 """
 
 from __future__ import annotations
@@ -149,10 +155,45 @@ def bench_engine(args) -> dict:
     return out
 
 
+SPEC_METHODS = ["ar", "sd", "lr_sync", "lr_async", "lr_async+sd", "fpsr", "fpsr+sd"]
+
+
+def bench_spec(args) -> dict:
+    from pipelines.config import EvaluateConfig, load_config
+    from pipelines.evaluate import evaluate
+
+    out: dict = {"methods": {}}
+    for in_flight in (1, 4):
+        cfg = load_config(EvaluateConfig, "evaluate", [
+            args.preset, f"run.out_dir={args.run_dir}", f"run.name=bench-spec-{in_flight}",
+            f"data.num_problems={args.num_problems}", f"data.offset={args.offset}",
+            f"generation.max_new_tokens={args.max_new_tokens}", f"problems_in_flight={in_flight}",
+            "methods=[" + ",".join(SPEC_METHODS) + "]"])
+        run_dir, summary = evaluate(cfg)
+        out[f"run_dir_{in_flight}"] = str(run_dir)
+        for method, s in summary["methods"].items():
+            row = out["methods"].setdefault(method, {})
+            row[f"tokens_per_s_{in_flight}"] = s["tokens_per_s"]
+            if in_flight == 1:
+                row.update({k: s.get(k) for k in ("speedup", "step_accept_rate", "answer_agreement", "accuracy",
+                                                  "predicted_speedup", "step_cost_ratio", "token_acceptance_rate")})
+                row["within_20pct_of_predicted"] = abs(s["speedup"] - s["predicted_speedup"]) <= 0.2 * s[
+                    "predicted_speedup"]
+            else:
+                row["speedup_4_in_flight"] = s.get("speedup")
+        out.update(target=summary["target"], draft=summary["draft"], verifier=summary["verifier"],
+                   gamma=summary["gamma"], num_problems=summary["num_problems"])
+    m = out["methods"]
+    out["fpsr_ge_lr_sync"] = m["fpsr"]["speedup"] >= m["lr_sync"]["speedup"]
+    out["best_speedup"] = max((v["speedup"], k) for k, v in m.items())
+    out["device"] = _device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["engine"])
+    parser.add_argument("suite", choices=["engine", "spec"])
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--model", default=zoo.SMOLLM2)
     parser.add_argument("--draft", default="smollm2-135m-draft-l6")
@@ -164,11 +205,16 @@ def main(argv=None) -> None:
     parser.add_argument("--answer-tokens", type=int, default=1000)
     parser.add_argument("--num-spec-tokens", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--num-problems", type=int, default=20, help="spec: held-out problems")
+    parser.add_argument("--offset", type=int, default=100, help="spec: first held-out problem index")
+    parser.add_argument("--preset", default="demo", help="spec: evaluate preset")
+    parser.add_argument("--run-dir", default="runs", help="spec: where the evaluate runs go")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count())
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    result = {"suite": args.suite, **bench_engine(args), "wall_s": None}
+    bench = {"engine": bench_engine, "spec": bench_spec}[args.suite]
+    result = {"suite": args.suite, **bench(args), "wall_s": None}
     result["wall_s"] = time.perf_counter() - t0
     text = json.dumps(result, indent=2)
     print(text)

@@ -13,7 +13,6 @@ summary.json and the resolved config; logs to W&B (offline unless WANDB_API_KEY 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from pathlib import Path
 
@@ -22,14 +21,17 @@ from tqdm import tqdm
 from actors import zoo
 from actors.hosts import init_ray, start_host
 from pipelines.answers import extract_answer, is_correct
-from pipelines.config import CollectConfig, parse_cli
+from pipelines.config import CollectConfig, run_cli
+from pipelines.evaluate import settings_for_generation
 from pipelines.data import load_problems, prompt_ids
 from pipelines.runs import append_jsonl, make_run_dir, read_jsonl, save_config, write_json
 from pipelines.tracking import Tracker
-from speculative.stepwise import generate_steps
+from speculative.clients import HostClient
+from speculative.controllers import Controller
 
 
 async def _collect(cfg: CollectConfig, target, tokenizer, problems, out: Path, tracker: Tracker) -> list[dict]:
+    controller = Controller(settings_for_generation("ar", cfg.generation), HostClient(target))
     done = {row["id"]: row for row in read_jsonl(out)}
     todo = [p for p in problems if p.id not in done]
     if done:
@@ -40,9 +42,8 @@ async def _collect(cfg: CollectConfig, target, tokenizer, problems, out: Path, t
     async def one(problem):
         async with slots:
             prompt = prompt_ids(tokenizer, problem, cfg.data)
-            t0 = time.perf_counter()
-            answer = await generate_steps(target, prompt, cfg.generation)
-            wall_s = time.perf_counter() - t0
+            answer = await controller.run(problem.id, problem.question, prompt)
+        wall_s = answer.wall_s
         predicted = extract_answer(answer.text)
         row = {
             "id": problem.id, "question": problem.question, "answer": problem.answer,
@@ -50,8 +51,7 @@ async def _collect(cfg: CollectConfig, target, tokenizer, problems, out: Path, t
             "step_token_ids": [s.token_ids for s in answer.steps], "num_tokens": len(answer.token_ids),
             "finish_reason": answer.finish_reason, "predicted": predicted,
             "correct": None if problem.answer is None else is_correct(predicted, problem.answer),
-            "wall_s": wall_s, "prefill_tokens": answer.counters.prefill_tokens,
-            "forward_passes": answer.counters.forward_passes,
+            "wall_s": wall_s, "prefill_tokens": answer.prefill_tokens, "forward_passes": answer.token_passes,
         }
         append_jsonl(out, row)
         done[problem.id] = row
@@ -107,8 +107,7 @@ def run(cfg: CollectConfig, run_dir: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli("collect", sys.argv[1:] if argv is None else argv)
-    run(cfg)
+    run_cli("collect", run, argv)
 
 
 if __name__ == "__main__":

@@ -334,3 +334,16 @@ def parse_cli(job: str, argv: list[str]):
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_cli(job: str, run, argv: list[str] | None = None) -> None:
+    """`python -m pipelines.<job>`: parse, run, and turn a ConfigError found later (e.g. while checking data or
+    tokenizers before any model is loaded) into the same one-line message."""
+    import sys
+
+    cfg = parse_cli(job, sys.argv[1:] if argv is None else argv)
+    try:
+        run(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from actors import zoo
 from pipelines import collect
-from pipelines.config import DemoConfig, parse_cli
+from pipelines.config import DemoConfig, run_cli
 from pipelines.evaluate import evaluate
 from pipelines.report import method_table
 from pipelines.runs import make_run_dir, read_jsonl, save_config, write_json
@@ -139,7 +138,7 @@ def run(cfg: DemoConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_cli("demo", sys.argv[1:] if argv is None else argv))
+    run_cli("demo", run, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from actors import zoo
 from actors.engine import Sampling, Speculation
 from actors.hosts import init_ray, start_host
 from pipelines.answers import extract_answer, is_correct
-from pipelines.config import ConfigError, EvaluateConfig, SpeculationConfig, parse_cli
+from pipelines.config import ConfigError, EvaluateConfig, SpeculationConfig, run_cli
 from pipelines.data import load_problems, prompt_ids
 from pipelines.runs import append_jsonl, make_run_dir, read_jsonl, save_config, write_json
 from pipelines.tracking import Tracker
@@ -106,14 +105,24 @@ def build_verifier(cfg: EvaluateConfig, target: HostClient, tok):
     return V.ShortCircuit(inner) if vc.short_circuit else inner
 
 
+def settings_for_generation(method: str, gen, draft_sampling=None, lookahead=None, token_spec=None) -> Settings:
+    """Controller settings from the config sections (collect uses the generation part only)."""
+    s = gen.sampling
+    settings = Settings(method=method, max_new_tokens=gen.max_new_tokens, step_max_tokens=gen.step_max_tokens,
+                        delimiter=gen.step_delimiter, target_sampling=Sampling(s.temperature, s.top_p, s.top_k, s.seed))
+    if draft_sampling is not None:
+        d = draft_sampling
+        settings.draft_sampling = Sampling(d.temperature, d.top_p, d.top_k, d.seed)
+    if lookahead is not None:
+        settings.gamma, settings.width, settings.cut_drafts = lookahead.gamma, lookahead.width, lookahead.cut_drafts
+    if token_spec is not None:
+        settings.token_speculation = Speculation(token_spec.method, token_spec.num_tokens, token_spec.ngram_max,
+                                                 token_spec.ngram_min)
+    return settings
+
+
 def settings_for(cfg: EvaluateConfig, method: str) -> Settings:
-    g, s, d, ts = cfg.generation, cfg.generation.sampling, cfg.draft_sampling, cfg.token_speculation
-    return Settings(method=method, gamma=cfg.lookahead.gamma, width=cfg.lookahead.width,
-                    max_new_tokens=g.max_new_tokens, step_max_tokens=g.step_max_tokens, delimiter=g.step_delimiter,
-                    target_sampling=Sampling(s.temperature, s.top_p, s.top_k, s.seed),
-                    draft_sampling=Sampling(d.temperature, d.top_p, d.top_k, d.seed),
-                    token_speculation=Speculation(ts.method, ts.num_tokens, ts.ngram_max, ts.ngram_min),
-                    cut_drafts=cfg.lookahead.cut_drafts)
+    return settings_for_generation(method, cfg.generation, cfg.draft_sampling, cfg.lookahead, cfg.token_speculation)
 
 
 async def _evaluate_method(cfg, method, controller, problems, prompts, out: Path, hosts) -> list[dict]:
@@ -208,12 +217,7 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path | None = None) -> tuple[Path, di
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli("evaluate", sys.argv[1:] if argv is None else argv)
-    try:
-        evaluate(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli("evaluate", evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ sweep's group, and reports every `<method>/<metric>` to Tune. The sweep writes s
 from __future__ import annotations
 
 import itertools
-import sys
 from pathlib import Path
 
-from pipelines.config import ConfigError, EvaluateConfig, SweepConfig, load_config, parse_cli
+from pipelines.config import ConfigError, EvaluateConfig, SweepConfig, load_config, run_cli
 from pipelines.runs import make_run_dir, save_config, write_json
 
 
@@ -138,12 +137,7 @@ def _report(sweep_dir: Path, sweep: SweepConfig, keys: list[str], rows: list[dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli("sweep", sys.argv[1:] if argv is None else argv)
-    try:
-        run(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_cli("sweep", run, argv)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,7 @@ class _Run:
             t.token_drafted += r.counters.drafted_tokens
             t.token_accepted += r.counters.accepted_tokens
             t.token_passes += r.counters.forward_passes
+            t.prefill_tokens += r.counters.prefill_tokens
             out.append(StepOut(r.token_ids, r.text, r.finish_reason))
         return out
 

@@ -45,6 +45,7 @@ class Trace:
     token_drafted: int = 0  # token-level SD inside target steps (vLLM's names)
     token_accepted: int = 0
     token_passes: int = 0
+    prefill_tokens: int = 0  # target prompt tokens actually run (cached prefixes excluded)
     wall_s: float = 0.0
     finish_reason: str = ""
 

@@ -149,3 +149,18 @@ def test_early_stop_cancels_and_falls_back_cleanly(method):
     assert trace.steps[1].origin == "target"  # the rejected position's target step is committed
     assert target.running == 0 and draft.running == 0  # nothing left running
     assert trace.cancelled_requests > 0 or trace.wasted_target_tokens > 0
+
+
+@pytest.mark.parametrize("method", ["ar", "lr_sync", "lr_async", "fpsr"])
+def test_length_cap_eos_and_nothing_left_running(hosts, method):
+    ctl = Controller(settings(method, max_new_tokens=13), hosts["target"], hosts["draft"], Exact("tokens"))
+    trace = run(ctl)
+    assert len(trace.token_ids) <= 13 + 6 and trace.finish_reason in ("length", "eos")
+    for key in ("target", "draft"):
+        engine = hosts[key].host.engine
+        assert not engine.live and not engine.pending and not engine.target.active
+    target, draft = ScriptedHost(len(PROMPT)), ScriptedHost(len(PROMPT))
+    trace = run(Controller(settings(method, max_new_tokens=100), HostClient(target), HostClient(draft),
+                           Exact("tokens")))
+    assert trace.finish_reason == "eos" and len(trace.token_ids) == 20  # the scripted answer ends at step 9
+    assert target.running == 0 and draft.running == 0
