@@ -1,0 +1,121 @@
+"""Per-group asymmetric weight quantization: RTN and HQQ (half-quadratic refinement of the zero-point).
+
+A weight W [out, in] is split into groups of `group_size` consecutive inputs per output row. Each group gets a
+scale s = (max - min) / (2^b - 1) and a zero z = -min / s (stored in float16, like the papers), and codes
+q = clamp(round(W / s + z), 0, 2^b - 1); dequantization is (q - z) * s.
+
+HQQ keeps the min-max scale and refines the zero by minimising the lp-norm (p < 1) of the error with a
+half-quadratic splitting: alternate a generalized soft-threshold of the error (E = shrink_lp(W - dequant)) and the
+closed-form zero z = mean(q - (W - E) / s) per group; beta grows by kappa each round; stop when the error stops
+falling. Defaults follow the HQQ / MiLo settings (p = 0.7, beta = 10, kappa = 1.01, 20 rounds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quant.packing import SUPPORTED_BITS, pack, unpack
+
+
+class QuantConfigError(ValueError):
+    pass
+
+
+@dataclass
+class QTensor:
+    """A packed per-group quantized weight [out, in]."""
+
+    packed: torch.Tensor  # int32 [out, words]
+    scale: torch.Tensor  # float16 [out, groups]
+    zero: torch.Tensor  # float16 [out, groups]
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+
+    def codes(self) -> torch.Tensor:
+        return unpack(self.packed, self.bits, self.shape[1])
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        out, n = self.shape
+        q = self.codes().to(torch.float32).view(out, -1, self.group_size)
+        w = (q - self.zero.float()[..., None]) * self.scale.float()[..., None]
+        return w.reshape(out, n).to(dtype)
+
+    def bits_per_weight(self) -> float:
+        """Codes plus fp16 scale and zero per group."""
+        return self.bits + 2 * 16 / self.group_size
+
+
+def check_settings(bits: int, group_size: int, in_features: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise QuantConfigError(f"{bits}-bit quantization is not supported; use one of {SUPPORTED_BITS}")
+    if group_size < 1 or in_features % group_size:
+        raise QuantConfigError(f"group size {group_size} does not divide the input dimension {in_features}")
+
+
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    out, n = w.shape
+    return w.float().reshape(out, n // group_size, group_size)
+
+
+def _minmax(wg: torch.Tensor, bits: int):
+    qmax = (1 << bits) - 1
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    zero = -lo / scale
+    # round-trip through float16 (what is stored) before computing codes
+    return scale.half().float(), zero.half().float()
+
+
+def _codes(wg, scale, zero, bits):
+    return torch.clamp(torch.round(wg / scale[..., None] + zero[..., None]), 0, (1 << bits) - 1)
+
+
+def _pack_result(q, scale, zero, bits, group_size, shape) -> QTensor:
+    return QTensor(pack(q.reshape(shape[0], shape[1]).to(torch.uint8), bits), scale.half(), zero.half(), bits,
+                   group_size, tuple(shape))
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> QTensor:
+    check_settings(bits, group_size, w.shape[1])
+    wg = _groups(w, group_size)
+    scale, zero = _minmax(wg, bits)
+    return _pack_result(_codes(wg, scale, zero, bits), scale, zero, bits, group_size, w.shape)
+
+
+def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """Generalized soft-thresholding: the proximal step of the lp (p < 1) penalty."""
+    return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * x.abs().clamp_min(1e-12).pow(p - 1))
+
+
+@torch.no_grad()
+def quantize_hqq(w: torch.Tensor, bits: int, group_size: int, p: float = 0.7, beta: float = 10.0,
+                 kappa: float = 1.01, iters: int = 20) -> QTensor:
+    check_settings(bits, group_size, w.shape[1])
+    wg = _groups(w, group_size)
+    scale, zero = _minmax(wg, bits)
+    s, z = scale[..., None], zero[..., None]
+    best_err, best_z = float("inf"), z.clone()
+    for _ in range(iters):
+        q = torch.clamp(torch.round(wg / s + z), 0, (1 << bits) - 1)
+        deq = (q - z) * s
+        err = (wg - deq).abs().mean().item()
+        if err < best_err:
+            best_err, best_z = err, z.clone()
+        elif err > best_err * 1.0001:
+            break  # early stop: the error grew
+        e = _shrink_lp(wg - deq, beta, p)
+        z = (q - (wg - e) / s).mean(-1, keepdim=True)
+        beta *= kappa
+    zero = best_z[..., 0].half().float()
+    return _pack_result(_codes(wg, scale, zero, bits), scale, zero, bits, group_size, w.shape)
+
+
+def quantize(w: torch.Tensor, method: str, bits: int, group_size: int) -> QTensor:
+    if method == "rtn":
+        return quantize_rtn(w, bits, group_size)
+    if method == "hqq":
+        return quantize_hqq(w, bits, group_size)
+    raise QuantConfigError(f"unknown base quantizer {method!r}: use rtn or hqq")
