@@ -183,7 +183,13 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_re
 
     path = resolve_dir(name)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if (Path(str(path)) / "specmoe_quant.json").is_file():  # a quantized checkpoint (pipelines.quantize)
+        from quant.checkpoint import load_quantized
+
+        model = load_quantized(path, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if m := _DRAFT.match(name):
         keep_first_layers(model, int(m.group(2)))

@@ -1,0 +1,112 @@
+"""Quantize a model's targets with RTN, HQQ or MiLo: the plan (ranks per tensor), one tensor at a time (the unit a
+Ray task runs), and writing the results back into the model (dequantized, for the torch reference path).
+
+Rank policies for MiLo compensators:
+- `uniform`: `rank_dense` for attention, dense MLPs and shared experts, `rank_expert` for routed experts;
+- `kurtosis`: from the weight's excess kurtosis k: rank 0 for k < 1, 2^(ceil(k) + 2) up to k = 9, `rank_max` above
+  (outlier-heavy matrices get large ranks; Gaussian-like ones none);
+- `frequency`: routed expert e of a layer gets rank_expert * E * f_e (f = its share of routing decisions on real
+  text, mean rank = rank_expert); others get `rank_dense`.
+Every rank is capped at `rank_max` and at min(out, in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from quant.base import QTensor, QuantConfigError, check_settings, quantize
+from quant.milo import MiLoTensor, quantize_milo
+from quant.targets import Target, is_moe, quant_targets
+
+METHODS = ("rtn", "hqq", "milo")
+
+
+@dataclass
+class QuantSpec:
+    method: str = "milo"
+    bits: int = 3
+    group_size: int = 64
+    rank_policy: str = "uniform"
+    rank_dense: int = 16
+    rank_expert: int = 8
+    rank_max: int = 1024
+    rounds: int = 10
+    seed: int = 0
+    routing_frequency: dict = field(default_factory=dict)  # layer -> [E] shares, for the frequency policy
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise QuantConfigError(f"unknown quantization method {self.method!r}; known: {list(METHODS)}")
+        if self.method == "milo" and self.bits != 3:
+            raise QuantConfigError(f"MiLo is 3-bit; {self.bits}-bit was asked")
+        if self.rank_policy not in ("uniform", "kurtosis", "frequency"):
+            raise QuantConfigError(f"unknown rank policy {self.rank_policy!r}")
+
+
+def excess_kurtosis(w: torch.Tensor) -> float:
+    x = w.float().flatten()
+    x = x - x.mean()
+    var = x.pow(2).mean()
+    return float(x.pow(4).mean() / var.clamp_min(1e-20).pow(2) - 3.0)
+
+
+def rank_for(target: Target, spec: QuantSpec) -> int:
+    if spec.method != "milo":
+        return 0
+    w = target.get()
+    if spec.rank_policy == "kurtosis":
+        k = excess_kurtosis(w)
+        rank = 0 if k < 1 else (spec.rank_max if k > 9 else 2 ** (int(-(-k // 1)) + 2))
+    elif spec.rank_policy == "frequency" and target.kind == "expert":
+        shares = spec.routing_frequency.get(target.layer)
+        if shares is None:
+            raise QuantConfigError(f"frequency rank policy: no routing statistics for layer {target.layer}")
+        rank = round(spec.rank_expert * len(shares) * shares[target.expert])
+    else:
+        rank = spec.rank_expert if target.kind == "expert" else spec.rank_dense
+    return int(max(0, min(rank, spec.rank_max, *w.shape)))
+
+
+def plan(model, spec: QuantSpec) -> list[tuple[Target, int]]:
+    """Targets and their ranks; checks every setting before any work starts."""
+    spec.check()
+    targets = quant_targets(model)
+    if not targets:
+        raise QuantConfigError("the model has no decoder layers with linear weights to quantize")
+    if spec.rank_policy == "frequency" and spec.method == "milo" and not is_moe(model):
+        raise QuantConfigError("the frequency rank policy needs a model with MoE blocks; this one has none")
+    for t in targets:
+        check_settings(spec.bits, spec.group_size, t.get().shape[1])
+    return [(t, rank_for(t, spec)) for t in targets]
+
+
+def quantize_tensor(w: torch.Tensor, spec: QuantSpec, rank: int) -> QTensor | MiLoTensor:
+    if spec.method == "milo":
+        return quantize_milo(w, rank, spec.bits, spec.group_size, spec.rounds, seed=spec.seed)
+    return quantize(w, spec.method, spec.bits, spec.group_size)
+
+
+def storage_bits(result: QTensor | MiLoTensor) -> float:
+    if isinstance(result, MiLoTensor):
+        return result.storage_bits()
+    out, n = result.shape
+    return result.bits_per_weight() * out * n
+
+
+@torch.no_grad()
+def fake_quantize(model, spec: QuantSpec, progress=None) -> dict:
+    """Quantize every target in place (weights replaced by their dequantized values) and return the accounting:
+    bits per weight over the quantized tensors, counting codes, scales, zeros and compensators."""
+    items = plan(model, spec)
+    bits = weights = 0.0
+    for target, rank in items:
+        result = quantize_tensor(target.get(), spec, rank)
+        target.set(result.dequantize())
+        bits += storage_bits(result)
+        weights += target.get().numel()
+        if progress is not None:
+            progress.update()
+    return {"bits_per_weight": bits / weights, "quantized_weights": int(weights), "tensors": len(items),
+            "ranks": {t.name: r for t, r in items if r}}

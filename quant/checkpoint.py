@@ -1,0 +1,177 @@
+"""Quantized checkpoints: a directory the model zoo and the target actor load by path.
+
+    config.json, tokenizer files        the source model's
+    rest.safetensors                    every parameter that is not quantized (embeddings, norms, routers, head)
+    quantized-000NN.safetensors         packed targets: <name>.packed (int32), <name>.scale / .zero (float16),
+                                        MiLo compensators as <name>.u.* and <name>.v.*
+    specmoe_quant.json                  manifest: format, method, bits, group size, rank policy, per tensor
+                                        (shape, rank, shard), bits per weight, source fingerprint, shard sha256
+
+Loading rebuilds the model from its config, loads `rest`, and writes each dequantized target into place (the torch
+reference path). A missing file, a changed hash or a tensor whose size does not match its shape is a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quant.base import QTensor
+from quant.milo import MiLoTensor
+from quant.targets import quant_targets
+
+MANIFEST = "specmoe_quant.json"
+FORMAT = 1
+SHARD_TENSORS = 512
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(model) -> str:
+    """The source model: its config and a sample of every target weight."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for t in quant_targets(model):
+        w = t.get().float().flatten()
+        h.update(t.name.encode())
+        h.update(w[:: max(1, w.numel() // 64)][:64].numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def tensors_of(name: str, result) -> dict[str, torch.Tensor]:
+    def one(prefix: str, q: QTensor) -> dict:
+        return {f"{prefix}.packed": q.packed.contiguous(), f"{prefix}.scale": q.scale.contiguous(),
+                f"{prefix}.zero": q.zero.contiguous()}
+
+    if isinstance(result, MiLoTensor):
+        out = one(name, result.base)
+        if result.rank:
+            out.update(one(f"{name}.u", result.u))
+            out.update(one(f"{name}.v", result.v))
+        return out
+    return one(name, result)
+
+
+def result_from(tensors: dict[str, torch.Tensor], name: str, entry: dict):
+    def one(prefix: str, shape, bits, group) -> QTensor:
+        try:
+            q = QTensor(tensors[f"{prefix}.packed"], tensors[f"{prefix}.scale"], tensors[f"{prefix}.zero"], bits,
+                        group, tuple(shape))
+        except KeyError as exc:
+            raise CheckpointError(f"tensor {exc.args[0]!r} is missing from its shard") from None
+        expected_groups = shape[1] // group
+        if q.scale.shape != (shape[0], expected_groups):
+            raise CheckpointError(f"{prefix}: scale has shape {tuple(q.scale.shape)}, expected "
+                                  f"{(shape[0], expected_groups)}")
+        return q
+
+    base = one(name, entry["shape"], entry["bits"], entry["group_size"])
+    if entry.get("rank"):
+        r = entry["rank"]
+        u = one(f"{name}.u", [entry["shape"][0], r], entry["comp_bits"], entry["u_group"])
+        v = one(f"{name}.v", [r, entry["shape"][1]], entry["comp_bits"], entry["v_group"])
+        return MiLoTensor(base, u, v, r)
+    return base
+
+
+def manifest_entry(result, shard: str) -> dict:
+    base = result.base if isinstance(result, MiLoTensor) else result
+    entry = {"shape": list(base.shape), "bits": base.bits, "group_size": base.group_size, "shard": shard, "rank": 0}
+    if isinstance(result, MiLoTensor) and result.rank:
+        entry.update(rank=result.rank, comp_bits=result.u.bits, u_group=result.u.group_size,
+                     v_group=result.v.group_size)
+    return entry
+
+
+def save(out_dir: Path, model, tokenizer, results: dict[str, object], meta: dict) -> Path:
+    """Write a quantized checkpoint for `model` (its targets replaced by `results`, name -> tensor result)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = {t.name: t for t in quant_targets(model)}
+    missing = set(targets) - set(results)
+    if missing:
+        raise CheckpointError(f"{len(missing)} targets have no quantized result, e.g. {sorted(missing)[0]}")
+    quantized = {t.name if t.index is None else t.name.rsplit(".", 1)[0] for t in targets.values()}
+    rest = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in quantized}
+    if getattr(model.config, "tie_word_embeddings", False):
+        rest.pop("lm_head.weight", None)  # tied to the embeddings: safetensors refuses shared storage
+    save_file(rest, str(out_dir / "rest.safetensors"))
+    entries, shards = {}, {}
+    names = sorted(results)
+    for s in range(0, len(names), SHARD_TENSORS):
+        shard = f"quantized-{s // SHARD_TENSORS + 1:05d}.safetensors"
+        payload = {}
+        for name in names[s:s + SHARD_TENSORS]:
+            payload.update(tensors_of(name, results[name]))
+            entries[name] = manifest_entry(results[name], shard)
+        save_file(payload, str(out_dir / shard))
+    for f in ["rest.safetensors"] + sorted({e["shard"] for e in entries.values()}):
+        shards[f] = sha256(out_dir / f)
+    model.config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    manifest = {"format": FORMAT, **meta, "tensors": entries, "files": shards}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out_dir
+
+
+def read_manifest(path: Path) -> dict:
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        raise CheckpointError(f"{path} is not a quantized checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{f} is corrupt: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: unsupported format {manifest.get('format')!r} (this version reads {FORMAT})")
+    return manifest
+
+
+def load_quantized(path, dtype=torch.float32, verify: bool = True):
+    """Rebuild the model of a quantized checkpoint with dequantized weights (the torch reference path)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    for fname, digest in manifest["files"].items():
+        f = path / fname
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {fname}")
+        if verify and sha256(f) != digest:
+            raise CheckpointError(f"checkpoint {path}: {fname} does not match its hash in {MANIFEST} (corrupt)")
+    config = AutoConfig.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    rest = load_file(str(path / "rest.safetensors"))
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    if unexpected:
+        raise CheckpointError(f"checkpoint {path}: unexpected tensors {unexpected[:3]}")
+    targets = {t.name: t for t in quant_targets(model)}
+    if set(targets) != set(manifest["tensors"]):
+        raise CheckpointError(f"checkpoint {path}: its tensors do not match the model built from its config")
+    shards: dict[str, dict] = {}
+    with torch.no_grad():
+        for name, entry in manifest["tensors"].items():
+            if entry["shard"] not in shards:
+                shards[entry["shard"]] = load_file(str(path / entry["shard"]))
+            try:
+                result = result_from(shards[entry["shard"]], name, entry)
+                targets[name].set(result.dequantize())
+            except ValueError as exc:
+                raise CheckpointError(f"checkpoint {path}: {name}: {exc}") from None
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.to(dtype).eval()
