@@ -34,6 +34,7 @@ class QuantSpec:
     rank_max: int = 1024
     rounds: int = 10
     seed: int = 0
+    pad_groups: bool = False  # zero-pad a last group that does not divide the input dim
     routing_frequency: dict = field(default_factory=dict)  # layer -> [E] shares, for the frequency policy
 
     def check(self) -> None:
@@ -78,14 +79,14 @@ def plan(model, spec: QuantSpec) -> list[tuple[Target, int]]:
     if spec.rank_policy == "frequency" and spec.method == "milo" and not is_moe(model):
         raise QuantConfigError("the frequency rank policy needs a model with MoE blocks; this one has none")
     for t in targets:
-        check_settings(spec.bits, spec.group_size, t.get().shape[1])
+        check_settings(spec.bits, spec.group_size, t.get().shape[1], spec.pad_groups)
     return [(t, rank_for(t, spec)) for t in targets]
 
 
 def quantize_tensor(w: torch.Tensor, spec: QuantSpec, rank: int) -> QTensor | MiLoTensor:
     if spec.method == "milo":
-        return quantize_milo(w, rank, spec.bits, spec.group_size, spec.rounds, seed=spec.seed)
-    return quantize(w, spec.method, spec.bits, spec.group_size)
+        return quantize_milo(w, rank, spec.bits, spec.group_size, spec.rounds, seed=spec.seed, pad=spec.pad_groups)
+    return quantize(w, spec.method, spec.bits, spec.group_size, spec.pad_groups)
 
 
 def storage_bits(result: QTensor | MiLoTensor) -> float:

@@ -34,30 +34,46 @@ class QTensor:
     group_size: int
     shape: tuple[int, int]
 
+    @property
+    def padded_in(self) -> int:
+        """The input dim rounded up to whole groups (the last group is zero-padded when it does not divide)."""
+        return -(-self.shape[1] // self.group_size) * self.group_size
+
     def codes(self) -> torch.Tensor:
-        return unpack(self.packed, self.bits, self.shape[1])
+        return unpack(self.packed, self.bits, self.padded_in)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         out, n = self.shape
         q = self.codes().to(torch.float32).view(out, -1, self.group_size)
         w = (q - self.zero.float()[..., None]) * self.scale.float()[..., None]
-        return w.reshape(out, n).to(dtype)
+        return w.reshape(out, self.padded_in)[:, :n].to(dtype)
 
     def bits_per_weight(self) -> float:
-        """Codes plus fp16 scale and zero per group."""
-        return self.bits + 2 * 16 / self.group_size
+        """Codes plus fp16 scale and zero per group, over the real (unpadded) weights."""
+        out, n = self.shape
+        groups = self.padded_in // self.group_size
+        return (self.bits * n + 2 * 16 * groups) / n
 
 
-def check_settings(bits: int, group_size: int, in_features: int) -> None:
+def check_settings(bits: int, group_size: int, in_features: int, pad: bool = False) -> None:
     if bits not in SUPPORTED_BITS:
         raise QuantConfigError(f"{bits}-bit quantization is not supported; use one of {SUPPORTED_BITS}")
-    if group_size < 1 or in_features % group_size:
-        raise QuantConfigError(f"group size {group_size} does not divide the input dimension {in_features}")
+    if group_size < 1:
+        raise QuantConfigError(f"group size must be >= 1, got {group_size}")
+    if in_features % group_size and not pad:
+        raise QuantConfigError(f"group size {group_size} does not divide the input dimension {in_features} "
+                               "(allow zero-padding of the last group with pad_groups=true)")
 
 
 def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, groups, group_size]; a partial last group is padded with zeros (zero is always inside
+    the min-max range of the padded group, so real weights keep a valid grid)."""
     out, n = w.shape
-    return w.float().reshape(out, n // group_size, group_size)
+    padded = -(-n // group_size) * group_size
+    w = w.float()
+    if padded != n:
+        w = torch.nn.functional.pad(w, (0, padded - n))
+    return w.reshape(out, padded // group_size, group_size)
 
 
 def _minmax(wg: torch.Tensor, bits: int):
@@ -74,12 +90,12 @@ def _codes(wg, scale, zero, bits):
 
 
 def _pack_result(q, scale, zero, bits, group_size, shape) -> QTensor:
-    return QTensor(pack(q.reshape(shape[0], shape[1]).to(torch.uint8), bits), scale.half(), zero.half(), bits,
+    return QTensor(pack(q.reshape(shape[0], -1).to(torch.uint8), bits), scale.half(), zero.half(), bits,
                    group_size, tuple(shape))
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> QTensor:
-    check_settings(bits, group_size, w.shape[1])
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, pad: bool = False) -> QTensor:
+    check_settings(bits, group_size, w.shape[1], pad)
     wg = _groups(w, group_size)
     scale, zero = _minmax(wg, bits)
     return _pack_result(_codes(wg, scale, zero, bits), scale, zero, bits, group_size, w.shape)
@@ -91,9 +107,9 @@ def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quantize_hqq(w: torch.Tensor, bits: int, group_size: int, p: float = 0.7, beta: float = 10.0,
-                 kappa: float = 1.01, iters: int = 20) -> QTensor:
-    check_settings(bits, group_size, w.shape[1])
+def quantize_hqq(w: torch.Tensor, bits: int, group_size: int, pad: bool = False, p: float = 0.7,
+                 beta: float = 10.0, kappa: float = 1.01, iters: int = 20) -> QTensor:
+    check_settings(bits, group_size, w.shape[1], pad)
     wg = _groups(w, group_size)
     scale, zero = _minmax(wg, bits)
     s, z = scale[..., None], zero[..., None]
@@ -113,9 +129,9 @@ def quantize_hqq(w: torch.Tensor, bits: int, group_size: int, p: float = 0.7, be
     return _pack_result(_codes(wg, scale, zero, bits), scale, zero, bits, group_size, w.shape)
 
 
-def quantize(w: torch.Tensor, method: str, bits: int, group_size: int) -> QTensor:
+def quantize(w: torch.Tensor, method: str, bits: int, group_size: int, pad: bool = False) -> QTensor:
     if method == "rtn":
-        return quantize_rtn(w, bits, group_size)
+        return quantize_rtn(w, bits, group_size, pad)
     if method == "hqq":
-        return quantize_hqq(w, bits, group_size)
+        return quantize_hqq(w, bits, group_size, pad)
     raise QuantConfigError(f"unknown base quantizer {method!r}: use rtn or hqq")

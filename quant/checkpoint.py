@@ -72,7 +72,7 @@ def result_from(tensors: dict[str, torch.Tensor], name: str, entry: dict):
                         group, tuple(shape))
         except KeyError as exc:
             raise CheckpointError(f"tensor {exc.args[0]!r} is missing from its shard") from None
-        expected_groups = shape[1] // group
+        expected_groups = -(-shape[1] // group)
         if q.scale.shape != (shape[0], expected_groups):
             raise CheckpointError(f"{prefix}: scale has shape {tuple(q.scale.shape)}, expected "
                                   f"{(shape[0], expected_groups)}")

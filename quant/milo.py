@@ -58,7 +58,7 @@ def _factor(x: torch.Tensor) -> QTensor:
 
 @torch.no_grad()
 def quantize_milo(w: torch.Tensor, rank: int, bits: int = 3, group_size: int = 64, rounds: int = 10,
-                  base: str = "hqq", seed: int = 0) -> MiLoTensor:
+                  base: str = "hqq", seed: int = 0, pad: bool = False) -> MiLoTensor:
     if bits != 3:
         raise QuantConfigError(f"MiLo is defined for 3-bit weights, got {bits}-bit (use rtn/hqq for others)")
     out, n = w.shape
@@ -66,11 +66,11 @@ def quantize_milo(w: torch.Tensor, rank: int, bits: int = 3, group_size: int = 6
         raise QuantConfigError(f"MiLo rank {rank} must be in [0, {min(out, n)}] for a {out}x{n} weight")
     w = w.float()
     if rank == 0:
-        return MiLoTensor(quantize(w, base, bits, group_size), None, None, 0)
+        return MiLoTensor(quantize(w, base, bits, group_size, pad), None, None, 0)
     torch.manual_seed(seed)  # svd_lowrank draws a random projection
     uv = torch.zeros_like(w)
     for _ in range(rounds):
-        q = quantize(w - uv, base, bits, group_size)
+        q = quantize(w - uv, base, bits, group_size, pad)
         residual = w - q.dequantize()
         u, s, v = torch.svd_lowrank(residual, q=min(rank + 8, min(out, n)), niter=2)
         root = s[:rank].sqrt()
@@ -78,5 +78,5 @@ def quantize_milo(w: torch.Tensor, rank: int, bits: int = 3, group_size: int = 6
         uv = u_f @ v_f
     uq, vq = _factor(u_f), _factor(v_f)
     # the base is refitted against the *quantized* compensator, so the stored pair is consistent
-    q = quantize(w - uq.dequantize() @ vq.dequantize(), base, bits, group_size)
+    q = quantize(w - uq.dequantize() @ vq.dequantize(), base, bits, group_size, pad)
     return MiLoTensor(q, uq, vq, rank)

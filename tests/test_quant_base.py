@@ -42,6 +42,15 @@ def test_rtn_error_bound_and_hqq_not_worse(bits, group):
     assert quantize_rtn(w, bits, group).bits_per_weight() == bits + 32 / group
 
 
+def test_padded_last_group():
+    torch.manual_seed(1)
+    w = torch.randn(16, 576) * 0.02
+    qt = quantize_rtn(w, 4, 128, pad=True)
+    assert qt.dequantize().shape == (16, 576) and qt.scale.shape == (16, 5)
+    assert (w - qt.dequantize()).abs().max() < 0.6 * qt.scale.float().max() + 1e-6
+    assert qt.bits_per_weight() == pytest.approx(4 + 32 * 5 / 576)
+
+
 def test_unsupported_settings_are_clear_errors():
     w = torch.randn(8, 96)
     with pytest.raises(QuantConfigError, match="5-bit"):
