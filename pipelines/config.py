@@ -232,6 +232,32 @@ class SweepConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    """pipelines.quantize: quantize a (MoE) model into a checkpoint the zoo and the target actor load by path."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="quantize"))
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2-moe-8x", device="cpu"))
+    method: str = choice("milo", ["rtn", "hqq", "milo"])
+    bits: int = 3
+    group_size: int = bounded(64, ge=1)
+    pad_groups: bool = False
+    rank_policy: str = choice("uniform", ["uniform", "kurtosis", "frequency"])
+    rank_dense: int = bounded(16, ge=0)
+    rank_expert: int = bounded(8, ge=0)
+    rank_max: int = bounded(1024, ge=0)
+    rounds: int = bounded(10, ge=1, help="MiLo alternations")
+    seed: int = 0
+    out: Optional[str] = None  # checkpoint directory; default <run_dir>/model
+    num_workers: int = bounded(2, ge=1, help="quantization tasks in flight")
+    task_cpus: float = bounded(1.0, ge=0, help="Ray CPUs per task (torch threads = max(1, int(task_cpus)))")
+    routing_tokens: int = bounded(2048, ge=16, help="frequency policy: tokens of pydoc text for routing stats")
+    ppl_tokens: int = bounded(4096, ge=0, help="perplexity of source and checkpoint on pydoc text; 0 = skip")
+    ppl_window: int = bounded(512, ge=16)
+
+
+@dataclass
 class DemoConfig:
     """pipelines.demo: what `make demo` runs."""
 
@@ -243,7 +269,7 @@ class DemoConfig:
 
 
 JOBS: dict[str, type] = {"collect": CollectConfig, "demo": DemoConfig, "evaluate": EvaluateConfig,
-                         "sweep": SweepConfig}
+                         "sweep": SweepConfig, "quantize": QuantizeConfig}
 
 
 # ---------------------------------------------------------------- loading

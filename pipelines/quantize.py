@@ -1,0 +1,184 @@
+"""Quantize a model (MoE-aware) into a checkpoint, as Ray tasks, resumably.
+
+    python -m pipelines.quantize                      # demo: MiLo 3-bit g64 on the demo MoE (smollm2-moe-8x)
+    python -m pipelines.quantize method=hqq           # plain HQQ 3-bit g64
+    python -m pipelines.quantize tiny                 # a random tiny Mixtral, seconds
+    python -m pipelines.quantize run.resume=runs/quantize/<dir>   # finish a killed run
+    python -m pipelines.evaluate target.model.name=runs/quantize/<dir>/model   # serve the result
+
+MiLo and HQQ are data-free: one Ray task per weight matrix (`num_workers` in flight). Each finished tensor is
+written at once to <out>/.parts/, so a killed job resumes without redoing it. The checkpoint (see
+`quant.checkpoint`) is assembled at the end, loaded back, and its perplexity is measured beside the source's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from actors import zoo
+from actors.hosts import init_ray
+from pipelines.config import ConfigError, QuantizeConfig, run_cli
+from pipelines.runs import make_run_dir, save_config, write_json
+from pipelines.tracking import Tracker
+from quant import checkpoint as ckpt
+from quant.apply import QuantSpec, plan, quantize_tensor
+from quant.base import QuantConfigError
+from quant.perplexity import perplexity, pydoc_text
+
+
+def spec_of(cfg: QuantizeConfig) -> QuantSpec:
+    return QuantSpec(cfg.method, cfg.bits, cfg.group_size, cfg.rank_policy, cfg.rank_dense, cfg.rank_expert,
+                     cfg.rank_max, cfg.rounds, cfg.seed, pad_groups=cfg.pad_groups)
+
+
+@torch.inference_mode()
+def routing_frequency(model, tokenizer, num_tokens: int) -> dict[int, list[float]]:
+    """Share of top-k routing decisions per expert and layer, on real text (for the frequency rank policy)."""
+    from quant.targets import router_params
+
+    counts: dict[int, torch.Tensor] = {}
+    hooks = []
+    for li, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is None or getattr(gate, "weight", None) is None:
+            continue
+        top_k = getattr(gate, "top_k", None) or getattr(model.config, "num_experts_per_tok", 1)
+
+        def hook(module, inputs, output, li=li, top_k=top_k):
+            logits = output[0] if isinstance(output, tuple) else output
+            picks = logits.reshape(-1, logits.shape[-1]).topk(top_k, dim=-1).indices
+            counts[li] = counts.get(li, 0) + torch.bincount(picks.flatten(), minlength=logits.shape[-1])
+
+        hooks.append(gate.register_forward_hook(hook))
+    if not hooks or not router_params(model):
+        raise QuantConfigError("the frequency rank policy needs a model with MoE routers; this one has none")
+    ids = tokenizer(pydoc_text(), return_tensors="pt").input_ids[:, :num_tokens]
+    model(ids.to(next(model.parameters()).device))
+    for h in hooks:
+        h.remove()
+    return {li: (c.float() / c.sum()).tolist() for li, c in counts.items()}
+
+
+def _part_path(parts: Path, name: str) -> Path:
+    return parts / f"{name}.safetensors"
+
+
+def _check_out_dir(out: Path, source: str, spec_json: str) -> Path:
+    """Refuse a directory holding another model's checkpoint or parts of another config; nothing is deleted."""
+    parts = out / ".parts"
+    if (out / ckpt.MANIFEST).is_file():
+        manifest = ckpt.read_manifest(out)
+        if manifest.get("source_fingerprint") != source or manifest.get("spec") != json.loads(spec_json):
+            raise ConfigError(f"output directory {out} holds a checkpoint of another model or config; "
+                              "choose another `out`")
+    meta = parts / "meta.json"
+    if meta.is_file():
+        saved = json.loads(meta.read_text())
+        if saved != {"source_fingerprint": source, "spec": json.loads(spec_json)}:
+            raise ConfigError(f"{parts} holds partial work of another model or config; choose another `out`")
+    parts.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps({"source_fingerprint": source, "spec": json.loads(spec_json)}))
+    return parts
+
+
+def _task(w: torch.Tensor, spec: QuantSpec, rank: int, name: str, threads: int):
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    result = quantize_tensor(w, spec, rank)
+    return ckpt.tensors_of(name, result), ckpt.manifest_entry(result, ""), time.perf_counter() - t0
+
+
+def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
+    import ray
+
+    t_start = time.perf_counter()
+    model, tok = zoo.load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
+    spec = spec_of(cfg)
+    if cfg.rank_policy == "frequency" and cfg.method == "milo":
+        spec.routing_frequency = routing_frequency(model, tok, cfg.routing_tokens)
+    try:
+        items = plan(model, spec)  # every setting checked before any work
+    except QuantConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    run_dir = make_run_dir(cfg, "quantize")
+    resolved = save_config(cfg, run_dir, "quantize")
+    out = Path(cfg.out) if cfg.out else run_dir / "model"
+    source = ckpt.fingerprint(model)
+    spec_json = json.dumps({k: v for k, v in spec.__dict__.items() if k != "routing_frequency"}, sort_keys=True)
+    parts = _check_out_dir(out, source, spec_json)
+    tracker = Tracker(cfg.wandb, run_dir, "quantize", resolved)
+    todo = [(t, r) for t, r in items if not _part_path(parts, t.name).is_file()]
+    if len(todo) < len(items):
+        print(f"resuming: {len(items) - len(todo)} of {len(items)} tensors already quantized in {parts}")
+    init_ray(cfg.ray)
+    remote = ray.remote(num_cpus=cfg.task_cpus)(_task)
+    threads = max(1, int(cfg.task_cpus))
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"quantize {cfg.method}", unit="tensor")
+    in_flight: dict = {}
+    task_s = 0.0
+    t_quant = time.perf_counter()
+    queue = list(todo)
+    while queue or in_flight:
+        while queue and len(in_flight) < cfg.num_workers:
+            target, rank = queue.pop(0)
+            ref = remote.remote(target.get().detach().float().clone(), spec, rank, target.name, threads)
+            in_flight[ref] = target.name
+        [ref], _ = ray.wait(list(in_flight), num_returns=1)
+        name = in_flight.pop(ref)
+        tensors, entry, seconds = ray.get(ref)
+        task_s += seconds
+        tmp = _part_path(parts, name).with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"entry": json.dumps(entry)})
+        os.replace(tmp, _part_path(parts, name))  # a part exists only when complete
+        bar.update()
+    bar.close()
+    quantize_s = time.perf_counter() - t_quant
+
+    results = {}
+    for target, _ in items:
+        path = _part_path(parts, target.name)
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            entry = json.loads(f.metadata()["entry"])
+        results[target.name] = ckpt.result_from(load_file(str(path)), target.name, entry)
+    weights = sum(t.get().numel() for t, _ in items)
+    bpw = sum(_storage_bits(r) for r in results.values()) / weights
+    meta = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "rank_policy": cfg.rank_policy,
+            "spec": json.loads(spec_json), "source_model": cfg.model.name, "source_fingerprint": source,
+            "bits_per_weight": bpw}
+    ckpt.save(out, model, tok, results, meta)
+    summary = {"checkpoint": str(out), "tensors": len(items), "bits_per_weight": bpw, "quantize_s": quantize_s,
+               "task_s": task_s, "num_workers": cfg.num_workers, "method": cfg.method}
+    if cfg.ppl_tokens:
+        ids = tok(pydoc_text(), return_tensors="pt").input_ids[0, -cfg.ppl_tokens:]
+        summary["ppl_source"] = perplexity(model, ids, cfg.ppl_window)
+        summary["ppl_quantized"] = perplexity(ckpt.load_quantized(out), ids, cfg.ppl_window)
+    summary["wall_s"] = time.perf_counter() - t_start
+    write_json(run_dir / "summary.json", summary)
+    tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    tracker.finish()
+    print(json.dumps(summary, indent=2))
+    print(f"quantize: checkpoint {out}")
+    return out, summary
+
+
+def _storage_bits(result) -> float:
+    from quant.apply import storage_bits
+
+    return storage_bits(result)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli("quantize", run, argv)
+
+
+if __name__ == "__main__":
+    main()

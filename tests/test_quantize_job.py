@@ -1,0 +1,74 @@
+"""pipelines.quantize under real Ray: a killed run resumes without redoing finished tensors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from quant.checkpoint import load_quantized
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _job(args, **kw):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.Popen([sys.executable, "-m", "pipelines.quantize", "tiny", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+@pytest.mark.slow
+def test_killed_quantize_job_resumes(tmp_path):
+    args = [f"run.out_dir={tmp_path}", "rounds=40", "ppl_tokens=0"]
+    job = _job(args)
+    parts = None
+    deadline = time.time() + 240
+    while time.time() < deadline and job.poll() is None:
+        found = list(tmp_path.glob("quantize/*/model/.parts/*.safetensors"))
+        if len(found) >= 4:
+            parts = found[0].parent
+            break
+        time.sleep(0.01)
+    assert parts is not None, job.communicate()[0][-3000:]
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.safetensors")}
+    assert 4 <= len(before) < 24, "the job finished before it could be killed"
+    run_dir = parts.parent.parent
+    resumed = _job([f"run.resume={run_dir}", "rounds=40", "ppl_tokens=0"])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"resuming: {len(before)} of 24 tensors" in out
+    after = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.safetensors")}
+    assert all(after[name] == mtime for name, mtime in before.items())  # nothing redone
+    assert len(after) == 24
+    # the resumed checkpoint equals an uninterrupted run
+    fresh = _job([f"run.out_dir={tmp_path / 'fresh'}", "rounds=40", "ppl_tokens=0"])
+    out2, _ = fresh.communicate(timeout=600)
+    assert fresh.returncode == 0, out2[-3000:]
+    [fresh_model] = list((tmp_path / "fresh").glob("quantize/*/model"))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    a, b = load_quantized(run_dir / "model")(ids).logits, load_quantized(fresh_model)(ids).logits
+    assert torch.equal(a, b)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 3.5 < summary["bits_per_weight"] < 5.5
+
+
+def test_output_dir_of_another_model_is_refused(tmp_path):
+    first = _job([f"run.out_dir={tmp_path}", "rounds=1", "ppl_tokens=0", f"out={tmp_path / 'ckpt'}"])
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out[-3000:]
+    manifest = (tmp_path / "ckpt" / "specmoe_quant.json").read_text()
+    other = _job([f"run.out_dir={tmp_path}", "rounds=1", "ppl_tokens=0", f"out={tmp_path / 'ckpt'}",
+                  "model.name=tiny-qwen3-moe"])
+    out, _ = other.communicate(timeout=600)
+    assert other.returncode == 2 and "holds a checkpoint of another model" in out
+    assert (tmp_path / "ckpt" / "specmoe_quant.json").read_text() == manifest  # nothing lost
+    bad = _job([f"run.out_dir={tmp_path}", "bits=5"])
+    out, _ = bad.communicate(timeout=600)
+    assert bad.returncode == 2 and "3-bit" in out
