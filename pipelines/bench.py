@@ -2,6 +2,7 @@
 
     python -m pipelines.bench engine --out bench-engine.json
     python -m pipelines.bench spec --out bench-spec.json [--num-problems 20] [--max-new-tokens 96]
+    python -m pipelines.bench quant --out bench-quant.json
 
 engine: on `smollm2-135m-instruct` (in-process engine, CPU unless a GPU is present), writes
   ar_vs_hf_ratio                 our greedy decode tokens/s over transformers' `generate` on the same prompts
@@ -15,6 +16,12 @@ spec: the demo evaluation (SmolLM2 target, early-exit draft, TBVM at alpha 0.7) 
   method on the same actors, at 1 and 4 problems in flight; per method: speedup, step_accept_rate,
   answer_agreement, accuracy, predicted_speedup, tokens_per_s_1, tokens_per_s_4, plus the checks
   within_20pct_of_predicted and fpsr_ge_lr_sync.
+
+quant: on the demo MoE (`smollm2-moe-8x`), perplexity on the last --ppl-tokens of pydoc text (512-token windows)
+  of fp, RTN and HQQ 3-bit g64, MiLo 3-bit g64 (uniform ranks 16 dense / 8 experts), RTN 4-bit g128 (last group
+  zero-padded: 576 = 4.5 x 128), per-row 16-centroid k-means codebooks; honest bits per weight (codes, scales,
+  zeros, codebooks, compensators); our HQQ's reconstruction error over the `hqq` package's (when installed); and
+  the quantize job's wall time with 1 and 2 workers.
 """
 
 from __future__ import annotations
@@ -190,10 +197,66 @@ def bench_spec(args) -> dict:
     return out
 
 
+def bench_quant(args) -> dict:
+    import copy
+
+    from pipelines.config import QuantizeConfig, load_config
+    from pipelines.quantize import run as quantize_run
+    from quant.apply import QuantSpec, fake_quantize
+    from quant.base import quantize_hqq
+    from quant.perplexity import perplexity
+    from quant.targets import quant_targets
+
+    base, tok = zoo.load_model(args.moe, device="cpu")
+    ids = tok(pydoc_text(), return_tensors="pt").input_ids[0, -args.ppl_tokens:]
+    out: dict = {"model": args.moe, "ppl_tokens": len(ids), "ppl_window": 512,
+                 "note": "SmolLM2's weights were stored as Q4_1 (a 4-bit grid) before we built the MoE"}
+    out["ppl_fp"] = perplexity(base, ids, 512)
+    variants = {"rtn3_g64": QuantSpec("rtn", 3, 64), "hqq3_g64": QuantSpec("hqq", 3, 64),
+                "milo3_g64": QuantSpec("milo", 3, 64, rank_dense=16, rank_expert=8, rounds=args.rounds),
+                "rtn4_g128": QuantSpec("rtn", 4, 128, pad_groups=True), "kmeans4": QuantSpec("kmeans", 4, 0)}
+    for key, spec in variants.items():
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        acc = fake_quantize(model, spec)
+        out[f"ppl_{key}"] = perplexity(model, ids, 512)
+        out[f"bpw_{key}"] = acc["bits_per_weight"]
+        out[f"fake_quantize_s_{key}"] = time.perf_counter() - t0
+        print(key, out[f"ppl_{key}"], out[f"bpw_{key}"], flush=True)
+    increase = lambda k: out[f"ppl_{k}"] - out["ppl_fp"]  # noqa: E731
+    out["milo_vs_hqq_ppl_increase_ratio"] = increase("milo3_g64") / increase("hqq3_g64")
+    out["milo_extra_bpw"] = out["bpw_milo3_g64"] - out["bpw_hqq3_g64"]
+    out["ppl_codequant4"] = out["bpw_codequant4"] = None  # rotation + centroid fine-tuning: not built yet
+    try:
+        from hqq.core.quantize import Quantizer
+
+        ours = pkg = 0.0
+        for t in quant_targets(base):
+            w = t.get().float()
+            q, meta = Quantizer.quantize(w, nbits=3, channel_wise=True, group_size=64, optimize=True,
+                                         round_zero=False, axis=1, bitpack=False, compute_dtype=torch.float32,
+                                         device="cpu")
+            pkg += (w - Quantizer.dequantize(q, meta).float().reshape(w.shape)).pow(2).sum().item()
+            ours += (w - quantize_hqq(w, 3, 64).dequantize()).pow(2).sum().item()
+        out["hqq_ours_vs_package_error_ratio"] = ours / pkg
+    except ImportError:
+        out["hqq_ours_vs_package_error_ratio"] = None  # pip install hqq to measure it
+    for workers in (1, 2):
+        cfg = load_config(QuantizeConfig, "quantize", [
+            "demo", f"run.out_dir={args.run_dir}", f"run.name=bench-quant-{workers}w", f"num_workers={workers}",
+            f"rounds={args.rounds}", "ppl_tokens=0", f"model.name={args.moe}"])
+        _, summary = quantize_run(cfg)
+        out[f"quantize_s_{workers}_worker" + ("s" if workers > 1 else "")] = summary["quantize_s"]
+    import ray
+
+    ray.shutdown()
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["engine", "spec"])
+    parser.add_argument("suite", choices=["engine", "spec", "quant"])
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--model", default=zoo.SMOLLM2)
     parser.add_argument("--draft", default="smollm2-135m-draft-l6")
@@ -208,12 +271,15 @@ def main(argv=None) -> None:
     parser.add_argument("--num-problems", type=int, default=20, help="spec: held-out problems")
     parser.add_argument("--offset", type=int, default=100, help="spec: first held-out problem index")
     parser.add_argument("--preset", default="demo", help="spec: evaluate preset")
-    parser.add_argument("--run-dir", default="runs", help="spec: where the evaluate runs go")
+    parser.add_argument("--run-dir", default="runs", help="spec, quant: where the job runs go")
+    parser.add_argument("--moe", default="smollm2-moe-8x", help="quant: the MoE to quantize")
+    parser.add_argument("--ppl-tokens", type=int, default=4096, help="quant: pydoc tokens for perplexity")
+    parser.add_argument("--rounds", type=int, default=5, help="quant: MiLo alternations")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count())
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    bench = {"engine": bench_engine, "spec": bench_spec}[args.suite]
+    bench = {"engine": bench_engine, "spec": bench_spec, "quant": bench_quant}[args.suite]
     result = {"suite": args.suite, **bench(args), "wall_s": None}
     result["wall_s"] = time.perf_counter() - t0
     text = json.dumps(result, indent=2)

@@ -239,7 +239,7 @@ class QuantizeConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2-moe-8x", device="cpu"))
-    method: str = choice("milo", ["rtn", "hqq", "milo"])
+    method: str = choice("milo", ["rtn", "hqq", "milo", "kmeans"])
     bits: int = 3
     group_size: int = bounded(64, ge=1)
     pad_groups: bool = False

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 
 from quant.base import QTensor, QuantConfigError, check_settings, quantize
+from quant.codebook import CodebookTensor, quantize_codebook
 from quant.milo import MiLoTensor, quantize_milo
 from quant.targets import Target, is_moe, quant_targets
 
-METHODS = ("rtn", "hqq", "milo")
+METHODS = ("rtn", "hqq", "milo", "kmeans")
 
 
 @dataclass
@@ -42,6 +43,8 @@ class QuantSpec:
             raise QuantConfigError(f"unknown quantization method {self.method!r}; known: {list(METHODS)}")
         if self.method == "milo" and self.bits != 3:
             raise QuantConfigError(f"MiLo is 3-bit; {self.bits}-bit was asked")
+        if self.method == "kmeans" and self.bits != 4:
+            raise QuantConfigError(f"codebooks have 16 centroids (4-bit indices); {self.bits}-bit was asked")
         if self.rank_policy not in ("uniform", "kurtosis", "frequency"):
             raise QuantConfigError(f"unknown rank policy {self.rank_policy!r}")
 
@@ -79,17 +82,23 @@ def plan(model, spec: QuantSpec) -> list[tuple[Target, int]]:
     if spec.rank_policy == "frequency" and spec.method == "milo" and not is_moe(model):
         raise QuantConfigError("the frequency rank policy needs a model with MoE blocks; this one has none")
     for t in targets:
+        if spec.method == "kmeans":  # group_size 0: one codebook per output row
+            if spec.group_size and t.get().shape[1] % spec.group_size:
+                raise QuantConfigError(f"codebook group {spec.group_size} does not divide {t.get().shape[1]}")
+            continue
         check_settings(spec.bits, spec.group_size, t.get().shape[1], spec.pad_groups)
     return [(t, rank_for(t, spec)) for t in targets]
 
 
-def quantize_tensor(w: torch.Tensor, spec: QuantSpec, rank: int) -> QTensor | MiLoTensor:
+def quantize_tensor(w: torch.Tensor, spec: QuantSpec, rank: int) -> QTensor | MiLoTensor | CodebookTensor:
+    if spec.method == "kmeans":
+        return quantize_codebook(w, spec.group_size or None, seed=spec.seed)
     if spec.method == "milo":
         return quantize_milo(w, rank, spec.bits, spec.group_size, spec.rounds, seed=spec.seed, pad=spec.pad_groups)
     return quantize(w, spec.method, spec.bits, spec.group_size, spec.pad_groups)
 
 
-def storage_bits(result: QTensor | MiLoTensor) -> float:
+def storage_bits(result) -> float:
     if isinstance(result, MiLoTensor):
         return result.storage_bits()
     out, n = result.shape

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quant.base import QTensor
+from quant.codebook import CodebookTensor
 from quant.milo import MiLoTensor
 from quant.targets import quant_targets
 
@@ -56,6 +57,8 @@ def tensors_of(name: str, result) -> dict[str, torch.Tensor]:
         return {f"{prefix}.packed": q.packed.contiguous(), f"{prefix}.scale": q.scale.contiguous(),
                 f"{prefix}.zero": q.zero.contiguous()}
 
+    if isinstance(result, CodebookTensor):
+        return {f"{name}.packed": result.packed.contiguous(), f"{name}.centroids": result.centroids.contiguous()}
     if isinstance(result, MiLoTensor):
         out = one(name, result.base)
         if result.rank:
@@ -78,6 +81,13 @@ def result_from(tensors: dict[str, torch.Tensor], name: str, entry: dict):
                                   f"{(shape[0], expected_groups)}")
         return q
 
+    if entry.get("codebook"):
+        try:
+            cb = CodebookTensor(tensors[f"{name}.packed"], tensors[f"{name}.centroids"], entry["group_size"],
+                                tuple(entry["shape"]))
+        except KeyError as exc:
+            raise CheckpointError(f"tensor {exc.args[0]!r} is missing from its shard") from None
+        return cb
     base = one(name, entry["shape"], entry["bits"], entry["group_size"])
     if entry.get("rank"):
         r = entry["rank"]
@@ -88,6 +98,9 @@ def result_from(tensors: dict[str, torch.Tensor], name: str, entry: dict):
 
 
 def manifest_entry(result, shard: str) -> dict:
+    if isinstance(result, CodebookTensor):
+        return {"shape": list(result.shape), "bits": 4, "group_size": result.group_size, "shard": shard,
+                "rank": 0, "codebook": True}
     base = result.base if isinstance(result, MiLoTensor) else result
     entry = {"shape": list(base.shape), "bits": base.bits, "group_size": base.group_size, "shard": shard, "rank": 0}
     if isinstance(result, MiLoTensor) and result.rank:

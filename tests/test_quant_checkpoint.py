@@ -65,9 +65,10 @@ def test_targets_cover_experts_and_never_the_router(kind):
     assert 3.5 < acc["bits_per_weight"] < 5.0
 
 
-def test_checkpoint_round_trip_and_corruption(tmp_path):
+@pytest.mark.parametrize("spec", [QuantSpec("milo", 3, 32, rank_dense=4, rank_expert=2, rounds=2),
+                                  QuantSpec("kmeans", 4, 0)], ids=["milo", "kmeans"])
+def test_checkpoint_round_trip_and_corruption(tmp_path, spec):
     model = _model("qwen3_moe")
-    spec = QuantSpec("milo", 3, 32, rank_dense=4, rank_expert=2, rounds=2)
     results = {t.name: quantize_tensor(t.get(), spec, r) for t, r in plan(model, spec)}
     source = fingerprint(model)
     fake_quantize(model, spec)  # same seeds: the same dequantized weights as `results`
@@ -76,7 +77,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     manifest = json.loads((out / "specmoe_quant.json").read_text())
-    assert manifest["tensors"]["model.layers.0.mlp.experts.down_proj.3"]["rank"] == 2
+    assert manifest["tensors"]["model.layers.0.mlp.experts.down_proj.3"]["rank"] == (2 if spec.method == "milo" else 0)
     shard = next(out.glob("quantized-*.safetensors"))
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF

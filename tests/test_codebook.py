@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from quant.base import QuantConfigError, quantize_rtn
+from quant.codebook import kmeans_1d, quantize_codebook
+
+
+def test_kmeans_finds_well_separated_clusters():
+    torch.manual_seed(0)
+    centers = torch.linspace(-1, 1, 16)
+    x = (centers[torch.randint(16, (4, 512))] + 0.001 * torch.randn(4, 512))
+    c, assign = kmeans_1d(x)
+    assert (x - torch.gather(c, 1, assign)).abs().max() < 0.01
+
+
+def test_codebook_beats_uniform_4bit_on_heavy_tailed_weights():
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 256)) * 0.02
+    cb = quantize_codebook(w)
+    err_cb = (w - cb.dequantize()).pow(2).mean()
+    err_rtn = (w - quantize_rtn(w, 4, 256).dequantize()).pow(2).mean()
+    assert err_cb < 0.5 * err_rtn
+    assert cb.bits_per_weight() == pytest.approx(4 + 256 / 256)
+    assert quantize_codebook(w, 128).centroids.shape == (64, 2, 16)
+    with pytest.raises(QuantConfigError, match="does not divide"):
+        quantize_codebook(w, 96)
