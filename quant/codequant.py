@@ -1,0 +1,228 @@
+"""CodeQuant: fold RMSNorm scales, learn one orthogonal rotation of the residual stream (Cayley), fuse it, then
+per-row 16-centroid codebooks whose centroids are fine-tuned on real text.
+
+1. `fold_norms`: every RMSNorm weight moves into the linears that read its output (q/k/v; router and expert or
+   dense gate/up; the LM head, untied from the embeddings), leaving unit norms, so a rotation commutes with them.
+2. `learn_rotation`: R = (I - A)(I + A)^-1 with A skew-symmetric (always orthogonal); Adam on A minimises the
+   per-token asymmetric 4-bit quantization error of the rotated norm outputs X R on calibration text (a
+   straight-through round, so the gradient shrinks each token's range: outliers are spread out).
+3. `fuse_rotation`: embeddings, q/k/v, router, expert gate/up and the head read x R (W <- W R); o_proj and expert
+   down write into it (W <- R^T W). The fp model's outputs are unchanged (tested).
+4. `codebooks` + `finetune_centroids`: k-means++ codebooks per output row, then SGD on the centroids against each
+   linear's fp output on calibration inputs (a centroid moves by the mean gradient of its members), re-assigning
+   weights to the nearest centroid after every step. The local loss here is each linear's output MSE; the
+   paper's block-level router-KL term is not used yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quant.codebook import CodebookTensor, quantize_codebook
+from quant.packing import pack
+from quant.targets import ROUTER_NAMES, Target, quant_targets
+
+
+@dataclass
+class CodeQuantSpec:
+    rotation_steps: int = 100
+    rotation_lr: float = 1e-3
+    calib_tokens: int = 2048
+    finetune_steps: int = 10
+    finetune_lr: float = 1e-2
+    kmeans_iters: int = 20
+    seed: int = 0
+
+
+def _mlp_readers(mlp: nn.Module) -> list[tuple[nn.Parameter, int | None]]:
+    """Parameters that read the MLP input: (param, None) for [out, in] matrices, fused [E, out, in] as (param, -1)."""
+    out = []
+    for name, module in mlp.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) and (leaf in ROUTER_NAMES or leaf in ("gate_proj", "up_proj", "w1", "w3")):
+            out.append((module.weight, None))
+        elif isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
+            out.append((module.gate_up_proj, -1))
+        elif leaf in ROUTER_NAMES and isinstance(getattr(module, "weight", None), nn.Parameter):
+            out.append((module.weight, None))
+    return out
+
+
+def _mlp_writers(mlp: nn.Module) -> list[tuple[nn.Parameter, int | None]]:
+    out = []
+    for name, module in mlp.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) and leaf in ("down_proj", "w2"):
+            out.append((module.weight, None))
+        elif isinstance(getattr(module, "down_proj", None), nn.Parameter):
+            out.append((module.down_proj, -1))
+    return out
+
+
+@torch.no_grad()
+def fold_norms(model) -> None:
+    body = model.model
+    for layer in body.layers:
+        attn = layer.self_attn
+        if getattr(attn, "q_norm", None) is not None and attn.q_norm.weight.shape[0] == attn.q_proj.weight.shape[0]:
+            raise ValueError("full-width q/k norms (OLMoE) do not commute with a residual rotation")
+        g = layer.input_layernorm.weight.float()
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin.weight.mul_(g[None, :].to(lin.weight.dtype))
+        layer.input_layernorm.weight.fill_(1.0)
+        g = layer.post_attention_layernorm.weight.float()
+        for p, fused in _mlp_readers(layer.mlp):
+            p.mul_((g[None, None, :] if fused else g[None, :]).to(p.dtype))
+        layer.post_attention_layernorm.weight.fill_(1.0)
+    head = model.lm_head
+    if head.weight is body.embed_tokens.weight or model.config.tie_word_embeddings:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    head.weight.mul_(body.norm.weight.float()[None, :].to(head.weight.dtype))
+    body.norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def norm_outputs(model, ids: torch.Tensor) -> torch.Tensor:
+    """All norm outputs (the rotated stream's readers' inputs) on calibration tokens: [N, H]."""
+    xs = []
+    hooks = []
+    for layer in model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            hooks.append(norm.register_forward_hook(lambda m, i, o: xs.append(o.reshape(-1, o.shape[-1]).float())))
+    model(ids.unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    return torch.cat(xs)
+
+
+def _q4_error(x: torch.Tensor) -> torch.Tensor:
+    """MSE of per-token asymmetric 4-bit min-max quantization, straight-through on the rounding."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = (hi - lo).clamp_min(1e-8) / 15
+    t = (x - lo) / scale
+    t_q = t + (torch.round(t) - t).detach()
+    return ((t_q * scale + lo) - x).pow(2).mean()
+
+
+def cayley(a: torch.Tensor) -> torch.Tensor:
+    skew = a - a.T
+    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    return (eye - skew) @ torch.linalg.inv(eye + skew)
+
+
+def learn_rotation(x: torch.Tensor, steps: int, lr: float, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+    torch.manual_seed(seed)
+    a = torch.zeros(x.shape[1], x.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([a], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = _q4_error(x @ cayley(a))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        r = cayley(a)
+        losses.append(_q4_error(x @ r).item())
+    return r.detach(), losses
+
+
+@torch.no_grad()
+def fuse_rotation(model, r: torch.Tensor) -> None:
+    body = model.model
+    rd = r.to(body.embed_tokens.weight.dtype)
+    body.embed_tokens.weight.copy_(body.embed_tokens.weight @ rd)
+    for layer in body.layers:
+        attn = layer.self_attn
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+            lin.weight.copy_(lin.weight @ rd)
+        attn.o_proj.weight.copy_(rd.T @ attn.o_proj.weight)
+        if getattr(attn.o_proj, "bias", None) is not None:
+            attn.o_proj.bias.copy_(attn.o_proj.bias @ rd)
+        for p, _ in _mlp_readers(layer.mlp):
+            p.copy_(p @ rd)
+        for p, _ in _mlp_writers(layer.mlp):
+            p.copy_(rd.T @ p)
+    model.lm_head.weight.copy_(model.lm_head.weight @ rd)
+
+
+def _linear_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input of every quantization target on calibration tokens (routed experts see the whole MLP input,
+    their down projections their own intermediate activations)."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = []
+    for li, layer in enumerate(model.model.layers):
+        for name, module in layer.named_modules():
+            full = f"model.layers.{li}.{name}"
+            if isinstance(module, nn.Linear):
+                hooks.append(module.register_forward_hook(
+                    lambda m, i, o, full=full: inputs.__setitem__(full + ".weight", i[0].reshape(-1, i[0].shape[-1]))))
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(
+            lambda m, i, o, li=li: inputs.__setitem__(f"mlp_in.{li}", o.reshape(-1, o.shape[-1]))))
+    with torch.no_grad():
+        model(ids.unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def _target_input(t: Target, inputs: dict, model) -> torch.Tensor:
+    if t.index is None:
+        return inputs[t.name]
+    x = inputs[f"mlp_in.{t.layer}"]
+    if ".gate_up_proj." in t.name:
+        return x
+    experts = t.param  # down_proj: the expert's own intermediate activation on every token
+    module = next(m for m in model.model.layers[t.layer].mlp.modules() if getattr(m, "down_proj", None) is experts)
+    gate, up = (x @ module.gate_up_proj[t.index].T).chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
+def finetune_centroids(cb: CodebookTensor, w: torch.Tensor, x: torch.Tensor, steps: int, lr: float) -> CodebookTensor:
+    """SGD on centroids against the fp output x W^T; each centroid moves by the mean gradient of its members."""
+    out, n = cb.shape
+    y = x @ w.float().T
+    centroids = cb.centroids.float().reshape(out, -1).clone()  # [out, groups * 16], group = n (per-row codebooks)
+    idx = cb.indices().long()
+    scale = y.pow(2).mean().clamp_min(1e-12)
+    for _ in range(steps):
+        c = centroids.clone().requires_grad_(True)
+        wq = torch.gather(c, 1, idx)
+        loss = (x @ wq.T - y).pow(2).mean() / scale
+        (grad,) = torch.autograd.grad(loss, c)
+        counts = torch.zeros_like(centroids).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
+        with torch.no_grad():
+            centroids -= lr * grad / counts.clamp_min(1)
+            idx = (w.float()[:, :, None] - centroids[:, None, :]).abs().argmin(-1)  # re-assign
+    packed = pack(idx.to(torch.uint8), 4)
+    return CodebookTensor(packed, centroids.half().reshape(out, 1, -1), n, (out, n))
+
+
+def codequant(model, ids: torch.Tensor, spec: CodeQuantSpec, progress=None) -> dict:
+    """Rotate and cluster `model` in place (weights replaced by their codebook values). Returns the results per
+    target (for a checkpoint) and the rotation's loss curve."""
+    fold_norms(model)
+    x = norm_outputs(model, ids)
+    r, losses = learn_rotation(x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(spec.seed))
+                                 [: spec.calib_tokens * 2]], spec.rotation_steps, spec.rotation_lr, spec.seed)
+    fuse_rotation(model, r)
+    inputs = _linear_inputs(model, ids)
+    results = {}
+    with torch.no_grad():
+        for t in quant_targets(model):
+            w = t.get().float().clone()
+            cb = quantize_codebook(w, None, spec.kmeans_iters, spec.seed)
+            if spec.finetune_steps:
+                with torch.enable_grad():
+                    cb = finetune_centroids(cb, w, _target_input(t, inputs, model).float(), spec.finetune_steps,
+                                            spec.finetune_lr)
+            results[t.name] = cb
+            if progress is not None:
+                progress.update()
+        for t in quant_targets(model):  # write back after all inputs were taken from the fp model
+            t.set(results[t.name].dequantize())
+    return {"results": results, "rotation_loss_first": losses[0], "rotation_loss_last": losses[-1]}

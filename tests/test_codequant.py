@@ -1,0 +1,47 @@
+import pytest
+import torch
+import transformers
+
+from quant.codequant import CodeQuantSpec, _q4_error, codequant, fold_norms, fuse_rotation, learn_rotation, norm_outputs
+from tests.test_quant_checkpoint import _model
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "qwen2_moe_shared", "llama_dense"])
+def test_folding_and_rotation_keep_the_fp_model(kind):
+    model = _model(kind)
+    with torch.no_grad():  # non-trivial norm scales, so folding matters
+        for m in model.modules():
+            if "RMSNorm" in type(m).__name__ and m.weight.dim() == 1 and m.weight.shape[0] == 64:
+                m.weight.copy_(torch.rand(64) + 0.5)
+    ids = torch.tensor([[3, 17, 9, 42, 7, 100]])
+    want = model(ids).logits
+    fold_norms(model)
+    torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+    q, _ = torch.linalg.qr(torch.randn(64, 64))
+    fuse_rotation(model, q)
+    torch.testing.assert_close(model(ids).logits, want, rtol=1e-3, atol=1e-3)
+
+
+def test_learned_rotation_spreads_outliers():
+    torch.manual_seed(0)
+    x = torch.randn(512, 32)
+    x[:, 3] *= 20  # an outlier channel
+    r, losses = learn_rotation(x, steps=60, lr=1e-2)
+    torch.testing.assert_close(r @ r.T, torch.eye(32), atol=1e-4, rtol=0)
+    assert losses[-1] < 0.5 * losses[0]
+    assert _q4_error(x @ r) < _q4_error(x)
+
+
+def test_codequant_runs_on_a_moe_and_leaves_the_router():
+    model = _model("mixtral")
+    ids = torch.randint(0, 128, (64,))
+    out = codequant(model, ids, CodeQuantSpec(rotation_steps=5, finetune_steps=3, calib_tokens=64))
+    from quant.targets import quant_targets
+
+    targets = quant_targets(model)
+    assert set(out["results"]) == {t.name for t in targets}
+    for t in targets:  # every clustered row holds at most 16 distinct values
+        assert max(row.unique().numel() for row in t.get()) <= 16
+    assert torch.isfinite(model(ids[None]).logits).all()
+    # the router was rotated and scaled by the folded norm, but never clustered: not 16 values per row
+    assert model.model.layers[0].mlp.gate.weight.unique(dim=None).numel() > 16 * 4
