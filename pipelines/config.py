@@ -239,7 +239,7 @@ class QuantizeConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2-moe-8x", device="cpu"))
-    method: str = choice("milo", ["rtn", "hqq", "milo", "kmeans"])
+    method: str = choice("milo", ["rtn", "hqq", "milo", "kmeans", "codequant"])
     bits: int = 3
     group_size: int = bounded(64, ge=1)
     pad_groups: bool = False
@@ -255,6 +255,11 @@ class QuantizeConfig:
     routing_tokens: int = bounded(2048, ge=16, help="frequency policy: tokens of pydoc text for routing stats")
     ppl_tokens: int = bounded(4096, ge=0, help="perplexity of source and checkpoint on pydoc text; 0 = skip")
     ppl_window: int = bounded(512, ge=16)
+    calib_tokens: int = bounded(512, ge=16, help="codequant: tokens of pydoc text for rotation and fine-tuning")
+    rotation_steps: int = bounded(100, ge=0)
+    rotation_lr: float = bounded(1e-3, ge=0)
+    finetune_steps: int = bounded(10, ge=0)
+    finetune_lr: float = bounded(1e-2, ge=0)
 
 
 @dataclass

@@ -34,8 +34,27 @@ from quant.perplexity import perplexity, pydoc_text
 
 
 def spec_of(cfg: QuantizeConfig) -> QuantSpec:
-    return QuantSpec(cfg.method, cfg.bits, cfg.group_size, cfg.rank_policy, cfg.rank_dense, cfg.rank_expert,
+    method = "kmeans" if cfg.method == "codequant" else cfg.method  # codequant clusters like kmeans, after rotating
+    group = 0 if method == "kmeans" else cfg.group_size
+    return QuantSpec(method, cfg.bits, group, cfg.rank_policy, cfg.rank_dense, cfg.rank_expert,
                      cfg.rank_max, cfg.rounds, cfg.seed, pad_groups=cfg.pad_groups)
+
+
+def rotate_for_codequant(cfg: QuantizeConfig, model, tok):
+    """CodeQuant's global part, in the driver: fold norms, learn and fuse the rotation; returns each target's
+    calibration input (what its codebook is fine-tuned against)."""
+    from quant.codequant import _linear_inputs, _target_input, fold_norms, fuse_rotation, learn_rotation, norm_outputs
+
+    ids = tok(pydoc_text(), return_tensors="pt").input_ids[0, :cfg.calib_tokens]
+    fold_norms(model)
+    x = norm_outputs(model, ids)
+    r, losses = learn_rotation(x, cfg.rotation_steps, cfg.rotation_lr, cfg.seed)
+    fuse_rotation(model, r)
+    inputs = _linear_inputs(model, ids)
+    print(f"rotation: 4-bit activation error {losses[0]:.3g} -> {losses[-1]:.3g}")
+    from quant.targets import quant_targets
+
+    return {t.name: _target_input(t, inputs, model).detach() for t in quant_targets(model)}
 
 
 @torch.inference_mode()
@@ -88,10 +107,14 @@ def _check_out_dir(out: Path, source: str, spec_json: str) -> Path:
     return parts
 
 
-def _task(w: torch.Tensor, spec: QuantSpec, rank: int, name: str, threads: int):
+def _task(w: torch.Tensor, spec: QuantSpec, rank: int, name: str, threads: int, calib=None, finetune=(0, 0.0)):
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     result = quantize_tensor(w, spec, rank)
+    if calib is not None and finetune[0]:  # CodeQuant: fine-tune the centroids against the fp output
+        from quant.codequant import finetune_centroids
+
+        result = finetune_centroids(result, w, calib.float(), finetune[0], finetune[1])
     return ckpt.tensors_of(name, result), ckpt.manifest_entry(result, ""), time.perf_counter() - t0
 
 
@@ -101,6 +124,7 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
     t_start = time.perf_counter()
     model, tok = zoo.load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
     spec = spec_of(cfg)
+    calib = rotate_for_codequant(cfg, model, tok) if cfg.method == "codequant" else {}
     if cfg.rank_policy == "frequency" and cfg.method == "milo":
         spec.routing_frequency = routing_frequency(model, tok, cfg.routing_tokens)
     try:
@@ -128,7 +152,8 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
     while queue or in_flight:
         while queue and len(in_flight) < cfg.num_workers:
             target, rank = queue.pop(0)
-            ref = remote.remote(target.get().detach().float().clone(), spec, rank, target.name, threads)
+            ref = remote.remote(target.get().detach().float().clone(), spec, rank, target.name, threads,
+                                calib.get(target.name), (cfg.finetune_steps, cfg.finetune_lr))
             in_flight[ref] = target.name
         [ref], _ = ray.wait(list(in_flight), num_returns=1)
         name = in_flight.pop(ref)
@@ -159,7 +184,7 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
                "task_s": task_s, "num_workers": cfg.num_workers, "method": cfg.method}
     if cfg.ppl_tokens:
         ids = tok(pydoc_text(), return_tensors="pt").input_ids[0, -cfg.ppl_tokens:]
-        summary["ppl_source"] = perplexity(model, ids, cfg.ppl_window)
+        summary["ppl_source"] = perplexity(model, ids, cfg.ppl_window)  # (rotated, for codequant: same outputs)
         summary["ppl_quantized"] = perplexity(ckpt.load_quantized(out), ids, cfg.ppl_window)
     summary["wall_s"] = time.perf_counter() - t_start
     write_json(run_dir / "summary.json", summary)
