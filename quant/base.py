@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quant.packing import SUPPORTED_BITS, pack, unpack
+from kernels.packing import SUPPORTED_BITS, pack, unpack
 
 
 class QuantConfigError(ValueError):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from quant.base import QuantConfigError
-from quant.packing import pack, unpack
+from kernels.packing import pack, unpack
 
 NUM_CENTROIDS = 16
 

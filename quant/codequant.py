@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from quant.codebook import CodebookTensor, quantize_codebook
-from quant.packing import pack
+from kernels.packing import pack
 from quant.targets import ROUTER_NAMES, Target, quant_targets
 
 

@@ -3,7 +3,7 @@
 Layout (little-endian bitstream): in each block of 32 values along the last dim, value i occupies bits
 [i*b, (i+1)*b) of the block's 32*b-bit stream, which is stored as b int32 words (word w holds stream bits
 [32w, 32w + 32)). For b = 3 a value may straddle two words (values 10 and 21). The last dim is padded with zeros
-to a multiple of 32. Kernels read this layout directly (kernels/ agrees with it).
+to a multiple of 32. The Triton and CPU kernels read this layout directly.
 """
 
 from __future__ import annotations
