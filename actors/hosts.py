@@ -26,7 +26,8 @@ def build_engine(role) -> Engine:
     model_cfg, engine_cfg = role.model, role.engine
     threads = engine_cfg.torch_threads or os.cpu_count()  # Ray sets OMP_NUM_THREADS=1 in workers: undo it
     torch.set_num_threads(threads)
-    model, tok = zoo.load_model(model_cfg.name, model_cfg.dtype, model_cfg.device, model_cfg.trust_remote_code)
+    model, tok = zoo.load_model(model_cfg.name, model_cfg.dtype, model_cfg.device, model_cfg.trust_remote_code,
+                                model_cfg.quant_runtime, model_cfg.quant_backend)
     spec_cfg = engine_cfg.speculation
     draft = None
     if spec_cfg.method == "draft":

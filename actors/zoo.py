@@ -177,7 +177,8 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False):
+def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
+               quant_runtime: str = "dequantized", quant_backend: str = "auto"):
     """Load (model, tokenizer) for a zoo name, directory or hub id; eval mode, on the chosen device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -186,7 +187,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_re
     if (Path(str(path)) / "specmoe_quant.json").is_file():  # a quantized checkpoint (pipelines.quantize)
         from quant.checkpoint import load_quantized
 
-        model = load_quantized(path, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
+        model = load_quantized(path, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype,
+                               runtime=quant_runtime, backend=quant_backend)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code)

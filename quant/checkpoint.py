@@ -154,8 +154,13 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def load_quantized(path, dtype=torch.float32, verify: bool = True):
-    """Rebuild the model of a quantized checkpoint with dequantized weights (the torch reference path)."""
+def load_quantized(path, dtype=torch.float32, verify: bool = True, runtime: str = "dequantized",
+                   backend: str = "auto"):
+    """Rebuild the model of a quantized checkpoint. runtime "dequantized": targets hold their dequantized weights
+    (plain torch matmuls); "packed": linear targets become kernels.modules.QuantLinear (Triton on CUDA, the
+    reference elsewhere, `backend` forces one); fused expert tensors stay dequantized in both."""
+    if runtime not in ("dequantized", "packed"):
+        raise CheckpointError(f"unknown runtime {runtime!r}: use dequantized or packed")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -185,6 +190,29 @@ def load_quantized(path, dtype=torch.float32, verify: bool = True):
                 targets[name].set(result.dequantize())
             except ValueError as exc:
                 raise CheckpointError(f"checkpoint {path}: {name}: {exc}") from None
+            if runtime == "packed" and targets[name].index is None:
+                _swap_linear(model, name, result, backend)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.to(dtype).eval()
+
+
+def _swap_linear(model, weight_name: str, result, backend: str) -> None:
+    from kernels.modules import QuantLinear
+
+    module_name = weight_name.rsplit(".", 1)[0]
+    parent_name, _, leaf = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, leaf)
+    bias = None if old.bias is None else old.bias.detach()
+    if isinstance(result, CodebookTensor):
+        new = QuantLinear(old.in_features, old.out_features, packed=result.packed, centroids=result.centroids,
+                          bits=4, group=result.group_size, bias=bias, backend=backend)
+    else:
+        base = result.base if isinstance(result, MiLoTensor) else result
+        u = v = None
+        if isinstance(result, MiLoTensor) and result.rank:
+            u, v = result.u.dequantize(), result.v.dequantize()
+        new = QuantLinear(old.in_features, old.out_features, packed=base.packed, scale=base.scale, zero=base.zero,
+                          bits=base.bits, group=base.group_size, u=u, v=v, bias=bias, backend=backend)
+    setattr(parent, leaf, new)

@@ -76,6 +76,9 @@ def test_checkpoint_round_trip_and_corruption(tmp_path, spec):
     loaded = load_quantized(out)
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    packed = load_quantized(out, runtime="packed", backend="reference")
+    assert type(packed.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
+    torch.testing.assert_close(packed(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
     manifest = json.loads((out / "specmoe_quant.json").read_text())
     assert manifest["tensors"]["model.layers.0.mlp.experts.down_proj.3"]["rank"] == (2 if spec.method == "milo" else 0)
     shard = next(out.glob("quantized-*.safetensors"))
