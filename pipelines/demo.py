@@ -6,8 +6,9 @@
 1. builds SmolLM2-135M-Instruct (from its packaged GGUF), the early-exit draft and the demo MoE made from
    SmolLM2's weights, and reports the MoE's perplexity beside the dense model's on Python's pydoc text;
 2. runs `pipelines.collect` (the target's step-by-step answers on GSM-style problems) on a local Ray instance;
-3. runs `pipelines.evaluate`: ar, sd, lr_async, lr_async+sd and fpsr side by side on the same actors;
-4. writes <run_dir>/report.md with tables and plots, and prints where it is.
+3. quantizes the MoE with `pipelines.quantize` (MiLo 3-bit, CodeQuant 4-bit) and tabulates bits and perplexity;
+4. runs `pipelines.evaluate`: ar, sd, lr_async, lr_async+sd and fpsr side by side on the same actors;
+5. writes <run_dir>/report.md with tables and plots, and prints where it is.
 """
 
 from __future__ import annotations
@@ -70,7 +71,26 @@ def plot(run_dir: Path, rows: list[dict], models: dict) -> Path:
     return path
 
 
-def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect_dir: Path, evaluation: dict) -> Path:
+def quantize_moe(cfg: DemoConfig, run_dir: Path) -> list[dict]:
+    """Each quantize run on the demo MoE; its checkpoint, bits per weight and perplexity beside the source's."""
+    from pipelines.config import QuantizeConfig, load_config
+    from pipelines.quantize import run as quantize
+
+    out = []
+    for overrides in cfg.quantize:
+        qcfg = load_config(QuantizeConfig, "quantize", [
+            "demo", f"model.name={cfg.moe_model}", f"run.out_dir={run_dir / 'quantize'}",
+            f"ppl_tokens={cfg.moe_ppl_tokens}", f"wandb.group={run_dir.name}"] + overrides.split())
+        qcfg.run.name = f"quantize-{qcfg.method}"
+        _, s = quantize(qcfg)
+        out.append({"run": overrides, "method": s["method"], "bits_per_weight": s["bits_per_weight"],
+                    "ppl": s.get("ppl_quantized"), "ppl_source": s.get("ppl_source"), "checkpoint": s["checkpoint"],
+                    "quantize_s": s["quantize_s"]})
+    return out
+
+
+def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect_dir: Path, evaluation: dict,
+           quantized: list[dict]) -> Path:
     d, m = models["dense"], models["moe"]
     lines = [
         "# SpecMoE demo", "",
@@ -92,6 +112,12 @@ def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect
     lines += ["", f"First answer, step by step (`{first['id']}`):", ""]
     lines += [f"{i + 1}. {json.dumps(s)}" for i, s in enumerate(first["steps"][:12])]
     lines += ["", "![demo](demo.png)", "", f"Trajectories: `{collect_dir / 'trajectories.jsonl'}`", "",
+              "## The MoE, quantized", "", "| method | bits per weight | perplexity | checkpoint |", "|---|---|---|---|",
+              f"| fp32 | 32 | {models['moe']['ppl']:.2f} | |"]
+    lines += [f"| {q['method']} | {q['bits_per_weight']:.2f} | {q['ppl']:.2f} | `{q['checkpoint']}` |"
+              for q in quantized]
+    lines += ["", "Bits count codes, scales, zeros, codebooks and compensators. Serve a checkpoint with "
+              "`python -m pipelines.evaluate target.model.name=<checkpoint>`.", "",
               f"## Speculative methods ({evaluation['num_problems']} problems, verifier `{evaluation['verifier']}`, "
               f"gamma {evaluation['gamma']})", "",
               "The draft is not aligned with the target yet (SAPO trains it), so step acceptance is low; speedups "
@@ -108,25 +134,27 @@ def run(cfg: DemoConfig) -> Path:
     run_dir = make_run_dir(cfg, "demo")
     resolved = save_config(cfg, run_dir, "demo")
     torch.manual_seed(0)
-    print("[1/4] building the demo models and measuring the MoE against the dense target")
+    print("[1/5] building the demo models and measuring the MoE against the dense target")
     models = moe_vs_dense(cfg)
     print(f"      dense ppl {models['dense']['ppl']:.2f}, MoE ppl {models['moe']['ppl']:.2f}")
-    print("[2/4] collecting step-by-step answers on a local Ray instance")
+    print("[2/5] collecting step-by-step answers on a local Ray instance")
     collect_dir = run_dir / "collect"
     collect_dir.mkdir(exist_ok=True)
     collect_cfg = replace(cfg.collect, wandb=replace(cfg.collect.wandb, group=run_dir.name))
     collect.run(collect_cfg, collect_dir)
     rows = read_jsonl(collect_dir / "trajectories.jsonl")
     summary = json.loads((collect_dir / "summary.json").read_text())
-    print("[3/4] evaluating ar, sd and the step-level methods side by side")
+    print("[3/5] quantizing the MoE")
+    quantized = quantize_moe(cfg, run_dir)
+    print("[4/5] evaluating ar, sd and the step-level methods side by side")
     eval_dir = run_dir / "evaluate"
     eval_dir.mkdir(exist_ok=True)
     _, evaluation = evaluate(replace(cfg.evaluate, wandb=replace(cfg.evaluate.wandb, group=run_dir.name)), eval_dir)
-    print("[4/4] writing the report")
+    print("[5/5] writing the report")
     figure = plot(run_dir, rows, models)
-    path = report(run_dir, models, summary, rows, collect_dir, evaluation)
+    path = report(run_dir, models, summary, rows, collect_dir, evaluation, quantized)
     write_json(run_dir / "summary.json", {"models": models, "collect": summary, "evaluate": evaluation,
-                                          "wall_s": time.perf_counter() - t0})
+                                          "quantize": quantized, "wall_s": time.perf_counter() - t0})
     tracker = Tracker(cfg.collect.wandb, run_dir, "demo", resolved)
     tracker.summary({"ppl_dense": models["dense"]["ppl"], "ppl_moe": models["moe"]["ppl"],
                      "accuracy": summary["accuracy"], "tokens_per_s": summary["tokens_per_s"]})

@@ -91,3 +91,20 @@ def test_sweep_runs_a_2x2_grid_under_ray_tune(tmp_path):
         accept = t["lr_sync/step_accept_rate"]
         assert accept == 1.0 if t["verifier.kind"] == "always" else 0 <= accept <= 1
     assert (sweep_dir / "sweep.png").is_file() and "| 2 | always |" in (sweep_dir / "report.md").read_text()
+
+
+def test_evaluate_serves_a_quantized_checkpoint_by_path(local_ray, tmp_path):
+    from pipelines.config import QuantizeConfig
+    from pipelines.evaluate import evaluate
+    from pipelines.quantize import run as quantize
+
+    ckpt, summary = quantize(load_config(QuantizeConfig, "quantize", [
+        "tiny", "model.name=tiny-llama", f"run.out_dir={tmp_path}", "rounds=1", "ppl_tokens=0"]))
+    assert summary["tensors"] == 14
+    for runtime in ("dequantized", "packed"):
+        cfg = load_config(EvaluateConfig, "evaluate", [
+            "tiny", f"run.out_dir={tmp_path}", f"target.model.name={ckpt}", f"target.model.quant_runtime={runtime}",
+            f"draft.model.name={ckpt}", "methods=[ar,lr_sync]"])
+        _, result = evaluate(cfg)
+        assert result["methods"]["lr_sync"]["answer_agreement"] == 1.0
+        assert result["methods"]["lr_sync"]["step_accept_rate"] == 1.0  # the same quantized model drafts

@@ -149,6 +149,7 @@ def test_demo_tiny_end_to_end(local_ray, tmp_path):
     run_dir = demo.run(load_config(DemoConfig, "demo", ["tiny", f"run.out_dir={tmp_path}"]))
     text = (run_dir / "report.md").read_text()
     assert "## Models" in text and "## Collected trajectories" in text and "| lr_async+sd |" in text
+    assert "| milo |" in text and "| codequant |" in text
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["models"]["moe"]["ppl"] > 0 and summary["evaluate"]["methods"]["fpsr"]["answer_agreement"] == 1.0
     assert (run_dir / "demo.png").stat().st_size > 1000
