@@ -20,8 +20,9 @@ spec: the demo evaluation (SmolLM2 target, early-exit draft, TBVM at alpha 0.7) 
 quant: on the demo MoE (`smollm2-moe-8x`), perplexity on the last --ppl-tokens of pydoc text (512-token windows)
   of fp, RTN and HQQ 3-bit g64, MiLo 3-bit g64 (uniform ranks 16 dense / 8 experts), RTN 4-bit g128 (last group
   zero-padded: 576 = 4.5 x 128), per-row 16-centroid k-means codebooks; honest bits per weight (codes, scales,
-  zeros, codebooks, compensators); our HQQ's reconstruction error over the `hqq` package's (when installed); and
-  the quantize job's wall time with 1 and 2 workers.
+  zeros, codebooks, compensators); CodeQuant (rotation + codebooks + centroid fine-tuning); W4A4 perplexities
+  (4-bit per-token activations) of k-means and CodeQuant; our HQQ's reconstruction error over the `hqq`
+  package's (when installed); and the quantize job's wall time with 1 and 2 workers.
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def bench_quant(args) -> dict:
     from pipelines.quantize import run as quantize_run
     from quant.apply import QuantSpec, fake_quantize
     from quant.base import quantize_hqq
+    from quant.codequant import CodeQuantSpec, add_activation_fake_quant, codequant
     from quant.perplexity import perplexity
     from quant.targets import quant_targets
 
@@ -223,10 +225,23 @@ def bench_quant(args) -> dict:
         out[f"bpw_{key}"] = acc["bits_per_weight"]
         out[f"fake_quantize_s_{key}"] = time.perf_counter() - t0
         print(key, out[f"ppl_{key}"], out[f"bpw_{key}"], flush=True)
+        if key == "kmeans4":  # W4A4: the same codebooks with 4-bit per-token activations
+            add_activation_fake_quant(model)
+            out["ppl_kmeans4_a4"] = perplexity(model, ids, 512)
+    calib = tok(pydoc_text(), return_tensors="pt").input_ids[0, :args.calib_tokens]
+    model = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    cq = codequant(model, calib, CodeQuantSpec(calib_tokens=args.calib_tokens))
+    out["ppl_codequant4"] = perplexity(model, ids, 512)
+    out["bpw_codequant4"] = sum(r.bits_per_weight() * r.shape[0] * r.shape[1] for r in cq["results"].values()) / sum(
+        r.shape[0] * r.shape[1] for r in cq["results"].values())
+    out["codequant_rotation_act4_error_before_after"] = [cq["rotation_loss_first"], cq["rotation_loss_last"]]
+    out["fake_quantize_s_codequant4"] = time.perf_counter() - t0
+    add_activation_fake_quant(model)
+    out["ppl_codequant4_a4"] = perplexity(model, ids, 512)
     increase = lambda k: out[f"ppl_{k}"] - out["ppl_fp"]  # noqa: E731
     out["milo_vs_hqq_ppl_increase_ratio"] = increase("milo3_g64") / increase("hqq3_g64")
     out["milo_extra_bpw"] = out["bpw_milo3_g64"] - out["bpw_hqq3_g64"]
-    out["ppl_codequant4"] = out["bpw_codequant4"] = None  # rotation + centroid fine-tuning: not built yet
     try:
         from hqq.core.quantize import Quantizer
 
@@ -275,6 +290,7 @@ def main(argv=None) -> None:
     parser.add_argument("--moe", default="smollm2-moe-8x", help="quant: the MoE to quantize")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="quant: pydoc tokens for perplexity")
     parser.add_argument("--rounds", type=int, default=5, help="quant: MiLo alternations")
+    parser.add_argument("--calib-tokens", type=int, default=512, help="quant: CodeQuant calibration tokens")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count())
     torch.manual_seed(0)

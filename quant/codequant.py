@@ -226,3 +226,30 @@ def codequant(model, ids: torch.Tensor, spec: CodeQuantSpec, progress=None) -> d
         for t in quant_targets(model):  # write back after all inputs were taken from the fp model
             t.set(results[t.name].dequantize())
     return {"results": results, "rotation_loss_first": losses[0], "rotation_loss_last": losses[-1]}
+
+
+def quantize_activations(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Per-token asymmetric min-max fake quantization (W4A4's activation side)."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    qmax = (1 << bits) - 1
+    scale = (hi - lo).clamp_min(1e-8) / qmax
+    return (torch.clamp(torch.round((x - lo) / scale), 0, qmax) * scale + lo).to(x.dtype)
+
+
+def add_activation_fake_quant(model, bits: int = 4) -> list:
+    """Quantize the input of every quantized linear and of every expert block to `bits` per token (routers
+    keep full-precision inputs: they read the MLP input before this hook only if they sit outside the experts
+    module). Returns the hook handles (call .remove() to undo)."""
+    handles = []
+
+    def pre_hook(module, args):
+        return (quantize_activations(args[0], bits),) + tuple(args[1:])
+
+    for layer in model.model.layers:
+        for name, module in layer.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ROUTER_NAMES:
+                continue
+            if isinstance(module, nn.Linear) or isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
+                handles.append(module.register_forward_pre_hook(pre_hook))
+    return handles
