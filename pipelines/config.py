@@ -180,15 +180,6 @@ class LookaheadConfig:
 
 
 @dataclass
-class TokenSpecConfig:
-    method: str = choice("ngram", ["ngram", "draft"])
-    num_tokens: int = bounded(4, ge=1)
-    ngram_max: int = bounded(3, ge=1)
-    ngram_min: int = bounded(1, ge=1)
-    draft_model: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2-135m-draft-l6"))
-
-
-@dataclass
 class EvaluateConfig:
     """pipelines.evaluate: methods side by side on the same actors and problems."""
 
@@ -202,7 +193,7 @@ class EvaluateConfig:
     verifier_role: RoleConfig = field(default_factory=RoleConfig)  # used when verifier.model is not 'target'
     methods: list[str] = field(default_factory=lambda: ["ar", "sd", "lr_async", "lr_async+sd", "fpsr"])
     lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
-    token_speculation: TokenSpecConfig = field(default_factory=TokenSpecConfig)
+    token_speculation: SpeculationConfig = field(default_factory=lambda: SpeculationConfig(method="ngram"))
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     draft_sampling: SamplingConfig = field(default_factory=SamplingConfig)
     problems_in_flight: int = bounded(1, ge=1)
@@ -216,6 +207,8 @@ class EvaluateConfig:
             raise ConfigError("config key 'methods': empty")
         if self.lookahead.width > 1 and self.draft_sampling.temperature == 0:
             raise ConfigError("config key 'lookahead.width': > 1 needs draft_sampling.temperature > 0")
+        if self.token_speculation.method == "none" and any(m == "sd" or m.endswith("+sd") for m in self.methods):
+            raise ConfigError("config key 'token_speculation.method': 'none', but methods ask for token-level SD")
 
 
 @dataclass

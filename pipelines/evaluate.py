@@ -25,7 +25,7 @@ from actors import zoo
 from actors.engine import Sampling, Speculation
 from actors.hosts import init_ray, start_host
 from pipelines.answers import extract_answer, is_correct
-from pipelines.config import ConfigError, EvaluateConfig, SpeculationConfig, run_cli
+from pipelines.config import ConfigError, EvaluateConfig, run_cli
 from pipelines.data import load_problems, prompt_ids
 from pipelines.runs import append_jsonl, make_run_dir, read_jsonl, save_config, write_json
 from pipelines.tracking import Tracker
@@ -61,10 +61,8 @@ def preflight(cfg: EvaluateConfig):
 
 
 def target_role(cfg: EvaluateConfig):
-    ts = cfg.token_speculation
-    spec = SpeculationConfig(method="draft" if ts.method == "draft" else "none", draft_model=ts.draft_model,
-                             num_tokens=ts.num_tokens, ngram_max=ts.ngram_max, ngram_min=ts.ngram_min)
-    return replace(cfg.target, engine=replace(cfg.target.engine, speculation=spec))
+    """The target engine loads the token-level draft model when `token_speculation.method` is draft."""
+    return replace(cfg.target, engine=replace(cfg.target.engine, speculation=cfg.token_speculation))
 
 
 class EncoderClient:

@@ -48,6 +48,7 @@ def test_evaluate_tiny_is_lossless_and_resumable(local_ray, tmp_path):
     (["verifier.kind=oracle"], "verifier.kind"),
     (["lookahead.gamma=0"], "lookahead.gamma"),
     (["lookahead.width=2"], "lookahead.width"),
+    (["token_speculation.method=none"], "token_speculation.method"),
 ])
 def test_bad_evaluate_configs_fail_before_loading(args, needle):
     with pytest.raises(ConfigError, match=needle):
