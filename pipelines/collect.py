@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from actors import zoo
 from actors.hosts import init_ray, start_host
-from pipelines.answers import extract_answer, is_correct
+from rewards.answers import extract_answer, is_correct
 from pipelines.config import CollectConfig, run_cli
 from pipelines.evaluate import settings_for_generation
 from pipelines.data import load_problems, prompt_ids

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.answers import gold_answer
+from rewards.answers import gold_answer
 
 log = logging.getLogger(__name__)
 

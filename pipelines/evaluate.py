@@ -24,7 +24,7 @@ from tqdm import tqdm
 from actors import zoo
 from actors.engine import Sampling, Speculation
 from actors.hosts import init_ray, start_host
-from pipelines.answers import extract_answer, is_correct
+from rewards.answers import extract_answer, is_correct
 from pipelines.config import ConfigError, EvaluateConfig, run_cli
 from pipelines.data import load_problems, prompt_ids
 from pipelines.runs import append_jsonl, make_run_dir, read_jsonl, save_config, write_json

@@ -1,0 +1,87 @@
+"""SAPO's reward terms (DREAM-R): alignment with the target, conciseness, outcome.
+
+R = w_align * R_align + w_length * R_length + w_outcome * R_outcome  (weights 1:1:1 by default; they must not
+sum to zero). Each term is in [0, 1] and is returned separately so that trainers can log them one by one.
+
+- R_align: the rollout is split into steps at the delimiter; step i is compared by the configured verifier with
+  the target's step from the same prefix. `offline` uses the cached target trajectory (its step i, meaningful
+  while the rollout follows the trajectory); `online` asks the target for its step from every rollout prefix
+  (one batched call per group of rollouts). `share` rewards the share of accepted steps; `prefix` rewards the
+  accepted prefix (steps before the first rejection), which is what speeds up decoding.
+- R_length: min(1, L_target / L_rollout) in tokens: 1 when the rollout is no longer than the target's answer,
+  falling as 1/x when longer (a token budget replaces L_target when no trajectory is cached).
+- R_outcome: 1 if the rollout's final answer is correct (math-verify), else 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rewards.answers import extract_answer, is_correct
+from rewards.verifiers import Item, Verifier
+
+
+class RewardConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Weights:
+    align: float = 1.0
+    length: float = 1.0
+    outcome: float = 1.0
+
+    def check(self) -> None:
+        if self.align + self.length + self.outcome == 0:
+            raise RewardConfigError("SAPO reward weights sum to zero: at least one must be non-zero")
+        if min(self.align, self.length, self.outcome) < 0:
+            raise RewardConfigError("SAPO reward weights must be >= 0")
+
+
+def split_steps(text: str, delimiter: str) -> list[str]:
+    """Steps keep their delimiter (as the engine's step generations do); an empty tail is dropped."""
+    parts = text.split(delimiter)
+    steps = [p + delimiter for p in parts[:-1]]
+    if parts[-1].strip():
+        steps.append(parts[-1])
+    return steps
+
+
+def length_reward(rollout_tokens: int, reference_tokens: int) -> float:
+    if rollout_tokens <= 0:
+        return 0.0
+    return min(1.0, reference_tokens / rollout_tokens)
+
+
+def outcome_reward(text: str, answer: str | None) -> float:
+    return float(answer is not None and is_correct(extract_answer(text), answer))
+
+
+def align_score(verdicts: list[bool], form: str) -> float:
+    if not verdicts:
+        return 0.0
+    if form == "share":
+        return sum(verdicts) / len(verdicts)
+    if form == "prefix":
+        accepted = next((i for i, v in enumerate(verdicts) if not v), len(verdicts))
+        return accepted / len(verdicts)
+    raise RewardConfigError(f"unknown alignment form {form!r}: use share or prefix")
+
+
+async def offline_align(verifier: Verifier, question: str, rollouts: list[str], target_steps: list[str],
+                        delimiter: str, form: str = "share") -> list[float]:
+    """R_align against the cached target trajectory: rollout step i vs target step i (one batched verify)."""
+    items, owners = [], []
+    per_rollout = [split_steps(r, delimiter) for r in rollouts]
+    for r, steps in enumerate(per_rollout):
+        context = ""
+        for i, step in enumerate(steps):
+            target = target_steps[i] if i < len(target_steps) else ""
+            items.append(Item(question, context, step, [], target, []))
+            owners.append(r)
+            context += step
+    verdicts = await verifier.verify(items) if items else []
+    grouped: list[list[bool]] = [[] for _ in rollouts]
+    for owner, v in zip(owners, verdicts):
+        grouped[owner].append(v.accept)
+    return [align_score(g, form) for g in grouped]

@@ -1,0 +1,33 @@
+import asyncio
+
+import pytest
+
+from rewards.sapo import (RewardConfigError, Weights, align_score, length_reward, offline_align, outcome_reward,
+                          split_steps)
+from rewards.verifiers import Exact
+
+
+def test_steps_lengths_and_outcome():
+    assert split_steps("a\n\nb\n\nc", "\n\n") == ["a\n\n", "b\n\n", "c"]
+    assert split_steps("a\n\n", "\n\n") == ["a\n\n"]
+    assert length_reward(50, 100) == 1.0 and length_reward(200, 100) == 0.5 and length_reward(0, 10) == 0.0
+    assert outcome_reward("so \\boxed{42}", "42") == 1.0 and outcome_reward("41", "42") == 0.0
+    assert outcome_reward("42", None) == 0.0
+
+
+def test_alignment_forms_and_weights():
+    assert align_score([True, False, True], "share") == pytest.approx(2 / 3)
+    assert align_score([True, False, True], "prefix") == pytest.approx(1 / 3)
+    with pytest.raises(RewardConfigError, match="sum to zero"):
+        Weights(0, 0, 0).check()
+    with pytest.raises(RewardConfigError, match="form"):
+        align_score([True], "median")
+
+
+def test_offline_alignment_against_the_cached_trajectory():
+    target = ["Add 2 and 3.\n\n", "That is 5.\n\n", "\\boxed{5}"]
+    rollouts = ["add 2 and 3.\n\nThat is 5.\n\n\\boxed{5}", "Add 2 and 3.\n\nThat is 6.\n\n\\boxed{5}", "5"]
+    got = asyncio.run(offline_align(Exact("normalized"), "2+3?", rollouts, target, "\n\n"))
+    assert got == [1.0, pytest.approx(2 / 3), 0.0]
+    got = asyncio.run(offline_align(Exact("normalized"), "2+3?", rollouts, target, "\n\n", form="prefix"))
+    assert got == [1.0, pytest.approx(1 / 3), 0.0]
