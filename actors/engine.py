@@ -88,6 +88,7 @@ class _Live:
     logits: Optional[torch.Tensor] = None  # next-token logits, when known
     counters: Counters = field(default_factory=Counters)
     finish: Optional[str] = None
+    probs: Optional[list[float]] = None  # next_token_probs requests
 
 
 class EngineError(ValueError):
@@ -235,8 +236,7 @@ class Engine:
         lv.counters.seconds = time.perf_counter() - lv.started
         text_ids = [t for t in lv.generated if t not in self.eos_ids]
         text = self.tokenizer.decode(text_ids, skip_special_tokens=False) if text_ids else ""
-        return Result(lv.req.request_id, list(lv.generated), text, lv.finish, lv.counters,
-                      probs=getattr(lv, "probs", None))
+        return Result(lv.req.request_id, list(lv.generated), text, lv.finish, lv.counters, probs=lv.probs)
 
     # ------------------------------------------------------------ plain decoding
 
