@@ -85,3 +85,26 @@ async def offline_align(verifier: Verifier, question: str, rollouts: list[str], 
     for owner, v in zip(owners, verdicts):
         grouped[owner].append(v.accept)
     return [align_score(g, form) for g in grouped]
+
+
+async def online_align(verifier: Verifier, target, tokenizer, question: str, prompt_ids: list[int],
+                       rollouts: list[str], delimiter: str, step_max_tokens: int, form: str = "share") -> list[float]:
+    """R_align against the target's own step from every rollout prefix: one batched call for the whole group.
+    `target` is a host client (`generate(requests) -> results`)."""
+    from actors.engine import Request
+
+    per_rollout = [split_steps(r, delimiter) for r in rollouts]
+    requests, where = [], []
+    for r, steps in enumerate(per_rollout):
+        for i in range(len(steps)):
+            prefix = prompt_ids + (tokenizer("".join(steps[:i]), add_special_tokens=False).input_ids if i else [])
+            requests.append(Request(prefix, max_new_tokens=step_max_tokens, stop=(delimiter,)))
+            where.append((r, i))
+    results = await target.generate(requests) if requests else []
+    items = [Item(question, "".join(per_rollout[r][:i]), per_rollout[r][i], [], res.text, res.token_ids)
+             for (r, i), res in zip(where, results)]
+    verdicts = await verifier.verify(items) if items else []
+    grouped: list[list[bool]] = [[] for _ in rollouts]
+    for (r, _), v in zip(where, verdicts):
+        grouped[r].append(v.accept)
+    return [align_score(g, form) for g in grouped]

@@ -31,3 +31,27 @@ def test_offline_alignment_against_the_cached_trajectory():
     assert got == [1.0, pytest.approx(2 / 3), 0.0]
     got = asyncio.run(offline_align(Exact("normalized"), "2+3?", rollouts, target, "\n\n", form="prefix"))
     assert got == [1.0, pytest.approx(1 / 3), 0.0]
+
+
+def test_online_alignment_asks_the_target_once_per_group(tiny_llama):
+    from actors.engine import Engine, Request
+    from actors.hosts import EngineHost
+    from rewards.sapo import online_align
+    from speculative.clients import HostClient
+
+    model, tok = tiny_llama
+    host = EngineHost.from_engine(Engine(model, tok))
+    calls = []
+
+    class Counting(HostClient):
+        async def generate(self, requests):
+            calls.append(len(requests))
+            return await super().generate(requests)
+
+    prompt = tok("Add 2 and 3.").input_ids
+    # the target's own greedy steps are, by definition, aligned with themselves
+    own = host.engine.generate([Request(prompt, max_new_tokens=6, stop=("\n\n",))])[0].text
+    got = asyncio.run(online_align(Exact("text"), Counting(host), tok, "q", prompt, [own, "zzz unrelated"],
+                                   "\n\n", 6))
+    assert got[0] == 1.0 and got[1] == 0.0
+    assert calls == [2]  # one batched call: one step per rollout step
