@@ -259,6 +259,54 @@ class QuantizeConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    enabled: bool = True
+    epochs: float = bounded(1.0, ge=0)
+    learning_rate: float = bounded(5e-5, ge=0)
+    batch_size: int = bounded(4, ge=1)
+    max_length: int = bounded(512, ge=16)
+
+
+@dataclass
+class GrpoConfig:
+    steps: int = bounded(4, ge=1)
+    num_generations: int = bounded(4, ge=2)
+    max_completion_length: int = bounded(64, ge=4)
+    learning_rate: float = bounded(1e-6, ge=0)
+    beta: float = bounded(0.0, ge=0, help="KL to the reference; > 0 reloads the reference model")
+    temperature: float = bounded(1.0, ge=0)
+    save_steps: int = bounded(2, ge=1)
+
+
+@dataclass
+class RewardsConfig:
+    align: float = bounded(1.0, ge=0)
+    length: float = bounded(1.0, ge=0)
+    outcome: float = bounded(1.0, ge=0)
+    align_form: str = choice("share", ["share", "prefix"])
+    verifier: str = choice("exact", ["exact", "embedding"], help="judges a rollout step against the target's")
+    threshold: float = bounded(0.85, ge=-1, le=1, help="embedding verifier: cosine threshold")
+
+    def check(self) -> None:
+        if self.align + self.length + self.outcome == 0:
+            raise ConfigError("config key 'rewards': the weights align, length and outcome sum to zero")
+
+
+@dataclass
+class SapoConfig:
+    """pipelines.sapo: warm start (SFT on the target's trajectories), then GRPO on SAPO's rewards."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="sapo"))
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    trajectories: Optional[str] = field(default=None, metadata={"help": "trajectories.jsonl from pipelines.collect"})
+    draft: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2-135m-draft-l6", device="cpu"))
+    step_delimiter: str = "\n\n"
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+
+
+@dataclass
 class DemoConfig:
     """pipelines.demo: what `make demo` runs."""
 
@@ -273,7 +321,7 @@ class DemoConfig:
 
 
 JOBS: dict[str, type] = {"collect": CollectConfig, "demo": DemoConfig, "evaluate": EvaluateConfig,
-                         "sweep": SweepConfig, "quantize": QuantizeConfig}
+                         "sweep": SweepConfig, "quantize": QuantizeConfig, "sapo": SapoConfig}
 
 
 # ---------------------------------------------------------------- loading
