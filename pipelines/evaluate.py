@@ -14,7 +14,6 @@ traces/<method>.jsonl (one trace per problem), summary.json, report.md with tabl
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import replace
 from pathlib import Path

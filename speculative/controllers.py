@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from actors.engine import Request, Result, Sampling, Speculation
+from actors.engine import Request, Sampling, Speculation
 from rewards.verifiers import Item, Verdict, Verifier
 from speculative.clients import HostClient
 from speculative.trace import Committed, Trace, Verification

@@ -1,6 +1,5 @@
 import pytest
 import torch
-import transformers
 
 from quant.codequant import CodeQuantSpec, _q4_error, codequant, fold_norms, fuse_rotation, learn_rotation, norm_outputs
 from tests.test_quant_checkpoint import _model

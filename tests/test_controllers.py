@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from actors import zoo
-from actors.engine import Counters, Engine, Result, Sampling, Speculation
+from actors.engine import Counters, Engine, Result, Speculation
 from actors.hosts import EngineHost
 from rewards.verifiers import Always, Exact, RandomAccept, Verdict, Verifier
 from speculative.clients import HostClient

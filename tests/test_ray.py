@@ -1,6 +1,5 @@
 """Real Ray: engine hosts as async actors, the collect job, and `ray job submit` against a real head."""
 
-import asyncio
 import json
 import os
 import shutil
