@@ -141,6 +141,15 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self.cancelled.add(request_id)
 
+    def abort_all(self) -> None:
+        """Drop every pending and live request and release their sequences (after a failed step)."""
+        self.pending.clear()
+        for lv in self.live:
+            self.target.release(lv.seq)
+            if lv.draft_seq is not None:
+                self.draft.release(lv.draft_seq)
+        self.live.clear()
+
     @property
     def busy(self) -> bool:
         return bool(self.pending or self.live)

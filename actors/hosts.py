@@ -107,10 +107,7 @@ class EngineHost:
                 finished = await asyncio.to_thread(self.engine.step)
             except Exception as exc:  # fail every waiting caller, keep the actor usable
                 log.exception("engine step failed")
-                self.engine.pending.clear()
-                for lv in list(self.engine.live):
-                    self.engine.live.remove(lv)
-                    self.engine.target.release(lv.seq)
+                self.engine.abort_all()
                 for fut in self._futures.values():
                     if not fut.done():
                         fut.set_exception(exc)
