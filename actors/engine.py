@@ -175,14 +175,14 @@ class Engine:
         finished: list[Result] = []
         self._apply_cancellations(finished)
         admitted = []
-        while self.pending and len(self.live) + len(admitted) < self.max_batch:
+        while self.pending and len(self.live) < self.max_batch:
             admitted.append(self._acquire(self.pending.popleft()))
-        for lv in self._prefill(admitted):
-            finished.append(self._finish(lv))
-        plain = [lv for lv in self.live if lv.spec.method == "none"]
+            self.live.append(admitted[-1])  # live at once: abort_all releases it if a forward fails
+        self._prefill(admitted)
+        plain = [lv for lv in self.live if lv.spec.method == "none" and not lv.finish]
         for chunk in _chunks(plain, self.max_batch):
             self._decode(chunk)
-        spec = [lv for lv in self.live if lv.spec.method != "none"]
+        spec = [lv for lv in self.live if lv.spec.method != "none" and not lv.finish]
         for chunk in _chunks(spec, self.max_batch):
             self._speculate(chunk)
         for lv in [lv for lv in self.live if lv.finish]:
@@ -212,13 +212,12 @@ class Engine:
             gen = torch.Generator().manual_seed(req.sampling.seed if req.sampling.seed is not None else 0)
         return _Live(req, seq, draft_seq, spec, gen, time.perf_counter())
 
-    def _prefill(self, admitted: list[_Live]) -> list[_Live]:
+    def _prefill(self, admitted: list[_Live]) -> None:
         """Run the uncached prompt tokens; short ones (e.g. branches off a shared committed prefix) go in one
-        padded forward, long ones alone. Returns the requests that are already finished (probes)."""
+        padded forward, long ones alone. Probes (next_token_probs) and max_new_tokens=0 finish here."""
         short = [lv for lv in admitted if len(lv.req.prompt_ids) - lv.seq.length <= PREFILL_BATCH_MAX_TOKENS]
         groups = [short] if short else []
         groups += [[lv] for lv in admitted if lv not in short]
-        done = []
         for group in groups:
             todo = [lv.req.prompt_ids[lv.seq.length:] for lv in group]
             logits = self.target.forward([lv.seq for lv in group], todo)
@@ -231,11 +230,6 @@ class Engine:
                     lv.finish = "probs"
                 elif lv.req.max_new_tokens == 0:
                     lv.finish = "length"
-                if lv.finish:
-                    done.append(lv)
-                else:
-                    self.live.append(lv)
-        return done
 
     def _finish(self, lv: _Live) -> Result:
         self.target.release(lv.seq)

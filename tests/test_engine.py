@@ -167,6 +167,19 @@ def test_cancel_leaves_nothing_running(tiny_llama):
     assert not engine.live and not engine.pending and not engine.target.active
 
 
+def test_a_failed_step_can_be_aborted_cleanly(tiny_llama):
+    model, tok = tiny_llama
+    engine = Engine(model, tok)
+    engine.submit(Request(PROMPT, max_new_tokens=5))
+    engine.submit(Request([10 ** 7], max_new_tokens=5))  # beyond the vocabulary: the forward raises
+    with pytest.raises(IndexError):
+        engine.step()
+    engine.abort_all()
+    assert not engine.live and not engine.pending and not engine.target.active
+    [res] = engine.generate([Request(PROMPT, max_new_tokens=3)])  # still serving
+    assert len(res.token_ids) == 3
+
+
 def test_next_token_probs_match_softmax(tiny_llama):
     model, tok = tiny_llama
     engine = Engine(model, tok)
