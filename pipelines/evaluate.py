@@ -122,7 +122,8 @@ def settings_for(cfg: EvaluateConfig, method: str) -> Settings:
     return settings_for_generation(method, cfg.generation, cfg.draft_sampling, cfg.lookahead, cfg.token_speculation)
 
 
-async def _evaluate_method(cfg, method, controller, problems, prompts, out: Path, hosts) -> list[dict]:
+async def _evaluate_method(cfg, method, controller, problems, prompts, out: Path, hosts):
+    """Traces of every problem (finished ones are read back) and the (seconds, tokens) of what ran now."""
     done = {row["problem_id"]: row for row in read_jsonl(out)}
     todo = [p for p in problems if p.id not in done]
     for h in hosts:  # no method reuses another's cached work
@@ -140,9 +141,11 @@ async def _evaluate_method(cfg, method, controller, problems, prompts, out: Path
         done[problem.id] = row
         bar.update()
 
+    t0 = time.perf_counter()
     await asyncio.gather(*(one(p) for p in todo))
+    elapsed = time.perf_counter() - t0
     bar.close()
-    return [done[p.id] for p in problems]
+    return [done[p.id] for p in problems], (elapsed, sum(done[p.id]["num_tokens"] for p in todo))
 
 
 def evaluate(cfg: EvaluateConfig, run_dir: Path | None = None) -> tuple[Path, dict]:
@@ -170,15 +173,19 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path | None = None) -> tuple[Path, di
         for method in methods:
             ctl = Controller(settings_for(cfg, method), target, draft if method != "ar" else None,
                              verifier if method.split("+")[0] in STEP_METHODS else None)
-            rows[method] = await _evaluate_method(cfg, method, ctl, problems, prompts,
-                                                  run_dir / "traces" / f"{method}.jsonl", hosts)
+            rows[method], throughput[method] = await _evaluate_method(
+                cfg, method, ctl, problems, prompts, run_dir / "traces" / f"{method}.jsonl", hosts)
         return rows
 
     t0 = time.perf_counter()
+    throughput: dict[str, tuple[float, int]] = {}
     rows = asyncio.run(main())
     summaries = {}
     for method, method_rows in rows.items():
         s = summarize([Trace.from_dict(r) for r in method_rows], cfg.lookahead.gamma)
+        elapsed, tokens = throughput[method]
+        if tokens:  # with several problems in flight, per-trace walls overlap: throughput is tokens / elapsed
+            s["tokens_per_s"] = tokens / elapsed
         graded = [r["correct"] for r in method_rows if r["correct"] is not None]
         s["accuracy"] = sum(graded) / len(graded) if graded else None
         ar_answers = {r["problem_id"]: r["predicted"] for r in rows["ar"]}

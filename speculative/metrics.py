@@ -36,7 +36,8 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         "num_problems": n,
         "tokens": tokens,
         "wall_s": wall,
-        "tokens_per_s": tokens / wall if wall else 0.0,
+        "tokens_per_s": tokens / wall if wall else 0.0,  # one problem at a time; evaluate replaces it by
+        # tokens / elapsed when problems run concurrently
         "steps": steps,
         "draft_steps_committed": draft_steps,
         "cycles": cycles,
