@@ -30,7 +30,7 @@ from quant.targets import ROUTER_NAMES, Target, quant_targets
 class CodeQuantSpec:
     rotation_steps: int = 100
     rotation_lr: float = 1e-3
-    calib_tokens: int = 2048
+    calib_tokens: int = 512  # callers slice the calibration ids to this many tokens
     finetune_steps: int = 10
     finetune_lr: float = 1e-2
     kmeans_iters: int = 20
@@ -207,8 +207,7 @@ def codequant(model, ids: torch.Tensor, spec: CodeQuantSpec, progress=None) -> d
     target (for a checkpoint) and the rotation's loss curve."""
     fold_norms(model)
     x = norm_outputs(model, ids)
-    r, losses = learn_rotation(x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(spec.seed))
-                                 [: spec.calib_tokens * 2]], spec.rotation_steps, spec.rotation_lr, spec.seed)
+    r, losses = learn_rotation(x, spec.rotation_steps, spec.rotation_lr, spec.seed)  # every norm output
     fuse_rotation(model, r)
     inputs = _linear_inputs(model, ids)
     results = {}
