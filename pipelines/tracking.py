@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from pathlib import Path
-
-
-RESUME_WAIT_S = 120
 
 
 def wandb_mode(cfg) -> str:
@@ -32,19 +28,10 @@ class Tracker:
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self.mode = wandb_mode(cfg)
-        # A killed run's W&B service can outlive it for a while and keep the id "in use": wait for it to go.
-        deadline = time.time() + RESUME_WAIT_S
-        while True:
-            try:
-                self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group or job, job_type=job,
-                                      tags=list(cfg.tags), name=self.run_dir.name, id=run_id, resume="allow",
-                                      dir=str(self.run_dir), mode=self.mode, config=config,
-                                      settings=wandb.Settings(console="off", quiet=True))
-                break
-            except Exception as exc:
-                if "in use" not in str(exc) or time.time() > deadline:
-                    raise
-                time.sleep(2)
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group or job, job_type=job,
+                              tags=list(cfg.tags), name=self.run_dir.name, id=run_id, resume="allow",
+                              dir=str(self.run_dir), mode=self.mode, config=config,
+                              settings=wandb.Settings(console="off", quiet=True))
         self.run_id = run_id
 
     def log(self, metrics: dict, step: int | None = None) -> None:

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _job(args, **kw):
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    # WANDB_SERVICE (set by an earlier in-process W&B run) would attach the job to this process's W&B service
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"}
     return subprocess.Popen([sys.executable, "-m", "pipelines.quantize", "tiny", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 

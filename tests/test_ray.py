@@ -108,6 +108,7 @@ def test_ray_job_submit_against_a_real_head(tmp_path):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("WANDB_SERVICE", None)  # the job must start its own W&B service, not attach to this process's
     ray_cli = shutil.which("ray", path=str(bin_dir)) or "ray"
     gcs, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"ray-test-{os.getpid()}"
