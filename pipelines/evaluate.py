@@ -211,9 +211,9 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path | None = None) -> tuple[Path, di
     for fig in figures:
         tracker.image(fig.stem, fig)
     tracker.finish()
-    for h in hosts:
-        import ray
+    import ray
 
+    for h in hosts:
         ray.kill(h)
     print(report_path.read_text())
     print(f"evaluate: report {report_path}")

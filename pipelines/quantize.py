@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -28,7 +29,7 @@ from pipelines.config import ConfigError, QuantizeConfig, run_cli
 from pipelines.runs import make_run_dir, save_config, write_json
 from pipelines.tracking import Tracker
 from quant import checkpoint as ckpt
-from quant.apply import QuantSpec, plan, quantize_tensor
+from quant.apply import QuantSpec, plan, quantize_tensor, storage_bits
 from quant.base import QuantConfigError
 from quant.perplexity import perplexity, pydoc_text
 
@@ -169,13 +170,11 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
     results = {}
     for target, _ in items:
         path = _part_path(parts, target.name)
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             entry = json.loads(f.metadata()["entry"])
         results[target.name] = ckpt.result_from(load_file(str(path)), target.name, entry)
     weights = sum(t.get().numel() for t, _ in items)
-    bpw = sum(_storage_bits(r) for r in results.values()) / weights
+    bpw = sum(storage_bits(r) for r in results.values()) / weights
     meta = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "rank_policy": cfg.rank_policy,
             "spec": json.loads(spec_json), "source_model": cfg.model.name, "source_fingerprint": source,
             "bits_per_weight": bpw}
@@ -193,12 +192,6 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
     print(json.dumps(summary, indent=2))
     print(f"quantize: checkpoint {out}")
     return out, summary
-
-
-def _storage_bits(result) -> float:
-    from quant.apply import storage_bits
-
-    return storage_bits(result)
 
 
 def main(argv: list[str] | None = None) -> None:
