@@ -286,6 +286,10 @@ class RewardsConfig:
     align_form: str = choice("share", ["share", "prefix"])
     verifier: str = choice("exact", ["exact", "embedding"], help="judges a rollout step against the target's")
     threshold: float = bounded(0.85, ge=-1, le=1, help="embedding verifier: cosine threshold")
+    align_source: str = choice("offline", ["offline", "online"],
+                               help="offline: the cached trajectory's steps; online: the target actor's own step "
+                                    "from each rollout prefix (one batched call per group)")
+    step_max_tokens: int = bounded(100, ge=1, help="online: cap on the target's step")
 
     def check(self) -> None:
         if self.align + self.length + self.outcome == 0:
@@ -293,10 +297,51 @@ class RewardsConfig:
 
 
 @dataclass
+class LoraConfig:
+    """PEFT LoRA on the draft, for warm start and GRPO; the exported draft has the adapters merged in."""
+
+    enabled: bool = False
+    r: int = bounded(16, ge=1)
+    alpha: float = bounded(32.0, ge=0)
+    dropout: float = bounded(0.05, ge=0, le=1)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+
+DEEPSPEED_STAGES = ("auto", "none", "0", "1", "2", "3")
+
+
+@dataclass
+class DistributedConfig:
+    """Where training runs: this process (workers=1), or N Ray Train workers (TorchTrainer, DDP or DeepSpeed)."""
+
+    workers: int = bounded(1, ge=1, help="1: train in this process; N: Ray Train TorchTrainer with N workers")
+    backend: str = choice("auto", ["auto", "gloo", "nccl"], help="auto: nccl with GPUs, gloo on CPU")
+    deepspeed_stage: str = choice("auto", DEEPSPEED_STAGES, help="ZeRO stage; auto: 2 with GPUs, none on CPU")
+    use_gpu: bool = False
+    worker_cpus: float = bounded(1.0, ge=0, help="Ray CPUs per worker; torch threads = max(1, int(worker_cpus))")
+
+    def check(self) -> None:
+        if not self.use_gpu and self.backend == "nccl":
+            raise ConfigError("config key 'distributed.backend': nccl needs GPUs (distributed.use_gpu=true)")
+        if not self.use_gpu and self.deepspeed_stage not in ("auto", "none"):
+            raise ConfigError(f"config key 'distributed.deepspeed_stage': {self.deepspeed_stage!r} on CPU: DeepSpeed "
+                              "needs GPUs here (set distributed.use_gpu=true, or deepspeed_stage=none)")
+
+    @property
+    def zero_stage(self) -> int | None:
+        """The ZeRO stage to run, None for no DeepSpeed."""
+        if self.deepspeed_stage == "auto":
+            return 2 if self.use_gpu else None
+        return None if self.deepspeed_stage == "none" else int(self.deepspeed_stage)
+
+
+@dataclass
 class SapoConfig:
     """pipelines.sapo: warm start (SFT on the target's trajectories), then GRPO on SAPO's rewards."""
 
     run: RunConfig = field(default_factory=lambda: RunConfig(name="sapo"))
+    ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     trajectories: Optional[str] = field(default=None, metadata={"help": "trajectories.jsonl from pipelines.collect"})
     draft: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2-135m-draft-l6", device="cpu"))
@@ -304,6 +349,10 @@ class SapoConfig:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    target: RoleConfig = field(default_factory=RoleConfig, metadata={
+        "help": "rewards.align_source=online: the target actor (same tokenizer as the draft)"})
 
 
 @dataclass

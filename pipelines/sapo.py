@@ -1,21 +1,38 @@
 """SAPO: train the draft to write the steps the target would write, briefly (DREAM-R).
 
     python -m pipelines.sapo trajectories=runs/collect/<dir>/trajectories.jsonl
-    python -m pipelines.sapo tiny trajectories=...           # random tiny draft, seconds
-    python -m pipelines.sapo run.resume=runs/sapo/<dir>       # continue from the last checkpoint
+    python -m pipelines.sapo tiny trajectories=...                               # random tiny draft, seconds
+    python -m pipelines.sapo tiny trajectories=... lora.enabled=true             # LoRA, merged into the export
+    python -m pipelines.sapo tiny trajectories=... distributed.workers=2         # 2 Ray Train workers (gloo)
+    python -m pipelines.sapo tiny trajectories=... rewards.align_source=online   # the target actor's own steps
+    python -m pipelines.sapo run.resume=runs/sapo/<dir>                          # continue from the last checkpoint
 
 1. warm start: TRL's SFT trainer on the target's answers (prompt -> completion, loss on the completion);
 2. GRPO (TRL) on three rewards from `rewards.sapo`: R_align (the share, or accepted prefix, of the rollout's
-   steps that the verifier accepts against the target trajectory's steps), R_length (min(1, L_target /
-   L_rollout)), R_outcome (math-verify); weights 1:1:1 by default; TRL logs each reward's mean and std per step;
-3. the trained draft is saved as a model directory (<run_dir>/draft) that `pipelines.evaluate` loads by path.
-Checkpoints every `grpo.save_steps`; a resumed run continues the step counter and optimizer state.
-Not yet: the online alignment mode through the target actor, Ray Train workers and DeepSpeed, LoRA.
+   steps that the verifier accepts against the target's steps: the cached trajectory's (`offline`) or the target
+   actor's own step from the same prefix, one batched call per group of rollouts (`online`)), R_length
+   (min(1, L_target / L_rollout)), R_outcome (math-verify); weights 1:1:1 by default; TRL logs each reward's
+   mean and std per step;
+3. the trained draft is saved as a plain model directory (<run_dir>/draft; LoRA adapters merged in) that
+   `pipelines.evaluate` loads by path.
+
+`distributed.workers=1` trains in this process. With N > 1, warm start, GRPO and export run inside a Ray Train
+`TorchTrainer` with N workers (gloo on CPU, nccl on GPU); HF/TRL's accelerate picks up the process group and the
+RANK/WORLD_SIZE variables Ray Train sets, and rank 0 writes checkpoints, the export, summary.json and W&B (the run
+directory must be on storage all workers see). DeepSpeed ZeRO (`distributed.deepspeed_stage`, 2 by default with
+GPUs) is refused on CPU. The target and the embedding verifier run as Ray actors shared by every worker.
+Checkpoints every `grpo.save_steps` into <run_dir>/grpo; a resumed run continues from the last complete one (step
+counter, optimizer and scheduler state) with the same W&B run id, and refuses a config that differs in a key that
+changes training. summary.json records `grpo_samples_per_s` (completions scored over the wall time of GRPO's
+`train()` on rank 0) and `grpo_wall_s`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,6 +43,9 @@ from pipelines.runs import make_run_dir, read_jsonl, save_config, write_json
 from pipelines.tracking import Tracker
 from rewards import sapo as R
 from rewards.verifiers import Exact
+
+# keys a resumed run may change: where it runs and logs, and how long it trains
+RESUMABLE_KEYS = ("run.", "ray.", "wandb.", "grpo.steps", "grpo.save_steps", "distributed.worker_cpus")
 
 
 def load_trajectories(cfg: SapoConfig, tok) -> list[dict]:
@@ -56,16 +76,76 @@ def load_trajectories(cfg: SapoConfig, tok) -> list[dict]:
     return rows
 
 
-def reward_functions(cfg: SapoConfig, tok, verifier):
-    delim = cfg.step_delimiter
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
-    async def align(completions, target_steps, question, **_):
-        out = []
-        for c, steps, q in zip(completions, target_steps, question):
-            out += await R.offline_align(verifier, q, [c], steps, delim, cfg.rewards.align_form)
+
+def check_resume(cfg: SapoConfig) -> None:
+    """`run.resume` must continue the same training: every key outside RESUMABLE_KEYS must equal the saved config's
+    (a key the saved config lacks counts as its default). Runs before anything is loaded or written."""
+    if not cfg.run.resume:
+        return
+    import yaml
+
+    saved_file = Path(cfg.run.resume) / "config.yaml"
+    if not saved_file.is_file():
+        raise ConfigError(f"config key 'run.resume': {cfg.run.resume} is not a run directory (no config.yaml)")
+    saved = _flat(yaml.safe_load(saved_file.read_text()))
+    if saved.get("job") != "sapo":
+        raise ConfigError(f"config key 'run.resume': {cfg.run.resume} holds a {saved.get('job')!r} run, not sapo")
+    new, default = _flat(asdict(cfg)), _flat(asdict(SapoConfig()))
+    differ = {k: (saved.get(k, default.get(k)), v) for k, v in new.items()
+              if not k.startswith(RESUMABLE_KEYS) and saved.get(k, default.get(k)) != v}
+    if differ:
+        changes = "; ".join(f"{k}: {old!r} -> {v!r}" for k, (old, v) in differ.items())
+        raise ConfigError(f"config key 'run.resume': {cfg.run.resume} was trained with another config in "
+                          f"{sorted(differ)} ({changes}); resume with the saved values or start a new run")
+
+
+def deepspeed_config(stage: int) -> dict:
+    """The DeepSpeed config handed to the HF/TRL args; "auto" values are filled in from the Trainer's arguments."""
+    zero: dict = {"stage": stage}
+    if stage >= 2:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size="auto")
+    if stage == 3:  # save_model gathers the partitioned weights into one plain checkpoint
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_prefetch_bucket_size="auto",
+                    stage3_param_persistence_threshold="auto")
+    return {"zero_optimization": zero, "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
+
+
+def reward_functions(cfg: SapoConfig, tok, verifier, target=None, counter: dict | None = None):
+    """r_align, r_length, r_outcome over a batch of completions (dataset columns come per completion)."""
+    delim, rw = cfg.step_delimiter, cfg.rewards
+    counter = {} if counter is None else counter
+
+    async def align(completions, target_steps, question, prompt_ids, **_):
+        groups: dict[str, list[int]] = {}  # rollouts of one prompt: one batched target call (online)
+        for i, q in enumerate(question):
+            groups.setdefault(q, []).append(i)
+        if rw.align_source == "online":
+            scored = await asyncio.gather(*(R.online_align(
+                verifier, target, tok, question[idx[0]], prompt_ids[idx[0]], [completions[i] for i in idx], delim,
+                rw.step_max_tokens, rw.align_form) for idx in groups.values()))
+        else:
+            scored = await asyncio.gather(*(R.offline_align(
+                verifier, question[idx[0]], [completions[i] for i in idx], target_steps[idx[0]], delim, rw.align_form)
+                for idx in groups.values()))
+        out = [0.0] * len(completions)
+        for idx, values in zip(groups.values(), scored):
+            for i, v in zip(idx, values):
+                out[i] = v
         return out
 
     def length(completions, target_tokens, **_):
+        counter["completions"] = counter.get("completions", 0) + len(completions)
         return [R.length_reward(len(tok(c, add_special_tokens=False).input_ids), n)
                 for c, n in zip(completions, target_tokens)]
 
@@ -76,81 +156,214 @@ def reward_functions(cfg: SapoConfig, tok, verifier):
     return [align, length, outcome]
 
 
-def _verifier(cfg: SapoConfig):
+def _verifier(cfg: SapoConfig, hosts: dict):
     if cfg.rewards.verifier == "exact":
         return Exact("normalized")
-    from actors.encoder import EncoderHost
     from rewards.verifiers import Embedding
+
+    if "encoder" in hosts:
+        from pipelines.evaluate import EncoderClient
+
+        return Embedding(EncoderClient(hosts["encoder"]), cfg.rewards.threshold)
+    from actors.encoder import EncoderHost
 
     return Embedding(EncoderHost(), cfg.rewards.threshold)
 
 
 def _last_checkpoint(out: Path) -> str | None:
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return str(ckpts[-1]) if ckpts else None
+    """The newest complete checkpoint: trainer_state.json is written last, so a run killed mid-save is skipped."""
+    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
 
 
-def run(cfg: SapoConfig) -> tuple[Path, dict]:
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _peft_config(cfg: SapoConfig):
+    if not cfg.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    lc = cfg.lora
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                      task_type="CAUSAL_LM")
+
+
+def export(trainer, cfg: SapoConfig, base: str, out: Path, tok, rank: int) -> None:
+    """A plain model directory from rank 0. save_model gathers ZeRO-partitioned weights (all ranks call it); with
+    LoRA it saves the adapter (kept beside, `<out>-adapter`), merged here into a fresh copy of the base."""
+    if not cfg.lora.enabled:
+        trainer.save_model(str(out))
+    else:
+        adapter = out.with_name(out.name + "-adapter")
+        trainer.save_model(str(adapter))
+        if rank == 0:
+            from peft import PeftModel
+
+            base_model, _ = zoo.load_model(base, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
+            PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload().save_pretrained(out)
+    if rank == 0:
+        tok.save_pretrained(out)
+    _barrier()
+
+
+def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None:
+    """Warm start, GRPO and export: in this process, or as one Ray Train worker (rank 0 writes)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-    cfg.rewards.check()
-    model, tok = zoo.load_model(cfg.draft.name, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
-    rows = load_trajectories(cfg, tok)
-    run_dir = make_run_dir(cfg, "sapo")
-    resolved = save_config(cfg, run_dir, "sapo")
-    tracker = Tracker(cfg.wandb, run_dir, "sapo", resolved)
-    report = "wandb" if tracker.mode != "disabled" else "none"
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    tracker = Tracker(cfg.wandb, run_dir, "sapo", {"job": "sapo", **asdict(cfg)}) if rank == 0 else None
+    stage = cfg.distributed.zero_stage
+    common = {"use_cpu": not cfg.distributed.use_gpu, "logging_steps": 1, "bf16": False, "seed": 0,
+              "report_to": "wandb" if tracker and tracker.mode != "disabled" else "none",
+              "deepspeed": deepspeed_config(stage) if stage is not None else None}
+    tok = zoo.load_tokenizer(cfg.draft.name, cfg.draft.trust_remote_code)
     prompts = [tok.decode(r["prompt_ids"]) for r in rows]
-    summary: dict = {"trajectories": len(rows)}
+    summary_file = run_dir / "summary.json"
+    summary: dict = json.loads(summary_file.read_text()) if summary_file.is_file() else {}  # a resumed run's
+    summary["trajectories"] = len(rows)
 
-    warm_dir = run_dir / "warm_start"
+    base, warm_dir = cfg.draft.name, run_dir / "warm_start"
     if cfg.warm_start.enabled and not (warm_dir / "config.json").is_file():
+        ws = cfg.warm_start
+        model, _ = zoo.load_model(base, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
         data = Dataset.from_list([{"prompt": p, "completion": r["response"] + (tok.eos_token or "")}
                                   for p, r in zip(prompts, rows)])
-        sft = SFTTrainer(model=model, processing_class=tok, train_dataset=data, args=SFTConfig(
-            output_dir=str(run_dir / "sft"), num_train_epochs=cfg.warm_start.epochs,
-            learning_rate=cfg.warm_start.learning_rate, per_device_train_batch_size=cfg.warm_start.batch_size,
-            max_length=cfg.warm_start.max_length, use_cpu=True, report_to=report, logging_steps=1,
-            save_strategy="no", bf16=False))
-        result = sft.train()
-        summary["warm_start_loss"] = result.training_loss
-        sft.model.save_pretrained(warm_dir)
-        tok.save_pretrained(warm_dir)
+        sft = SFTTrainer(model=model, processing_class=tok, train_dataset=data, peft_config=_peft_config(cfg),
+                         args=SFTConfig(output_dir=str(run_dir / "sft"), num_train_epochs=ws.epochs,
+                                        learning_rate=ws.learning_rate, per_device_train_batch_size=ws.batch_size,
+                                        max_length=ws.max_length, save_strategy="no", **common))
+        summary["warm_start_loss"] = sft.train().training_loss
+        export(sft, cfg, base, warm_dir, tok, rank)
     if cfg.warm_start.enabled:
-        from transformers import AutoModelForCausalLM
+        base = str(warm_dir)
 
-        model = AutoModelForCausalLM.from_pretrained(str(warm_dir), dtype=torch.float32)
-
+    model, _ = zoo.load_model(base, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
     data = Dataset.from_list([{"prompt": p, "answer": r["answer"], "question": r["question"],
-                               "target_steps": r["steps"], "target_tokens": r["num_tokens"]}
-                              for p, r in zip(prompts, rows)])
-    g = cfg.grpo
-    w = cfg.rewards
+                               "prompt_ids": r["prompt_ids"], "target_steps": r["steps"],
+                               "target_tokens": r["num_tokens"]} for p, r in zip(prompts, rows)])
+    g, w = cfg.grpo, cfg.rewards
     out = run_dir / "grpo"
-    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=reward_functions(cfg, tok, _verifier(cfg)),
-                          train_dataset=data, args=GRPOConfig(
-                              output_dir=str(out), max_steps=g.steps, per_device_train_batch_size=g.num_generations,
-                              num_generations=g.num_generations, max_completion_length=g.max_completion_length,
-                              learning_rate=g.learning_rate, beta=g.beta, temperature=g.temperature,
-                              reward_weights=[w.align, w.length, w.outcome], use_cpu=True, report_to=report,
-                              logging_steps=1, save_steps=g.save_steps, bf16=False, seed=0))
+    counter: dict = {}
+    target = None
+    if w.align_source == "online":
+        from speculative.clients import HostClient
+
+        target = HostClient(hosts["target"])
+    trainer = GRPOTrainer(
+        model=model, processing_class=tok, train_dataset=data, peft_config=_peft_config(cfg),
+        reward_funcs=reward_functions(cfg, tok, _verifier(cfg, hosts), target, counter),
+        args=GRPOConfig(output_dir=str(out), max_steps=g.steps, per_device_train_batch_size=g.num_generations,
+                        num_generations=g.num_generations, max_completion_length=g.max_completion_length,
+                        learning_rate=g.learning_rate, beta=g.beta, temperature=g.temperature,
+                        reward_weights=[w.align, w.length, w.outcome], save_steps=g.save_steps, **common))
     resume = _last_checkpoint(out)
-    if resume:
+    if resume and rank == 0:
         print(f"resuming GRPO from {resume}")
+    _barrier()
+    t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
+    wall_s = time.perf_counter() - t0
+    per_rank = [counter.get("completions", 0)]
+    if world > 1:
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, counter.get("completions", 0))
+    export(trainer, cfg, base, run_dir / "draft", tok, rank)
+    if rank != 0:
+        return
     history = [h for h in trainer.state.log_history if "reward" in h]
-    summary.update(grpo_steps=trainer.state.global_step, grpo_loss=result.training_loss,
-                   rewards={k: [h.get(f"rewards/{k}/mean") for h in history] for k in ("r_align", "r_length",
-                                                                                       "r_outcome")})
-    draft_dir = run_dir / "draft"
-    trainer.model.save_pretrained(draft_dir)
-    tok.save_pretrained(draft_dir)
-    summary["draft"] = str(draft_dir)
-    write_json(run_dir / "summary.json", summary)
+    summary.update(grpo_steps=trainer.state.global_step, grpo_loss=result.training_loss, grpo_world_size=world,
+                   grpo_completions_per_rank=per_rank, grpo_wall_s=wall_s,
+                   grpo_samples_per_s=sum(per_rank) / wall_s if wall_s > 0 else 0.0,
+                   rewards={k: [h.get(f"rewards/{k}/mean") for h in history]
+                            for k in ("r_align", "r_length", "r_outcome")},
+                   draft=str(run_dir / "draft"))
+    write_json(summary_file, summary)
+    tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     tracker.finish()
+
+
+def _worker(config: dict) -> None:
+    """One Ray Train worker: the process group and RANK/WORLD_SIZE are set up by Ray Train before this runs."""
+    cfg = config["cfg"]
+    torch.set_num_threads(max(1, int(cfg.distributed.worker_cpus)))  # Ray sets OMP_NUM_THREADS=1
+    train(cfg, Path(config["run_dir"]), config["rows"], config["hosts"])
+
+
+def fit_on_ray(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    d = cfg.distributed
+    backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
+    resources = {"CPU": d.worker_cpus, **({"GPU": 1} if d.use_gpu else {})}
+    TorchTrainer(_worker, train_loop_config={"cfg": cfg, "run_dir": str(run_dir.resolve()), "rows": rows,
+                                             "hosts": hosts},
+                 torch_config=TorchConfig(backend=backend),
+                 scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
+                                              resources_per_worker=resources),
+                 run_config=RunConfig(name="sapo", storage_path=str((run_dir / "ray_train").resolve()))).fit()
+
+
+def start_hosts(cfg: SapoConfig) -> dict:
+    """Ray actors every worker shares: the target (online alignment) and the embedding verifier's encoder."""
+    import ray
+
+    from actors.encoder import EncoderHost
+    from actors.hosts import init_ray, start_host
+
+    init_ray(cfg.ray)
+    hosts = {}
+    if cfg.rewards.align_source == "online":
+        hosts["target"] = start_host("target", cfg.target)
+    if cfg.rewards.verifier == "embedding":
+        hosts["encoder"] = ray.remote(EncoderHost).options(num_cpus=0.1).remote(1)
+    return hosts
+
+
+def preflight(cfg: SapoConfig, tok) -> None:
+    """Checks that need the models' tokenizers or modules, before any run directory is written."""
+    if cfg.rewards.align_source == "online":
+        t = cfg.target.model
+        if zoo.load_tokenizer(t.name, t.trust_remote_code).get_vocab() != tok.get_vocab():
+            raise ConfigError(f"config key 'target.model.name': {t.name!r} uses another tokenizer than the draft "
+                              f"{cfg.draft.name!r}; online alignment feeds it the draft's tokens")
+    if cfg.lora.enabled:
+        model, _ = zoo.load_model(cfg.draft.name, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        missing = sorted(set(cfg.lora.target_modules) - names)
+        if missing:
+            raise ConfigError(f"config key 'lora.target_modules': {missing} are not linear modules of "
+                              f"{cfg.draft.name!r} (it has {sorted(names)})")
+
+
+def run(cfg: SapoConfig) -> tuple[Path, dict]:
+    check_resume(cfg)
+    tok = zoo.load_tokenizer(cfg.draft.name, cfg.draft.trust_remote_code)
+    rows = load_trajectories(cfg, tok)
+    preflight(cfg, tok)
+    run_dir = make_run_dir(cfg, "sapo")
+    save_config(cfg, run_dir, "sapo")
+    uses_ray = cfg.distributed.workers > 1 or cfg.rewards.align_source == "online"
+    hosts = start_hosts(cfg) if uses_ray else {}
+    try:
+        if cfg.distributed.workers == 1:
+            train(cfg, run_dir, rows, hosts)
+        else:
+            fit_on_ray(cfg, run_dir, rows, hosts)
+    finally:
+        if hosts:
+            import ray
+
+            for handle in hosts.values():
+                ray.kill(handle)
+    summary = json.loads((run_dir / "summary.json").read_text())
     print(json.dumps(summary, indent=2))
-    return draft_dir, summary
+    return run_dir / "draft", summary
 
 
 def main(argv: list[str] | None = None) -> None:

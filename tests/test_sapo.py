@@ -1,6 +1,9 @@
-"""pipelines.sapo on the tiny preset: warm start + GRPO with real TRL steps, resume, exported draft."""
+"""pipelines.sapo on the tiny preset: warm start + GRPO with real TRL steps, LoRA, Ray Train workers, online
+alignment through a real target actor, resume (also of a killed run), exported draft."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,38 +25,77 @@ def trajectories(tmp_path_factory):
     return run_dir / "trajectories.jsonl"
 
 
-def test_sapo_tiny_trains_exports_and_resumes(trajectories, tmp_path):
+@pytest.fixture(scope="module")
+def trained(trajectories, tmp_path_factory):
+    from pipelines import sapo
+
+    out = tmp_path_factory.mktemp("sapo")
+    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={out}"])
+    draft_dir, summary = sapo.run(cfg)
+    return draft_dir.parent, summary
+
+
+def _hashes(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_sapo_tiny_trains_exports_and_resumes(trained, trajectories):
     from actors import zoo
     from pipelines import sapo
 
-    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={tmp_path}"])
-    draft_dir, summary = sapo.run(cfg)
+    run_dir, summary = trained
     assert summary["grpo_steps"] == 2 and summary["warm_start_loss"] > 0
     for key in ("r_align", "r_length", "r_outcome"):
         assert len(summary["rewards"][key]) == 2 and all(0 <= v <= 1 for v in summary["rewards"][key])
-    model, _ = zoo.load_model(str(draft_dir))
+    # 2 steps x 2 generations, all in this process
+    assert summary["grpo_world_size"] == 1 and summary["grpo_completions_per_rank"] == [4]
+    assert summary["grpo_wall_s"] > 0
+    assert summary["grpo_samples_per_s"] == pytest.approx(4 / summary["grpo_wall_s"])
+    model, _ = zoo.load_model(str(run_dir / "draft"))
     assert model.config.num_hidden_layers == 1
     # resume into the same run directory with more steps: the counter continues from the checkpoint
-    run_dir = draft_dir.parent
     cfg2 = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.resume={run_dir}",
                                             "grpo.steps=3"])
     _, summary2 = sapo.run(cfg2)
-    assert summary2["grpo_steps"] == 3
+    assert summary2["grpo_steps"] == 3 and summary2["grpo_completions_per_rank"] == [2]  # only step 3 ran
+    assert summary2["warm_start_loss"] == summary["warm_start_loss"]  # the warm start was not redone
     assert json.loads((run_dir / "summary.json").read_text())["grpo_steps"] == 3
+
+
+def test_sapo_resume_with_another_config_is_refused(trained, trajectories):
+    from pipelines import sapo
+
+    run_dir, _ = trained
+    before = _hashes(run_dir)
+    assert any(k.startswith("grpo/checkpoint-") and k.endswith("optimizer.pt") for k in before)
+    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.resume={run_dir}",
+                                           "grpo.learning_rate=0.001", "lora.enabled=true", "grpo.steps=5"])
+    with pytest.raises(ConfigError, match=r"\['grpo.learning_rate', 'lora.enabled'\]") as err:
+        sapo.run(cfg)
+    assert "1e-06 -> 0.001" in str(err.value) and "grpo.steps" not in str(err.value)
+    assert _hashes(run_dir) == before  # config, checkpoints, W&B files: not a byte changed
+    with pytest.raises(ConfigError, match="not a run directory"):
+        sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}",
+                                                  f"run.resume={run_dir / 'grpo'}"]))
 
 
 def test_sapo_bad_input(trajectories, tmp_path):
     from pipelines import sapo
 
-    with pytest.raises(ConfigError, match="sum to zero"):
-        sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", "rewards.align=0",
-                                                  "rewards.length=0", "rewards.outcome=0"]))
+    with pytest.raises(ConfigError, match="sum to zero"):  # at load time, before any work
+        load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={tmp_path}",
+                                         "rewards.align=0", "rewards.length=0", "rewards.outcome=0"])
+    assert not list(tmp_path.iterdir())
     with pytest.raises(ConfigError, match="does not exist"):
         sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={tmp_path / 'nope.jsonl'}"]))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
     with pytest.raises(ConfigError, match="not a pipelines.collect trajectory file"):
         sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={bad}"]))
+    with pytest.raises(ConfigError, match=r"'lora.target_modules': \['wq'\]"):
+        sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", "lora.enabled=true",
+                                                  "lora.target_modules=[q_proj,wq]"]))
     # trajectories written by a model with another tokenizer (here: the MiniLM encoder's)
     import shutil
 
@@ -69,3 +111,47 @@ def test_sapo_bad_input(trajectories, tmp_path):
     (other / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(ConfigError, match="tokenizer differs"):
         sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={other / 'trajectories.jsonl'}"]))
+
+
+def test_sapo_lora_exports_a_merged_draft_the_engine_loads(trajectories, tmp_path):
+    from actors import zoo
+    from actors.engine import Request
+    from actors.hosts import build_engine
+    from pipelines import sapo
+    from pipelines.config import ModelConfig, RoleConfig
+
+    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={tmp_path}",
+                                           "lora.enabled=true", "lora.r=4", "warm_start.learning_rate=0.01"])
+    draft_dir, summary = sapo.run(cfg)
+    assert summary["grpo_steps"] == 2
+    assert (draft_dir.parent / "draft-adapter" / "adapter_config.json").is_file()
+    assert not (draft_dir / "adapter_config.json").exists()  # a plain model directory
+    base, _ = zoo.load_model(cfg.draft.name)
+    draft, _ = zoo.load_model(str(draft_dir))
+    base_sd, draft_sd = base.state_dict(), draft.state_dict()
+    assert base_sd.keys() == draft_sd.keys()  # no lora_A / lora_B / base_layer left
+    changed = [k for k in base_sd if not base_sd[k].equal(draft_sd[k])]
+    assert changed and all(k.endswith("proj.weight") for k in changed)  # only the adapted linears moved
+    # pipelines.evaluate builds its draft engine from the path in the same way
+    engine = build_engine(RoleConfig(model=ModelConfig(name=str(draft_dir))))
+    [res] = engine.generate([Request(prompt_ids=[1, 2, 3], max_new_tokens=5)])
+    assert len(res.token_ids) == 5 or res.finish_reason == "eos"
+
+
+def test_deepspeed_config_and_cpu_refusal(trajectories):
+    from pipelines.config import DistributedConfig
+    from pipelines.sapo import deepspeed_config
+
+    with pytest.raises(ConfigError, match="'distributed.deepspeed_stage'.*DeepSpeed needs GPUs"):
+        load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", "distributed.deepspeed_stage=2"])
+    with pytest.raises(ConfigError, match="'distributed.backend': nccl needs GPUs"):
+        load_config(SapoConfig, "sapo", ["tiny", "distributed.backend=nccl"])
+    assert DistributedConfig().zero_stage is None  # CPU: auto means no DeepSpeed
+    assert DistributedConfig(use_gpu=True).zero_stage == 2
+    assert DistributedConfig(use_gpu=True, deepspeed_stage="none").zero_stage is None
+    assert DistributedConfig(use_gpu=True, deepspeed_stage="3").zero_stage == 3
+    for stage in range(4):
+        ds = deepspeed_config(stage)
+        assert ds["zero_optimization"]["stage"] == stage and ds["train_micro_batch_size_per_gpu"] == "auto"
+        assert ("overlap_comm" in ds["zero_optimization"]) == (stage >= 2)
+    assert deepspeed_config(3)["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
