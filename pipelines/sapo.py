@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -298,6 +299,9 @@ def fit_on_ray(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) ->
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train's print patch bypasses the stdout capture dill uses to hash `datasets.map` functions, and every
+    # worker would print disassembled bytecode; Ray Train passes this variable on to its workers
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     d = cfg.distributed
     backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
     resources = {"CPU": d.worker_cpus, **({"GPU": 1} if d.use_gpu else {})}

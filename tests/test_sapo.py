@@ -155,3 +155,28 @@ def test_deepspeed_config_and_cpu_refusal(trajectories):
         assert ds["zero_optimization"]["stage"] == stage and ds["train_micro_batch_size_per_gpu"] == "auto"
         assert ("overlap_comm" in ds["zero_optimization"]) == (stage >= 2)
     assert deepspeed_config(3)["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_sapo_two_gloo_workers_under_ray_train(trajectories, tmp_path):
+    import ray
+
+    from actors import zoo
+    from pipelines import sapo
+    from pipelines.tracking import offline_summary
+
+    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={tmp_path}",
+                                           "distributed.workers=2", "grpo.save_steps=2"])
+    try:
+        draft_dir, summary = sapo.run(cfg)
+    finally:
+        ray.shutdown()
+    # both ranks scored their share of every step's completions: 2 steps x 2 generations on each
+    assert summary["grpo_world_size"] == 2 and summary["grpo_completions_per_rank"] == [4, 4]
+    assert summary["grpo_steps"] == 2 and summary["grpo_samples_per_s"] == pytest.approx(8 / summary["grpo_wall_s"])
+    assert summary["warm_start_loss"] > 0
+    run_dir = draft_dir.parent
+    assert sorted(p.name for p in (run_dir / "grpo").glob("checkpoint-*")) == ["checkpoint-2"]
+    model, _ = zoo.load_model(str(draft_dir))
+    assert model.config.num_hidden_layers == 1
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1  # rank 0 alone logs, under the run's id
+    assert offline_summary(run_dir)["grpo_world_size"] == 2
