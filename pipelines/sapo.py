@@ -132,6 +132,8 @@ def reward_functions(cfg: SapoConfig, tok, verifier, target=None, counter: dict 
         for i, q in enumerate(question):
             groups.setdefault(q, []).append(i)
         if rw.align_source == "online":
+            counter["target_steps"] = counter.get("target_steps", 0) + sum(
+                len(R.split_steps(c, delim)) for c in completions)
             scored = await asyncio.gather(*(R.online_align(
                 verifier, target, tok, question[idx[0]], prompt_ids[idx[0]], [completions[i] for i in idx], delim,
                 rw.step_max_tokens, rw.align_form) for idx in groups.values()))
@@ -269,17 +271,19 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     wall_s = time.perf_counter() - t0
-    per_rank = [counter.get("completions", 0)]
+    per_rank = [counter]
     if world > 1:
         per_rank = [None] * world
-        dist.all_gather_object(per_rank, counter.get("completions", 0))
+        dist.all_gather_object(per_rank, counter)
+    completions = [c.get("completions", 0) for c in per_rank]
     export(trainer, cfg, base, run_dir / "draft", tok, rank)
     if rank != 0:
         return
     history = [h for h in trainer.state.log_history if "reward" in h]
     summary.update(grpo_steps=trainer.state.global_step, grpo_loss=result.training_loss, grpo_world_size=world,
-                   grpo_completions_per_rank=per_rank, grpo_wall_s=wall_s,
-                   grpo_samples_per_s=sum(per_rank) / wall_s if wall_s > 0 else 0.0,
+                   grpo_completions_per_rank=completions, grpo_wall_s=wall_s,
+                   grpo_samples_per_s=sum(completions) / wall_s if wall_s > 0 else 0.0,
+                   grpo_target_steps_per_rank=[c.get("target_steps", 0) for c in per_rank],
                    rewards={k: [h.get(f"rewards/{k}/mean") for h in history]
                             for k in ("r_align", "r_length", "r_outcome")},
                    draft=str(run_dir / "draft"))

@@ -157,7 +157,7 @@ def test_deepspeed_config_and_cpu_refusal(trajectories):
     assert deepspeed_config(3)["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
-def test_sapo_two_gloo_workers_under_ray_train(trajectories, tmp_path):
+def test_sapo_two_gloo_workers_under_ray_train_share_the_target(trajectories, tmp_path):
     import ray
 
     from actors import zoo
@@ -165,7 +165,8 @@ def test_sapo_two_gloo_workers_under_ray_train(trajectories, tmp_path):
     from pipelines.tracking import offline_summary
 
     cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={tmp_path}",
-                                           "distributed.workers=2", "grpo.save_steps=2"])
+                                           "distributed.workers=2", "grpo.save_steps=2",
+                                           "rewards.align_source=online"])
     try:
         draft_dir, summary = sapo.run(cfg)
     finally:
@@ -174,9 +175,54 @@ def test_sapo_two_gloo_workers_under_ray_train(trajectories, tmp_path):
     assert summary["grpo_world_size"] == 2 and summary["grpo_completions_per_rank"] == [4, 4]
     assert summary["grpo_steps"] == 2 and summary["grpo_samples_per_s"] == pytest.approx(8 / summary["grpo_wall_s"])
     assert summary["warm_start_loss"] > 0
+    # both asked the one target actor for its own steps from their rollouts' prefixes
+    assert all(n >= 4 for n in summary["grpo_target_steps_per_rank"])
     run_dir = draft_dir.parent
     assert sorted(p.name for p in (run_dir / "grpo").glob("checkpoint-*")) == ["checkpoint-2"]
     model, _ = zoo.load_model(str(draft_dir))
     assert model.config.num_hidden_layers == 1
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1  # rank 0 alone logs, under the run's id
     assert offline_summary(run_dir)["grpo_world_size"] == 2
+
+
+def test_online_align_asks_the_target_from_each_rollout_prefix(trajectories, smollm):
+    """A rollout that detours from the trajectory, then writes the target's own next step: online alignment
+    (the target's step from the same prefix) accepts that step; offline (the trajectory's step 2) does not.
+    The target is SmolLM2 (same tokenizer as the tiny models): the tiny random target only writes blank steps."""
+    import asyncio
+
+    from actors.engine import Engine, Request
+    from actors.hosts import EngineHost
+    from pipelines import sapo
+    from rewards.verifiers import Exact
+    from speculative.clients import HostClient
+
+    row = json.loads(trajectories.read_text().splitlines()[0])
+    args = ["tiny", f"trajectories={trajectories}", "rewards.align_source=online"]
+    cfg = load_config(SapoConfig, "sapo", args)
+    model, tok = smollm
+    target = HostClient(EngineHost.from_engine(Engine(model, tok)))
+    delim, detour = cfg.step_delimiter, "Let me think." + cfg.step_delimiter
+
+    async def scores(align_cfg, rollouts, counter=None):
+        align = sapo.reward_functions(align_cfg, tok, Exact("normalized"), target, counter)[0]
+        n = len(rollouts)
+        return await align(completions=rollouts, target_steps=[row["steps"]] * n, question=[row["question"]] * n,
+                           prompt_ids=[row["prompt_ids"]] * n)
+
+    async def main():
+        prefix = row["prompt_ids"] + tok(detour, add_special_tokens=False).input_ids
+        [own] = await target.generate([Request(prefix, cfg.rewards.step_max_tokens, stop=(delim,))])
+        rollouts = [detour + own.text, detour + detour]
+        counter = {}
+        online = await scores(cfg, rollouts, counter)
+        prefix_form = await scores(load_config(SapoConfig, "sapo", args + ["rewards.align_form=prefix"]), rollouts)
+        offline = await scores(load_config(SapoConfig, "sapo", args[:2]), rollouts)
+        return own.text, online, prefix_form, offline, counter
+
+    own, online, prefix_form, offline, counter = asyncio.run(main())
+    assert own.strip() and own not in row["steps"]
+    assert online == [0.5, 0.0]  # step 1 (the detour) rejected, step 2 is the target's own
+    assert prefix_form == [0.0, 0.0]  # the accepted prefix ends at the detour
+    assert offline == [0.0, 0.0]
+    assert counter["target_steps"] == 4  # one target step per rollout step, asked in one batch
