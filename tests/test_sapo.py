@@ -3,6 +3,11 @@ alignment through a real target actor, resume (also of a killed run), exported d
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -226,3 +231,50 @@ def test_online_align_asks_the_target_from_each_rollout_prefix(trajectories, smo
     assert prefix_form == [0.0, 0.0]  # the accepted prefix ends at the detour
     assert offline == [0.0, 0.0]
     assert counter["target_steps"] == 4  # one target step per rollout step, asked in one batch
+
+
+def test_sapo_killed_run_resumes_step_optimizer_and_wandb_id(trajectories, tmp_path, capsys):
+    import torch
+
+    from pipelines import sapo
+
+    steps, generations = 5, 2
+    args = ["tiny", f"trajectories={trajectories}", f"grpo.steps={steps}", "grpo.save_steps=1"]
+    # WANDB_SERVICE (set by an earlier in-process W&B run) would attach the job to this process's W&B service
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.sapo", *args, f"run.out_dir={tmp_path}"], env=env,
+                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list(tmp_path.glob("sapo/*/grpo/checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None and time.time() < deadline, "the job ended or stalled before a checkpoint"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:  # what the killed job left running (its W&B service)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    [run_dir] = tmp_path.glob("sapo/*")
+    assert not (run_dir / "draft").exists()  # killed before the end
+    saved = sapo._last_checkpoint(run_dir / "grpo")
+    done = int(saved.rsplit("-", 1)[1])
+    assert 1 <= done < steps
+    run_id = (run_dir / "wandb_run_id").read_text()
+
+    _, summary = sapo.run(load_config(SapoConfig, "sapo", [*args, f"run.resume={run_dir}"]))
+    assert f"resuming GRPO from {saved}" in capsys.readouterr().out
+    # the step counter continued: this run trained only the steps after the checkpoint
+    assert summary["grpo_steps"] == steps and summary["grpo_completions_per_rank"] == [(steps - done) * generations]
+    state = json.loads((run_dir / f"grpo/checkpoint-{steps}/trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, steps + 1))
+    # AdamW's step count went on from the checkpoint's optimizer state (a fresh optimizer would count steps - done)
+    optimizer = torch.load(run_dir / f"grpo/checkpoint-{steps}/optimizer.pt", weights_only=True)
+    assert {int(s["step"]) for s in optimizer["state"].values()} == {steps}
+    # the same W&B run, twice: before and after the kill
+    assert (run_dir / "wandb_run_id").read_text() == run_id
+    assert len(list(run_dir.glob(f"wandb/offline-run-*-{run_id}"))) == 2
