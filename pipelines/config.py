@@ -354,6 +354,11 @@ class SapoConfig:
     target: RoleConfig = field(default_factory=RoleConfig, metadata={
         "help": "rewards.align_source=online: the target actor (same tokenizer as the draft)"})
 
+    def check(self) -> None:
+        if self.draft.device != "auto" and (self.draft.device == "cuda") != self.distributed.use_gpu:
+            raise ConfigError(f"config key 'draft.device': {self.draft.device!r}, but distributed.use_gpu="
+                              f"{self.distributed.use_gpu} decides where the trainers put the draft")
+
 
 @dataclass
 class DemoConfig:

@@ -221,7 +221,8 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     tracker = Tracker(cfg.wandb, run_dir, "sapo", {"job": "sapo", **asdict(cfg)}) if rank == 0 else None
     stage = cfg.distributed.zero_stage
-    common = {"use_cpu": not cfg.distributed.use_gpu, "logging_steps": 1, "bf16": False, "seed": 0,
+    common = {"use_cpu": not cfg.distributed.use_gpu, "logging_steps": 1, "seed": 0,
+              "bf16": cfg.distributed.use_gpu and cfg.draft.dtype == "bfloat16",
               "report_to": "wandb" if tracker and tracker.mode != "disabled" else "none",
               "deepspeed": deepspeed_config(stage) if stage is not None else None}
     tok = zoo.load_tokenizer(cfg.draft.name, cfg.draft.trust_remote_code)
