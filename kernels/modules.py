@@ -1,7 +1,13 @@
-"""Quantized modules whose matmul dispatches: Triton on CUDA, the torch reference elsewhere (the CPU kernel is
-not built yet, so CPU runs the reference, which caches its dequantized weight after the first call).
-`backend="reference"` forces the reference; a shape or dtype a kernel does not take falls back to the reference
-with one warning, never a wrong result.
+"""Quantized modules whose matmuls dispatch: Triton on CUDA, the CPU kernel (kernels/cpu.py) on CPU, the torch
+reference otherwise. `backend` forces one ("reference" is the config key's escape hatch); a shape, format or
+device a kernel does not take falls back to the reference with one warning, never a wrong result.
+
+- `QuantLinear`: one [out, in] weight, 3-bit affine (optionally + a MiLo compensator U V) or 4-bit codebook;
+- `QuantExperts`: transformers 5's fused experts (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) with the
+  same forward(hidden_states, top_k_index, top_k_weights): tokens are sorted by expert and every expert of a
+  projection runs in one grouped kernel call (the MoE form), instead of a Python loop over experts.
+The CPU kernel serves decode-sized batches (<= kernels.cpu.MAX_KERNEL_ROWS rows per expert); larger batches
+dequantize transiently and use a dense matmul. The reference path caches its dequantized weights.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from torch import nn
 
 from kernels import reference as ref
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 _warned: set[str] = set()
 
 
@@ -25,22 +31,91 @@ def _warn_once(key: str, msg: str) -> None:
 
 
 def pick_backend(requested: str, x: torch.Tensor, bits: int | None) -> str:
+    """bits: 3 (affine codes) or None (4-bit codebook); other affine widths have no kernel."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown kernel backend {requested!r}; use one of {BACKENDS}")
     if requested == "reference":
         return "reference"
-    if requested == "auto" and not x.is_cuda:
+    if bits not in (None, 3):
+        if requested != "auto":
+            _warn_once(f"bits{bits}", f"no kernel for {bits}-bit weights: using the torch reference")
         return "reference"
+    if requested == "auto":
+        requested = "triton" if x.is_cuda else "cpu"
+    if requested == "cpu":
+        from kernels import cpu
+
+        if x.is_cuda:
+            _warn_once("cpu-on-cuda", "the CPU kernel does not take CUDA tensors: using the torch reference")
+            return "reference"
+        return "cpu" if cpu.available() else "reference"
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         _warn_once("cpu", "the Triton backend needs CUDA (or TRITON_INTERPRET=1): using the torch reference")
-        return "reference"
-    if bits not in (None, 3):
-        _warn_once(f"bits{bits}", f"no Triton kernel for {bits}-bit weights: using the torch reference")
         return "reference"
     return "triton"
 
 
-class QuantLinear(nn.Module):
+def _f32(t):
+    return None if t is None else t.float().contiguous()
+
+
+class _Packed(nn.Module):
+    """The shared part: buffers of one quantized format, stacked over experts ([E, ...]; E = 1 for a linear)."""
+
+    HALF = ("scale", "zero", "centroids")
+
+    def _register(self, **tensors) -> None:
+        # float16 metadata is held as its int16 bits so that `model.to(dtype)` leaves it alone
+        tensors = {**dict.fromkeys(("packed", "u", "v", *self.HALF)), **tensors}
+        for name, t in tensors.items():
+            if t is not None and name in self.HALF:
+                t = t.to(torch.float16).view(torch.int16)
+            self.register_buffer(f"_{name}" if name in self.HALF else name, None if t is None else t.contiguous())
+
+    def _half(self, name: str):
+        t = getattr(self, f"_{name}")
+        return None if t is None else t.view(torch.float16)
+
+    scale = property(lambda self: self._half("scale"))
+    zero = property(lambda self: self._half("zero"))
+    centroids = property(lambda self: self._half("centroids"))
+
+    @property
+    def is_codebook(self) -> bool:
+        return self._centroids is not None
+
+    @property
+    def kernel_bits(self) -> int | None:
+        return None if self.is_codebook else self.bits
+
+    def _dense(self, e: int, k: int) -> torch.Tensor:
+        """Expert e's dequantized float32 [N, k] weight (compensator included)."""
+        if self.is_codebook:
+            return ref.dequant_codebook(self.packed[e].cpu(), self.centroids[e].cpu(), k)
+        if self.bits == 3 and not self.packed.is_cuda:
+            from kernels import cpu
+
+            if cpu.available():
+                w = cpu.affine3_dequant(self.packed[e], self.scale[e], self.zero[e], k, self.group)
+            else:
+                w = ref.dequant_affine(self.packed[e], self.scale[e], self.zero[e], 3, k, self.group)
+        else:
+            w = ref.dequant_affine(self.packed[e].cpu(), self.scale[e].cpu(), self.zero[e].cpu(), self.bits, k,
+                                   self.group)
+        if self.u is not None:
+            w = w + self.u[e].float().cpu() @ self.v[e].float().cpu()
+        return w.to(self.packed.device)
+
+    def _cpu_grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        from kernels import cpu
+
+        if self.is_codebook:
+            return cpu.codebook4_grouped(x, offsets, self.packed, self.centroids)
+        return cpu.affine3_grouped(x, offsets, self.packed, self.scale, self.zero, self.group, _f32(self.u),
+                                   _f32(self.v))
+
+
+class QuantLinear(_Packed):
     """y = x W^T (+ b) for a packed 3-bit affine weight (optionally with a MiLo compensator) or a 4-bit codebook."""
 
     def __init__(self, in_features: int, out_features: int, *, packed, scale=None, zero=None, bits=3, group=64,
@@ -48,38 +123,149 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
         self.backend = backend
-        self.register_buffer("packed", packed)
-        for name, t in (("scale", scale), ("zero", zero), ("centroids", centroids), ("u", u), ("v", v)):
-            self.register_buffer(name, t)
+        one = (lambda t: None if t is None else t[None])
+        self._register(packed=one(packed), scale=one(scale), zero=one(zero), centroids=one(centroids),
+                       u=one(_f32(u)), v=one(_f32(v)))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self._dense = None  # the reference path's dequantized weight
-
-    @property
-    def is_codebook(self) -> bool:
-        return self.centroids is not None
+        self._ref_dense = None
 
     def dequantized(self) -> torch.Tensor:
-        if self._dense is None:
-            if self.is_codebook:
-                w = ref.dequant_codebook(self.packed.cpu(), self.centroids.cpu(), self.in_features)
-            else:
-                w = ref.dequant_affine(self.packed.cpu(), self.scale.cpu(), self.zero.cpu(), self.bits,
-                                       self.in_features, self.group)
-                if self.u is not None:
-                    w = w + self.u.float().cpu() @ self.v.float().cpu()
-            self._dense = w.to(self.packed.device)
-        return self._dense
+        if self._ref_dense is None:
+            self._ref_dense = self._dense(0, self.in_features)
+        return self._ref_dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = pick_backend(self.backend, x, None if self.is_codebook else self.bits)
+        backend = pick_backend(self.backend, x, self.kernel_bits)
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
         if backend == "triton":
             from kernels import triton_kernels as tk
 
             if self.is_codebook:
-                y = tk.codebook4_matmul(x, self.packed, self.centroids, self.in_features)
+                y = tk.codebook4_matmul(x2, self.packed[0], self.centroids[0], k)
             else:
-                y = tk.affine3_matmul(x, self.packed, self.scale, self.zero, self.in_features, self.group,
-                                      self.u, self.v)
+                y = tk.affine3_matmul(x2, self.packed[0], self.scale[0], self.zero[0], k, self.group,
+                                      None if self.u is None else self.u[0], None if self.v is None else self.v[0])
+        elif backend == "cpu":
+            from kernels import cpu
+
+            if x2.shape[0] <= cpu.MAX_KERNEL_ROWS:
+                y = self._cpu_grouped(x2, cpu.dense_offsets(x2.shape[0]))
+            else:
+                y = (x2.float() @ self._dense(0, k).T).to(x.dtype)
         else:
-            y = (x.float() @ self.dequantized().T).to(x.dtype)
+            y = (x2.float() @ self.dequantized().T).to(x.dtype)
+        y = y.reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+class _ExpertProjection(_Packed):
+    """One fused projection ([E, N, K]) of a QuantExperts."""
+
+    def __init__(self, n: int, k: int, bits: int, group: int, tensors: dict):
+        super().__init__()
+        self.n, self.k, self.bits, self.group = n, k, bits, group
+        self._register(**tensors)
+        self._ref_dense = None
+
+    def run(self, x_sorted: torch.Tensor, offsets: torch.Tensor, counts: list[int], backend: str) -> torch.Tensor:
+        if backend == "cpu":
+            from kernels import cpu
+
+            if max(counts) <= cpu.MAX_KERNEL_ROWS:
+                return self._cpu_grouped(x_sorted, offsets)
+        if backend == "triton" and not self.is_codebook and self.u is None:
+            from kernels import triton_kernels as tk
+
+            return tk.grouped_affine3_matmul(x_sorted, offsets.to(x_sorted.device), self.packed, self.scale,
+                                             self.zero, self.k, self.group, max(counts))
+        out = torch.empty(x_sorted.shape[0], self.n, dtype=x_sorted.dtype, device=x_sorted.device)
+        lo = 0
+        for e, c in enumerate(counts):
+            if c:
+                xe = x_sorted[lo:lo + c]
+                if backend == "triton":
+                    from kernels import triton_kernels as tk
+
+                    out[lo:lo + c] = (tk.codebook4_matmul(xe, self.packed[e], self.centroids[e], self.k)
+                                      if self.is_codebook else
+                                      tk.affine3_matmul(xe, self.packed[e], self.scale[e], self.zero[e], self.k,
+                                                        self.group, *self._uv(e)))
+                else:
+                    out[lo:lo + c] = (xe.float() @ self._weight(e, backend).T).to(out.dtype)
+            lo += c
+        return out
+
+    def _uv(self, e: int):
+        return (None, None) if self.u is None else (self.u[e], self.v[e])
+
+    def _weight(self, e: int, backend: str) -> torch.Tensor:
+        if backend == "cpu":  # prefill-sized: transient
+            return self._dense(e, self.k)
+        if self._ref_dense is None:
+            self._ref_dense = [None] * self.packed.shape[0]
+        if self._ref_dense[e] is None:
+            self._ref_dense[e] = self._dense(e, self.k)
+        return self._ref_dense[e]
+
+
+def _stack(results: list, n: int, k: int) -> tuple[int, int, dict]:
+    """Per-expert quantization results (quant.base.QTensor, quant.milo.MiLoTensor, quant.codebook.CodebookTensor)
+    of one projection -> (bits, group, stacked buffers). Compensators of different ranks are zero-padded."""
+    from quant.codebook import CodebookTensor
+    from quant.milo import MiLoTensor
+
+    kinds = {type(r) for r in results}
+    if len(kinds) != 1:
+        raise ValueError(f"experts of one projection mix formats {sorted(k.__name__ for k in kinds)}")
+    if isinstance(results[0], CodebookTensor):
+        groups = {r.centroids.shape[1] for r in results}
+        if len(groups) != 1:
+            raise ValueError("experts of one projection have different codebook groups")
+        return 4, k // groups.pop(), {"packed": torch.stack([r.packed for r in results]),
+                                      "centroids": torch.stack([r.centroids for r in results])}
+    bases = [r.base if isinstance(r, MiLoTensor) else r for r in results]
+    if len({(b.bits, b.group_size) for b in bases}) != 1:
+        raise ValueError("experts of one projection have different bits or group sizes")
+    tensors = {name: torch.stack([getattr(b, name) for b in bases]) for name in ("packed", "scale", "zero")}
+    ranks = [r.rank if isinstance(r, MiLoTensor) else 0 for r in results]
+    rmax = max(ranks)
+    tensors["u"] = tensors["v"] = None
+    if rmax:
+        u = torch.zeros(len(results), n, rmax)
+        v = torch.zeros(len(results), rmax, k)
+        for e, (r, rank) in enumerate(zip(results, ranks)):
+            if rank:
+                u[e, :, :rank] = r.u.dequantize()
+                v[e, :rank] = r.v.dequantize()
+        tensors["u"], tensors["v"] = u, v
+    return bases[0].bits, bases[0].group_size, tensors
+
+
+class QuantExperts(nn.Module):
+    """Drop-in for transformers 5's fused experts module, over quantized per-expert weights."""
+
+    def __init__(self, gate_up: list, down: list, hidden: int, intermediate: int, act_fn, backend: str = "auto"):
+        super().__init__()
+        self.num_experts, self.hidden_dim, self.intermediate_dim = len(gate_up), hidden, intermediate
+        self.act_fn, self.backend = act_fn, backend
+        self.gate_up = _ExpertProjection(2 * intermediate, hidden, *_stack(gate_up, 2 * intermediate, hidden))
+        self.down = _ExpertProjection(hidden, intermediate, *_stack(down, hidden, intermediate))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        counts_t = torch.bincount(flat, minlength=self.num_experts)[: self.num_experts].cpu()
+        counts = counts_t.tolist()
+        # indices >= num_experts (experts not held here) sort last and are dropped
+        order = torch.argsort(flat, stable=True)[: sum(counts)]
+        token = order // k
+        offsets = torch.zeros(self.num_experts + 1, dtype=torch.int64)
+        torch.cumsum(counts_t, 0, out=offsets[1:])
+        x = hidden_states[token]
+        gate, up = self.gate_up.run(x, offsets, counts, pick_backend(self.backend, x, self.gate_up.kernel_bits)
+                                    ).chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        h = self.down.run(h, offsets, counts, pick_backend(self.backend, h, self.down.kernel_bits))
+        h = h * top_k_weights.reshape(-1)[order, None].to(h.dtype)
+        return torch.zeros_like(hidden_states).index_add_(0, token, h)

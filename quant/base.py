@@ -76,13 +76,19 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out, padded // group_size, group_size)
 
 
+FP16_TINY = float(torch.finfo(torch.float16).tiny)
+
+
 def _minmax(wg: torch.Tensor, bits: int):
     qmax = (1 << bits) - 1
     lo, hi = wg.amin(-1), wg.amax(-1)
-    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    # A constant group (a rank-1 compensator's one-value groups, say) keeps its value with scale |value| and code
+    # 0; scales stay >= float16's smallest normal so that the stored scale and zero are finite.
+    scale = torch.where(hi - lo > 0, (hi - lo) / qmax, torch.maximum(lo.abs(), hi.abs()))
+    scale = scale.clamp_min(FP16_TINY).half().float()
     zero = -lo / scale
     # round-trip through float16 (what is stored) before computing codes
-    return scale.half().float(), zero.half().float()
+    return scale, zero.half().float()
 
 
 def _codes(wg, scale, zero, bits):

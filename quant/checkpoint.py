@@ -157,8 +157,9 @@ def read_manifest(path: Path) -> dict:
 def load_quantized(path, dtype=torch.float32, verify: bool = True, runtime: str = "dequantized",
                    backend: str = "auto"):
     """Rebuild the model of a quantized checkpoint. runtime "dequantized": targets hold their dequantized weights
-    (plain torch matmuls); "packed": linear targets become kernels.modules.QuantLinear (Triton on CUDA, the
-    reference elsewhere, `backend` forces one); fused expert tensors stay dequantized in both."""
+    (plain torch matmuls); "packed": linear targets become kernels.modules.QuantLinear and fused expert modules
+    kernels.modules.QuantExperts (Triton on CUDA, the CPU kernel on CPU, `backend` forces one); a fused experts
+    module whose experts mix formats stays dequantized, with a warning."""
     if runtime not in ("dequantized", "packed"):
         raise CheckpointError(f"unknown runtime {runtime!r}: use dequantized or packed")
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -181,6 +182,7 @@ def load_quantized(path, dtype=torch.float32, verify: bool = True, runtime: str 
     if set(targets) != set(manifest["tensors"]):
         raise CheckpointError(f"checkpoint {path}: its tensors do not match the model built from its config")
     shards: dict[str, dict] = {}
+    experts: dict[str, dict[str, dict[int, object]]] = {}  # module -> projection -> expert -> result
     with torch.no_grad():
         for name, entry in manifest["tensors"].items():
             if entry["shard"] not in shards:
@@ -192,6 +194,11 @@ def load_quantized(path, dtype=torch.float32, verify: bool = True, runtime: str 
                 raise CheckpointError(f"checkpoint {path}: {name}: {exc}") from None
             if runtime == "packed" and targets[name].index is None:
                 _swap_linear(model, name, result, backend)
+            elif runtime == "packed":
+                module, proj, e = name.rsplit(".", 2)
+                experts.setdefault(module, {}).setdefault(proj, {})[int(e)] = result
+        for module, projections in experts.items():
+            _swap_experts(model, module, projections, backend)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.to(dtype).eval()
@@ -216,3 +223,22 @@ def _swap_linear(model, weight_name: str, result, backend: str) -> None:
         new = QuantLinear(old.in_features, old.out_features, packed=base.packed, scale=base.scale, zero=base.zero,
                           bits=base.bits, group=base.group_size, u=u, v=v, bias=bias, backend=backend)
     setattr(parent, leaf, new)
+
+
+def _swap_experts(model, module_name: str, projections: dict, backend: str) -> None:
+    from kernels.modules import QuantExperts
+
+    old = model.get_submodule(module_name)
+    if set(projections) != {"gate_up_proj", "down_proj"}:
+        return
+    try:
+        new = QuantExperts([projections["gate_up_proj"][e] for e in range(old.gate_up_proj.shape[0])],
+                           [projections["down_proj"][e] for e in range(old.down_proj.shape[0])],
+                           old.down_proj.shape[1], old.down_proj.shape[2], old.act_fn, backend)
+    except (ValueError, KeyError) as exc:
+        import warnings
+
+        warnings.warn(f"{module_name}: kept dequantized ({exc})", stacklevel=3)
+        return
+    parent_name, _, leaf = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name), leaf, new)

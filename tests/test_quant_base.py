@@ -57,3 +57,12 @@ def test_unsupported_settings_are_clear_errors():
         quantize_hqq(w, 5, 32)
     with pytest.raises(QuantConfigError, match="does not divide"):
         quantize_rtn(w, 3, 64)
+
+
+def test_constant_groups_and_rank_one_compensators_stay_finite():
+    from quant.milo import quantize_milo
+
+    w = torch.tensor([[0.3] * 32 + [-0.2] * 32 + [0.0] * 32])
+    assert torch.equal(quantize_rtn(w, 3, 32).dequantize(), w.half().float())
+    m = quantize_milo(torch.randn(64, 96) * 0.05, rank=1, rounds=1, group_size=32)  # U: groups of one value
+    assert torch.isfinite(m.u.dequantize()).all() and torch.isfinite(m.dequantize()).all()

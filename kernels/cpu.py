@@ -1,0 +1,82 @@
+"""The CPU kernels (kernels/csrc/qmatmul_cpu.cpp): a C++ extension built with torch's extension tools at first
+use (about a minute, once; `-O3 -march=native`, AVX2/FMA/F16C when the CPU has them) and cached under
+`$SPECMOE_CACHE/torch_extensions` (default `~/.cache/specmoe`). Chosen over `torch.compile` by measurement
+(`python -m pipelines.bench kernels`: both are timed side by side).
+
+`available()` is False, after one warning, when the build fails (no compiler): callers then use the reference.
+Decode-sized batches (up to `MAX_KERNEL_ROWS` rows per expert) run the fused kernels; larger ones dequantize with
+the kernel and call a dense matmul, which is faster once the weight is reused by many rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "qmatmul_cpu.cpp"
+MAX_KERNEL_ROWS = 16
+_lock = threading.Lock()
+_ext = None
+_failed: str | None = None
+
+
+def build_dir() -> Path:
+    root = Path(os.environ.get("SPECMOE_CACHE", Path.home() / ".cache" / "specmoe"))
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return root / "torch_extensions" / f"qmatmul_cpu_{digest}"
+
+
+def load():
+    """The compiled extension (built on first call), or None when it cannot be built."""
+    global _ext, _failed
+    if _ext is not None or _failed is not None:
+        return _ext
+    with _lock:
+        if _ext is None and _failed is None:
+            from torch.utils import cpp_extension
+
+            out = build_dir()
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                _ext = cpp_extension.load(
+                    name="specmoe_qmatmul_cpu", sources=[str(SOURCE)], build_directory=str(out),
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+            except (RuntimeError, OSError, ImportError) as exc:  # no compiler or headers: the reference
+                _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                warnings.warn(f"the CPU kernels could not be built ({_failed}); using the torch reference",
+                              stacklevel=2)
+    return _ext
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def _empty() -> torch.Tensor:
+    return torch.empty(0)
+
+
+def affine3_grouped(x, offsets, packed, scale, zero, group: int, u=None, v=None) -> torch.Tensor:
+    """x_sorted [R, K] (rows of expert e at offsets[e]:offsets[e+1]), packed [E, N, words] -> [R, N] in x's dtype."""
+    ext = load()
+    y = ext.affine3_grouped(x.float().contiguous(), offsets, packed, scale, zero,
+                            _empty() if u is None else u, _empty() if v is None else v, group)
+    return y.to(x.dtype)
+
+
+def codebook4_grouped(x, offsets, packed, centroids) -> torch.Tensor:
+    ext = load()
+    return ext.codebook4_grouped(x.float().contiguous(), offsets, packed, centroids).to(x.dtype)
+
+
+def affine3_dequant(packed, scale, zero, k: int, group: int) -> torch.Tensor:
+    return load().affine3_dequant(packed, scale, zero, k, group)
+
+
+def dense_offsets(rows: int) -> torch.Tensor:
+    return torch.tensor([0, rows], dtype=torch.int64)

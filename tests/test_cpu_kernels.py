@@ -1,0 +1,178 @@
+"""The CPU kernels (C++ extension built at first use) against the torch references, the dispatch in the quantized
+modules, and the packed runtime of a quantized MoE checkpoint (fused experts served by QuantExperts)."""
+
+import warnings
+
+import pytest
+import torch
+
+from kernels import cpu
+from kernels import reference as ref
+from kernels.modules import QuantExperts, QuantLinear
+from quant.base import quantize_rtn
+from quant.codebook import quantize_codebook
+from quant.milo import quantize_milo
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels could not be built here")
+
+
+def _stack(*ts):
+    return [t[None].contiguous() for t in ts]
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 40, 96, 32), (5, 70, 128, 64), (16, 33, 200, 64), (3, 64, 576, 128),
+                                         (9, 17, 4096, 64)])
+def test_affine3_and_dequant_match_the_reference(m, n, k, group):
+    torch.manual_seed(0)
+    w = torch.randn(n, k) * 0.05
+    q = quantize_rtn(w, 3, group, pad=True)
+    x = torch.randn(m, k)
+    got = cpu.affine3_grouped(x, cpu.dense_offsets(m), *_stack(q.packed, q.scale, q.zero), group)
+    want = ref.affine_matmul(x, q.packed, q.scale, q.zero, 3, k, group)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert torch.equal(cpu.affine3_dequant(q.packed, q.scale, q.zero, k, group),
+                       ref.dequant_affine(q.packed, q.scale, q.zero, 3, k, group))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_milo_compensator_and_activation_dtypes(dtype):
+    torch.manual_seed(1)
+    w = torch.randn(50, 160) * 0.05
+    mt = quantize_milo(w, rank=6, rounds=2, group_size=32, pad=True)
+    u, v = mt.u.dequantize(), mt.v.dequantize()
+    x = torch.randn(4, 160).to(dtype)
+    got = cpu.affine3_grouped(x, cpu.dense_offsets(4), *_stack(mt.base.packed, mt.base.scale, mt.base.zero), 32,
+                              u[None].contiguous(), v[None].contiguous())
+    assert got.dtype == dtype
+    want = x.float() @ mt.dequantize().T
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("group", [None, 64, 32, 8])
+def test_codebook4_matches_the_reference(group):
+    torch.manual_seed(2)
+    w = torch.randn(37, 256) * 0.05
+    cb = quantize_codebook(w, group)
+    for m in (1, 7, 16):
+        x = torch.randn(m, 256)
+        got = cpu.codebook4_grouped(x, cpu.dense_offsets(m), *_stack(cb.packed, cb.centroids))
+        want = ref.codebook_matmul(x, cb.packed, cb.centroids, 256)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_grouped_with_empty_experts():
+    torch.manual_seed(3)
+    e, n, k, group = 4, 48, 128, 64
+    qs = [quantize_rtn(torch.randn(n, k) * 0.05, 3, group) for _ in range(e)]
+    packed, scale, zero = (torch.stack([getattr(q, a) for q in qs]) for a in ("packed", "scale", "zero"))
+    counts = [3, 0, 17, 1]
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+    x = torch.randn(sum(counts), k)
+    got = cpu.affine3_grouped(x, offsets, packed, scale, zero, group)
+    torch.testing.assert_close(got, ref.grouped_affine_matmul(x, offsets, packed, scale, zero, 3, k, group),
+                               rtol=1e-5, atol=1e-5)
+    cbs = [quantize_codebook(torch.randn(n, k) * 0.05, None) for _ in range(e)]
+    got = cpu.codebook4_grouped(x, offsets, torch.stack([c.packed for c in cbs]),
+                                torch.stack([c.centroids for c in cbs]))
+    for i, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        torch.testing.assert_close(got[lo:hi], ref.codebook_matmul(x[lo:hi], cbs[i].packed, cbs[i].centroids, k),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_bad_packed_sizes_are_clear_errors():
+    q = quantize_rtn(torch.randn(8, 128), 3, 64)
+    x = torch.randn(1, 128)
+    with pytest.raises(RuntimeError, match="words per row"):
+        cpu.affine3_grouped(x, cpu.dense_offsets(1), q.packed[None, :, :-1].contiguous(),
+                            *_stack(q.scale, q.zero), 64)
+    with pytest.raises(RuntimeError, match="offsets"):
+        cpu.affine3_grouped(x, torch.tensor([0, 2]), *_stack(q.packed, q.scale, q.zero), 64)
+    with pytest.raises(RuntimeError, match="does not cover"):
+        cpu.affine3_grouped(torch.randn(1, 256), cpu.dense_offsets(1), *_stack(q.packed, q.scale, q.zero), 64)
+
+
+def test_quant_linear_dispatch_cpu_kernel_prefill_path_and_fallback():
+    torch.manual_seed(4)
+    w = torch.randn(48, 128) * 0.05
+    mt = quantize_milo(w, rank=4, rounds=2)
+    args = {"packed": mt.base.packed, "scale": mt.base.scale, "zero": mt.base.zero, "bits": 3, "group": 64,
+            "u": mt.u.dequantize(), "v": mt.v.dequantize()}
+    layer = QuantLinear(128, 48, **args)  # auto: the CPU kernel here
+    ref_layer = QuantLinear(128, 48, **args, backend="reference")
+    for shape in ((1, 128), (2, 3, 128), (40, 128)):  # decode sizes use the kernel, 40 rows dequantize + matmul
+        x = torch.randn(*shape)
+        torch.testing.assert_close(layer(x), x @ mt.dequantize().T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), ref_layer(x), rtol=1e-5, atol=1e-5)
+    # float16 metadata survives model.to(dtype)
+    assert layer.to(torch.float64).scale.dtype == torch.float16
+    q4 = quantize_rtn(w, 4, 32)
+    layer4 = QuantLinear(128, 48, packed=q4.packed, scale=q4.scale, zero=q4.zero, bits=4, group=32, backend="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = torch.randn(2, 128)
+        y = layer4(x)
+        layer4(x)
+    torch.testing.assert_close(y, x @ q4.dequantize().T, rtol=1e-5, atol=1e-5)
+    assert len([c for c in caught if "4-bit" in str(c.message)]) == 1
+
+
+def _loop_experts(gu, dn, x, idx, wt, act):
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if e >= len(gu):  # an expert not held here
+                continue
+            g, u = (x[t] @ gu[e].dequantize().T).chunk(2)
+            out[t] += wt[t, j] * ((act(g) * u) @ dn[e].dequantize().T)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["milo", "codebook"])
+def test_quant_experts_match_a_loop_over_experts(fmt):
+    torch.manual_seed(5)
+    E, H, I = 4, 64, 96
+    act = torch.nn.functional.silu
+    if fmt == "milo":  # ranks differ per expert (one has none): zero-padded compensators
+        gu = [quantize_milo(torch.randn(2 * I, H) * 0.05, rank=4, rounds=1, group_size=64) for _ in range(E)]
+        dn = [quantize_milo(torch.randn(H, I) * 0.05, rank=e % 3, rounds=1, group_size=32) for e in range(E)]
+    else:
+        gu = [quantize_codebook(torch.randn(2 * I, H) * 0.05, None) for _ in range(E)]
+        dn = [quantize_codebook(torch.randn(H, I) * 0.05, 32) for _ in range(E)]
+    for backend in ("auto", "reference"):
+        experts = QuantExperts(gu, dn, H, I, act, backend)
+        for T in (1, 5, 60):  # 60 tokens x top-2 of 4: > 16 rows per expert takes the prefill path
+            x = torch.randn(T, H)
+            idx = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
+            idx[0, 1] = E  # a sentinel index (expert held elsewhere) is skipped, as transformers does
+            wt = torch.rand(T, 2)
+            torch.testing.assert_close(experts(x, idx, wt), _loop_experts(gu, dn, x, idx, wt, act),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_packed_runtime_serves_fused_experts(tmp_path):
+    import transformers
+
+    from quant.apply import QuantSpec, fake_quantize, plan, quantize_tensor
+    from quant.checkpoint import fingerprint, load_quantized, save
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    spec = QuantSpec("milo", 3, 32, rank_dense=4, rank_expert=2, rounds=2)
+    results = {t.name: quantize_tensor(t.get(), spec, r) for t, r in plan(model, spec)}
+    source = fingerprint(model)
+    fake_quantize(model, spec)
+    out = save(tmp_path / "ckpt", model, None, results, {"method": "milo", "source_fingerprint": source})
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4]])
+    want = model(ids).logits
+    for backend in ("auto", "reference"):
+        packed = load_quantized(out, runtime="packed", backend=backend)
+        assert type(packed.model.layers[0].mlp.experts).__name__ == "QuantExperts"
+        assert not any("gate_up_proj" in n for n, _ in packed.named_parameters())  # fp expert weights are gone
+        torch.testing.assert_close(packed(ids).logits, want, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():  # decode: one token at a time through the kernel path
+            torch.testing.assert_close(packed(ids[:, :1]).logits, model(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
