@@ -143,12 +143,12 @@ def test_sapo_lora_exports_a_merged_draft_the_engine_loads(trajectories, tmp_pat
     assert len(res.token_ids) == 5 or res.finish_reason == "eos"
 
 
-def test_deepspeed_config_and_cpu_refusal(trajectories):
+def test_deepspeed_config_and_cpu_refusal(tmp_path):
     from pipelines.config import DistributedConfig
     from pipelines.sapo import deepspeed_config
 
     with pytest.raises(ConfigError, match="'distributed.deepspeed_stage'.*DeepSpeed needs GPUs"):
-        load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", "distributed.deepspeed_stage=2"])
+        load_config(SapoConfig, "sapo", ["tiny", "distributed.deepspeed_stage=2"])
     with pytest.raises(ConfigError, match="'distributed.backend': nccl needs GPUs"):
         load_config(SapoConfig, "sapo", ["tiny", "distributed.backend=nccl"])
     assert DistributedConfig().zero_stage is None  # CPU: auto means no DeepSpeed
@@ -160,6 +160,20 @@ def test_deepspeed_config_and_cpu_refusal(trajectories):
         assert ds["zero_optimization"]["stage"] == stage and ds["train_micro_batch_size_per_gpu"] == "auto"
         assert ("overlap_comm" in ds["zero_optimization"]) == (stage >= 2)
     assert deepspeed_config(3)["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # transformers fills in every "auto" from the Trainer's arguments and the model, as Trainer does with GPUs
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from actors import zoo
+
+    model, _ = zoo.load_model("tiny-llama-draft-l1")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, report_to="none")
+    for stage in range(4):
+        ds = HfTrainerDeepSpeedConfig(deepspeed_config(stage))
+        ds.trainer_config_process(args)
+        ds.trainer_config_finalize(args, model, num_training_steps=10)
+        assert "auto" not in json.dumps(ds.config) and ds.config["train_micro_batch_size_per_gpu"] == 2
+    assert ds.config["zero_optimization"]["reduce_bucket_size"] == model.config.hidden_size ** 2
 
 
 def test_sapo_two_gloo_workers_under_ray_train_share_the_target(trajectories, tmp_path):
