@@ -3,6 +3,7 @@
     python -m pipelines.bench engine --out bench-engine.json
     python -m pipelines.bench spec --out bench-spec.json [--num-problems 20] [--max-new-tokens 96]
     python -m pipelines.bench quant --out bench-quant.json
+    python -m pipelines.bench sapo --out bench-sapo.json [--num-problems 12] [--train-problems 160]
 
 engine: on `smollm2-135m-instruct` (in-process engine, CPU unless a GPU is present), writes
   ar_vs_hf_ratio                 our greedy decode tokens/s over transformers' `generate` on the same prompts
@@ -23,6 +24,11 @@ quant: on the demo MoE (`smollm2-moe-8x`), perplexity on the last --ppl-tokens o
   zeros, codebooks, compensators); CodeQuant (rotation + codebooks + centroid fine-tuning); W4A4 perplexities
   (4-bit per-token activations) of k-means and CodeQuant; our HQQ's reconstruction error over the `hqq`
   package's (when installed); and the quantize job's wall time with 1 and 2 workers.
+
+sapo: (pipelines/bench_sapo.py) collect the target's trajectories on training problems, evaluate `lr_async+sd`
+  with the untrained draft on held-out problems, train it with the SAPO preset (warm start + GRPO), evaluate
+  again with the same verifier; accept_rate_before/after, accept_gain_points, tokens_per_draft_step_before/after,
+  lr_speedup_before/after, samples_per_s_1_worker and samples_per_s_2_workers.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 
 from actors import zoo
 from actors.engine import Counters, Engine, Request, Speculation
+from pipelines.bench_sapo import bench_sapo
 from quant.perplexity import pydoc_text
 
 
@@ -271,7 +278,7 @@ def bench_quant(args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["engine", "spec", "quant"])
+    parser.add_argument("suite", choices=["engine", "spec", "quant", "sapo"])
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--model", default=zoo.SMOLLM2)
     parser.add_argument("--draft", default="smollm2-135m-draft-l6")
@@ -283,19 +290,27 @@ def main(argv=None) -> None:
     parser.add_argument("--answer-tokens", type=int, default=1000)
     parser.add_argument("--num-spec-tokens", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    parser.add_argument("--num-problems", type=int, default=20, help="spec: held-out problems")
-    parser.add_argument("--offset", type=int, default=100, help="spec: first held-out problem index")
+    parser.add_argument("--num-problems", type=int, default=None, help="spec, sapo: held-out problems (20, 12)")
+    parser.add_argument("--offset", type=int, default=100, help="spec, sapo: first held-out problem index")
     parser.add_argument("--preset", default="demo", help="spec: evaluate preset")
     parser.add_argument("--run-dir", default="runs", help="spec, quant: where the job runs go")
     parser.add_argument("--moe", default="smollm2-moe-8x", help="quant: the MoE to quantize")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="quant: pydoc tokens for perplexity")
     parser.add_argument("--rounds", type=int, default=5, help="quant: MiLo alternations")
     parser.add_argument("--calib-tokens", type=int, default=512, help="quant: CodeQuant calibration tokens")
+    parser.add_argument("--train-problems", type=int, default=160, help="sapo: training problems to collect")
+    parser.add_argument("--train-offset", type=int, default=1000, help="sapo: first training problem index")
+    parser.add_argument("--trajectories", default=None, help="sapo: reuse this trajectories.jsonl (no collect)")
+    parser.add_argument("--collect-preset", default="sapo-train", help="sapo: collect preset for training data")
+    parser.add_argument("--sapo-preset", default="demo", help="sapo: the SAPO recipe (conf/sapo/)")
+    parser.add_argument("--throughput-steps", type=int, default=2, help="sapo: GRPO steps per throughput run")
     args = parser.parse_args(argv)
+    if args.num_problems is None:
+        args.num_problems = 20 if args.suite == "spec" else 12
     torch.set_num_threads(args.threads or os.cpu_count())
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    bench = {"engine": bench_engine, "spec": bench_spec, "quant": bench_quant}[args.suite]
+    bench = {"engine": bench_engine, "spec": bench_spec, "quant": bench_quant, "sapo": bench_sapo}[args.suite]
     result = {"suite": args.suite, **bench(args), "wall_s": None}
     result["wall_s"] = time.perf_counter() - t0
     text = json.dumps(result, indent=2)

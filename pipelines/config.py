@@ -40,7 +40,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     quant_runtime: str = choice("dequantized", ["dequantized", "packed"],
                                 help="quantized checkpoints: dequantized weights, or packed modules with kernels")
-    quant_backend: str = choice("auto", ["auto", "triton", "reference"], help="packed runtime: force a kernel path")
+    quant_backend: str = choice("auto", ["auto", "triton", "cpu", "reference"], help="packed runtime: force a kernel path")
 
 
 @dataclass
@@ -372,6 +372,16 @@ class DemoConfig:
                                                   "quantize demo preset, one string per run"})
     moe_model: str = "smollm2-moe-8x"
     moe_ppl_tokens: int = bounded(4096, ge=64, help="tokens of pydoc text for the MoE-vs-dense perplexity")
+    sapo: Optional[str] = field(default="demo", metadata={
+        "help": "SAPO stage on the collected trajectories: a sapo preset (or YAML) and space-separated overrides; "
+                "null skips it"})
+    sapo_methods: list[str] = field(default_factory=lambda: ["lr_async+sd"],
+                                    metadata={"help": "methods evaluated again with the SAPO-trained draft"})
+
+    def check(self) -> None:
+        bad = [m for m in self.sapo_methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"config key 'sapo_methods': unknown method(s) {bad}; known: {list(METHODS)}")
 
 
 JOBS: dict[str, type] = {"collect": CollectConfig, "demo": DemoConfig, "evaluate": EvaluateConfig,

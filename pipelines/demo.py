@@ -7,8 +7,10 @@
    SmolLM2's weights, and reports the MoE's perplexity beside the dense model's on Python's pydoc text;
 2. runs `pipelines.collect` (the target's step-by-step answers on GSM-style problems) on a local Ray instance;
 3. quantizes the MoE with `pipelines.quantize` (MiLo 3-bit, CodeQuant 4-bit) and tabulates bits and perplexity;
-4. runs `pipelines.evaluate`: ar, sd, lr_async, lr_async+sd and fpsr side by side on the same actors;
-5. writes <run_dir>/report.md with tables and plots, and prints where it is.
+4. trains the draft with `pipelines.sapo` on the collected trajectories (warm start SFT + a short GRPO run);
+5. runs `pipelines.evaluate`: ar, sd, lr_async, lr_async+sd and fpsr side by side on the same actors with the
+   unaligned draft, then `sapo_methods` (lr_async+sd) again with the SAPO draft on the same held-out problems;
+6. writes <run_dir>/report.md with tables and plots, and prints where it is.
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ def moe_vs_dense(cfg: DemoConfig) -> dict:
     return out
 
 
-def plot(run_dir: Path, rows: list[dict], models: dict) -> Path:
+def plot(run_dir: Path, rows: list[dict], models: dict, aligned: list[dict] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3 if aligned else 2, figsize=(15 if aligned else 10, 3.8))
+    ax1, ax2 = axes[0], axes[1]
     names = [models["dense"]["model"], models["moe"]["model"]]
     ax1.bar(names, [models["dense"]["ppl"], models["moe"]["ppl"]], color=["#4c72b0", "#dd8452"])
     ax1.set_ylabel(f"perplexity (pydoc, {models['ppl_tokens']} tokens)")
@@ -64,6 +67,17 @@ def plot(run_dir: Path, rows: list[dict], models: dict) -> Path:
     ax2.set_xlabel("tokens per step")
     ax2.set_ylabel("steps")
     ax2.set_title(f"step lengths of {len(rows)} collected answers")
+    if aligned:  # the same method with the unaligned and the SAPO draft
+        ax3 = axes[2]
+        labels = [f"{a['method']}\n{a['draft']}" for a in aligned]
+        x = range(len(aligned))
+        ax3.bar([i - 0.2 for i in x], [a["step_accept_rate"] for a in aligned], 0.4, label="step accept rate",
+                color="#55a868")
+        ax3.bar([i + 0.2 for i in x], [a["speedup"] for a in aligned], 0.4, label="speedup vs ar", color="#4c72b0")
+        ax3.axhline(1.0, color="gray", lw=0.8)
+        ax3.set_xticks(list(x), labels, fontsize=8)
+        ax3.set_title("unaligned vs SAPO draft")
+        ax3.legend(fontsize=8)
     fig.tight_layout()
     path = run_dir / "demo.png"
     fig.savefig(path, dpi=110)
@@ -89,8 +103,33 @@ def quantize_moe(cfg: DemoConfig, run_dir: Path) -> list[dict]:
     return out
 
 
+def train_draft(cfg: DemoConfig, run_dir: Path, trajectories: Path) -> tuple[str, dict]:
+    """The SAPO stage: `cfg.sapo` (a sapo preset and overrides) trained on the collected trajectories."""
+    from pipelines import sapo
+    from pipelines.config import SapoConfig, load_config
+
+    preset, *overrides = cfg.sapo.split()
+    scfg = load_config(SapoConfig, "sapo", [preset, f"trajectories={trajectories}", f"run.out_dir={run_dir}",
+                                            f"wandb.group={run_dir.name}"] + overrides)
+    draft_dir, summary = sapo.run(scfg)
+    return str(draft_dir), summary
+
+
+def draft_comparison(evaluation: dict, aligned_eval: dict, methods: list[str]) -> list[dict]:
+    """Each of `methods` with the unaligned draft (the main evaluation) and with the SAPO draft."""
+    out = []
+    for label, ev in (("unaligned", evaluation), ("SAPO", aligned_eval)):
+        for m in methods:
+            s = ev["methods"].get(m)
+            if s is not None:
+                out.append({"draft": label, "model": ev["draft"], "method": m, "speedup": s.get("speedup", 0.0),
+                            "step_accept_rate": s["step_accept_rate"], "accuracy": s["accuracy"],
+                            "answer_agreement": s["answer_agreement"], "tokens_per_s": s["tokens_per_s"]})
+    return out
+
+
 def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect_dir: Path, evaluation: dict,
-           quantized: list[dict]) -> Path:
+           quantized: list[dict], sapo: dict | None = None, aligned: list[dict] | None = None) -> Path:
     d, m = models["dense"], models["moe"]
     lines = [
         "# SpecMoE demo", "",
@@ -105,9 +144,11 @@ def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect
         f"prefill tokens / (prompt + answer) = {summary['prefill_tokens_ratio']:.3f}.", "",
         "| problem | gold | predicted | correct | steps | tokens |", "|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in rows[:SHOWN]:
         lines.append(f"| {r['id']} | {r['answer']} | {r['predicted']} | {r['correct']} | {len(r['steps'])} | "
                      f"{r['num_tokens']} |")
+    if len(rows) > SHOWN:
+        lines.append(f"| ... {len(rows) - SHOWN} more in `collect/trajectories.jsonl` | | | | | |")
     first = rows[0]
     lines += ["", f"First answer, step by step (`{first['id']}`):", ""]
     lines += [f"{i + 1}. {json.dumps(s)}" for i, s in enumerate(first["steps"][:12])]
@@ -120,13 +161,34 @@ def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect
               "`python -m pipelines.evaluate target.model.name=<checkpoint>`.", "",
               f"## Speculative methods ({evaluation['num_problems']} problems, verifier `{evaluation['verifier']}`, "
               f"gamma {evaluation['gamma']})", "",
-              "The draft is not aligned with the target yet (SAPO trains it), so step acceptance is low; speedups "
-              "are measured against `ar` on the same actors and cores.", ""]
+              f"With the unaligned draft `{evaluation['draft']}` (its steps are rarely what the target would write, so "
+              "step acceptance is low); speedups are measured against `ar` on the same actors and cores.", ""]
     lines += method_table(evaluation["methods"])
     lines += ["", "![speedup](evaluate/speedup_and_accept_rate.png)", ""]
+    if sapo is not None and aligned:
+        rewards = sapo.get("rewards") or {}
+        last = {k: (v[-1] if v else None) for k, v in rewards.items()}
+        lines += ["## SAPO: the aligned draft", "",
+                  f"`pipelines.sapo` trained the draft on the {sapo.get('trajectories')} collected trajectories: warm "
+                  f"start (SFT on the target's answers, loss {_num(sapo.get('warm_start_loss'))}), then "
+                  f"{sapo.get('grpo_steps')} GRPO steps on SAPO's rewards (last step: "
+                  + ", ".join(f"{k} {_num(v)}" for k, v in last.items()) + f"). Draft: `{sapo.get('draft')}`.", "",
+                  "The same held-out problems, verifier and actors' settings, with each draft:", "",
+                  "| draft | method | step accept | speedup vs ar | tokens/s | accuracy | agreement with ar |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {a['draft']} | {a['method']} | {a['step_accept_rate']:.2f} | {a['speedup']:.2f} | "
+                  f"{a['tokens_per_s']:.1f} | {_num(a['accuracy'])} | {_num(a['answer_agreement'])} |" for a in aligned]
+        lines += ["", "Details: `evaluate-sapo/report.md`.", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+SHOWN = 8  # collected answers listed in the report
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def run(cfg: DemoConfig) -> Path:
@@ -134,27 +196,43 @@ def run(cfg: DemoConfig) -> Path:
     run_dir = make_run_dir(cfg, "demo")
     resolved = save_config(cfg, run_dir, "demo")
     torch.manual_seed(0)
-    print("[1/5] building the demo models and measuring the MoE against the dense target")
+    print("[1/6] building the demo models and measuring the MoE against the dense target")
     models = moe_vs_dense(cfg)
     print(f"      dense ppl {models['dense']['ppl']:.2f}, MoE ppl {models['moe']['ppl']:.2f}")
-    print("[2/5] collecting step-by-step answers on a local Ray instance")
+    print("[2/6] collecting step-by-step answers on a local Ray instance")
     collect_dir = run_dir / "collect"
     collect_dir.mkdir(exist_ok=True)
     collect_cfg = replace(cfg.collect, wandb=replace(cfg.collect.wandb, group=run_dir.name))
     collect.run(collect_cfg, collect_dir)
     rows = read_jsonl(collect_dir / "trajectories.jsonl")
     summary = json.loads((collect_dir / "summary.json").read_text())
-    print("[3/5] quantizing the MoE")
+    print("[3/6] quantizing the MoE")
     quantized = quantize_moe(cfg, run_dir)
-    print("[4/5] evaluating ar, sd and the step-level methods side by side")
+    sapo_summary = draft_dir = None
+    if cfg.sapo:
+        print("[4/6] training the draft with SAPO (warm start + GRPO) on the collected trajectories")
+        t1 = time.perf_counter()
+        draft_dir, sapo_summary = train_draft(cfg, run_dir, collect_dir / "trajectories.jsonl")
+        sapo_summary["wall_s"] = time.perf_counter() - t1
+    print("[5/6] evaluating ar, sd and the step-level methods side by side (unaligned draft, then the SAPO draft)")
+    eval_cfg = replace(cfg.evaluate, wandb=replace(cfg.evaluate.wandb, group=run_dir.name))
     eval_dir = run_dir / "evaluate"
     eval_dir.mkdir(exist_ok=True)
-    _, evaluation = evaluate(replace(cfg.evaluate, wandb=replace(cfg.evaluate.wandb, group=run_dir.name)), eval_dir)
-    print("[5/5] writing the report")
-    figure = plot(run_dir, rows, models)
-    path = report(run_dir, models, summary, rows, collect_dir, evaluation, quantized)
+    _, evaluation = evaluate(eval_cfg, eval_dir)
+    aligned = aligned_eval = None
+    if draft_dir:
+        aligned_dir = run_dir / "evaluate-sapo"
+        aligned_dir.mkdir(exist_ok=True)
+        _, aligned_eval = evaluate(replace(eval_cfg, methods=list(cfg.sapo_methods), draft=replace(
+            eval_cfg.draft, model=replace(eval_cfg.draft.model, name=draft_dir))), aligned_dir)
+        aligned = draft_comparison(evaluation, aligned_eval, list(cfg.sapo_methods))
+    print("[6/6] writing the report")
+    figure = plot(run_dir, rows, models, aligned)
+    path = report(run_dir, models, summary, rows, collect_dir, evaluation, quantized, sapo_summary, aligned)
     write_json(run_dir / "summary.json", {"models": models, "collect": summary, "evaluate": evaluation,
-                                          "quantize": quantized, "wall_s": time.perf_counter() - t0})
+                                          "quantize": quantized, "sapo": sapo_summary,
+                                          "evaluate_sapo": aligned_eval, "draft_comparison": aligned,
+                                          "wall_s": time.perf_counter() - t0})
     tracker = Tracker(cfg.collect.wandb, run_dir, "demo", resolved)
     tracker.summary({"ppl_dense": models["dense"]["ppl"], "ppl_moe": models["moe"]["ppl"],
                      "accuracy": summary["accuracy"], "tokens_per_s": summary["tokens_per_s"]})

@@ -153,3 +153,7 @@ def test_demo_tiny_end_to_end(local_ray, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["models"]["moe"]["ppl"] > 0 and summary["evaluate"]["methods"]["fpsr"]["answer_agreement"] == 1.0
     assert (run_dir / "demo.png").stat().st_size > 1000
+    # the SAPO stage: the draft trained on the collected trajectories, evaluated beside the unaligned one
+    assert "## SAPO: the aligned draft" in text
+    assert [a["draft"] for a in summary["draft_comparison"]] == ["unaligned", "SAPO"]
+    assert summary["evaluate_sapo"]["draft"] == summary["sapo"]["draft"]

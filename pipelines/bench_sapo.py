@@ -1,0 +1,152 @@
+"""The SAPO benchmark: does SAPO make the draft's steps acceptable to the target? (`python -m pipelines.bench sapo`)
+
+One run, side by side, on the demo models:
+1. collect: the target's greedy step-by-step answers on --train-problems training problems of the demo dataset
+   (gsm_symbolic rows from --train-offset; or reuse --trajectories);
+2. evaluate *before*: `ar` and `lr_async+sd` (TBVM at alpha 0.7 on the target, exact-match short circuit; n-gram
+   SD inside steps) with the untrained early-exit draft on --num-problems held-out problems (rows from --offset,
+   disjoint from the training rows);
+3. sapo: the `--sapo-preset` recipe (warm start SFT on the trajectories, then GRPO on SAPO's rewards);
+4. evaluate *after*: the same problems, methods and verifier with the exported draft;
+5. GRPO throughput with 1 and 2 workers (short runs without warm start) when the SAPO job has
+   `distributed.workers`; otherwise null with a note.
+
+Writes accept_rate_before/after (step accept rate of lr_async+sd: accepted / verified draft steps),
+accept_gain_points, tokens_per_draft_step_before/after (draft tokens per draft step request),
+lr_speedup_before/after (lr_async+sd tokens/s over ar's, same actors and run), samples_per_s_1_worker,
+samples_per_s_2_workers, plus the per-run summaries and wall times of every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+LR_METHOD = "lr_async+sd"
+
+
+def _stage(name: str) -> float:
+    print(f"\n=== bench sapo: {name} ({time.strftime('%H:%M:%S')})", flush=True)
+    return time.perf_counter()
+
+
+def _draft_tokens_per_step(run_dir: Path, method: str) -> float | None:
+    from pipelines.runs import read_jsonl
+
+    rows = read_jsonl(run_dir / "traces" / f"{method}.jsonl")
+    steps = sum(r["draft_requests"] for r in rows)
+    return sum(r["draft_tokens"] for r in rows) / steps if steps else None
+
+
+def _evaluate(args, draft: str, tag: str) -> dict:
+    import ray
+
+    from pipelines.config import EvaluateConfig, load_config
+    from pipelines.evaluate import evaluate
+
+    cfg = load_config(EvaluateConfig, "evaluate", [
+        args.preset, f"run.out_dir={args.run_dir}", f"run.name=bench-sapo-{tag}", f"draft.model.name={draft}",
+        f"data.num_problems={args.num_problems}", f"data.offset={args.offset}",
+        f"generation.max_new_tokens={args.max_new_tokens}", f"methods=[ar,{LR_METHOD}]", "wandb.mode=disabled"])
+    run_dir, summary = evaluate(cfg)
+    ray.shutdown()
+    s = summary["methods"][LR_METHOD]
+    return {"run_dir": str(run_dir), "draft": draft, "step_accept_rate": s["step_accept_rate"],
+            "verifications": s["verifications"], "accept_rate_by_depth": s["accept_rate_by_depth"],
+            "tokens_per_draft_step": _draft_tokens_per_step(run_dir, LR_METHOD), "speedup": s["speedup"],
+            "predicted_speedup": s["predicted_speedup"], "step_cost_ratio": s["step_cost_ratio"],
+            "tokens_per_s": s["tokens_per_s"], "ar_tokens_per_s": summary["methods"]["ar"]["tokens_per_s"],
+            "accuracy": s["accuracy"], "answer_agreement": s["answer_agreement"],
+            "token_acceptance_rate": s["token_acceptance_rate"], "wall_s": summary["wall_s"]}
+
+
+def _collect(args) -> tuple[str, dict]:
+    import ray
+
+    from pipelines import collect
+    from pipelines.config import CollectConfig, load_config
+
+    cfg = load_config(CollectConfig, "collect", [
+        args.collect_preset, f"run.out_dir={args.run_dir}", "run.name=bench-sapo-train",
+        f"data.num_problems={args.train_problems}", f"data.offset={args.train_offset}", "wandb.mode=disabled"])
+    run_dir = collect.run(cfg)
+    ray.shutdown()
+    return str(run_dir / "trajectories.jsonl"), json.loads((run_dir / "summary.json").read_text())
+
+
+def _sapo(args, trajectories: str, tag: str, extra: list[str]) -> tuple[str, dict]:
+    from pipelines import sapo
+    from pipelines.config import SapoConfig, load_config
+
+    cfg = load_config(SapoConfig, "sapo", [args.sapo_preset, f"run.out_dir={args.run_dir}",
+                                           f"run.name=bench-sapo-{tag}", f"trajectories={trajectories}",
+                                           "wandb.mode=disabled"] + extra)
+    draft_dir, summary = sapo.run(cfg)
+    return str(draft_dir), summary
+
+
+def _samples_per_s(args, trajectories: str) -> dict:
+    from pipelines.config import SapoConfig
+
+    out = {"samples_per_s_1_worker": None, "samples_per_s_2_workers": None}
+    if not hasattr(SapoConfig(), "distributed"):
+        out["samples_per_s_note"] = ("not measured: the SAPO job has no distributed.workers setting yet "
+                                     "(Ray Train workers are being added)")
+        return out
+    for workers in (1, 2):
+        key = "samples_per_s_1_worker" if workers == 1 else "samples_per_s_2_workers"
+        _, summary = _sapo(args, trajectories, f"{workers}w", [
+            f"distributed.workers={workers}", "warm_start.enabled=false", f"grpo.steps={args.throughput_steps}"])
+        out[key] = summary.get("grpo_samples_per_s")
+        if out[key] is None:
+            out["samples_per_s_note"] = "the SAPO run's summary.json has no grpo_samples_per_s"
+    return out
+
+
+def bench_sapo(args) -> dict:
+    walls: dict[str, float] = {}
+    out: dict = {"held_out_offset": args.offset, "num_problems": args.num_problems, "method": LR_METHOD,
+                 "sapo_preset": args.sapo_preset, "draft_before": args.draft}
+
+    t0 = _stage("1/5 collecting the target's trajectories on training problems")
+    if args.trajectories:
+        trajectories, collected = args.trajectories, {"reused": True}
+    else:
+        trajectories, collected = _collect(args)
+    walls["collect_s"] = time.perf_counter() - t0
+    out.update(trajectories=trajectories, train_problems=collected.get("num_problems"),
+               train_offset=args.train_offset, collect=collected)
+
+    t0 = _stage(f"2/5 evaluating ar and {LR_METHOD} with the untrained draft on held-out problems")
+    before = _evaluate(args, args.draft, "before")
+    walls["evaluate_before_s"] = time.perf_counter() - t0
+
+    t0 = _stage("3/5 SAPO: warm start + GRPO")
+    draft_dir, sapo_summary = _sapo(args, trajectories, "train", [f"draft.name={args.draft}"])
+    walls["sapo_s"] = time.perf_counter() - t0
+
+    t0 = _stage(f"4/5 evaluating ar and {LR_METHOD} with the SAPO draft on the same problems")
+    after = _evaluate(args, draft_dir, "after")
+    walls["evaluate_after_s"] = time.perf_counter() - t0
+
+    t0 = _stage("5/5 GRPO throughput with 1 and 2 workers")
+    throughput = _samples_per_s(args, trajectories)
+    walls["throughput_s"] = time.perf_counter() - t0
+
+    out.update(
+        accept_rate_before=before["step_accept_rate"], accept_rate_after=after["step_accept_rate"],
+        accept_gain_points=100 * (after["step_accept_rate"] - before["step_accept_rate"]),
+        tokens_per_draft_step_before=before["tokens_per_draft_step"],
+        tokens_per_draft_step_after=after["tokens_per_draft_step"],
+        lr_speedup_before=before["speedup"], lr_speedup_after=after["speedup"], **throughput)
+    out["targets_met"] = {
+        "accept_gain_points_ge_15": out["accept_gain_points"] >= 15,
+        "tokens_per_draft_step_not_larger": (out["tokens_per_draft_step_after"] or 0)
+        <= (out["tokens_per_draft_step_before"] or 0),
+        "lr_speedup_after_ge_1.3": out["lr_speedup_after"] >= 1.3}
+    out.update(before=before, after=after, draft_after=draft_dir,
+               sapo={k: sapo_summary.get(k) for k in ("trajectories", "warm_start_loss", "grpo_steps", "grpo_loss",
+                                                      "rewards", "grpo_samples_per_s")},
+               stage_wall_s=walls)
+    return out
