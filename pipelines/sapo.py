@@ -45,8 +45,12 @@ from pipelines.tracking import Tracker
 from rewards import sapo as R
 from rewards.verifiers import Exact
 
-# keys a resumed run may change: where it runs and logs, and how long it trains
-RESUMABLE_KEYS = ("run.", "ray.", "wandb.", "grpo.steps", "grpo.save_steps", "distributed.worker_cpus")
+# keys a resumed run may change: where it runs and logs, how long it trains, the target actor's resources
+RESUMABLE_KEYS = ("run.", "ray.", "wandb.", "grpo.steps", "grpo.save_steps", "distributed.worker_cpus",
+                  "distributed.backend", "target.actor.", "target.engine.")
+# keys that only matter when a switch is on (in the saved config or the new one)
+SWITCHED_KEYS = {"lora.": "lora.enabled", "target.": "rewards.align_source", "rewards.step_max_tokens":
+                 "rewards.align_source"}
 
 
 def load_trajectories(cfg: SapoConfig, tok) -> list[dict]:
@@ -89,7 +93,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def check_resume(cfg: SapoConfig) -> None:
     """`run.resume` must continue the same training: every key outside RESUMABLE_KEYS must equal the saved config's
-    (a key the saved config lacks counts as its default). Runs before anything is loaded or written."""
+    (a key the saved config lacks counts as its default; LoRA's and the online target's keys count only when LoRA
+    or online alignment is on). Runs before anything is loaded or written."""
     if not cfg.run.resume:
         return
     import yaml
@@ -101,8 +106,11 @@ def check_resume(cfg: SapoConfig) -> None:
     if saved.get("job") != "sapo":
         raise ConfigError(f"config key 'run.resume': {cfg.run.resume} holds a {saved.get('job')!r} run, not sapo")
     new, default = _flat(asdict(cfg)), _flat(asdict(SapoConfig()))
-    differ = {k: (saved.get(k, default.get(k)), v) for k, v in new.items()
-              if not k.startswith(RESUMABLE_KEYS) and saved.get(k, default.get(k)) != v}
+    old = {k: saved.get(k, default.get(k)) for k in new}
+    on = {"lora.enabled": old["lora.enabled"] or new["lora.enabled"],
+          "rewards.align_source": "online" in (old["rewards.align_source"], new["rewards.align_source"])}
+    differ = {k: (old[k], v) for k, v in new.items() if old[k] != v and not k.startswith(RESUMABLE_KEYS)
+              and all(on[switch] for prefix, switch in SWITCHED_KEYS.items() if k.startswith(prefix))}
     if differ:
         changes = "; ".join(f"{k}: {old!r} -> {v!r}" for k, (old, v) in differ.items())
         raise ConfigError(f"config key 'run.resume': {cfg.run.resume} was trained with another config in "

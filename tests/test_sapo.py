@@ -80,6 +80,10 @@ def test_sapo_resume_with_another_config_is_refused(trained, trajectories):
         sapo.run(cfg)
     assert "1e-06 -> 0.001" in str(err.value) and "grpo.steps" not in str(err.value)
     assert _hashes(run_dir) == before  # config, checkpoints, W&B files: not a byte changed
+    # keys of switched-off features, resources and the step budget may change
+    sapo.check_resume(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.resume={run_dir}",
+                                                       "lora.r=4", "target.model.name=x", "grpo.steps=9",
+                                                       "distributed.worker_cpus=2"]))
     with pytest.raises(ConfigError, match="not a run directory"):
         sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}",
                                                   f"run.resume={run_dir / 'grpo'}"]))
