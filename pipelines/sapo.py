@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -64,7 +65,7 @@ def load_trajectories(cfg: SapoConfig, tok) -> list[dict]:
     if not rows:
         raise ConfigError(f"{path} holds no trajectories")
     for i, row in enumerate(rows, 1):
-        missing = {"prompt_ids", "steps", "response", "answer", "question"} - set(row)
+        missing = {"prompt_ids", "steps", "response", "answer", "question", "num_tokens"} - set(row)
         if missing:
             raise ConfigError(f"{path} row {i} lacks {sorted(missing)}: not a pipelines.collect trajectory file")
     collected = path.parent / "config.yaml"
@@ -204,9 +205,13 @@ def _peft_config(cfg: SapoConfig):
 
 def export(trainer, cfg: SapoConfig, base: str, out: Path, tok, rank: int) -> None:
     """A plain model directory from rank 0. save_model gathers ZeRO-partitioned weights (all ranks call it); with
-    LoRA it saves the adapter (kept beside, `<out>-adapter`), merged here into a fresh copy of the base."""
+    LoRA it saves the adapter (kept beside, `<out>-adapter`), merged here into a fresh copy of the base. Written
+    under another name and renamed: a run killed while saving leaves no half model where resume looks."""
+    partial = out.with_name(out.name + ".partial")
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
     if not cfg.lora.enabled:
-        trainer.save_model(str(out))
+        trainer.save_model(str(partial))
     else:
         adapter = out.with_name(out.name + "-adapter")
         trainer.save_model(str(adapter))
@@ -214,9 +219,11 @@ def export(trainer, cfg: SapoConfig, base: str, out: Path, tok, rank: int) -> No
             from peft import PeftModel
 
             base_model, _ = zoo.load_model(base, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
-            PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload().save_pretrained(out)
+            PeftModel.from_pretrained(base_model, str(adapter)).merge_and_unload().save_pretrained(partial)
     if rank == 0:
-        tok.save_pretrained(out)
+        tok.save_pretrained(partial)
+        shutil.rmtree(out, ignore_errors=True)
+        partial.rename(out)
     _barrier()
 
 
