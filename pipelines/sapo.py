@@ -25,6 +25,9 @@ Checkpoints every `grpo.save_steps` into <run_dir>/grpo; a resumed run continues
 counter, optimizer and scheduler state) with the same W&B run id, and refuses a config that differs in a key that
 changes training. summary.json records `grpo_samples_per_s` (completions scored over the wall time of GRPO's
 `train()` on rank 0) and `grpo_wall_s`.
+Not yet run here: the GPU path (nccl, DeepSpeed) and multi-node runs; this machine has no GPU, and the lent GPU
+machine has no Ray, TRL or DeepSpeed. Ray Train's own checkpoint reporting (RayTrainReportCallback) is not used:
+resume reads <run_dir>/grpo, so checkpoints are not copied twice.
 """
 
 from __future__ import annotations
