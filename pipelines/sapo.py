@@ -16,7 +16,7 @@
 3. the trained draft is saved as a plain model directory (<run_dir>/draft; LoRA adapters merged in) that
    `pipelines.evaluate` loads by path.
 
-`distributed.workers=1` trains in this process. With N > 1, warm start, GRPO and export run inside a Ray Train
+`distributed.workers=1` trains in this process. With N > 1 (or DeepSpeed), warm start, GRPO and export run inside a Ray Train
 `TorchTrainer` with N workers (gloo on CPU, nccl on GPU); HF/TRL's accelerate picks up the process group and the
 RANK/WORLD_SIZE variables Ray Train sets, and rank 0 writes checkpoints, the export, summary.json and W&B (the run
 directory must be on storage all workers see). DeepSpeed ZeRO (`distributed.deepspeed_stage`, 2 by default with
@@ -375,10 +375,11 @@ def run(cfg: SapoConfig) -> tuple[Path, dict]:
     preflight(cfg, tok)
     run_dir = make_run_dir(cfg, "sapo")
     save_config(cfg, run_dir, "sapo")
-    uses_ray = cfg.distributed.workers > 1 or cfg.rewards.align_source == "online"
-    hosts = start_hosts(cfg) if uses_ray else {}
+    # DeepSpeed needs a process group even for one process: Ray Train sets it up, so it always runs there
+    in_process = cfg.distributed.workers == 1 and cfg.distributed.zero_stage is None
+    hosts = start_hosts(cfg) if not in_process or cfg.rewards.align_source == "online" else {}
     try:
-        if cfg.distributed.workers == 1:
+        if in_process:
             train(cfg, run_dir, rows, hosts)
         else:
             fit_on_ray(cfg, run_dir, rows, hosts)

@@ -155,6 +155,8 @@ def test_deepspeed_config_and_cpu_refusal(tmp_path):
         load_config(SapoConfig, "sapo", ["tiny", "distributed.deepspeed_stage=2"])
     with pytest.raises(ConfigError, match="'distributed.backend': nccl needs GPUs"):
         load_config(SapoConfig, "sapo", ["tiny", "distributed.backend=nccl"])
+    with pytest.raises(ConfigError, match="'draft.device'"):
+        load_config(SapoConfig, "sapo", ["tiny", "draft.device=cuda"])
     assert DistributedConfig().zero_stage is None  # CPU: auto means no DeepSpeed
     assert DistributedConfig(use_gpu=True).zero_stage == 2
     assert DistributedConfig(use_gpu=True, deepspeed_stage="none").zero_stage is None
