@@ -204,6 +204,8 @@ def test_sapo_two_gloo_workers_under_ray_train_share_the_target(trajectories, tm
     assert all(n >= 4 for n in summary["grpo_target_steps_per_rank"])
     run_dir = draft_dir.parent
     assert sorted(p.name for p in (run_dir / "grpo").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert sorted(p.name for p in (run_dir / "grpo/checkpoint-2").glob("rng_state*")) == ["rng_state_0.pth",
+                                                                                           "rng_state_1.pth"]
     model, _ = zoo.load_model(str(draft_dir))
     assert model.config.num_hidden_layers == 1
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1  # rank 0 alone logs, under the run's id
