@@ -4,6 +4,7 @@
     python -m pipelines.bench spec --out bench-spec.json [--num-problems 20] [--max-new-tokens 96]
     python -m pipelines.bench quant --out bench-quant.json
     python -m pipelines.bench sapo --out bench-sapo.json [--num-problems 12] [--train-problems 160]
+    python -m pipelines.bench kernels --out bench-kernels.json [--skip-moe] [--milo-checkpoint DIR]
 
 engine: on `smollm2-135m-instruct` (in-process engine, CPU unless a GPU is present), writes
   ar_vs_hf_ratio                 our greedy decode tokens/s over transformers' `generate` on the same prompts
@@ -29,6 +30,10 @@ sapo: (pipelines/bench_sapo.py) collect the target's trajectories on training pr
   with the untrained draft on held-out problems, train it with the SAPO preset (warm start + GRPO), evaluate
   again with the same verifier; accept_rate_before/after, accept_gain_points, tokens_per_draft_step_before/after,
   lr_speedup_before/after, samples_per_s_1_worker and samples_per_s_2_workers.
+
+kernels: (pipelines/bench_kernels.py) the CPU kernels against dense fp32 at batch 1 (4096 x 4096 and the demo
+  MoE's expert shapes), torch.compile as the alternative, the quantized demo MoE's decode tokens/s over the fp32
+  one; on a GPU, the Triton kernels against fp16 at batch 1, 4, 16 for a 4096 x 14336 weight.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import torch
 
 from actors import zoo
 from actors.engine import Counters, Engine, Request, Speculation
+from pipelines.bench_kernels import bench_kernels
 from pipelines.bench_sapo import bench_sapo
 from quant.perplexity import pydoc_text
 
@@ -278,7 +284,7 @@ def bench_quant(args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["engine", "spec", "quant", "sapo"])
+    parser.add_argument("suite", choices=["engine", "spec", "quant", "sapo", "kernels"])
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--model", default=zoo.SMOLLM2)
     parser.add_argument("--draft", default="smollm2-135m-draft-l6")
@@ -304,13 +310,18 @@ def main(argv=None) -> None:
     parser.add_argument("--collect-preset", default="sapo-train", help="sapo: collect preset for training data")
     parser.add_argument("--sapo-preset", default="demo", help="sapo: the SAPO recipe (conf/sapo/)")
     parser.add_argument("--throughput-steps", type=int, default=2, help="sapo: GRPO steps per throughput run")
+    parser.add_argument("--reps", type=int, default=20, help="kernels: timed calls per figure (median)")
+    parser.add_argument("--skip-moe", action="store_true", help="kernels: skip the MoE decode comparison")
+    parser.add_argument("--milo-checkpoint", default=None, help="kernels: a MiLo checkpoint of --moe (else made)")
+    parser.add_argument("--codequant-checkpoint", default=None, help="kernels: a CodeQuant one (else made)")
     args = parser.parse_args(argv)
     if args.num_problems is None:
         args.num_problems = 20 if args.suite == "spec" else 12
     torch.set_num_threads(args.threads or os.cpu_count())
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    bench = {"engine": bench_engine, "spec": bench_spec, "quant": bench_quant, "sapo": bench_sapo}[args.suite]
+    bench = {"engine": bench_engine, "spec": bench_spec, "quant": bench_quant, "sapo": bench_sapo,
+             "kernels": bench_kernels}[args.suite]
     result = {"suite": args.suite, **bench(args), "wall_s": None}
     result["wall_s"] = time.perf_counter() - t0
     text = json.dumps(result, indent=2)

@@ -117,9 +117,12 @@ inline __m512i codes3_bytes(const uint8_t* p, __mmask64 load_mask) {
   return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(kShift3), spread), _mm512_set1_epi8(7));
 }
 
+// Bytes 16I..16I+15 of b as 16 floats: one zero-masked vpermb puts byte 16I+i in the low byte of dword i.
 template <int I>
 inline __m512 bytes_to_float(__m512i b) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(b, I)));
+  const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(16 * I),
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  return _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(0x1111111111111111ull, idx, b));
 }
 
 // out[i] = row n of the 3-bit weight . x[i] for RN rows of x (padded to Kp), zero point via the group sums.

@@ -1,0 +1,236 @@
+"""`python -m pipelines.bench kernels`: the quantized matmul kernels against dense matmuls, side by side in one run.
+
+cpu (the C++ kernels of kernels/cpu.py, all torch threads):
+  milo3_matvec_speedup_vs_fp32      batch 1, a 4096 x 4096 weight: 3-bit g64 + a rank-16 compensator (MiLo's
+                                    dense setting) over a dense fp32 `F.linear`, weights streamed from memory
+                                    (the caches are flushed before every call, as when a model larger than the
+                                    cache decodes); `affine3_*` is the same without the compensator
+  codebook4_matvec_speedup_vs_fp32  the same for 4-bit per-row codebooks (CodeQuant's format)
+  *_cache_hot                       the same with the weight left in cache (repeated calls)
+  torch_compile_milo3_matvec_speedup_vs_fp32   the alternative to the C++ kernel: `torch.compile` of the
+                                    reference dequantize + matmul (the choice of the C++ kernel rests on this)
+  expert_shapes                     the demo MoE's expert matrices (gate_up 384 x 576, down 576 x 192), which sit
+                                    in cache: speedups at batch 1 with hot caches
+  moe_decode_tokens_per_s_ratio     greedy decode tokens/s of the demo MoE quantized with MiLo (packed runtime:
+                                    QuantLinear + QuantExperts on the CPU kernels) over the fp32 model, same
+                                    engine and prompts, interleaved; `..._codequant` for CodeQuant 4-bit
+gpu (when CUDA is present; names the GPU): milo3_speedup_vs_fp16 and codebook4_speedup_vs_fp16 at batch 1, 4, 16
+  for a 4096 x 14336 weight (x [b, 4096] -> [b, 14336]) against fp16 `torch.matmul`, Triton kernels.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kernels import cpu
+from kernels import reference as ref
+from quant.codebook import quantize_codebook
+from quant.milo import quantize_milo
+
+
+def _l3_bytes() -> int:
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text[:-1]) * 1024 if text.endswith("K") else int(text)
+    except (OSError, ValueError):
+        return 64 << 20
+
+
+class _Timer:
+    """Median wall time of a call; `cold` touches a buffer larger than the last-level cache before each call."""
+
+    def __init__(self, reps: int):
+        self.reps = reps
+        self._flush = None
+
+    def __call__(self, fn, cold: bool) -> float:
+        if cold and self._flush is None:
+            self._flush = torch.empty(int(_l3_bytes() * 1.5) // 4)
+        fn()
+        times = []
+        for _ in range(self.reps):
+            if cold:
+                self._flush.add_(1.0)
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def _formats(n: int, k: int, rank: int):
+    torch.manual_seed(0)
+    w = torch.randn(n, k) * 0.02
+    mt = quantize_milo(w, rank=rank, rounds=1, group_size=64, pad=True)
+    cb = quantize_codebook(w, None)
+    u, v = mt.u.dequantize()[None].contiguous(), mt.v.dequantize()[None].contiguous()
+    b = mt.base
+    one = (lambda t: t[None].contiguous())
+    return w, {
+        "milo3": lambda x, off: cpu.affine3_grouped(x, off, one(b.packed), one(b.scale), one(b.zero), 64, u, v),
+        "affine3": lambda x, off: cpu.affine3_grouped(x, off, one(b.packed), one(b.scale), one(b.zero), 64),
+        "codebook4": lambda x, off: cpu.codebook4_grouped(x, off, one(cb.packed), one(cb.centroids)),
+    }, (mt, cb)
+
+
+def _cpu_matvec(timer: _Timer) -> dict:
+    out: dict = {}
+    n = k = 4096
+    w, fns, (mt, _) = _formats(n, k, 16)
+    x = torch.randn(1, k)
+    off = cpu.dense_offsets(1)
+    for cold in (True, False):
+        suffix = "" if cold else "_cache_hot"
+        fp32 = timer(lambda: torch.nn.functional.linear(x, w), cold)
+        out[f"fp32_matvec_us{suffix}"] = fp32 * 1e6
+        out[f"fp32_matvec_gb_per_s{suffix}"] = n * k * 4 / fp32 / 1e9
+        for name, fn in fns.items():
+            t = timer(lambda fn=fn: fn(x, off), cold)
+            out[f"{name}_matvec_us{suffix}"] = t * 1e6
+            out[f"{name}_matvec_speedup_vs_fp32{suffix}"] = fp32 / t
+    try:  # the alternative: torch.compile of the reference (dequantize + matmul), compiled once, then timed
+        b = mt.base
+        u, v = mt.u.dequantize(), mt.v.dequantize()
+        compiled = torch.compile(lambda x: ref.affine_matmul(x, b.packed, b.scale, b.zero, 3, k, 64, u, v))
+        t0 = time.perf_counter()
+        compiled(x)
+        out["torch_compile_compile_s"] = time.perf_counter() - t0
+        t = timer(lambda: compiled(x), True)
+        out["torch_compile_milo3_matvec_us"] = t * 1e6
+        out["torch_compile_milo3_matvec_speedup_vs_fp32"] = out["fp32_matvec_us"] / 1e6 / t
+    except Exception as exc:  # noqa: BLE001 - a failed compile is a measured outcome, not a benchmark failure
+        out["torch_compile_milo3_matvec_speedup_vs_fp32"] = None
+        out["torch_compile_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return out
+
+
+def _expert_shapes(timer: _Timer) -> dict:
+    out = {}
+    for label, (n, k) in {"gate_up_384x576": (384, 576), "down_576x192": (576, 192)}.items():
+        w, fns, _ = _formats(n, k, 8)
+        x = torch.randn(1, k)
+        off = cpu.dense_offsets(1)
+        fp32 = timer(lambda x=x, w=w: torch.nn.functional.linear(x, w), False)
+        row = {"fp32_us": fp32 * 1e6}
+        for name, fn in fns.items():
+            t = timer(lambda fn=fn, x=x, off=off: fn(x, off), False)
+            row[f"{name}_us"] = t * 1e6
+            row[f"{name}_speedup_vs_fp32"] = fp32 / t
+        out[label] = row
+    return out
+
+
+def _checkpoint(args, method: str) -> str:
+    given = getattr(args, f"{method}_checkpoint", None)
+    if given:
+        return given
+    from pipelines.config import QuantizeConfig, load_config
+    from pipelines.quantize import run as quantize_run
+
+    overrides = ["method=codequant", "bits=4"] if method == "codequant" else []
+    cfg = load_config(QuantizeConfig, "quantize", [
+        "demo", f"run.out_dir={args.run_dir}", f"run.name=bench-kernels-{method}", "ppl_tokens=0",
+        f"model.name={args.moe}", *overrides])
+    path, _ = quantize_run(cfg)
+    return str(path)
+
+
+def _moe_decode(args) -> dict:
+    from actors import zoo
+    from actors.engine import Engine, Request
+    from pipelines.bench import _prompts
+
+    models = {"fp32": (args.moe, "dequantized")}
+    for method in ("milo", "codequant"):
+        models[method] = (_checkpoint(args, method), "packed")
+    engines = {}
+    for label, (name, runtime) in models.items():
+        model, tok = zoo.load_model(name, "float32", "cpu", quant_runtime=runtime)
+        engines[label] = Engine(model, tok, prefix_cache_tokens=0)
+    prompts = _prompts(tok, args.num_prompts)
+    for eng in engines.values():  # warm up (and build the kernels)
+        eng.generate([Request(prompts[0], max_new_tokens=4)])
+    tokens = dict.fromkeys(engines, 0)
+    decode_s = dict.fromkeys(engines, 0.0)
+    first: dict = {}
+    for p in tqdm(prompts, desc="moe decode", unit="prompt"):
+        for label, eng in engines.items():  # interleaved, so drift in machine load hits every model alike
+            t0 = time.perf_counter()
+            eng.generate([Request(p, max_new_tokens=1)])  # prefill + one token: subtracted below
+            prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            [res] = eng.generate([Request(p, max_new_tokens=args.max_new_tokens)])
+            total = time.perf_counter() - t0
+            tokens[label] += len(res.token_ids) - 1
+            decode_s[label] += max(total - prefill, 1e-9)
+            first.setdefault(label, res.token_ids[:16])
+    tps = {label: tokens[label] / decode_s[label] for label in engines}
+    return {"moe_model": args.moe, "moe_checkpoints": {k: v[0] for k, v in models.items() if k != "fp32"},
+            "moe_decode_tokens_per_s": tps,
+            "moe_decode_tokens_per_s_ratio": tps["milo"] / tps["fp32"],
+            "moe_decode_tokens_per_s_ratio_codequant": tps["codequant"] / tps["fp32"],
+            "moe_decode_first_tokens": first}
+
+
+def _gpu(reps: int) -> dict:
+    from kernels import triton_kernels as tk
+
+    dev = torch.device("cuda")
+    n, k = 14336, 4096
+    torch.manual_seed(0)
+    w = torch.randn(n, k) * 0.02
+    mt = quantize_milo(w, rank=16, rounds=1, group_size=64)
+    cb = quantize_codebook(w, None)
+    b = mt.base
+    packed, scale, zero = b.packed.to(dev), b.scale.to(dev), b.zero.to(dev)
+    u, v = mt.u.dequantize().to(dev, torch.float16), mt.v.dequantize().to(dev, torch.float16)
+    cpk, cent = cb.packed.to(dev), cb.centroids.to(dev)
+    w16 = w.to(dev, torch.float16)
+
+    def timed(fn) -> float:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+
+    out: dict = {"device": torch.cuda.get_device_name(dev), "shape": [k, n]}
+    for key in ("milo3_speedup_vs_fp16", "affine3_speedup_vs_fp16", "codebook4_speedup_vs_fp16", "fp16_us"):
+        out[key] = {}
+    for batch in (1, 4, 16):
+        x = torch.randn(batch, k, device=dev, dtype=torch.float16)
+        fp16 = timed(lambda x=x: torch.matmul(x, w16.T))
+        out["fp16_us"][str(batch)] = fp16 * 1e6
+        out["milo3_speedup_vs_fp16"][str(batch)] = fp16 / timed(
+            lambda x=x: tk.affine3_matmul(x, packed, scale, zero, k, 64, u, v))
+        out["affine3_speedup_vs_fp16"][str(batch)] = fp16 / timed(
+            lambda x=x: tk.affine3_matmul(x, packed, scale, zero, k, 64))
+        out["codebook4_speedup_vs_fp16"][str(batch)] = fp16 / timed(
+            lambda x=x: tk.codebook4_matmul(x, cpk, cent, k))
+    return out
+
+
+def bench_kernels(args) -> dict:
+    t0 = time.perf_counter()
+    if not cpu.available():
+        raise RuntimeError("the CPU kernels could not be built (see the warning above); nothing to measure")
+    out: dict = {"cpu": {"isa": cpu.load().isa(), "threads": torch.get_num_threads(),
+                         "build_or_load_s": time.perf_counter() - t0}}
+    timer = _Timer(args.reps)
+    out["cpu"].update(_cpu_matvec(timer))
+    out["cpu"]["expert_shapes"] = _expert_shapes(timer)
+    if not args.skip_moe:
+        out["cpu"].update(_moe_decode(args))
+    out["gpu"] = _gpu(args.reps) if torch.cuda.is_available() else None
+    return out
