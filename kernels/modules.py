@@ -88,11 +88,20 @@ class _Packed(nn.Module):
     def kernel_bits(self) -> int | None:
         return None if self.is_codebook else self.bits
 
+    def _pick(self, x: torch.Tensor, k: int, requested: str) -> str:
+        backend = pick_backend(requested, x, self.kernel_bits)
+        if backend == "cpu" and not self.cpu_supported(k):
+            _warn_once(f"cpu-shape-{self.group}", f"the CPU kernel does not take this layout (group size "
+                       f"{self.group if not self.is_codebook else k // self._centroids.shape[-2]}): using the "
+                       "torch reference")
+            return "reference"
+        return backend
+
     def _dense(self, e: int, k: int) -> torch.Tensor:
         """Expert e's dequantized float32 [N, k] weight (compensator included)."""
         if self.is_codebook:
             return ref.dequant_codebook(self.packed[e].cpu(), self.centroids[e].cpu(), k)
-        if self.bits == 3 and not self.packed.is_cuda:
+        if self.bits == 3 and not self.packed.is_cuda and self.cpu_supported(k):
             from kernels import cpu
 
             if cpu.available():
@@ -105,6 +114,12 @@ class _Packed(nn.Module):
         if self.u is not None:
             w = w + self.u[e].float().cpu() @ self.v[e].float().cpu()
         return w.to(self.packed.device)
+
+    def cpu_supported(self, k: int) -> bool:
+        """The CPU kernel takes 3-bit groups of whole 32-code blocks and codebook groups of multiples of 8."""
+        if self.is_codebook:
+            return (k // self._centroids.shape[-2]) % 8 == 0
+        return self.group % 32 == 0
 
     def _cpu_grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         from kernels import cpu
@@ -135,7 +150,7 @@ class QuantLinear(_Packed):
         return self._ref_dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = pick_backend(self.backend, x, self.kernel_bits)
+        backend = self._pick(x, self.in_features, self.backend)
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         if backend == "triton":
@@ -162,11 +177,14 @@ class QuantLinear(_Packed):
 class _ExpertProjection(_Packed):
     """One fused projection ([E, N, K]) of a QuantExperts."""
 
-    def __init__(self, n: int, k: int, bits: int, group: int, tensors: dict):
+    def __init__(self, n: int, k: int, bits: int, group: int, **tensors):
         super().__init__()
         self.n, self.k, self.bits, self.group = n, k, bits, group
         self._register(**tensors)
         self._ref_dense = None
+
+    def pick(self, x: torch.Tensor, requested: str) -> str:
+        return self._pick(x, self.k, requested)
 
     def run(self, x_sorted: torch.Tensor, offsets: torch.Tensor, counts: list[int], backend: str) -> torch.Tensor:
         if backend == "cpu":
@@ -209,48 +227,18 @@ class _ExpertProjection(_Packed):
         return self._ref_dense[e]
 
 
-def _stack(results: list, n: int, k: int) -> tuple[int, int, dict]:
-    """Per-expert quantization results (quant.base.QTensor, quant.milo.MiLoTensor, quant.codebook.CodebookTensor)
-    of one projection -> (bits, group, stacked buffers). Compensators of different ranks are zero-padded."""
-    from quant.codebook import CodebookTensor
-    from quant.milo import MiLoTensor
-
-    kinds = {type(r) for r in results}
-    if len(kinds) != 1:
-        raise ValueError(f"experts of one projection mix formats {sorted(k.__name__ for k in kinds)}")
-    if isinstance(results[0], CodebookTensor):
-        groups = {r.centroids.shape[1] for r in results}
-        if len(groups) != 1:
-            raise ValueError("experts of one projection have different codebook groups")
-        return 4, k // groups.pop(), {"packed": torch.stack([r.packed for r in results]),
-                                      "centroids": torch.stack([r.centroids for r in results])}
-    bases = [r.base if isinstance(r, MiLoTensor) else r for r in results]
-    if len({(b.bits, b.group_size) for b in bases}) != 1:
-        raise ValueError("experts of one projection have different bits or group sizes")
-    tensors = {name: torch.stack([getattr(b, name) for b in bases]) for name in ("packed", "scale", "zero")}
-    ranks = [r.rank if isinstance(r, MiLoTensor) else 0 for r in results]
-    rmax = max(ranks)
-    tensors["u"] = tensors["v"] = None
-    if rmax:
-        u = torch.zeros(len(results), n, rmax)
-        v = torch.zeros(len(results), rmax, k)
-        for e, (r, rank) in enumerate(zip(results, ranks)):
-            if rank:
-                u[e, :, :rank] = r.u.dequantize()
-                v[e, :rank] = r.v.dequantize()
-        tensors["u"], tensors["v"] = u, v
-    return bases[0].bits, bases[0].group_size, tensors
-
-
 class QuantExperts(nn.Module):
     """Drop-in for transformers 5's fused experts module, over quantized per-expert weights."""
 
-    def __init__(self, gate_up: list, down: list, hidden: int, intermediate: int, act_fn, backend: str = "auto"):
+    def __init__(self, gate_up: dict, down: dict, hidden: int, intermediate: int, act_fn, backend: str = "auto"):
+        """gate_up / down: {"bits", "group", "packed" [E, N, words], and "scale", "zero" [E, N, groups] float16
+        (+ "u" [E, N, r], "v" [E, r, K]) or "centroids" [E, N, groups, 16] float16} (quant.checkpoint builds
+        them from per-expert results)."""
         super().__init__()
-        self.num_experts, self.hidden_dim, self.intermediate_dim = len(gate_up), hidden, intermediate
+        self.num_experts, self.hidden_dim, self.intermediate_dim = gate_up["packed"].shape[0], hidden, intermediate
         self.act_fn, self.backend = act_fn, backend
-        self.gate_up = _ExpertProjection(2 * intermediate, hidden, *_stack(gate_up, 2 * intermediate, hidden))
-        self.down = _ExpertProjection(hidden, intermediate, *_stack(down, hidden, intermediate))
+        self.gate_up = _ExpertProjection(2 * intermediate, hidden, **gate_up)
+        self.down = _ExpertProjection(hidden, intermediate, **down)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         k = top_k_index.shape[-1]
@@ -263,9 +251,8 @@ class QuantExperts(nn.Module):
         offsets = torch.zeros(self.num_experts + 1, dtype=torch.int64)
         torch.cumsum(counts_t, 0, out=offsets[1:])
         x = hidden_states[token]
-        gate, up = self.gate_up.run(x, offsets, counts, pick_backend(self.backend, x, self.gate_up.kernel_bits)
-                                    ).chunk(2, dim=-1)
+        gate, up = self.gate_up.run(x, offsets, counts, self.gate_up.pick(x, self.backend)).chunk(2, dim=-1)
         h = self.act_fn(gate) * up
-        h = self.down.run(h, offsets, counts, pick_backend(self.backend, h, self.down.kernel_bits))
+        h = self.down.run(h, offsets, counts, self.down.pick(h, self.backend))
         h = h * top_k_weights.reshape(-1)[order, None].to(h.dtype)
         return torch.zeros_like(hidden_states).index_add_(0, token, h)

@@ -7,10 +7,13 @@
   rows of other experts masked; an empty expert costs its programs nothing but the launch.
 Tiles: BLOCK_M >= 16 (tl.dot's minimum; decode M = 1..16 is masked), BLOCK_N x BLOCK_K tiles of W dequantized in
 registers and fed to tl.dot in fp32 (the interpreter's bf16 tl.dot is wrong, so inputs are cast first).
-On CPU the kernels run under TRITON_INTERPRET=1 (tests); on CUDA, `autotune` picks the tile sizes.
+On CPU the kernels run under TRITON_INTERPRET=1 (tests) with fixed 64 x 64 tiles; on CUDA, unless the caller pins
+block_n/block_k, `triton.autotune` picks BLOCK_N, BLOCK_K, warps and stages per (M, N, K) among `TUNE_CONFIGS`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -101,45 +104,69 @@ def _grouped_affine3_kernel(x_ptr, offsets_ptr, packed_ptr, scale_ptr, zero_ptr,
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=row_ok[:, None] & (rn[None, :] < N))
 
 
-def _blocks(m: int, block_n: int, block_k: int):
-    return 16 if m <= 16 else 32, block_n, block_k
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): narrow-N/deep-K tiles for decode GEMVs, wider ones for prefill
+TUNE_CONFIGS = ((32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 4), (32, 256, 4, 2), (64, 256, 8, 2),
+                (128, 64, 8, 3), (128, 128, 8, 3))
+
+
+def _tuned(kernel, key):
+    return triton.autotune(configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                                    for bn, bk, w, st in TUNE_CONFIGS], key=key)(kernel)
+
+
+_affine3_tuned = _tuned(_affine3_kernel, ["M", "N", "K"])
+_codebook4_tuned = _tuned(_codebook4_kernel, ["M", "N", "K"])
+_grouped_affine3_tuned = _tuned(_grouped_affine3_kernel, ["N", "K"])
+
+
+def _autotune(x: torch.Tensor, block_n, block_k) -> bool:
+    return x.is_cuda and block_n is None and block_k is None and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _launch(kernel, tuned, x, rows_grid, n: int, extra_grid: tuple, block_n, block_k, args, meta: dict):
+    """Runs `kernel` with fixed tiles (interpreter, or pinned by the caller) or its autotuned twin on CUDA."""
+    bm = 16 if rows_grid <= 16 else 32
+    if _autotune(x, block_n, block_k):
+        grid = (lambda cfg: (max(triton.cdiv(rows_grid, bm), 1), triton.cdiv(n, cfg["BLOCK_N"]), *extra_grid))
+        tuned[grid](*args, **meta, BLOCK_M=bm)
+    else:
+        bn, bk = block_n or 64, block_k or 64
+        grid = (max(triton.cdiv(rows_grid, bm), 1), triton.cdiv(n, bn), *extra_grid)
+        kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
 
 
 def affine3_matmul(x: torch.Tensor, packed, scale, zero, k: int, group: int, u=None, v=None,
-                   block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+                   block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
     """y = x @ deq(W)^T (+ (x @ V^T) @ U^T), x [M, K] -> y [M, N] in x's dtype."""
     x2 = x.reshape(-1, k).float().contiguous()  # fp32 into tl.dot (the interpreter's bf16 dot is wrong)
     m, n = x2.shape[0], packed.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=torch.float32)
-    bm, bn, bk = _blocks(m, block_n, block_k)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _affine3_kernel[grid](x2, packed, scale, zero, y, m, n, k, packed.shape[1], scale.shape[1], x2.stride(0),
-                          y.stride(0), GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    _launch(_affine3_kernel, _affine3_tuned, x2, m, n, (), block_n, block_k,
+            (x2, packed, scale, zero, y, m, n, k, packed.shape[1], scale.shape[1], x2.stride(0), y.stride(0)),
+            {"GROUP": group})
     if u is not None:
         y += (x2 @ v.float().T) @ u.float().T
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def codebook4_matmul(x: torch.Tensor, packed, centroids, k: int, block_n: int = 64, block_k: int = 64):
+def codebook4_matmul(x: torch.Tensor, packed, centroids, k: int, block_n: int | None = None,
+                     block_k: int | None = None):
     x2 = x.reshape(-1, k).float().contiguous()
     m, n = x2.shape[0], packed.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=torch.float32)
-    bm, bn, bk = _blocks(m, block_n, block_k)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _codebook4_kernel[grid](x2, packed, centroids, y, m, n, k, packed.shape[1], centroids.shape[1], x2.stride(0),
-                            y.stride(0), GROUP=k // centroids.shape[1], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    _launch(_codebook4_kernel, _codebook4_tuned, x2, m, n, (), block_n, block_k,
+            (x2, packed, centroids, y, m, n, k, packed.shape[1], centroids.shape[1], x2.stride(0), y.stride(0)),
+            {"GROUP": k // centroids.shape[1]})
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def grouped_affine3_matmul(x_sorted, expert_offsets, packed, scale, zero, k: int, group: int,
-                           max_rows_per_expert: int, block_n: int = 64, block_k: int = 64):
+                           max_rows_per_expert: int, block_n: int | None = None, block_k: int | None = None):
     """MoE: x_sorted [T, K] grouped by expert (offsets [E+1]), packed [E, N, words] -> y [T, N]."""
     x2 = x_sorted.float().contiguous()
     t, (e, n) = x2.shape[0], packed.shape[:2]
     y = torch.zeros(t, n, device=x2.device, dtype=torch.float32)
-    bm, bn, bk = _blocks(max(max_rows_per_expert, 1), block_n, block_k)
-    grid = (max(triton.cdiv(max_rows_per_expert, bm), 1), triton.cdiv(n, bn), e)
-    _grouped_affine3_kernel[grid](x2, expert_offsets.to(torch.int32).contiguous(), packed, scale, zero, y, n, k,
-                                  packed.shape[2], scale.shape[2], x2.stride(0), y.stride(0), GROUP=group,
-                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    _launch(_grouped_affine3_kernel, _grouped_affine3_tuned, x2, max(max_rows_per_expert, 1), n, (e,), block_n,
+            block_k, (x2, expert_offsets.to(torch.int32).contiguous(), packed, scale, zero, y, n, k,
+                      packed.shape[2], scale.shape[2], x2.stride(0), y.stride(0)), {"GROUP": group})
     return y.to(x_sorted.dtype)

@@ -232,9 +232,10 @@ def _swap_experts(model, module_name: str, projections: dict, backend: str) -> N
     if set(projections) != {"gate_up_proj", "down_proj"}:
         return
     try:
-        new = QuantExperts([projections["gate_up_proj"][e] for e in range(old.gate_up_proj.shape[0])],
-                           [projections["down_proj"][e] for e in range(old.down_proj.shape[0])],
-                           old.down_proj.shape[1], old.down_proj.shape[2], old.act_fn, backend)
+        e, hidden, inter = old.down_proj.shape
+        new = QuantExperts(stack_experts([projections["gate_up_proj"][i] for i in range(e)], 2 * inter, hidden),
+                           stack_experts([projections["down_proj"][i] for i in range(e)], hidden, inter),
+                           hidden, inter, old.act_fn, backend)
     except (ValueError, KeyError) as exc:
         import warnings
 
@@ -242,3 +243,33 @@ def _swap_experts(model, module_name: str, projections: dict, backend: str) -> N
         return
     parent_name, _, leaf = module_name.rpartition(".")
     setattr(model.get_submodule(parent_name), leaf, new)
+
+
+def stack_experts(results: list, n: int, k: int) -> dict:
+    """Per-expert quantization results (QTensor, MiLoTensor, CodebookTensor) of one [E x (n, k)] projection -> the
+    stacked buffers kernels.modules.QuantExperts takes. Compensators of different ranks are zero-padded."""
+    kinds = {type(r) for r in results}
+    if len(kinds) != 1:
+        raise ValueError(f"experts of one projection mix formats {sorted(k.__name__ for k in kinds)}")
+    if isinstance(results[0], CodebookTensor):
+        groups = {r.centroids.shape[1] for r in results}
+        if len(groups) != 1:
+            raise ValueError("experts of one projection have different codebook groups")
+        return {"bits": 4, "group": k // groups.pop(), "packed": torch.stack([r.packed for r in results]),
+                "centroids": torch.stack([r.centroids for r in results])}
+    bases = [r.base if isinstance(r, MiLoTensor) else r for r in results]
+    if len({(b.bits, b.group_size) for b in bases}) != 1:
+        raise ValueError("experts of one projection have different bits or group sizes")
+    tensors = {name: torch.stack([getattr(b, name) for b in bases]) for name in ("packed", "scale", "zero")}
+    ranks = [r.rank if isinstance(r, MiLoTensor) else 0 for r in results]
+    rmax = max(ranks)
+    tensors["u"] = tensors["v"] = None
+    if rmax:
+        u = torch.zeros(len(results), n, rmax)
+        v = torch.zeros(len(results), rmax, k)
+        for e, (r, rank) in enumerate(zip(results, ranks)):
+            if rank:
+                u[e, :, :rank] = r.u.dequantize()
+                v[e, :rank] = r.v.dequantize()
+        tensors["u"], tensors["v"] = u, v
+    return {"bits": bases[0].bits, "group": bases[0].group_size, **tensors}

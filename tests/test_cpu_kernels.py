@@ -10,6 +10,7 @@ from kernels import cpu
 from kernels import reference as ref
 from kernels.modules import QuantExperts, QuantLinear
 from quant.base import quantize_rtn
+from quant.checkpoint import stack_experts
 from quant.codebook import quantize_codebook
 from quant.milo import quantize_milo
 
@@ -141,7 +142,7 @@ def test_quant_experts_match_a_loop_over_experts(fmt):
         gu = [quantize_codebook(torch.randn(2 * I, H) * 0.05, None) for _ in range(E)]
         dn = [quantize_codebook(torch.randn(H, I) * 0.05, 32) for _ in range(E)]
     for backend in ("auto", "reference"):
-        experts = QuantExperts(gu, dn, H, I, act, backend)
+        experts = QuantExperts(stack_experts(gu, 2 * I, H), stack_experts(dn, H, I), H, I, act, backend)
         for T in (1, 5, 60):  # 60 tokens x top-2 of 4: > 16 rows per expert takes the prefill path
             x = torch.randn(T, H)
             idx = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
@@ -176,3 +177,20 @@ def test_packed_runtime_serves_fused_experts(tmp_path):
         torch.testing.assert_close(packed(ids).logits, want, rtol=1e-4, atol=1e-4)
         with torch.no_grad():  # decode: one token at a time through the kernel path
             torch.testing.assert_close(packed(ids[:, :1]).logits, model(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_layouts_the_cpu_kernel_does_not_take_fall_back_with_one_warning():
+    torch.manual_seed(6)
+    w = torch.randn(24, 96) * 0.05
+    q = quantize_rtn(w, 3, 48)  # 3-bit groups of 48: not whole 32-code blocks
+    layer = QuantLinear(96, 24, packed=q.packed, scale=q.scale, zero=q.zero, bits=3, group=48)
+    cb = quantize_codebook(w, 12)  # codebook groups of 12
+    layer_cb = QuantLinear(96, 24, packed=cb.packed, centroids=cb.centroids, bits=4, group=12)
+    x = torch.randn(2, 96)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer_cb(x), x @ cb.dequantize().T, rtol=1e-5, atol=1e-5)
+    messages = [str(c.message) for c in caught if "CPU kernel does not take" in str(c.message)]
+    assert len(messages) == 2 and "48" in messages[0]

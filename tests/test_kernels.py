@@ -115,3 +115,34 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, (out.stdout + out.stderr)[-3000:]
+
+
+def test_quant_experts_triton_paths_in_the_interpreter():
+    """RTN experts take the grouped kernel (one launch), MiLo and codebook experts the per-expert kernels."""
+    code = r'''
+import torch
+from kernels.modules import QuantExperts
+from quant.base import quantize_rtn
+from quant.checkpoint import stack_experts
+from quant.codebook import quantize_codebook
+from quant.milo import quantize_milo
+torch.manual_seed(0)
+E, H, I = 3, 64, 32
+act = torch.nn.functional.silu
+makers = {"rtn": lambda n, k: quantize_rtn(torch.randn(n, k) * 0.05, 3, 32),
+          "milo": lambda n, k: quantize_milo(torch.randn(n, k) * 0.05, rank=2, rounds=1, group_size=32),
+          "codebook": lambda n, k: quantize_codebook(torch.randn(n, k) * 0.05, None)}
+for name, make in makers.items():
+    gu = [make(2 * I, H) for _ in range(E)]
+    dn = [make(H, I) for _ in range(E)]
+    x = torch.randn(5, H)
+    idx = torch.tensor([[0, 2], [2, 0], [0, 2], [2, 0], [0, 2]])  # expert 1 gets no tokens
+    wt = torch.rand(5, 2)
+    got = QuantExperts(stack_experts(gu, 2 * I, H), stack_experts(dn, H, I), H, I, act, "triton")(x, idx, wt)
+    want = QuantExperts(stack_experts(gu, 2 * I, H), stack_experts(dn, H, I), H, I, act, "reference")(x, idx, wt)
+    assert torch.allclose(got, want, rtol=2e-3, atol=2e-3), name
+print("ok")
+'''
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, (out.stdout + out.stderr)[-3000:]
