@@ -178,8 +178,10 @@ def pick_device(device: str) -> torch.device:
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
-               quant_runtime: str = "dequantized", quant_backend: str = "auto"):
-    """Load (model, tokenizer) for a zoo name, directory or hub id; eval mode, on the chosen device."""
+               quant_runtime: str = "auto", quant_backend: str = "auto"):
+    """Load (model, tokenizer) for a zoo name, directory or hub id; eval mode, on the chosen device. A quantized
+    checkpoint runs `quant_runtime` "packed" (QuantLinear / QuantExperts on the kernels) or "dequantized"; "auto"
+    packs on CPU, where the CPU kernels are built and measured, and dequantizes on CUDA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_dir(name)
@@ -187,6 +189,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto", trust_re
     if (Path(str(path)) / "specmoe_quant.json").is_file():  # a quantized checkpoint (pipelines.quantize)
         from quant.checkpoint import load_quantized
 
+        if quant_runtime == "auto":
+            quant_runtime = "packed" if pick_device(device).type == "cpu" else "dequantized"
         model = load_quantized(path, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype,
                                runtime=quant_runtime, backend=quant_backend)
     else:

@@ -38,8 +38,9 @@ class ModelConfig:
     dtype: str = choice("float32", ["float32", "bfloat16", "float16", "auto"])
     device: str = choice("auto", ["auto", "cpu", "cuda"])
     trust_remote_code: bool = False
-    quant_runtime: str = choice("dequantized", ["dequantized", "packed"],
-                                help="quantized checkpoints: dequantized weights, or packed modules with kernels")
+    quant_runtime: str = choice("auto", ["auto", "dequantized", "packed"],
+                                help="quantized checkpoints: dequantized weights, or packed modules with kernels; "
+                                     "auto: packed on CPU (the CPU kernels), dequantized on CUDA")
     quant_backend: str = choice("auto", ["auto", "triton", "cpu", "reference"], help="packed runtime: force a kernel path")
 
 
