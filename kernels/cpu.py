@@ -1,5 +1,6 @@
 """The CPU kernels (kernels/csrc/qmatmul_cpu.cpp): a C++ extension built with torch's extension tools at first
-use (about a minute, once; `-O3 -march=native`, AVX2/FMA/F16C when the CPU has them) and cached under
+use (about a minute, once; `-O3 -march=native`: AVX-512 VBMI or AVX2/FMA/F16C paths when the CPU has them, a
+scalar path elsewhere, e.g. on ARM) and cached under
 `$SPECMOE_CACHE/torch_extensions` (default `~/.cache/specmoe`). Chosen over `torch.compile` by measurement
 (`python -m pipelines.bench kernels`: both are timed side by side).
 
@@ -25,10 +26,22 @@ _ext = None
 _failed: str | None = None
 
 
+# SPECMOE_CPU_ISA picks the code path compiled in: native (the build machine's best: AVX-512 VBMI, else AVX2+FMA,
+# else scalar), avx2 (no AVX-512) or scalar (no SIMD intrinsics); the latter two exist to test those paths here.
+ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=native", "-mno-avx512f"], "scalar": []}
+
+
+def _isa() -> str:
+    isa = os.environ.get("SPECMOE_CPU_ISA", "native")
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"SPECMOE_CPU_ISA={isa!r}: use one of {sorted(ISA_FLAGS)}")
+    return isa
+
+
 def build_dir() -> Path:
     root = Path(os.environ.get("SPECMOE_CACHE", Path.home() / ".cache" / "specmoe"))
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    return root / "torch_extensions" / f"qmatmul_cpu_{digest}"
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _isa().encode()).hexdigest()[:12]
+    return root / "torch_extensions" / f"qmatmul_cpu_{_isa()}_{digest}"
 
 
 def load():
@@ -44,8 +57,9 @@ def load():
             out.mkdir(parents=True, exist_ok=True)
             try:
                 _ext = cpp_extension.load(
-                    name="specmoe_qmatmul_cpu", sources=[str(SOURCE)], build_directory=str(out),
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                    name=f"specmoe_qmatmul_cpu_{_isa()}", sources=[str(SOURCE)], build_directory=str(out),
+                    extra_cflags=["-O3", *ISA_FLAGS[_isa()], "-fopenmp"], extra_ldflags=["-fopenmp"],
+                    verbose=False)
             except (RuntimeError, OSError, ImportError) as exc:  # no compiler or headers: the reference
                 _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                 warnings.warn(f"the CPU kernels could not be built ({_failed}); using the torch reference",

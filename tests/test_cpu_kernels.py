@@ -194,3 +194,40 @@ def test_layouts_the_cpu_kernel_does_not_take_fall_back_with_one_warning():
             torch.testing.assert_close(layer_cb(x), x @ cb.dequantize().T, rtol=1e-5, atol=1e-5)
     messages = [str(c.message) for c in caught if "CPU kernel does not take" in str(c.message)]
     assert len(messages) == 2 and "48" in messages[0]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_other_instruction_set_paths_match_the_reference(isa):
+    """The AVX2 and scalar paths (what CPUs without AVX-512 VBMI, e.g. ARM laptops, run), built separately."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = r"""
+import torch
+from kernels import cpu, reference as ref
+from quant.base import quantize_rtn
+from quant.codebook import quantize_codebook
+from quant.milo import quantize_milo
+assert cpu.load().isa() == "{isa}", cpu.load().isa()
+torch.manual_seed(0)
+for m, n, k, group in [(1, 40, 96, 32), (9, 33, 200, 64), (3, 17, 576, 128)]:
+    mt = quantize_milo(torch.randn(n, k) * 0.05, rank=3, rounds=1, group_size=group, pad=True)
+    b = mt.base
+    x = torch.randn(m, k)
+    got = cpu.affine3_grouped(x, cpu.dense_offsets(m), b.packed[None].contiguous(), b.scale[None].contiguous(),
+                              b.zero[None].contiguous(), group, mt.u.dequantize()[None].contiguous(),
+                              mt.v.dequantize()[None].contiguous())
+    want = x @ mt.dequantize().T
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (m, n, k)
+    if k % 32 == 0:
+        cb = quantize_codebook(torch.randn(n, k) * 0.05, 32)
+        got = cpu.codebook4_grouped(x, cpu.dense_offsets(m), cb.packed[None].contiguous(),
+                                    cb.centroids[None].contiguous())
+        assert torch.allclose(got, ref.codebook_matmul(x, cb.packed, cb.centroids, k), rtol=1e-4, atol=1e-4)
+print("ok")
+""".replace("{isa}", isa)
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         env={**os.environ, "SPECMOE_CPU_ISA": isa}, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and "ok" in out.stdout, (out.stdout + out.stderr)[-3000:]

@@ -191,12 +191,19 @@ void codebook4_rows_avx512(const uint32_t* row, const at::Half* cent, int64_t G,
   }
 #endif
 
-struct Problem {
-  const float* x;       // [R, K]
-  const int64_t* offsets;  // [E + 1]
-  int64_t E, N, K, R;
-  float* y;             // [R, N]
-};
+// Calls fn(e, n, lo, hi) for output row n of every expert e that has rows lo..hi, in blocks of kBlockN output
+// rows split over torch's threads (one task when the work is small).
+template <typename F>
+void for_each_weight_row(int64_t E, int64_t N, int64_t K, int64_t R, const int64_t* off, const F& fn) {
+  const int64_t nblocks = (N + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, E * nblocks, grain(N, K, (R + E - 1) / E), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e = b / nblocks, n0 = (b % nblocks) * kBlockN, n1 = std::min(N, n0 + kBlockN);
+      if (off[e + 1] == off[e]) continue;
+      for (int64_t n = n0; n < n1; ++n) fn(e, n, off[e], off[e + 1]);
+    }
+  });
+}
 
 void check_common(const torch::Tensor& x, const torch::Tensor& offsets, const torch::Tensor& packed) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
@@ -261,63 +268,55 @@ torch::Tensor affine3_grouped(torch::Tensor x, torch::Tensor offsets, torch::Ten
         for (int64_t j = 0; j < rank; ++j) t[r * rank + j] = dot(vp + (e * rank + j) * K, xp + r * K, K);
   }
   const float* up = comp ? u.data_ptr<float>() : nullptr;
-  const int64_t nblocks = (N + kBlockN - 1) / kBlockN;
-
-  at::parallel_for(0, E * nblocks, grain(N, K, (R + E - 1) / E), [&](int64_t b0, int64_t b1) {
-    std::vector<float> wq(group);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t e = b / nblocks, n0 = (b % nblocks) * kBlockN, n1 = std::min(N, n0 + kBlockN);
-      const int64_t lo = off[e], hi = off[e + 1];
-      if (hi == lo) continue;
-      for (int64_t n = n0; n < n1; ++n) {
-        const uint32_t* row = pw + (e * N + n) * W;
-        const at::Half* srow = sp + (e * N + n) * G;
-        const at::Half* zrow = zp + (e * N + n) * G;
-        for (int64_t r0 = lo; r0 < hi; r0 += 8) {  // up to 8 rows share each unpacked group
-          const int64_t rn = std::min<int64_t>(8, hi - r0);
+  for_each_weight_row(E, N, K, R, off, [&](int64_t e, int64_t n, int64_t lo, int64_t hi) {
+    thread_local std::vector<float> wq;
+    wq.resize(group);
+    const uint32_t* row = pw + (e * N + n) * W;
+    const at::Half* srow = sp + (e * N + n) * G;
+    const at::Half* zrow = zp + (e * N + n) * G;
+    for (int64_t r0 = lo; r0 < hi; r0 += 8) {  // up to 8 rows share each unpacked group
+      const int64_t rn = std::min<int64_t>(8, hi - r0);
 #if SPECMOE_AVX512
-          float res[8];
-          SPECMOE_DISPATCH_RN(rn, affine3_rows_avx512, row, srow, zrow, G, group, &xpad[r0 * Kp], Kp,
-                              &xsum[r0 * G], res)
-          for (int64_t i = 0; i < rn; ++i) {
-            float out = res[i];
-            if (comp) out += dot(up + (e * N + n) * rank, &t[(r0 + i) * rank], rank);
-            yp[(r0 + i) * N + n] = out;
-          }
-          continue;
+      float res[8];
+      SPECMOE_DISPATCH_RN(rn, affine3_rows_avx512, row, srow, zrow, G, group, &xpad[r0 * Kp], Kp,
+                          &xsum[r0 * G], res)
+      for (int64_t i = 0; i < rn; ++i) {
+        float out = res[i];
+        if (comp) out += dot(up + (e * N + n) * rank, &t[(r0 + i) * rank], rank);
+        yp[(r0 + i) * N + n] = out;
+      }
+      continue;
 #endif
 #if SPECMOE_AVX2
-          __m256 acc[8];
-          for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
 #else
-          float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #endif
-          float corr[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          for (int64_t g = 0; g < G; ++g) {
-            const float s = half_to_float(srow[g]), sz = s * half_to_float(zrow[g]);
-            unpack3(row + g * group / 32 * 3, group, wq.data());
+      float corr[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = half_to_float(srow[g]), sz = s * half_to_float(zrow[g]);
+        unpack3(row + g * group / 32 * 3, group, wq.data());
 #if SPECMOE_AVX2
-            const __m256 vs = _mm256_set1_ps(s);
-            for (int64_t k = 0; k < group; k += 8) {
-              const __m256 w8 = _mm256_mul_ps(_mm256_loadu_ps(&wq[k]), vs);
-              for (int64_t i = 0; i < rn; ++i)
-                acc[i] = _mm256_fmadd_ps(w8, _mm256_loadu_ps(&xpad[(r0 + i) * Kp + g * group + k]), acc[i]);
-            }
-#else
-            for (int64_t i = 0; i < rn; ++i) acc[i] += s * dot(wq.data(), &xpad[(r0 + i) * Kp + g * group], group);
-#endif
-            for (int64_t i = 0; i < rn; ++i) corr[i] += sz * xsum[(r0 + i) * G + g];
-          }
-          for (int64_t i = 0; i < rn; ++i) {
-#if SPECMOE_AVX2
-            float out = hsum(acc[i]) - corr[i];
-#else
-            float out = acc[i] - corr[i];
-#endif
-            if (comp) out += dot(up + (e * N + n) * rank, &t[(r0 + i) * rank], rank);
-            yp[(r0 + i) * N + n] = out;
-          }
+        const __m256 vs = _mm256_set1_ps(s);
+        for (int64_t k = 0; k < group; k += 8) {
+          const __m256 w8 = _mm256_mul_ps(_mm256_loadu_ps(&wq[k]), vs);
+          for (int64_t i = 0; i < rn; ++i)
+            acc[i] = _mm256_fmadd_ps(w8, _mm256_loadu_ps(&xpad[(r0 + i) * Kp + g * group + k]), acc[i]);
         }
+#else
+        for (int64_t i = 0; i < rn; ++i) acc[i] += s * dot(wq.data(), &xpad[(r0 + i) * Kp + g * group], group);
+#endif
+        for (int64_t i = 0; i < rn; ++i) corr[i] += sz * xsum[(r0 + i) * G + g];
+      }
+      for (int64_t i = 0; i < rn; ++i) {
+#if SPECMOE_AVX2
+        float out = hsum(acc[i]) - corr[i];
+#else
+        float out = acc[i] - corr[i];
+#endif
+        if (comp) out += dot(up + (e * N + n) * rank, &t[(r0 + i) * rank], rank);
+        yp[(r0 + i) * N + n] = out;
       }
     }
   });
@@ -344,60 +343,51 @@ torch::Tensor codebook4_grouped(torch::Tensor x, torch::Tensor offsets, torch::T
   const uint32_t* pw = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
   const at::Half* cp = centroids.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
-  const int64_t nblocks = (N + kBlockN - 1) / kBlockN;
-
-  at::parallel_for(0, E * nblocks, grain(N, K, (R + E - 1) / E), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t e = b / nblocks, n0 = (b % nblocks) * kBlockN, n1 = std::min(N, n0 + kBlockN);
-      const int64_t lo = off[e], hi = off[e + 1];
-      if (hi == lo) continue;
-      for (int64_t n = n0; n < n1; ++n) {
-        const uint32_t* row = pw + (e * N + n) * W;
-        for (int64_t r0 = lo; r0 < hi; r0 += 8) {
-          const int64_t rn = std::min<int64_t>(8, hi - r0);
+  for_each_weight_row(E, N, K, R, off, [&](int64_t e, int64_t n, int64_t lo, int64_t hi) {
+    const uint32_t* row = pw + (e * N + n) * W;
+    for (int64_t r0 = lo; r0 < hi; r0 += 8) {
+      const int64_t rn = std::min<int64_t>(8, hi - r0);
 #if SPECMOE_AVX512
-          if (group % 16 == 0) {
-            float res[8];
-            SPECMOE_DISPATCH_RN(rn, codebook4_rows_avx512, row, cp + (e * N + n) * G * 16, G, group, xp + r0 * K,
-                                K, res)
-            for (int64_t i = 0; i < rn; ++i) yp[(r0 + i) * N + n] = res[i];
-            continue;
-          }
+      if (group % 16 == 0) {
+        float res[8];
+        SPECMOE_DISPATCH_RN(rn, codebook4_rows_avx512, row, cp + (e * N + n) * G * 16, G, group, xp + r0 * K,
+                            K, res)
+        for (int64_t i = 0; i < rn; ++i) yp[(r0 + i) * N + n] = res[i];
+        continue;
+      }
 #endif
 #if SPECMOE_AVX2
-          __m256 acc[8];
-          for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-          const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-          const __m256i fifteen = _mm256_set1_epi32(15);
-          for (int64_t g = 0; g < G; ++g) {
-            const at::Half* c = cp + ((e * N + n) * G + g) * 16;
-            const __m256 tlo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-            const __m256 thi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 8)));
-            for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
-              const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)row[k / 8]), shifts),
-                                                   fifteen);
-              const __m256 w8 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx),
-                                                 _mm256_permutevar8x32_ps(thi, idx),
-                                                 _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-              for (int64_t i = 0; i < rn; ++i)
-                acc[i] = _mm256_fmadd_ps(w8, _mm256_loadu_ps(xp + (r0 + i) * K + k), acc[i]);
-            }
-          }
-          for (int64_t i = 0; i < rn; ++i) yp[(r0 + i) * N + n] = hsum(acc[i]);
-#else
-          float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          for (int64_t g = 0; g < G; ++g) {
-            float table[16];
-            for (int j = 0; j < 16; ++j) table[j] = half_to_float(cp[((e * N + n) * G + g) * 16 + j]);
-            for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-              const float w = table[(row[k / 8] >> (4 * (k % 8))) & 15u];
-              for (int64_t i = 0; i < rn; ++i) acc[i] += w * xp[(r0 + i) * K + k];
-            }
-          }
-          for (int64_t i = 0; i < rn; ++i) yp[(r0 + i) * N + n] = acc[i];
-#endif
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+      const __m256i fifteen = _mm256_set1_epi32(15);
+      for (int64_t g = 0; g < G; ++g) {
+        const at::Half* c = cp + ((e * N + n) * G + g) * 16;
+        const __m256 tlo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+        const __m256 thi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 8)));
+        for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+          const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)row[k / 8]), shifts),
+                                               fifteen);
+          const __m256 w8 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx),
+                                             _mm256_permutevar8x32_ps(thi, idx),
+                                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+          for (int64_t i = 0; i < rn; ++i)
+            acc[i] = _mm256_fmadd_ps(w8, _mm256_loadu_ps(xp + (r0 + i) * K + k), acc[i]);
         }
       }
+      for (int64_t i = 0; i < rn; ++i) yp[(r0 + i) * N + n] = hsum(acc[i]);
+#else
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t g = 0; g < G; ++g) {
+        float table[16];
+        for (int j = 0; j < 16; ++j) table[j] = half_to_float(cp[((e * N + n) * G + g) * 16 + j]);
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+          const float w = table[(row[k / 8] >> (4 * (k % 8))) & 15u];
+          for (int64_t i = 0; i < rn; ++i) acc[i] += w * xp[(r0 + i) * K + k];
+        }
+      }
+      for (int64_t i = 0; i < rn; ++i) yp[(r0 + i) * N + n] = acc[i];
+#endif
     }
   });
   return y;
