@@ -1,7 +1,8 @@
 """Triton kernels for the quantized matmuls: y = x @ W^T with W unpacked and dequantized tile by tile.
 
 - `affine3_matmul`: 3-bit asymmetric per-group weights (MiLo's base; 32 codes in three int32 words, a code may
-  straddle two words), scale/zero per group; the low-rank compensator runs as a second small matmul.
+  straddle two words), scale/zero per group; the low-rank compensator is fused into the epilogue (a tl.dot of
+  t = x V^T with the U tile) or runs as two small matmuls after the kernel (both are benchmarked).
 - `codebook4_matmul`: 4-bit indices into per-row (or per-group) 16-entry float16 codebooks (CodeQuant).
 - `grouped_affine3_matmul`: the MoE form: tokens sorted by expert, every expert in one launch (program axis 2),
   rows of other experts masked; an empty expert costs its programs nothing but the launch.
@@ -42,9 +43,9 @@ def _affine3_tile(packed_ptr, scale_ptr, zero_ptr, rn, rk, N, K, words_per_row, 
 
 
 @triton.jit
-def _affine3_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, words_per_row, groups_per_row,
-                    stride_xm, stride_ym, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _affine3_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, t_ptr, u_ptr, M, N, K, words_per_row,
+                    groups_per_row, stride_xm, stride_ym, rank, GROUP: tl.constexpr, RANK_BLOCK: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -55,6 +56,13 @@ def _affine3_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, word
                     other=0.0).to(tl.float32)
         w = _affine3_tile(packed_ptr, scale_ptr, zero_ptr, rn, rk, N, K, words_per_row, groups_per_row, GROUP)
         acc += tl.dot(x, tl.trans(w))
+    if RANK_BLOCK > 0:  # the fused compensator: + (x V^T) U^T, with t = x V^T [M, rank] computed beforehand
+        rr = tl.arange(0, RANK_BLOCK)
+        t = tl.load(t_ptr + rm[:, None] * rank + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < rank),
+                    other=0.0)
+        u = tl.load(u_ptr + rn[:, None] * rank + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < rank),
+                    other=0.0).to(tl.float32)
+        acc += tl.dot(t, tl.trans(u))
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -136,15 +144,22 @@ def _launch(kernel, tuned, x, rows_grid, n: int, extra_grid: tuple, block_n, blo
 
 
 def affine3_matmul(x: torch.Tensor, packed, scale, zero, k: int, group: int, u=None, v=None,
-                   block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
-    """y = x @ deq(W)^T (+ (x @ V^T) @ U^T), x [M, K] -> y [M, N] in x's dtype."""
+                   block_n: int | None = None, block_k: int | None = None,
+                   fuse_compensator: bool = True) -> torch.Tensor:
+    """y = x @ deq(W)^T (+ (x @ V^T) @ U^T), x [M, K] -> y [M, N] in x's dtype. The compensator is added in the
+    kernel's epilogue (`fuse_compensator`, t = x V^T computed first) or as two more matmuls after it."""
     x2 = x.reshape(-1, k).float().contiguous()  # fp32 into tl.dot (the interpreter's bf16 dot is wrong)
     m, n = x2.shape[0], packed.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=torch.float32)
+    fused = u is not None and fuse_compensator
+    rank = u.shape[1] if fused else 0
+    t = (x2 @ v.float().T).contiguous() if fused else y  # (y: an unused placeholder pointer)
+    uu = u.contiguous() if fused else y
     _launch(_affine3_kernel, _affine3_tuned, x2, m, n, (), block_n, block_k,
-            (x2, packed, scale, zero, y, m, n, k, packed.shape[1], scale.shape[1], x2.stride(0), y.stride(0)),
-            {"GROUP": group})
-    if u is not None:
+            (x2, packed, scale, zero, y, t, uu, m, n, k, packed.shape[1], scale.shape[1], x2.stride(0),
+             y.stride(0), rank),
+            {"GROUP": group, "RANK_BLOCK": max(16, triton.next_power_of_2(rank)) if fused else 0})
+    if u is not None and not fused:
         y += (x2 @ v.float().T) @ u.float().T
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 

@@ -15,7 +15,8 @@ cpu (the C++ kernels of kernels/cpu.py, all torch threads):
                                     QuantLinear + QuantExperts on the CPU kernels) over the fp32 model, same
                                     engine and prompts, interleaved; `..._codequant` for CodeQuant 4-bit
 gpu (when CUDA is present; names the GPU): milo3_speedup_vs_fp16 and codebook4_speedup_vs_fp16 at batch 1, 4, 16
-  for a 4096 x 14336 weight (x [b, 4096] -> [b, 14336]) against fp16 `torch.matmul`, Triton kernels.
+  for a 4096 x 14336 weight (x [b, 4096] -> [b, 14336]) against fp16 `torch.matmul`, Triton kernels; milo3 with
+  the compensator fused into the epilogue, `milo3_unfused_compensator_*` with it as two matmuls after.
 """
 
 from __future__ import annotations
@@ -206,7 +207,8 @@ def _gpu(reps: int) -> dict:
         return statistics.median(times)
 
     out: dict = {"device": torch.cuda.get_device_name(dev), "shape": [k, n]}
-    for key in ("milo3_speedup_vs_fp16", "affine3_speedup_vs_fp16", "codebook4_speedup_vs_fp16", "fp16_us"):
+    for key in ("milo3_speedup_vs_fp16", "milo3_unfused_compensator_speedup_vs_fp16", "affine3_speedup_vs_fp16",
+                "codebook4_speedup_vs_fp16", "fp16_us"):
         out[key] = {}
     for batch in (1, 4, 16):
         x = torch.randn(batch, k, device=dev, dtype=torch.float16)
@@ -214,6 +216,8 @@ def _gpu(reps: int) -> dict:
         out["fp16_us"][str(batch)] = fp16 * 1e6
         out["milo3_speedup_vs_fp16"][str(batch)] = fp16 / timed(
             lambda x=x: tk.affine3_matmul(x, packed, scale, zero, k, 64, u, v))
+        out["milo3_unfused_compensator_speedup_vs_fp16"][str(batch)] = fp16 / timed(
+            lambda x=x: tk.affine3_matmul(x, packed, scale, zero, k, 64, u, v, fuse_compensator=False))
         out["affine3_speedup_vs_fp16"][str(batch)] = fp16 / timed(
             lambda x=x: tk.affine3_matmul(x, packed, scale, zero, k, 64))
         out["codebook4_speedup_vs_fp16"][str(batch)] = fp16 / timed(

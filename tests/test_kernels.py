@@ -34,8 +34,10 @@ for (m, n, k, group) in [(1, 40, 96, 32), (5, 70, 128, 64), (16, 33, 200, 64), (
     mt = quantize_milo(w, rank=4, rounds=2, group_size=group, pad=True)
     u, v = mt.u.dequantize().to(dev), mt.v.dequantize().to(dev)
     x = torch.randn(m, k, device=dev)
-    got = tk.affine3_matmul(x, *[t.to(dev) for t in (mt.base.packed, mt.base.scale, mt.base.zero)], k, group, u, v)
-    assert torch.allclose(got.cpu(), x.cpu() @ mt.dequantize().T, rtol=2e-3, atol=2e-3), "milo"
+    for fuse in (True, False):
+        got = tk.affine3_matmul(x, *[t.to(dev) for t in (mt.base.packed, mt.base.scale, mt.base.zero)], k, group,
+                                u, v, fuse_compensator=fuse)
+        assert torch.allclose(got.cpu(), x.cpu() @ mt.dequantize().T, rtol=2e-3, atol=2e-3), ("milo", fuse)
     if k % 32 == 0:
         cb = quantize_codebook(w, None if k % 64 else 64)
         x = torch.randn(m, k, device=dev)
