@@ -3,7 +3,7 @@
     python -m pipelines.bench engine --out bench-engine.json
     python -m pipelines.bench spec --out bench-spec.json [--num-problems 20] [--max-new-tokens 96]
     python -m pipelines.bench quant --out bench-quant.json
-    python -m pipelines.bench sapo --out bench-sapo.json [--num-problems 12] [--train-problems 160]
+    python -m pipelines.bench sapo --out bench-sapo.json [--num-problems 12] [--train-problems 128]
     python -m pipelines.bench kernels --out bench-kernels.json [--skip-moe] [--milo-checkpoint DIR]
 
 engine: on `smollm2-135m-instruct` (in-process engine, CPU unless a GPU is present), writes
@@ -290,7 +290,7 @@ def main(argv=None) -> None:
     parser.add_argument("--draft", default="smollm2-135m-draft-l6")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-prompts", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="engine, spec: 96; sapo: 128")
     parser.add_argument("--committed-tokens", type=int, default=320)
     parser.add_argument("--branch-tokens", type=int, default=24)
     parser.add_argument("--answer-tokens", type=int, default=1000)
@@ -304,7 +304,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="quant: pydoc tokens for perplexity")
     parser.add_argument("--rounds", type=int, default=5, help="quant: MiLo alternations")
     parser.add_argument("--calib-tokens", type=int, default=512, help="quant: CodeQuant calibration tokens")
-    parser.add_argument("--train-problems", type=int, default=160, help="sapo: training problems to collect")
+    parser.add_argument("--train-problems", type=int, default=128, help="sapo: training problems to collect")
     parser.add_argument("--train-offset", type=int, default=1000, help="sapo: first training problem index")
     parser.add_argument("--trajectories", default=None, help="sapo: reuse this trajectories.jsonl (no collect)")
     parser.add_argument("--collect-preset", default="sapo-train", help="sapo: collect preset for training data")
@@ -317,6 +317,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.num_problems is None:
         args.num_problems = 20 if args.suite == "spec" else 12
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 128 if args.suite == "sapo" else 96
     torch.set_num_threads(args.threads or os.cpu_count())
     torch.manual_seed(0)
     t0 = time.perf_counter()

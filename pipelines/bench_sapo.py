@@ -105,9 +105,13 @@ def _samples_per_s(args, trajectories: str) -> dict:
 
 
 def bench_sapo(args) -> dict:
+    from pipelines.config import SapoConfig, load_config
+
+    draft = load_config(SapoConfig, "sapo", [args.sapo_preset]).draft.name  # the recipe's draft, before training
     walls: dict[str, float] = {}
     out: dict = {"held_out_offset": args.offset, "num_problems": args.num_problems, "method": LR_METHOD,
-                 "sapo_preset": args.sapo_preset, "draft_before": args.draft}
+                 "max_new_tokens": args.max_new_tokens,
+                 "sapo_preset": args.sapo_preset, "draft_before": draft}
 
     t0 = _stage("1/5 collecting the target's trajectories on training problems")
     if args.trajectories:
@@ -119,11 +123,11 @@ def bench_sapo(args) -> dict:
                train_offset=args.train_offset, collect=collected)
 
     t0 = _stage(f"2/5 evaluating ar and {LR_METHOD} with the untrained draft on held-out problems")
-    before = _evaluate(args, args.draft, "before")
+    before = _evaluate(args, draft, "before")
     walls["evaluate_before_s"] = time.perf_counter() - t0
 
     t0 = _stage("3/5 SAPO: warm start + GRPO")
-    draft_dir, sapo_summary = _sapo(args, trajectories, "train", [f"draft.name={args.draft}"])
+    draft_dir, sapo_summary = _sapo(args, trajectories, "train", [])
     walls["sapo_s"] = time.perf_counter() - t0
 
     t0 = _stage(f"4/5 evaluating ar and {LR_METHOD} with the SAPO draft on the same problems")
