@@ -43,3 +43,14 @@ def test_unknown_key_in_yaml_file(tmp_path):
         load_config(CollectConfig, "collect", [str(f)])
     with pytest.raises(ConfigError, match="not found"):
         load_config(CollectConfig, "collect", [str(tmp_path / "missing.yaml")])
+
+
+def test_demo_sapo_stage_keys():
+    from pipelines.config import DemoConfig
+
+    cfg = load_config(DemoConfig, "demo", [])
+    assert cfg.sapo == "demo" and cfg.sapo_methods == ["lr_async+sd"]
+    assert cfg.evaluate.data.offset >= cfg.collect.data.offset + cfg.collect.data.num_problems  # held out
+    assert load_config(DemoConfig, "demo", ["sapo=null"]).sapo is None
+    with pytest.raises(ConfigError, match="sapo_methods"):
+        load_config(DemoConfig, "demo", ["sapo_methods=[lr_fast]"])
