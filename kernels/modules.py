@@ -90,6 +90,8 @@ class _Packed(nn.Module):
 
     def _pick(self, x: torch.Tensor, k: int, requested: str) -> str:
         backend = pick_backend(requested, x, self.kernel_bits)
+        if backend == "cpu" and x.requires_grad and torch.is_grad_enabled():
+            return "reference"  # the C++ kernel has no backward
         if backend == "cpu" and not self.cpu_supported(k):
             _warn_once(f"cpu-shape-{self.group}", f"the CPU kernel does not take this layout (group size "
                        f"{self.group if not self.is_codebook else k // self._centroids.shape[-2]}): using the "

@@ -105,6 +105,9 @@ def test_quant_linear_dispatch_cpu_kernel_prefill_path_and_fallback():
         x = torch.randn(*shape)
         torch.testing.assert_close(layer(x), x @ mt.dequantize().T, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer(x), ref_layer(x), rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 128, requires_grad=True)  # gradients flow (through the reference: the kernel has none)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, mt.dequantize().sum(0).expand(2, -1), rtol=1e-4, atol=1e-4)
     # float16 metadata survives model.to(dtype)
     assert layer.to(torch.float64).scale.dtype == torch.float16
     q4 = quantize_rtn(w, 4, 32)
