@@ -11,7 +11,8 @@ One run, side by side, on the demo models:
 5. GRPO throughput with 1 and 2 workers (short runs without warm start) when the SAPO job has
    `distributed.workers`; otherwise null with a note.
 
-Writes accept_rate_before/after (step accept rate of lr_async+sd: accepted / verified draft steps),
+Writes token_agreement_before/after (teacher-forced: the share of the target's greedy answer tokens on the
+held-out problems that the draft's argmax predicts), accept_rate_before/after (step accept rate of lr_async+sd: accepted / verified draft steps),
 accept_gain_points, tokens_per_draft_step_before/after (draft tokens per draft step request),
 lr_speedup_before/after (lr_async+sd tokens/s over ar's, same actors and run), samples_per_s_1_worker,
 samples_per_s_2_workers, plus the per-run summaries and wall times of every stage.
@@ -39,6 +40,33 @@ def _draft_tokens_per_step(run_dir: Path, method: str) -> float | None:
     return sum(r["draft_tokens"] for r in rows) / steps if steps else None
 
 
+def token_agreement(draft: str, eval_run_dir: Path, data_cfg) -> dict:
+    """Teacher-forced on the held-out problems: the share of the target's greedy answer tokens (the `ar` traces of
+    an evaluation) that the draft's argmax predicts from the same prefix, and the draft's mean NLL of them."""
+    import torch
+
+    from actors import zoo
+    from pipelines.data import load_problems, prompt_ids
+    from pipelines.runs import read_jsonl
+
+    problems = {p.id: p for p in load_problems(data_cfg).items}
+    model, tok = zoo.load_model(draft, device="cpu")
+    hits = tokens = 0
+    nll = 0.0
+    with torch.no_grad():
+        for row in read_jsonl(eval_run_dir / "traces" / "ar.jsonl"):
+            prompt = prompt_ids(tok, problems[row["problem_id"]], data_cfg)
+            answer = [t for step in row["steps"] for t in step["token_ids"]]
+            if not answer:
+                continue
+            logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].float()
+            target = torch.tensor(answer)
+            hits += (logits.argmax(-1) == target).sum().item()
+            nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            tokens += len(answer)
+    return {"token_agreement": hits / max(tokens, 1), "token_nll": nll / max(tokens, 1), "tokens": tokens}
+
+
 def _evaluate(args, draft: str, tag: str) -> dict:
     import ray
 
@@ -52,7 +80,8 @@ def _evaluate(args, draft: str, tag: str) -> dict:
     run_dir, summary = evaluate(cfg)
     ray.shutdown()
     s = summary["methods"][LR_METHOD]
-    return {"run_dir": str(run_dir), "draft": draft, "step_accept_rate": s["step_accept_rate"],
+    agreement = token_agreement(draft, run_dir, cfg.data)
+    return {**agreement, "run_dir": str(run_dir), "draft": draft, "step_accept_rate": s["step_accept_rate"],
             "verifications": s["verifications"], "accept_rate_by_depth": s["accept_rate_by_depth"],
             "tokens_per_draft_step": _draft_tokens_per_step(run_dir, LR_METHOD), "speedup": s["speedup"],
             "predicted_speedup": s["predicted_speedup"], "step_cost_ratio": s["step_cost_ratio"],
@@ -143,7 +172,8 @@ def bench_sapo(args) -> dict:
         accept_gain_points=100 * (after["step_accept_rate"] - before["step_accept_rate"]),
         tokens_per_draft_step_before=before["tokens_per_draft_step"],
         tokens_per_draft_step_after=after["tokens_per_draft_step"],
-        lr_speedup_before=before["speedup"], lr_speedup_after=after["speedup"], **throughput)
+        lr_speedup_before=before["speedup"], lr_speedup_after=after["speedup"], **throughput,
+        token_agreement_before=before["token_agreement"], token_agreement_after=after["token_agreement"])
     out["targets_met"] = {
         "accept_gain_points_ge_15": out["accept_gain_points"] >= 15,
         "tokens_per_draft_step_not_larger": (out["tokens_per_draft_step_after"] or 0)
