@@ -257,6 +257,10 @@ class QuantizeConfig:
     rotation_lr: float = bounded(1e-3, ge=0)
     finetune_steps: int = bounded(10, ge=0)
     finetune_lr: float = bounded(1e-2, ge=0)
+    block_finetune_steps: int = bounded(0, ge=0, help="codequant: steps of block-level centroid fine-tuning after "
+                                        "the per-linear one (layer output MSE + router KL); 0 = off")
+    router_kl_weight: float = bounded(1.0, ge=0, help="codequant: weight of KL(router_fp || router_q) in the block "
+                                      "loss (MoE layers)")
 
 
 @dataclass

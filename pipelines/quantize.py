@@ -119,6 +119,26 @@ def _task(w: torch.Tensor, spec: QuantSpec, rank: int, name: str, threads: int, 
     return ckpt.tensors_of(name, result), ckpt.manifest_entry(result, ""), time.perf_counter() - t0
 
 
+def block_finetune(cfg: QuantizeConfig, model, tok, items, results: dict) -> tuple[dict, dict]:
+    """CodeQuant's block-level centroid fine-tuning in the driver (layer by layer: each layer sees the quantized
+    layers before it): layer output MSE + `router_kl_weight` x router KL. The model keeps its fp weights.
+    Returns the updated results and the last layer's {mse,kl}_{before,after}."""
+    from quant.codequant import finetune_blocks
+
+    ids = tok(pydoc_text(), return_tensors="pt").input_ids[0, :cfg.calib_tokens]
+    fp = {t.name: t.get().clone() for t, _ in items}
+    results = dict(results)
+    t0 = time.perf_counter()
+    stats = finetune_blocks(model, ids, results, cfg.block_finetune_steps, cfg.finetune_lr, cfg.router_kl_weight)
+    with torch.no_grad():
+        for t, _ in items:
+            t.set(fp[t.name])
+    last = {f"block_{k}": v for k, v in stats[max(stats)].items()}
+    last["block_finetune_s"] = time.perf_counter() - t0
+    print("block fine-tuning (last layer): " + json.dumps({k: round(v, 6) for k, v in last.items()}))
+    return results, last
+
+
 def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
     import ray
 
@@ -173,14 +193,19 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
         with safe_open(str(path), "pt") as f:
             entry = json.loads(f.metadata()["entry"])
         results[target.name] = ckpt.result_from(load_file(str(path)), target.name, entry)
+    block_stats: dict = {}
+    if cfg.method == "codequant" and cfg.block_finetune_steps:
+        results, block_stats = block_finetune(cfg, model, tok, items, results)
     weights = sum(t.get().numel() for t, _ in items)
     bpw = sum(storage_bits(r) for r in results.values()) / weights
     meta = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "rank_policy": cfg.rank_policy,
             "spec": json.loads(spec_json), "source_model": cfg.model.name, "source_fingerprint": source,
             "bits_per_weight": bpw}
+    if cfg.method == "codequant":
+        meta.update(block_finetune_steps=cfg.block_finetune_steps, router_kl_weight=cfg.router_kl_weight)
     ckpt.save(out, model, tok, results, meta)
     summary = {"checkpoint": str(out), "tensors": len(items), "bits_per_weight": bpw, "quantize_s": quantize_s,
-               "task_s": task_s, "num_workers": cfg.num_workers, "method": cfg.method}
+               "task_s": task_s, "num_workers": cfg.num_workers, "method": cfg.method, **block_stats}
     if cfg.ppl_tokens:
         ids = tok(pydoc_text(), return_tensors="pt").input_ids[0, -cfg.ppl_tokens:]
         summary["ppl_source"] = perplexity(model, ids, cfg.ppl_window)  # (rotated, for codequant: same outputs)

@@ -10,8 +10,11 @@ per-row 16-centroid codebooks whose centroids are fine-tuned on real text.
    down write into it (W <- R^T W). The fp model's outputs are unchanged (tested).
 4. `codebooks` + `finetune_centroids`: k-means++ codebooks per output row, then SGD on the centroids against each
    linear's fp output on calibration inputs (a centroid moves by the mean gradient of its members), re-assigning
-   weights to the nearest centroid after every step. The local loss here is each linear's output MSE; the
-   paper's block-level router-KL term is not used yet.
+   weights to the nearest centroid after every step; each linear's output MSE is the loss.
+5. `finetune_blocks` (optional, after 4): the paper's block-level loss, layer by layer on the input from the
+   already quantized layers before it: the layer's output MSE to the fp layer plus, for MoE layers, a weighted
+   KL(router_fp || router_q) of the (fp) router on the fp vs quantized MLP input; a step is kept only if the
+   layer's loss falls.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quant.codebook import CodebookTensor, quantize_codebook
 from kernels.packing import pack
+from quant.codebook import CodebookTensor, quantize_codebook
 from quant.targets import ROUTER_NAMES, Target, quant_targets
 
 
@@ -252,3 +255,150 @@ def add_activation_fake_quant(model, bits: int = 4) -> list:
             if isinstance(module, nn.Linear) or isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
                 handles.append(module.register_forward_pre_hook(pre_hook))
     return handles
+
+
+class _Stop(Exception):
+    pass
+
+
+def router_kl(logits_fp: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(router_fp || router_q) between the routers' softmax distributions."""
+    p = torch.log_softmax(logits_fp.float(), -1)
+    q = torch.log_softmax(logits_q.float(), -1)
+    return (p.exp() * (p - q)).sum(-1).mean()
+
+
+def _router_weight(layer: nn.Module) -> torch.Tensor | None:
+    for name, module in layer.mlp.named_modules():
+        weight = getattr(module, "weight", None)
+        if name.rsplit(".", 1)[-1] in ("gate", "router") and isinstance(weight, nn.Parameter) and weight.dim() == 2:
+            return weight
+    return None
+
+
+def _layer_call(model, ids: torch.Tensor, li: int):
+    """The args and kwargs decoder layer `li` is called with (the model runs up to it and stops)."""
+    got = {}
+
+    def pre(m, args, kwargs):
+        got["args"], got["kwargs"] = args, kwargs
+        raise _Stop
+
+    h = model.model.layers[li].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(ids.unsqueeze(0), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got["args"], got["kwargs"]
+
+
+def _run_layer(layer: nn.Module, overrides: dict, args, kwargs):
+    """(layer output, MLP input) with some parameters replaced by tensors that carry gradients."""
+    seen = {}
+    h = layer.post_attention_layernorm.register_forward_hook(lambda m, i, o: seen.__setitem__("mlp_in", o))
+    try:
+        out = torch.func.functional_call(layer, overrides, args, kwargs)
+    finally:
+        h.remove()
+    out = out[0] if isinstance(out, tuple) else out
+    return out.float(), seen["mlp_in"].float()
+
+
+def _block_loss(params, layer, mine, prefix, args, kwargs, y_fp, scale, logits_fp, rw):
+    """(normalised output MSE, router KL) of one decoder layer whose targets take the weights gathered from
+    `params` (name -> (centroids [out, 16], indices [out, in]))."""
+    overrides, fused = {}, {}
+    for t in mine:
+        w = torch.gather(params[t.name][0], 1, params[t.name][1])
+        pname = t.name[len(prefix):] if t.index is None else t.name[len(prefix):].rsplit(".", 1)[0]
+        if t.index is None:
+            overrides[pname] = w.to(t.param.dtype)
+        else:
+            fused.setdefault(pname, (t.param, {}))[1][t.index] = w
+    for pname, (param, per) in fused.items():
+        overrides[pname] = torch.stack([per[e] if e in per else param.data[e].float()
+                                        for e in range(param.shape[0])]).to(param.dtype)
+    y, mlp_in = _run_layer(layer, overrides, args, kwargs)
+    mse = (y - y_fp).pow(2).mean() / scale
+    kl = router_kl(logits_fp, mlp_in @ rw.detach().float().T) if rw is not None else torch.zeros(())
+    return mse, kl
+
+
+def finetune_blocks(model, ids: torch.Tensor, results: dict, steps: int, lr: float, router_kl_weight: float) -> dict:
+    """Block-level centroid fine-tuning (CodeQuant's local losses at the decoder-layer level), layer by layer: each
+    layer runs on its input from the already quantized layers before it, and its centroids (attention and experts)
+    minimise the normalised MSE to the fp layer's output on the fp input, plus for MoE layers `router_kl_weight` x
+    KL(router(fp MLP input) || router(quantized MLP input)); the router itself stays fp, so the KL term moves the
+    centroids that feed it. A centroid moves by the mean gradient of its members, then weights are re-assigned to
+    the nearest centroid. `model` holds the fp (rotated) weights on entry and the quantized ones on return;
+    `results` maps target names to CodebookTensors (updated). Returns per-layer {mse, kl} before and after."""
+    layers = model.model.layers
+    targets = quant_targets(model)
+    fp_w = {t.name: t.get().float().clone() for t in targets}
+    ref = {}
+    for li, layer in enumerate(layers):  # fp references, one pass
+        args, kwargs = _layer_call(model, ids, li)
+        with torch.no_grad():
+            ref[li] = _run_layer(layer, {}, args, kwargs)
+    with torch.no_grad():
+        for t in targets:
+            t.set(results[t.name].dequantize())
+    stats = {}
+    for li, layer in enumerate(layers):
+        mine = [t for t in targets if t.layer == li]
+        prefix = f"model.layers.{li}."
+        args, kwargs = _layer_call(model, ids, li)  # input after the quantized layers before
+        y_fp, mlp_fp = ref[li]
+        rw = _router_weight(layer)
+        logits_fp = None if rw is None else mlp_fp @ rw.detach().float().T
+        scale = y_fp.pow(2).mean().clamp_min(1e-12)
+        state = {}
+        for t in mine:
+            cb = results[t.name]
+            state[t.name] = [cb.centroids.float().reshape(cb.shape[0], -1).clone(), cb.indices().long()]
+
+        ctx = (layer, mine, prefix, args, kwargs, y_fp, scale, logits_fp, rw)
+        weight = router_kl_weight if rw is not None else 0.0
+
+        def loss_of(params, ctx=ctx):
+            return _block_loss(params, *ctx)
+
+        def total(mse, kl, weight=weight):
+            return mse + weight * kl if weight else mse
+
+        with torch.no_grad():
+            mse0, kl0 = loss_of(state)
+        best, step_lr = total(mse0, kl0).item(), lr
+        for _ in range(steps):
+            cents = {k: v[0].clone().requires_grad_(True) for k, v in state.items()}
+            params = {k: (c, state[k][1]) for k, c in cents.items()}
+            grads = torch.autograd.grad(total(*loss_of(params)), list(cents.values()), allow_unused=True)
+            with torch.no_grad():
+                for _try in range(4):  # a step is kept only if the layer's loss falls (else halve the rate)
+                    trial = dict(state)
+                    for (name, c), g in zip(cents.items(), grads):
+                        if g is None:
+                            continue
+                        idx = state[name][1]
+                        counts = torch.zeros_like(c).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
+                        new = state[name][0] - step_lr * g / counts.clamp_min(1)
+                        trial[name] = [new, (fp_w[name][:, :, None] - new[:, None, :]).abs().argmin(-1)]
+                    value = total(*loss_of(trial)).item()
+                    if value < best:
+                        state, best = trial, value
+                        break
+                    step_lr /= 2
+        with torch.no_grad():
+            mse1, kl1 = loss_of(state)
+            for t in mine:
+                cents, idx = state[t.name]
+                out, n = results[t.name].shape
+                cb = CodebookTensor(pack(idx.to(torch.uint8), 4), cents.half().reshape(out, 1, -1), n, (out, n))
+                results[t.name] = cb
+                t.set(cb.dequantize())
+        stats[li] = {"mse_before": mse0.item(), "mse_after": mse1.item(), "kl_before": kl0.item(),
+                     "kl_after": kl1.item()}
+    return stats

@@ -73,3 +73,22 @@ def test_output_dir_of_another_model_is_refused(tmp_path):
     bad = _job([f"run.out_dir={tmp_path}", "bits=5"])
     out, _ = bad.communicate(timeout=600)
     assert bad.returncode == 2 and "3-bit" in out
+
+
+@pytest.mark.slow
+def test_codequant_job_block_finetuning_with_router_kl(tmp_path):
+    """method=codequant with block_finetune_steps: the block stage (layer output MSE + router KL) runs, lowers
+    the last layer's loss, is recorded in the summary and the manifest, and the checkpoint loads."""
+    job = _job([f"run.out_dir={tmp_path}", "method=codequant", "bits=4", "rotation_steps=2", "finetune_steps=1",
+                "block_finetune_steps=2", "router_kl_weight=2.0", "calib_tokens=64", "ppl_tokens=0",
+                f"out={tmp_path / 'ckpt'}"])
+    out, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, out[-3000:]
+    summary = json.loads(next(tmp_path.glob("quantize/*/summary.json")).read_text())
+    before = summary["block_mse_before"] + 2.0 * summary["block_kl_before"]
+    after = summary["block_mse_after"] + 2.0 * summary["block_kl_after"]
+    assert after < before
+    manifest = json.loads((tmp_path / "ckpt" / "specmoe_quant.json").read_text())
+    assert manifest["block_finetune_steps"] == 2 and manifest["router_kl_weight"] == 2.0
+    model = load_quantized(tmp_path / "ckpt")
+    assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
