@@ -252,6 +252,10 @@ class QuantizeConfig:
     routing_tokens: int = bounded(2048, ge=16, help="frequency policy: tokens of pydoc text for routing stats")
     ppl_tokens: int = bounded(4096, ge=0, help="perplexity of source and checkpoint on pydoc text; 0 = skip")
     ppl_window: int = bounded(512, ge=16)
+    ppl_text: str = choice("pydoc", ["pydoc", "wikitext2", "c4"], help="perplexity text: pydoc (offline), wikitext2 "
+                           "or c4 (through `datasets`: needs the hub or a filled HF cache)")
+    ppl_protocol: str = choice("non_overlapping", ["non_overlapping", "sliding"])
+    ppl_stride: int = bounded(0, ge=0, help="sliding protocol: tokens scored per window; 0 = ppl_window / 4")
     calib_tokens: int = bounded(512, ge=16, help="codequant: tokens of pydoc text for rotation and fine-tuning")
     rotation_steps: int = bounded(100, ge=0)
     rotation_lr: float = bounded(1e-3, ge=0)

@@ -31,7 +31,7 @@ from pipelines.tracking import Tracker
 from quant import checkpoint as ckpt
 from quant.apply import QuantSpec, plan, quantize_tensor, storage_bits
 from quant.base import QuantConfigError
-from quant.perplexity import perplexity, pydoc_text
+from quant.perplexity import TextSourceError, eval_text, perplexity, pydoc_text
 
 
 def spec_of(cfg: QuantizeConfig) -> QuantSpec:
@@ -152,6 +152,12 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
         items = plan(model, spec)  # every setting checked before any work
     except QuantConfigError as exc:
         raise ConfigError(str(exc)) from None
+    ppl_ids = None
+    if cfg.ppl_tokens:  # the evaluation text is resolved before any work (a hub text offline stops here)
+        try:
+            ppl_ids = tok(eval_text(cfg.ppl_text), return_tensors="pt").input_ids[0, -cfg.ppl_tokens:]
+        except TextSourceError as exc:
+            raise ConfigError(f"ppl_text={cfg.ppl_text}: {exc}") from None
     run_dir = make_run_dir(cfg, "quantize")
     resolved = save_config(cfg, run_dir, "quantize")
     out = Path(cfg.out) if cfg.out else run_dir / "model"
@@ -206,10 +212,11 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
     ckpt.save(out, model, tok, results, meta)
     summary = {"checkpoint": str(out), "tensors": len(items), "bits_per_weight": bpw, "quantize_s": quantize_s,
                "task_s": task_s, "num_workers": cfg.num_workers, "method": cfg.method, **block_stats}
-    if cfg.ppl_tokens:
-        ids = tok(pydoc_text(), return_tensors="pt").input_ids[0, -cfg.ppl_tokens:]
-        summary["ppl_source"] = perplexity(model, ids, cfg.ppl_window)  # (rotated, for codequant: same outputs)
-        summary["ppl_quantized"] = perplexity(ckpt.load_quantized(out), ids, cfg.ppl_window)
+    if ppl_ids is not None:
+        ppl = {"window": cfg.ppl_window, "stride": cfg.ppl_stride or None, "protocol": cfg.ppl_protocol}
+        summary["ppl_source"] = perplexity(model, ppl_ids, **ppl)  # (rotated, for codequant: same outputs)
+        summary["ppl_quantized"] = perplexity(ckpt.load_quantized(out), ppl_ids, **ppl)
+        summary.update(ppl_text=cfg.ppl_text, ppl_protocol=cfg.ppl_protocol, ppl_tokens=int(ppl_ids.numel()))
     summary["wall_s"] = time.perf_counter() - t_start
     write_json(run_dir / "summary.json", summary)
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})

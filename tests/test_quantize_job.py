@@ -16,9 +16,9 @@ from quant.checkpoint import load_quantized
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _job(args, **kw):
+def _job(args, env_extra=None, **kw):
     # WANDB_SERVICE (set by an earlier in-process W&B run) would attach the job to this process's W&B service
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"}
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"} | (env_extra or {})
     return subprocess.Popen([sys.executable, "-m", "pipelines.quantize", "tiny", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
@@ -92,3 +92,13 @@ def test_codequant_job_block_finetuning_with_router_kl(tmp_path):
     assert manifest["block_finetune_steps"] == 2 and manifest["router_kl_weight"] == 2.0
     model = load_quantized(tmp_path / "ckpt")
     assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
+
+
+@pytest.mark.slow
+def test_hub_perplexity_text_offline_stops_before_work(tmp_path):
+    job = _job([f"run.out_dir={tmp_path}", "ppl_text=wikitext2", "ppl_protocol=sliding"],
+               env_extra={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    out, _ = job.communicate(timeout=600)
+    assert job.returncode == 2, out[-3000:]
+    assert "wikitext" in out and "HF_DATASETS_OFFLINE" in out and "Traceback" not in out
+    assert not (tmp_path / "quantize").exists()  # no run directory, no work
