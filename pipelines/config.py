@@ -256,6 +256,9 @@ class QuantizeConfig:
                            "or c4 (through `datasets`: needs the hub or a filled HF cache)")
     ppl_protocol: str = choice("non_overlapping", ["non_overlapping", "sliding"])
     ppl_stride: int = bounded(0, ge=0, help="sliding protocol: tokens scored per window; 0 = ppl_window / 4")
+    compare: list[str] = field(default_factory=list, metadata={
+        "help": "baselines (rtn, hqq, milo, kmeans) fake-quantized at the same bits and group for the comparison "
+                "table (W&B table quant_comparison, comparison.md); needs ppl_tokens > 0"})
     calib_tokens: int = bounded(512, ge=16, help="codequant: tokens of pydoc text for rotation and fine-tuning")
     rotation_steps: int = bounded(100, ge=0)
     rotation_lr: float = bounded(1e-3, ge=0)

@@ -13,6 +13,7 @@ written at once to <out>/.parts/, so a killed job resumes without redoing it. Th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -139,10 +140,44 @@ def block_finetune(cfg: QuantizeConfig, model, tok, items, results: dict) -> tup
     return results, last
 
 
+def comparison_table(cfg: QuantizeConfig, model, summary: dict, ids, ppl: dict, tracker, run_dir: Path) -> None:
+    """fp, the `compare` baselines (fake-quantized copies of the source at the same bits and group) and this job's
+    checkpoint: perplexity, bits per weight and delta vs fp, as a W&B table, summary keys and comparison.md."""
+    import copy
+
+    from pipelines.report import QUANT_COLUMNS, quant_comparison
+    from quant.apply import fake_quantize
+
+    rows = []
+    for method in cfg.compare:
+        bits = 4 if method == "kmeans" else cfg.bits
+        spec = spec_of(dataclasses.replace(cfg, method=method, bits=bits))
+        m = copy.deepcopy(model)
+        acc = fake_quantize(m, spec)
+        rows.append({"method": method, "bits": f"{bits}" + (f" g{spec.group_size}" if spec.group_size else ""),
+                     "bits_per_weight": acc["bits_per_weight"], "ppl": perplexity(m, ids, **ppl)})
+        del m
+    group = "" if cfg.method == "codequant" else f" g{cfg.group_size}"
+    rows.append({"method": cfg.method, "bits": f"{cfg.bits}{group}", "bits_per_weight": summary["bits_per_weight"],
+                 "ppl": summary["ppl_quantized"]})
+    data, lines = quant_comparison(rows, summary["ppl_source"])
+    tracker.table("quant_comparison", QUANT_COLUMNS, data)
+    for method, _, bpw, p, delta, _ in data[1:]:
+        summary[f"compare/{method}/ppl"], summary[f"compare/{method}/bpw"] = p, bpw
+        summary[f"compare/{method}/ppl_delta"] = delta
+    (run_dir / "comparison.md").write_text("\n".join(
+        [f"Perplexity on {ids.numel()} tokens of {cfg.ppl_text} ({cfg.ppl_protocol}, window {cfg.ppl_window})", ""]
+        + lines) + "\n")
+    print("\n".join(lines))
+
+
 def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
     import ray
 
     t_start = time.perf_counter()
+    bad = [m for m in cfg.compare if m not in ("rtn", "hqq", "milo", "kmeans")]
+    if bad:
+        raise ConfigError(f"compare: unknown methods {bad}; use rtn, hqq, milo or kmeans")
     model, tok = zoo.load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
     spec = spec_of(cfg)
     calib = rotate_for_codequant(cfg, model, tok) if cfg.method == "codequant" else {}
@@ -217,6 +252,7 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
         summary["ppl_source"] = perplexity(model, ppl_ids, **ppl)  # (rotated, for codequant: same outputs)
         summary["ppl_quantized"] = perplexity(ckpt.load_quantized(out), ppl_ids, **ppl)
         summary.update(ppl_text=cfg.ppl_text, ppl_protocol=cfg.ppl_protocol, ppl_tokens=int(ppl_ids.numel()))
+        comparison_table(cfg, model, summary, ppl_ids, ppl, tracker, run_dir)
     summary["wall_s"] = time.perf_counter() - t_start
     write_json(run_dir / "summary.json", summary)
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})

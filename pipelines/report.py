@@ -79,3 +79,18 @@ def evaluation_report(run_dir: Path, summary: dict) -> tuple[Path, list[Path]]:
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path, figures
+
+
+QUANT_COLUMNS = ["method", "bits", "bits_per_weight", "ppl", "ppl_delta_vs_fp", "ppl_delta_pct"]
+
+
+def quant_comparison(rows: list[dict], fp_ppl: float) -> tuple[list[list], list[str]]:
+    """fp and quantized variants (dicts with method, bits, bits_per_weight, ppl): the table's rows (QUANT_COLUMNS,
+    delta vs fp added) and its markdown lines."""
+    data = [["fp", "32", 32.0, fp_ppl, 0.0, 0.0]]
+    for r in rows:
+        data.append([r["method"], str(r["bits"]), r["bits_per_weight"], r["ppl"], r["ppl"] - fp_ppl,
+                     100.0 * (r["ppl"] - fp_ppl) / fp_ppl])
+    lines = ["| method | bits | bits/weight | perplexity | delta vs fp | delta % |", "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {b} | {_fmt(bpw)} | {_fmt(p)} | {d:+.2f} | {pct:+.1f}% |" for m, b, bpw, p, d, pct in data]
+    return data, lines

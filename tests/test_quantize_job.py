@@ -80,11 +80,12 @@ def test_codequant_job_block_finetuning_with_router_kl(tmp_path):
     """method=codequant with block_finetune_steps: the block stage (layer output MSE + router KL) runs, lowers
     the last layer's loss, is recorded in the summary and the manifest, and the checkpoint loads."""
     job = _job([f"run.out_dir={tmp_path}", "method=codequant", "bits=4", "rotation_steps=2", "finetune_steps=1",
-                "block_finetune_steps=2", "router_kl_weight=2.0", "calib_tokens=64", "ppl_tokens=0",
-                f"out={tmp_path / 'ckpt'}"])
+                "block_finetune_steps=2", "router_kl_weight=2.0", "calib_tokens=64", "ppl_tokens=128",
+                "ppl_window=64", "compare=[rtn,kmeans]", f"out={tmp_path / 'ckpt'}"])
     out, _ = job.communicate(timeout=600)
     assert job.returncode == 0, out[-3000:]
-    summary = json.loads(next(tmp_path.glob("quantize/*/summary.json")).read_text())
+    run_dir = next(tmp_path.glob("quantize/*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
     before = summary["block_mse_before"] + 2.0 * summary["block_kl_before"]
     after = summary["block_mse_after"] + 2.0 * summary["block_kl_after"]
     assert after < before
@@ -92,6 +93,17 @@ def test_codequant_job_block_finetuning_with_router_kl(tmp_path):
     assert manifest["block_finetune_steps"] == 2 and manifest["router_kl_weight"] == 2.0
     model = load_quantized(tmp_path / "ckpt")
     assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
+    # the comparison table: fp, the two baselines and this checkpoint, in W&B and comparison.md
+    from pipelines.tracking import offline_summary
+
+    logged = offline_summary(run_dir)
+    assert logged["quant_comparison/nrows"] == 4 and logged["quant_comparison/ncols"] == 6
+    for method in ("rtn", "kmeans", "codequant"):
+        assert logged[f"compare/{method}/ppl_delta"] == pytest.approx(
+            logged[f"compare/{method}/ppl"] - summary["ppl_source"])
+    assert summary["compare/codequant/ppl"] == summary["ppl_quantized"]
+    table = (run_dir / "comparison.md").read_text()
+    assert all(f"| {m} |" in table for m in ("fp", "rtn", "kmeans", "codequant")) and "delta vs fp" in table
 
 
 @pytest.mark.slow
@@ -102,3 +114,6 @@ def test_hub_perplexity_text_offline_stops_before_work(tmp_path):
     assert job.returncode == 2, out[-3000:]
     assert "wikitext" in out and "HF_DATASETS_OFFLINE" in out and "Traceback" not in out
     assert not (tmp_path / "quantize").exists()  # no run directory, no work
+    job = _job([f"run.out_dir={tmp_path}", "compare=[gptq]"])
+    out, _ = job.communicate(timeout=600)
+    assert job.returncode == 2 and "compare: unknown methods ['gptq']" in out
