@@ -379,7 +379,7 @@ class DemoConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(name="demo"))
     collect: CollectConfig = field(default_factory=CollectConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    quantize: list[str] = field(default_factory=lambda: ["method=milo", "method=codequant bits=4"],
+    quantize: list[str] = field(default_factory=lambda: ["method=milo compare=[rtn,hqq]", "method=codequant bits=4"],
                                 metadata={"help": "quantize runs on the MoE: space-separated overrides of the "
                                                   "quantize demo preset, one string per run"})
     moe_model: str = "smollm2-moe-8x"

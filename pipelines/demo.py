@@ -97,6 +97,10 @@ def quantize_moe(cfg: DemoConfig, run_dir: Path) -> list[dict]:
             f"ppl_tokens={cfg.moe_ppl_tokens}", f"wandb.group={run_dir.name}"] + overrides.split())
         qcfg.run.name = f"quantize-{qcfg.method}"
         _, s = quantize(qcfg)
+        for method in qcfg.compare:  # baselines at the same bits, measured by that run (comparison.md)
+            out.append({"run": overrides, "method": f"{method} (baseline)", "bits_per_weight": s[f"compare/{method}/bpw"],
+                        "ppl": s[f"compare/{method}/ppl"], "ppl_source": s.get("ppl_source"), "checkpoint": "-",
+                        "quantize_s": 0.0})
         out.append({"run": overrides, "method": s["method"], "bits_per_weight": s["bits_per_weight"],
                     "ppl": s.get("ppl_quantized"), "ppl_source": s.get("ppl_source"), "checkpoint": s["checkpoint"],
                     "quantize_s": s["quantize_s"]})
@@ -153,10 +157,10 @@ def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect
     lines += ["", f"First answer, step by step (`{first['id']}`):", ""]
     lines += [f"{i + 1}. {json.dumps(s)}" for i, s in enumerate(first["steps"][:12])]
     lines += ["", "![demo](demo.png)", "", f"Trajectories: `{collect_dir / 'trajectories.jsonl'}`", "",
-              "## The MoE, quantized", "", "| method | bits per weight | perplexity | checkpoint |", "|---|---|---|---|",
-              f"| fp32 | 32 | {models['moe']['ppl']:.2f} | |"]
-    lines += [f"| {q['method']} | {q['bits_per_weight']:.2f} | {q['ppl']:.2f} | `{q['checkpoint']}` |"
-              for q in quantized]
+              "## The MoE, quantized", "", "| method | bits per weight | perplexity | delta vs fp | checkpoint |",
+              "|---|---|---|---|---|", f"| fp32 | 32 | {models['moe']['ppl']:.2f} | +0.00 | |"]
+    lines += [f"| {q['method']} | {q['bits_per_weight']:.2f} | {q['ppl']:.2f} | {q['ppl'] - models['moe']['ppl']:+.2f} "
+              f"| `{q['checkpoint']}` |" for q in quantized]
     lines += ["", "Bits count codes, scales, zeros, codebooks and compensators. Serve a checkpoint with "
               "`python -m pipelines.evaluate target.model.name=<checkpoint>`.", "",
               f"## Speculative methods ({evaluation['num_problems']} problems, verifier `{evaluation['verifier']}`, "

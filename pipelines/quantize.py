@@ -181,9 +181,9 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
     model, tok = zoo.load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
     spec = spec_of(cfg)
     calib = rotate_for_codequant(cfg, model, tok) if cfg.method == "codequant" else {}
-    if cfg.rank_policy == "frequency" and cfg.method == "milo":
-        spec.routing_frequency = routing_frequency(model, tok, cfg.routing_tokens)
     try:
+        if cfg.rank_policy == "frequency" and cfg.method == "milo":  # a dense model has no routers: stop here
+            spec.routing_frequency = routing_frequency(model, tok, cfg.routing_tokens)
         items = plan(model, spec)  # every setting checked before any work
     except QuantConfigError as exc:
         raise ConfigError(str(exc)) from None

@@ -70,9 +70,13 @@ def test_output_dir_of_another_model_is_refused(tmp_path):
     out, _ = other.communicate(timeout=600)
     assert other.returncode == 2 and "holds a checkpoint of another model" in out
     assert (tmp_path / "ckpt" / "specmoe_quant.json").read_text() == manifest  # nothing lost
-    bad = _job([f"run.out_dir={tmp_path}", "bits=5"])
-    out, _ = bad.communicate(timeout=600)
-    assert bad.returncode == 2 and "3-bit" in out
+    # the other bad inputs, aimed at the same output directory: a clear error, no traceback, nothing lost
+    for args, message in ((["bits=5"], "3-bit"), (["group_size=48"], "does not divide"),
+                          (["model.name=tiny-llama", "rank_policy=frequency"], "needs a model with MoE")):
+        bad = _job([f"run.out_dir={tmp_path}", "rounds=1", f"out={tmp_path / 'ckpt'}", *args])
+        out, _ = bad.communicate(timeout=600)
+        assert bad.returncode == 2 and message in out and "Traceback" not in out, (args, out[-2000:])
+        assert (tmp_path / "ckpt" / "specmoe_quant.json").read_text() == manifest
 
 
 @pytest.mark.slow

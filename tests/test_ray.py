@@ -150,6 +150,7 @@ def test_demo_tiny_end_to_end(local_ray, tmp_path):
     text = (run_dir / "report.md").read_text()
     assert "## Models" in text and "## Collected trajectories" in text and "| lr_async+sd |" in text
     assert "| milo |" in text and "| codequant |" in text
+    assert "| rtn (baseline) |" in text and "delta vs fp" in text  # the quantize run's compare=[rtn]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["models"]["moe"]["ppl"] > 0 and summary["evaluate"]["methods"]["fpsr"]["answer_agreement"] == 1.0
     assert (run_dir / "demo.png").stat().st_size > 1000
