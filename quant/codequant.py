@@ -38,6 +38,8 @@ class CodeQuantSpec:
     finetune_lr: float = 1e-2
     kmeans_iters: int = 20
     seed: int = 0
+    block_finetune_steps: int = 0  # block-level stage (layer output MSE + router KL) after the per-linear one
+    router_kl_weight: float = 1.0
 
 
 def _mlp_readers(mlp: nn.Module) -> list[tuple[nn.Parameter, int | None]]:
@@ -225,9 +227,14 @@ def codequant(model, ids: torch.Tensor, spec: CodeQuantSpec, progress=None) -> d
             results[t.name] = cb
             if progress is not None:
                 progress.update()
-        for t in quant_targets(model):  # write back after all inputs were taken from the fp model
-            t.set(results[t.name].dequantize())
-    return {"results": results, "rotation_loss_first": losses[0], "rotation_loss_last": losses[-1]}
+        if not spec.block_finetune_steps:
+            for t in quant_targets(model):  # write back after all inputs were taken from the fp model
+                t.set(results[t.name].dequantize())
+    block = None
+    if spec.block_finetune_steps:  # reads the fp model, leaves it quantized
+        block = finetune_blocks(model, ids, results, spec.block_finetune_steps, spec.finetune_lr,
+                                spec.router_kl_weight)
+    return {"results": results, "rotation_loss_first": losses[0], "rotation_loss_last": losses[-1], "block": block}
 
 
 def quantize_activations(x: torch.Tensor, bits: int = 4) -> torch.Tensor:

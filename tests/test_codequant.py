@@ -34,7 +34,9 @@ def test_learned_rotation_spreads_outliers():
 def test_codequant_runs_on_a_moe_and_leaves_the_router():
     model = _model("mixtral")
     ids = torch.randint(0, 128, (64,))
-    out = codequant(model, ids, CodeQuantSpec(rotation_steps=5, finetune_steps=3, calib_tokens=64))
+    out = codequant(model, ids, CodeQuantSpec(rotation_steps=5, finetune_steps=3, calib_tokens=64,
+                                              block_finetune_steps=2))
+    assert set(out["block"]) == {0, 1}
     from quant.targets import quant_targets
 
     targets = quant_targets(model)
