@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -55,6 +56,8 @@ def load():
 
             out = build_dir()
             out.mkdir(parents=True, exist_ok=True)
+            if not any(out.glob("*.so")):
+                print(f"building the CPU kernels (once, about 20 s) in {out}", file=sys.stderr, flush=True)
             try:
                 _ext = cpp_extension.load(
                     name=f"specmoe_qmatmul_cpu_{_isa()}", sources=[str(SOURCE)], build_directory=str(out),
