@@ -3,12 +3,13 @@
 One run, side by side, on the demo models:
 1. collect: the target's greedy step-by-step answers on --train-problems training problems of the demo dataset
    (gsm_symbolic rows from --train-offset; or reuse --trajectories);
-2. evaluate *before*: `ar` and `lr_async+sd` (TBVM at alpha 0.7 on the target, exact-match short circuit; n-gram
-   SD inside steps) with the untrained early-exit draft on --num-problems held-out problems (rows from --offset,
-   disjoint from the training rows);
+2. evaluate *before*: `ar` and `lr_async+sd` (--verifier: by default the embedding verifier, MiniLM cosine >
+   --threshold 0.9, with the exact-match short circuit; steps capped at --step-max-tokens 100; n-gram SD inside
+   steps) with the untrained early-exit draft on --num-problems held-out problems (rows from --offset, disjoint
+   from the training rows). TBVM (`--verifier tbvm`) asks the 135M target, which says no to everything here;
 3. sapo: the `--sapo-preset` recipe (warm start SFT on the trajectories, then GRPO on SAPO's rewards);
 4. evaluate *after*: the same problems, methods and verifier with the exported draft;
-5. GRPO throughput with 1 and 2 workers (short runs without warm start) when the SAPO job has
+5. GRPO throughput with 1 and 2 Ray Train workers (short runs without warm start, 0.95 CPU and 1 thread each) when the SAPO job has
    `distributed.workers`; otherwise null with a note.
 
 Writes token_agreement_before/after (teacher-forced: the share of the target's greedy answer tokens on the
@@ -25,6 +26,9 @@ import time
 from pathlib import Path
 
 LR_METHOD = "lr_async+sd"
+# Ray CPUs per GRPO worker in the throughput runs: 2 workers fit a 2-CPU instance beside the encoder actor (0.1 CPU);
+# each worker runs 1 torch thread either way
+THROUGHPUT_WORKER_CPUS = 0.95
 
 
 def _stage(name: str) -> float:
@@ -76,7 +80,9 @@ def _evaluate(args, draft: str, tag: str) -> dict:
     cfg = load_config(EvaluateConfig, "evaluate", [
         args.preset, f"run.out_dir={args.run_dir}", f"run.name=bench-sapo-{tag}", f"draft.model.name={draft}",
         f"data.num_problems={args.num_problems}", f"data.offset={args.offset}",
-        f"generation.max_new_tokens={args.max_new_tokens}", f"methods=[ar,{LR_METHOD}]", "wandb.mode=disabled"])
+        f"generation.max_new_tokens={args.max_new_tokens}", f"generation.step_max_tokens={args.step_max_tokens}",
+        f"methods=[ar,{LR_METHOD}]", f"verifier.kind={args.verifier}", f"verifier.threshold={args.threshold}",
+        "wandb.mode=disabled"])
     run_dir, summary = evaluate(cfg)
     ray.shutdown()
     s = summary["methods"][LR_METHOD]
@@ -126,7 +132,8 @@ def _samples_per_s(args, trajectories: str) -> dict:
     for workers in (1, 2):
         key = "samples_per_s_1_worker" if workers == 1 else "samples_per_s_2_workers"
         _, summary = _sapo(args, trajectories, f"{workers}w", [
-            f"distributed.workers={workers}", "warm_start.enabled=false", f"grpo.steps={args.throughput_steps}"])
+            f"distributed.workers={workers}", f"distributed.worker_cpus={THROUGHPUT_WORKER_CPUS}",
+            "warm_start.enabled=false", f"grpo.steps={args.throughput_steps}"])
         out[key] = summary.get("grpo_samples_per_s")
         if out[key] is None:
             out["samples_per_s_note"] = "the SAPO run's summary.json has no grpo_samples_per_s"
@@ -139,7 +146,8 @@ def bench_sapo(args) -> dict:
     draft = load_config(SapoConfig, "sapo", [args.sapo_preset]).draft.name  # the recipe's draft, before training
     walls: dict[str, float] = {}
     out: dict = {"held_out_offset": args.offset, "num_problems": args.num_problems, "method": LR_METHOD,
-                 "max_new_tokens": args.max_new_tokens,
+                 "max_new_tokens": args.max_new_tokens, "step_max_tokens": args.step_max_tokens,
+                 "verifier": args.verifier, "threshold": args.threshold,
                  "sapo_preset": args.sapo_preset, "draft_before": draft}
 
     t0 = _stage("1/5 collecting the target's trajectories on training problems")

@@ -200,9 +200,18 @@ def run(cfg: DemoConfig) -> Path:
     run_dir = make_run_dir(cfg, "demo")
     resolved = save_config(cfg, run_dir, "demo")
     torch.manual_seed(0)
+    stages: dict[str, float] = {}  # wall seconds per stage, in summary.json
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        stages[name] = round(now - since, 1)
+        return now
+
+    t = t0
     print("[1/6] building the demo models and measuring the MoE against the dense target")
     models = moe_vs_dense(cfg)
     print(f"      dense ppl {models['dense']['ppl']:.2f}, MoE ppl {models['moe']['ppl']:.2f}")
+    t = lap("models_s", t)
     print("[2/6] collecting step-by-step answers on a local Ray instance")
     collect_dir = run_dir / "collect"
     collect_dir.mkdir(exist_ok=True)
@@ -210,19 +219,23 @@ def run(cfg: DemoConfig) -> Path:
     collect.run(collect_cfg, collect_dir)
     rows = read_jsonl(collect_dir / "trajectories.jsonl")
     summary = json.loads((collect_dir / "summary.json").read_text())
+    t = lap("collect_s", t)
     print("[3/6] quantizing the MoE")
     quantized = quantize_moe(cfg, run_dir)
+    t = lap("quantize_s", t)
     sapo_summary = draft_dir = None
     if cfg.sapo:
         print("[4/6] training the draft with SAPO (warm start + GRPO) on the collected trajectories")
         t1 = time.perf_counter()
         draft_dir, sapo_summary = train_draft(cfg, run_dir, collect_dir / "trajectories.jsonl")
         sapo_summary["wall_s"] = time.perf_counter() - t1
+        t = lap("sapo_s", t)
     print("[5/6] evaluating ar, sd and the step-level methods side by side (unaligned draft, then the SAPO draft)")
     eval_cfg = replace(cfg.evaluate, wandb=replace(cfg.evaluate.wandb, group=run_dir.name))
     eval_dir = run_dir / "evaluate"
     eval_dir.mkdir(exist_ok=True)
     _, evaluation = evaluate(eval_cfg, eval_dir)
+    t = lap("evaluate_s", t)
     aligned = aligned_eval = None
     if draft_dir:
         aligned_dir = run_dir / "evaluate-sapo"
@@ -230,20 +243,22 @@ def run(cfg: DemoConfig) -> Path:
         _, aligned_eval = evaluate(replace(eval_cfg, methods=list(cfg.sapo_methods), draft=replace(
             eval_cfg.draft, model=replace(eval_cfg.draft.model, name=draft_dir))), aligned_dir)
         aligned = draft_comparison(evaluation, aligned_eval, list(cfg.sapo_methods))
+        t = lap("evaluate_sapo_s", t)
     print("[6/6] writing the report")
     figure = plot(run_dir, rows, models, aligned)
     path = report(run_dir, models, summary, rows, collect_dir, evaluation, quantized, sapo_summary, aligned)
     write_json(run_dir / "summary.json", {"models": models, "collect": summary, "evaluate": evaluation,
                                           "quantize": quantized, "sapo": sapo_summary,
                                           "evaluate_sapo": aligned_eval, "draft_comparison": aligned,
-                                          "wall_s": time.perf_counter() - t0})
+                                          "stage_wall_s": stages, "wall_s": time.perf_counter() - t0})
     tracker = Tracker(cfg.collect.wandb, run_dir, "demo", resolved)
     tracker.summary({"ppl_dense": models["dense"]["ppl"], "ppl_moe": models["moe"]["ppl"],
                      "accuracy": summary["accuracy"], "tokens_per_s": summary["tokens_per_s"]})
     tracker.image("demo", figure)
     tracker.finish()
     print(path.read_text())
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s; report: {path}")
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s ("
+          + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in stages.items()) + f"); report: {path}")
     return run_dir
 
 

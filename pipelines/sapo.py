@@ -318,6 +318,27 @@ def _worker(config: dict) -> None:
     train(cfg, Path(config["run_dir"]), config["rows"], config["hosts"])
 
 
+def check_worker_resources(cfg: SapoConfig, per_worker: dict) -> None:
+    """Ray Train waits (and retries without end) for a worker group that does not fit; on the local instance this
+    job started nothing will ever free the resources, so say which keys to change instead. On a cluster (ray.address
+    or RAY_ADDRESS) an autoscaler may add nodes: only warn there."""
+    import ray
+
+    free = ray.available_resources()  # after the shared actors (target, encoder) took theirs
+    short = {k: (cfg.distributed.workers * v, free.get(k, 0.0)) for k, v in per_worker.items()
+             if cfg.distributed.workers * v > free.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    what = ", ".join(f"{need:g} {k} needed, {have:g} free" for k, (need, have) in short.items())
+    msg = (f"distributed.workers={cfg.distributed.workers} x distributed.worker_cpus={cfg.distributed.worker_cpus:g}"
+           f"{' (+1 GPU each)' if cfg.distributed.use_gpu else ''} does not fit beside the shared actors "
+           f"(target, encoder): {what}; lower distributed.worker_cpus or the workers, or give Ray more (ray.num_cpus)")
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        print(f"warning: {msg}; waiting for the cluster to provide them", flush=True)
+        return
+    raise ConfigError(msg)
+
+
 def fit_on_ray(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -328,6 +349,7 @@ def fit_on_ray(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) ->
     d = cfg.distributed
     backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
     resources = {"CPU": d.worker_cpus, **({"GPU": 1} if d.use_gpu else {})}
+    check_worker_resources(cfg, resources)
     TorchTrainer(_worker, train_loop_config={"cfg": cfg, "run_dir": str(run_dir.resolve()), "rows": rows,
                                              "hosts": hosts},
                  torch_config=TorchConfig(backend=backend),
@@ -349,6 +371,7 @@ def start_hosts(cfg: SapoConfig) -> dict:
         hosts["target"] = start_host("target", cfg.target)
     if cfg.rewards.verifier == "embedding":
         hosts["encoder"] = ray.remote(EncoderHost).options(num_cpus=0.1).remote(1)
+    ray.get([h.__ray_ready__.remote() for h in hosts.values()])  # their resources are taken before workers ask
     return hosts
 
 

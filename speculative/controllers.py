@@ -336,7 +336,7 @@ class _Run:
         try:
             while not self.done:
                 tree.grow(root)
-                winner = await tree.decide(root, depth_in_cycle)
+                winner = await tree.decide(root)
                 if winner is not None:
                     self.commit(winner.step, "draft", depth_in_cycle)
                     tree.drop(root, keep=winner)
@@ -346,7 +346,7 @@ class _Run:
                     t = await root.target
                     self.commit(t, "target", depth_in_cycle)
                     tree.drop(root, keep=None)
-                    root = tree.node([], None, 0)
+                    root = tree.fresh_root()
                     depth_in_cycle = 0
                     self.cycle += 1
                     self.trace.cycles += 1
@@ -368,8 +368,7 @@ class _Tree:
     def __init__(self, run: _Run):
         self.run, self.s = run, run.s
         self.tasks: list[asyncio.Task] = []
-        self.root_level = 0
-        self._depth = 0
+        self.root_level = 0  # levels count from the cycle's fresh root: a node's level is its depth in the cycle
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -378,6 +377,11 @@ class _Tree:
 
     def node(self, path, step, level) -> _Node:
         return _Node(path, step, level)
+
+    def fresh_root(self) -> _Node:
+        """A new cycle after a fallback: the window is gamma deep from level 0 again."""
+        self.root_level = 0
+        return _Node([], None, 0)
 
     def grow(self, node: _Node) -> None:
         """Launch the target step of every node in the window and the drafts of nodes above depth gamma."""
@@ -402,12 +406,10 @@ class _Tree:
 
     async def _verify(self, parent: _Node, child: _Node) -> Verdict:
         t = await parent.target if (parent.target is not None and self.run.ctl.verifier.needs_target_step) else None
-        depth = self._depth + parent.level - self.root_level
-        return (await self.run.verify(depth, [(parent.path, parent.text, t, child.step)]))[0]
+        return (await self.run.verify(parent.level, [(parent.path, parent.text, t, child.step)]))[0]
 
-    async def decide(self, root: _Node, depth: int) -> Optional[_Node]:
+    async def decide(self, root: _Node) -> Optional[_Node]:
         """The first child of the root whose draft step is accepted, or None when all are rejected."""
-        self._depth = depth
         while True:
             for i, child in enumerate(root.children):
                 v = root.verdicts.get(i)

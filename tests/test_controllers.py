@@ -130,6 +130,26 @@ def test_sync_bookkeeping_on_scripted_hosts():
     assert trace.cycles == 4 and trace.finish_reason == "eos"
 
 
+def test_async_window_restarts_at_depth_zero_after_a_fallback():
+    """After accepted steps then a rejection, the fresh root's window starts at depth 0 again (a stale window level
+    once gave the next cycle negative depths and a window gamma + the previous cycle's accepted steps deep): every
+    committed draft step is the accepted verification at its (cycle, depth), and depths count from 0 per cycle."""
+    target, draft = ScriptedHost(len(PROMPT)), ScriptedHost(len(PROMPT), wrong_at={2, 7})
+    ctl = Controller(settings("lr_async", max_new_tokens=100, gamma=3), HostClient(target), HostClient(draft),
+                     Exact("tokens"))
+    trace = run(ctl)
+    assert trace.token_ids == [t for i in range(10) for t in (100 + i, 100 + i)]
+    # cycle 0: d0 d1 accepted, d2 wrong -> t2; cycle 1 from step 3: d3..d6 accepted (the window slides), d7 wrong
+    # -> t7; cycle 2: d8, d9 (eos)
+    assert [(s.origin, s.cycle, s.depth) for s in trace.steps] == [
+        ("draft", 0, 0), ("draft", 0, 1), ("target", 0, 2), ("draft", 1, 0), ("draft", 1, 1), ("draft", 1, 2),
+        ("draft", 1, 3), ("target", 1, 4), ("draft", 2, 0), ("draft", 2, 1)]
+    assert min(v.depth for v in trace.verifications) == 0
+    accepted = {(v.cycle, v.depth) for v in trace.verifications if v.accepted}
+    assert {(s.cycle, s.depth) for s in trace.steps if s.origin == "draft"} <= accepted
+    assert trace.cycles == 3
+
+
 class WrongStepVerifier(Verifier):
     """Knows the script: rejects the draft's wrong steps (token >= 150) without the target's step."""
 

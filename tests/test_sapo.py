@@ -182,6 +182,25 @@ def test_deepspeed_config_and_cpu_refusal(tmp_path):
     assert ds.config["zero_optimization"]["reduce_bucket_size"] == model.config.hidden_size ** 2
 
 
+def test_workers_that_do_not_fit_beside_the_shared_actors_are_a_clear_error(trajectories, tmp_path):
+    """2 workers x 1 CPU on the local 2-CPU instance beside the encoder actor (0.1 CPU) can never start: Ray Train
+    would wait and retry without end; the job says which keys to change instead, before any training."""
+    import ray
+
+    from pipelines import sapo
+
+    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={tmp_path}",
+                                           "distributed.workers=2", "distributed.worker_cpus=1.0",
+                                           "rewards.verifier=embedding", "ray.num_cpus=2"])
+    try:
+        with pytest.raises(ConfigError, match=r"distributed.workers=2 x distributed.worker_cpus=1 does not fit "
+                                              r".*: 2 CPU needed, 1.9 free; lower distributed.worker_cpus"):
+            sapo.run(cfg)
+    finally:
+        ray.shutdown()
+    assert not list(tmp_path.rglob("checkpoint-*")) and not list(tmp_path.rglob("warm_start"))
+
+
 def test_sapo_two_gloo_workers_under_ray_train_share_the_target(trajectories, tmp_path):
     import ray
 
