@@ -9,8 +9,8 @@ One run, side by side, on the demo models:
    from the training rows). TBVM (`--verifier tbvm`) asks the 135M target, which says no to everything here;
 3. sapo: the `--sapo-preset` recipe (warm start SFT on the trajectories, then GRPO on SAPO's rewards);
 4. evaluate *after*: the same problems, methods and verifier with the exported draft;
-5. GRPO throughput with 1 and 2 Ray Train workers (short runs without warm start, 0.95 CPU and 1 thread each) when the SAPO job has
-   `distributed.workers`; otherwise null with a note.
+5. GRPO throughput with 1 and 2 Ray Train workers (short runs without warm start, 0.95 CPU and 1 thread each)
+   when the SAPO job has `distributed.workers`; otherwise null with a note.
 
 Writes token_agreement_before/after (teacher-forced: the share of the target's greedy answer tokens on the
 held-out problems that the draft's argmax predicts), accept_rate_before/after (step accept rate of lr_async+sd: accepted / verified draft steps),
