@@ -330,7 +330,7 @@ class _Run:
 
     async def lr_async(self) -> None:
         tree = _Tree(self)
-        root = tree.node([], None, 0)
+        root = tree.fresh_root()
         depth_in_cycle = 0
         self.trace.cycles = 1
         try:
@@ -375,11 +375,8 @@ class _Tree:
         self.tasks.append(task)
         return task
 
-    def node(self, path, step, level) -> _Node:
-        return _Node(path, step, level)
-
     def fresh_root(self) -> _Node:
-        """A new cycle after a fallback: the window is gamma deep from level 0 again."""
+        """The root of a new cycle (at the start, and after a fallback): the window is gamma deep from level 0."""
         self.root_level = 0
         return _Node([], None, 0)
 
