@@ -262,6 +262,9 @@ class QuantizeConfig:
     calib_tokens: int = bounded(512, ge=16, help="codequant: tokens of pydoc text for rotation and fine-tuning")
     rotation_steps: int = bounded(100, ge=0)
     rotation_lr: float = bounded(1e-3, ge=0)
+    rotation_batch: int = bounded(4096, ge=0, help="codequant: random norm-output rows per rotation step (0 = all "
+                                  "calib_tokens x 2 x layers rows; 4096 reached 0.0052 vs 0.0048 on the demo MoE, 13x "
+                                  "faster)")
     finetune_steps: int = bounded(10, ge=0)
     finetune_lr: float = bounded(1e-2, ge=0)
     block_finetune_steps: int = bounded(0, ge=0, help="codequant: steps of block-level centroid fine-tuning after "

@@ -50,7 +50,7 @@ def rotate_for_codequant(cfg: QuantizeConfig, model, tok):
     ids = tok(pydoc_text(), return_tensors="pt").input_ids[0, :cfg.calib_tokens]
     fold_norms(model)
     x = norm_outputs(model, ids)
-    r, losses = learn_rotation(x, cfg.rotation_steps, cfg.rotation_lr, cfg.seed)
+    r, losses = learn_rotation(x, cfg.rotation_steps, cfg.rotation_lr, cfg.seed, cfg.rotation_batch)
     fuse_rotation(model, r)
     inputs = _linear_inputs(model, ids)
     print(f"rotation: 4-bit activation error {losses[0]:.3g} -> {losses[-1]:.3g}")

@@ -55,15 +55,23 @@ def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 def kmeans_1d(x: torch.Tensor, k: int = NUM_CENTROIDS, iters: int = 20, seed: int = 0):
     """Batched 1-D k-means: x [B, n] -> (centroids [B, k], assignment [B, n])."""
     gen = torch.Generator().manual_seed(seed)
-    c = _kmeans_pp(x, k, gen)
+    c = _kmeans_pp(x, k, gen).sort(1).values
+    ones = torch.ones_like(x)
     for _ in range(iters):
-        assign = (x[:, :, None] - c[:, None, :]).abs().argmin(-1)
+        assign = _nearest(x, c)
         sums = torch.zeros_like(c).scatter_add_(1, assign, x)
-        counts = torch.zeros_like(c).scatter_add_(1, assign, torch.ones_like(x))
+        counts = torch.zeros_like(c).scatter_add_(1, assign, ones)
         c = torch.where(counts > 0, sums / counts.clamp_min(1), c)  # an empty cluster keeps its centroid
-    c = c.half().float()
-    assign = (x[:, :, None] - c[:, None, :]).abs().argmin(-1)
-    return c, assign
+        c = c.sort(1).values  # means of ordered intervals stay ordered; this only guards ties and empty clusters
+    c = c.half().float()  # rounding is monotone: still sorted
+    return c, _nearest(x, c)
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The nearest of the sorted centroids c [B, k] for each x [B, n]: a binary search among the midpoints, which
+    is what argmin |x - c| gives (ties to the lower centroid) without the [B, n, k] distance tensor."""
+    mid = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
+    return torch.searchsorted(mid, x.contiguous())
 
 
 def quantize_codebook(w: torch.Tensor, group_size: int | None = None, iters: int = 20, seed: int = 0) -> CodebookTensor:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from quant.base import QuantConfigError, quantize_rtn
-from quant.codebook import kmeans_1d, quantize_codebook
+from quant.codebook import _nearest, kmeans_1d, quantize_codebook
 
 
 def test_kmeans_finds_well_separated_clusters():
@@ -11,6 +11,26 @@ def test_kmeans_finds_well_separated_clusters():
     x = (centers[torch.randint(16, (4, 512))] + 0.001 * torch.randn(4, 512))
     c, assign = kmeans_1d(x)
     assert (x - torch.gather(c, 1, assign)).abs().max() < 0.01
+
+
+def test_nearest_centroid_search_equals_argmin_distance():
+    torch.manual_seed(0)
+    c = torch.randn(8, 16).sort(1).values
+    c[0, 5] = c[0, 4]  # a duplicated centroid: either index is nearest
+    x = torch.cat([torch.randn(8, 300) * 2, (c[:, 1:] + c[:, :-1]) / 2], 1)  # and the midpoints (ties)
+    want = (x[:, :, None] - c[:, None, :]).abs().argmin(-1)
+    got = _nearest(x, c)
+    torch.testing.assert_close((x - torch.gather(c, 1, got)).abs(), (x - torch.gather(c, 1, want)).abs())
+    assert torch.equal(got[1:, :300], want[1:, :300])
+
+
+def test_kmeans_centroids_come_sorted_and_assignments_are_nearest():
+    torch.manual_seed(1)
+    x = torch.randn(6, 400)
+    c, assign = kmeans_1d(x)
+    assert torch.all(c[:, 1:] >= c[:, :-1])
+    best = (x[:, :, None] - c[:, None, :]).abs().min(-1).values
+    torch.testing.assert_close((x - torch.gather(c, 1, assign)).abs(), best)
 
 
 def test_codebook_beats_uniform_4bit_on_heavy_tailed_weights():

@@ -31,6 +31,17 @@ def test_learned_rotation_spreads_outliers():
     assert _q4_error(x @ r) < _q4_error(x)
 
 
+def test_minibatch_rotation_lowers_the_error_on_all_rows():
+    torch.manual_seed(0)
+    x = torch.randn(4096, 32)
+    x[:, 3] *= 20
+    r, losses = learn_rotation(x, steps=60, lr=1e-2, batch=256)  # first and last losses are on all rows
+    torch.testing.assert_close(r @ r.T, torch.eye(32), atol=1e-4, rtol=0)
+    assert losses[0] == pytest.approx(_q4_error(x).item())
+    assert losses[-1] == pytest.approx(_q4_error(x @ r).item()) and losses[-1] < 0.5 * losses[0]
+    assert len(losses) == 62
+
+
 def test_codequant_runs_on_a_moe_and_leaves_the_router():
     model = _model("mixtral")
     ids = torch.randint(0, 128, (64,))
