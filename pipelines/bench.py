@@ -218,7 +218,8 @@ def bench_quant(args) -> dict:
     from pipelines.quantize import run as quantize_run
     from quant.apply import QuantSpec, fake_quantize
     from quant.base import quantize_hqq
-    from quant.codequant import CodeQuantSpec, add_activation_fake_quant, codequant
+    from quant.codequant import (CodeQuantSpec, add_activation_fake_quant, codequant, finetune_blocks, fold_norms,
+                                 fuse_rotation)
     from quant.perplexity import perplexity
     from quant.targets import quant_targets
 
@@ -252,6 +253,22 @@ def bench_quant(args) -> dict:
     out["fake_quantize_s_codequant4"] = time.perf_counter() - t0
     add_activation_fake_quant(model)
     out["ppl_codequant4_a4"] = perplexity(model, ids, 512)
+    if args.block_steps:  # the block-level stage on the same rotation and codebooks (CodeQuant's full recipe)
+        model = copy.deepcopy(base)
+        fold_norms(model)
+        fuse_rotation(model, cq["rotation"])
+        t0 = time.perf_counter()
+        results = dict(cq["results"])
+        stats = finetune_blocks(model, calib, results, args.block_steps, CodeQuantSpec.finetune_lr,
+                                CodeQuantSpec.router_kl_weight)
+        out["ppl_codequant4_block"] = perplexity(model, ids, 512)
+        out["block_finetune_s"] = time.perf_counter() - t0
+        out["block_steps"] = args.block_steps
+        out["block_mse_before_after_mean"] = [sum(v[k] for v in stats.values()) / len(stats)
+                                              for k in ("mse_before", "mse_after")]
+        out["block_kl_before_after_mean"] = [sum(v[k] for v in stats.values()) / len(stats)
+                                             for k in ("kl_before", "kl_after")]
+        print("codequant4 + block", out["ppl_codequant4_block"], flush=True)
     increase = lambda k: out[f"ppl_{k}"] - out["ppl_fp"]  # noqa: E731
     out["milo_vs_hqq_ppl_increase_ratio"] = increase("milo3_g64") / increase("hqq3_g64")
     out["milo_extra_bpw"] = out["bpw_milo3_g64"] - out["bpw_hqq3_g64"]
@@ -304,6 +321,8 @@ def main(argv=None) -> None:
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="quant: pydoc tokens for perplexity")
     parser.add_argument("--rounds", type=int, default=5, help="quant: MiLo alternations")
     parser.add_argument("--calib-tokens", type=int, default=512, help="quant: CodeQuant calibration tokens")
+    parser.add_argument("--block-steps", type=int, default=5,
+                        help="quant: CodeQuant block-level fine-tuning steps per layer (0: skip ppl_codequant4_block)")
     parser.add_argument("--train-problems", type=int, default=128, help="sapo: training problems to collect")
     parser.add_argument("--train-offset", type=int, default=1000, help="sapo: first training problem index")
     parser.add_argument("--trajectories", default=None, help="sapo: reuse this trajectories.jsonl (no collect)")

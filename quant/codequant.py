@@ -243,7 +243,8 @@ def codequant(model, ids: torch.Tensor, spec: CodeQuantSpec, progress=None) -> d
     if spec.block_finetune_steps:  # reads the fp model, leaves it quantized
         block = finetune_blocks(model, ids, results, spec.block_finetune_steps, spec.finetune_lr,
                                 spec.router_kl_weight)
-    return {"results": results, "rotation_loss_first": losses[0], "rotation_loss_last": losses[-1], "block": block}
+    return {"results": results, "rotation": r, "rotation_loss_first": losses[0], "rotation_loss_last": losses[-1],
+            "block": block}
 
 
 def quantize_activations(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
@@ -400,8 +401,8 @@ def finetune_blocks(model, ids: torch.Tensor, results: dict, steps: int, lr: flo
                             continue
                         idx = state[name][1]
                         counts = torch.zeros_like(c).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
-                        new = state[name][0] - step_lr * g / counts.clamp_min(1)
-                        trial[name] = [new, (fp_w[name][:, :, None] - new[:, None, :]).abs().argmin(-1)]
+                        new = (state[name][0] - step_lr * g / counts.clamp_min(1)).sort(1).values
+                        trial[name] = [new, _nearest(fp_w[name], new)]
                     value = total(*loss_of(trial)).item()
                     if value < best:
                         state, best = trial, value
