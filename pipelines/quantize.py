@@ -39,7 +39,8 @@ def spec_of(cfg: QuantizeConfig) -> QuantSpec:
     method = "kmeans" if cfg.method == "codequant" else cfg.method  # codequant clusters like kmeans, after rotating
     group = 0 if method == "kmeans" else cfg.group_size
     return QuantSpec(method, cfg.bits, group, cfg.rank_policy, cfg.rank_dense, cfg.rank_expert,
-                     cfg.rank_max, cfg.rounds, cfg.seed, pad_groups=cfg.pad_groups)
+                     cfg.rank_max, cfg.rounds, cfg.seed, pad_groups=cfg.pad_groups,
+                     activation_weighted=cfg.method == "codequant" and cfg.codebook_weighting == "activation")
 
 
 def rotate_for_codequant(cfg: QuantizeConfig, model, tok):
@@ -112,7 +113,7 @@ def _check_out_dir(out: Path, source: str, spec_json: str) -> Path:
 def _task(w: torch.Tensor, spec: QuantSpec, rank: int, name: str, threads: int, calib=None, finetune=(0, 0.0)):
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    result = quantize_tensor(w, spec, rank)
+    result = quantize_tensor(w, spec, rank, calib)
     if calib is not None and finetune[0]:  # CodeQuant: fine-tune the centroids against the fp output
         from quant.codequant import finetune_centroids
 

@@ -36,6 +36,7 @@ class QuantSpec:
     rounds: int = 10
     seed: int = 0
     pad_groups: bool = False  # zero-pad a last group that does not divide the input dim
+    activation_weighted: bool = False  # kmeans: weight the input columns by their calibration activations (CodeQuant)
     routing_frequency: dict = field(default_factory=dict)  # layer -> [E] shares, for the frequency policy
 
     def check(self) -> None:
@@ -45,6 +46,8 @@ class QuantSpec:
             raise QuantConfigError(f"MiLo is 3-bit; {self.bits}-bit was asked")
         if self.method == "kmeans" and self.bits != 4:
             raise QuantConfigError(f"codebooks have 16 centroids (4-bit indices); {self.bits}-bit was asked")
+        if self.activation_weighted and self.method != "kmeans":
+            raise QuantConfigError(f"activation weighting is for codebooks (kmeans), not {self.method!r}")
         if self.rank_policy not in ("uniform", "kurtosis", "frequency"):
             raise QuantConfigError(f"unknown rank policy {self.rank_policy!r}")
 
@@ -90,9 +93,17 @@ def plan(model, spec: QuantSpec) -> list[tuple[Target, int]]:
     return [(t, rank_for(t, spec)) for t in targets]
 
 
-def quantize_tensor(w: torch.Tensor, spec: QuantSpec, rank: int) -> QTensor | MiLoTensor | CodebookTensor:
+def quantize_tensor(w: torch.Tensor, spec: QuantSpec, rank: int,
+                    calib: torch.Tensor | None = None) -> QTensor | MiLoTensor | CodebookTensor:
+    """One target's quantization; `calib` [tokens, in] is its input on calibration text (activation-weighted
+    codebooks need it: each input column weighs its mean squared activation)."""
     if spec.method == "kmeans":
-        return quantize_codebook(w, spec.group_size or None, seed=spec.seed)
+        importance = None
+        if spec.activation_weighted:
+            if calib is None:
+                raise QuantConfigError("activation-weighted codebooks need the target's calibration input")
+            importance = calib.float().pow(2).mean(0)
+        return quantize_codebook(w, spec.group_size or None, seed=spec.seed, importance=importance)
     if spec.method == "milo":
         return quantize_milo(w, rank, spec.bits, spec.group_size, spec.rounds, seed=spec.seed, pad=spec.pad_groups)
     return quantize(w, spec.method, spec.bits, spec.group_size, spec.pad_groups)

@@ -8,7 +8,8 @@ per-row 16-centroid codebooks whose centroids are fine-tuned on real text.
    straight-through round, so the gradient shrinks each token's range: outliers are spread out).
 3. `fuse_rotation`: embeddings, q/k/v, router, expert gate/up and the head read x R (W <- W R); o_proj and expert
    down write into it (W <- R^T W). The fp model's outputs are unchanged (tested).
-4. `codebooks` + `finetune_centroids`: k-means++ codebooks per output row, then SGD on the centroids against each
+4. `codebooks` + `finetune_centroids`: k-means++ codebooks per output row, weighted by each input column's mean
+   squared calibration activation (the row's output error under a diagonal second moment), then SGD on the centroids against each
    linear's fp output on calibration inputs (a centroid moves by the mean gradient of its members), re-assigning
    weights to the nearest centroid after every step; each linear's output MSE is the loss.
 5. `finetune_blocks` (optional, after 4): the paper's block-level loss, layer by layer on the input from the
@@ -38,6 +39,7 @@ class CodeQuantSpec:
     finetune_steps: int = 10
     finetune_lr: float = 1e-2
     kmeans_iters: int = 20
+    codebook_weighting: str = "activation"  # k-means weighted by each input column's mean squared activation; "none"
     seed: int = 0
     block_finetune_steps: int = 0  # block-level stage (layer output MSE + router KL) after the per-linear one
     router_kl_weight: float = 1.0
@@ -228,11 +230,12 @@ def codequant(model, ids: torch.Tensor, spec: CodeQuantSpec, progress=None) -> d
     with torch.no_grad():
         for t in quant_targets(model):
             w = t.get().float().clone()
-            cb = quantize_codebook(w, None, spec.kmeans_iters, spec.seed)
+            x = _target_input(t, inputs, model).float()
+            importance = x.pow(2).mean(0) if spec.codebook_weighting == "activation" else None
+            cb = quantize_codebook(w, None, spec.kmeans_iters, spec.seed, importance)
             if spec.finetune_steps:
                 with torch.enable_grad():
-                    cb = finetune_centroids(cb, w, _target_input(t, inputs, model).float(), spec.finetune_steps,
-                                            spec.finetune_lr)
+                    cb = finetune_centroids(cb, w, x, spec.finetune_steps, spec.finetune_lr)
             results[t.name] = cb
             if progress is not None:
                 progress.update()
