@@ -268,6 +268,9 @@ class QuantizeConfig:
     codebook_weighting: str = choice("activation", ["activation", "none"], help="codequant: k-means weights each "
                                      "input column by its mean squared calibration activation (activation) or "
                                      "not (none)")
+    expert_tokens: str = choice("routed", ["routed", "all"], help="codequant: a fused expert's codebook is weighted "
+                                "and fine-tuned on the calibration tokens its router sends it (routed; all tokens "
+                                "when fewer than 8) or on every token (all)")
     finetune_steps: int = bounded(10, ge=0)
     finetune_lr: float = bounded(1e-2, ge=0)
     block_finetune_steps: int = bounded(0, ge=0, help="codequant: steps of block-level centroid fine-tuning after "

@@ -35,6 +35,10 @@ from quant.base import QuantConfigError
 from quant.perplexity import TextSourceError, eval_text, perplexity, pydoc_text
 
 
+CODEQUANT_KEYS = ("calib_tokens", "rotation_steps", "rotation_lr", "rotation_batch", "codebook_weighting",
+                  "expert_tokens", "finetune_steps", "finetune_lr")
+
+
 def spec_of(cfg: QuantizeConfig) -> QuantSpec:
     method = "kmeans" if cfg.method == "codequant" else cfg.method  # codequant clusters like kmeans, after rotating
     group = 0 if method == "kmeans" else cfg.group_size
@@ -57,7 +61,8 @@ def rotate_for_codequant(cfg: QuantizeConfig, model, tok):
     print(f"rotation: 4-bit activation error {losses[0]:.3g} -> {losses[-1]:.3g}")
     from quant.targets import quant_targets
 
-    return {t.name: _target_input(t, inputs, model).detach() for t in quant_targets(model)}
+    routed = cfg.expert_tokens == "routed"
+    return {t.name: _target_input(t, inputs, model, routed).detach() for t in quant_targets(model)}
 
 
 @torch.inference_mode()
@@ -198,7 +203,10 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
     resolved = save_config(cfg, run_dir, "quantize")
     out = Path(cfg.out) if cfg.out else run_dir / "model"
     source = ckpt.fingerprint(model)
-    spec_json = json.dumps({k: v for k, v in spec.__dict__.items() if k != "routing_frequency"}, sort_keys=True)
+    settings = {k: v for k, v in spec.__dict__.items() if k != "routing_frequency"}
+    if cfg.method == "codequant":  # what else shapes its tensors: a resume must not mix parts made otherwise
+        settings["codequant"] = {k: getattr(cfg, k) for k in CODEQUANT_KEYS}
+    spec_json = json.dumps(settings, sort_keys=True)
     parts = _check_out_dir(out, source, spec_json)
     tracker = Tracker(cfg.wandb, run_dir, "quantize", resolved)
     todo = [(t, r) for t, r in items if not _part_path(parts, t.name).is_file()]

@@ -40,6 +40,7 @@ class CodeQuantSpec:
     finetune_lr: float = 1e-2
     kmeans_iters: int = 20
     codebook_weighting: str = "activation"  # k-means weighted by each input column's mean squared activation; "none"
+    expert_tokens: str = "routed"  # fused experts calibrate on the tokens routed to them, or on "all"
     seed: int = 0
     block_finetune_steps: int = 0  # block-level stage (layer output MSE + router KL) after the per-linear one
     router_kl_weight: float = 1.0
@@ -166,8 +167,8 @@ def fuse_rotation(model, r: torch.Tensor) -> None:
 
 
 def _linear_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input of every quantization target on calibration tokens (routed experts see the whole MLP input,
-    their down projections their own intermediate activations)."""
+    """The input of every quantization target on calibration tokens (fused experts take the MLP input and pick
+    their routed tokens from it in `_target_input`)."""
     inputs: dict[str, torch.Tensor] = {}
     hooks = []
     for li, layer in enumerate(model.model.layers):
@@ -185,13 +186,34 @@ def _linear_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def _target_input(t: Target, inputs: dict, model) -> torch.Tensor:
+MIN_ROUTED_TOKENS = 8  # an expert routed fewer calibration tokens than this is calibrated on all of them
+
+
+def _routed(model, li: int, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """The rows of layer `li`'s MLP input x that its router sends to `expert` (top-k of the router logits); all
+    rows when the layer has no plain router or the expert gets fewer than MIN_ROUTED_TOKENS of them."""
+    layer = model.model.layers[li]
+    rw = _router_weight(layer)
+    gate = next((m for m in layer.mlp.modules() if getattr(m, "weight", None) is rw), None)
+    top_k = getattr(gate, "top_k", None) or getattr(model.config, "num_experts_per_tok", None)
+    if rw is None or not top_k:
+        return x
+    with torch.no_grad():
+        rows = ((x.float() @ rw.float().T).topk(int(top_k), -1).indices == expert).any(-1)
+    return x[rows] if int(rows.sum()) >= MIN_ROUTED_TOKENS else x
+
+
+def _target_input(t: Target, inputs: dict, model, routed: bool = True) -> torch.Tensor:
+    """A target's input on the calibration tokens; a fused expert sees only the tokens routed to it (`routed`)
+    or every token."""
     if t.index is None:
         return inputs[t.name]
     x = inputs[f"mlp_in.{t.layer}"]
+    if routed:
+        x = _routed(model, t.layer, x, t.index)
     if ".gate_up_proj." in t.name:
         return x
-    experts = t.param  # down_proj: the expert's own intermediate activation on every token
+    experts = t.param  # down_proj: the expert's own intermediate activation on its tokens
     module = next(m for m in model.model.layers[t.layer].mlp.modules() if getattr(m, "down_proj", None) is experts)
     gate, up = (x @ module.gate_up_proj[t.index].T).chunk(2, dim=-1)
     return module.act_fn(gate) * up
@@ -230,7 +252,7 @@ def codequant(model, ids: torch.Tensor, spec: CodeQuantSpec, progress=None) -> d
     with torch.no_grad():
         for t in quant_targets(model):
             w = t.get().float().clone()
-            x = _target_input(t, inputs, model).float()
+            x = _target_input(t, inputs, model, spec.expert_tokens == "routed").float()
             importance = x.pow(2).mean(0) if spec.codebook_weighting == "activation" else None
             cb = quantize_codebook(w, None, spec.kmeans_iters, spec.seed, importance)
             if spec.finetune_steps:

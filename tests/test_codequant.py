@@ -111,3 +111,32 @@ def test_block_finetuning_router_kl_term_lowers_router_kl():
     assert with_kl["kl_after"] < 0.5 * mse_only["kl_after"]
     assert with_kl["mse_after"] < none["mse_after"]
     assert mse_only["mse_after"] < none["mse_after"]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_fused_experts_calibrate_on_the_tokens_routed_to_them(kind):
+    """An expert's codebook is fitted (and fine-tuned) on the tokens its router sends it, not on every token:
+    its gate_up input is those rows of the MLP input, its down input the expert's activation on them."""
+    from quant.codequant import MIN_ROUTED_TOKENS, _linear_inputs, _router_weight, _target_input
+    from quant.targets import quant_targets
+
+    torch.manual_seed(0)
+    model = _model(kind)
+    ids = torch.randint(0, 128, (96,))
+    inputs = _linear_inputs(model, ids)
+    x = inputs["mlp_in.0"]
+    top_k = model.config.num_experts_per_tok
+    picks = (x @ _router_weight(model.model.layers[0]).T).topk(top_k, -1).indices
+    checked = 0
+    for t in quant_targets(model):
+        if t.layer != 0 or t.index is None:
+            continue
+        rows = (picks == t.index).any(-1)
+        assert MIN_ROUTED_TOKENS <= rows.sum() < len(x)  # a real selection, not all tokens
+        got = _target_input(t, inputs, model)
+        assert got.shape[0] == rows.sum()
+        if ".gate_up_proj." in t.name:
+            torch.testing.assert_close(got, x[rows])
+        checked += 1
+    experts = next(t.param for t in quant_targets(model) if t.layer == 0 and t.index is not None).shape[0]
+    assert checked == 2 * experts  # gate_up and down of every expert

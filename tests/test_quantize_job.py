@@ -83,9 +83,10 @@ def test_output_dir_of_another_model_is_refused(tmp_path):
 def test_codequant_job_block_finetuning_with_router_kl(tmp_path):
     """method=codequant with block_finetune_steps: the block stage (layer output MSE + router KL) runs, lowers
     the last layer's loss, is recorded in the summary and the manifest, and the checkpoint loads."""
-    job = _job([f"run.out_dir={tmp_path}", "method=codequant", "bits=4", "rotation_steps=2", "finetune_steps=1",
-                "block_finetune_steps=2", "router_kl_weight=2.0", "calib_tokens=64", "ppl_tokens=128",
-                "ppl_window=64", "compare=[rtn,kmeans]", f"out={tmp_path / 'ckpt'}"])
+    args = [f"run.out_dir={tmp_path}", "method=codequant", "bits=4", "rotation_steps=2", "finetune_steps=1",
+            "block_finetune_steps=2", "router_kl_weight=2.0", "calib_tokens=64", "ppl_tokens=128",
+            "ppl_window=64", "compare=[rtn,kmeans]", f"out={tmp_path / 'ckpt'}"]
+    job = _job(args)
     out, _ = job.communicate(timeout=600)
     assert job.returncode == 0, out[-3000:]
     run_dir = next(tmp_path.glob("quantize/*"))
@@ -108,6 +109,11 @@ def test_codequant_job_block_finetuning_with_router_kl(tmp_path):
     assert summary["compare/codequant/ppl"] == summary["ppl_quantized"]
     table = (run_dir / "comparison.md").read_text()
     assert all(f"| {m} |" in table for m in ("fp", "rtn", "kmeans", "codequant")) and "delta vs fp" in table
+    # CodeQuant's own settings are part of the checkpoint's identity: another expert calibration is refused
+    again = _job(args + ["expert_tokens=all"])
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 2 and "another model or config" in out, out[-2000:]
+    assert json.loads((tmp_path / "ckpt" / "specmoe_quant.json").read_text()) == manifest
 
 
 @pytest.mark.slow
