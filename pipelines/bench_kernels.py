@@ -1,6 +1,6 @@
 """`python -m pipelines.bench kernels`: the quantized matmul kernels against dense matmuls, side by side in one run.
 
-cpu (the C++ kernels of kernels/cpu.py, all torch threads):
+cpu (the C++ kernels of qkernels/cpu.py, all torch threads):
   milo3_matvec_speedup_vs_fp32      batch 1, a 4096 x 4096 weight: 3-bit g64 + a rank-16 compensator (MiLo's
                                     dense setting) over a dense fp32 `F.linear`, weights streamed from memory
                                     (the caches are flushed before every call, as when a model larger than the
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels import cpu
-from kernels import reference as ref
+from qkernels import cpu
+from qkernels import reference as ref
 from quant.codebook import quantize_codebook
 from quant.milo import quantize_milo
 
@@ -178,7 +178,7 @@ def _moe_decode(args) -> dict:
 
 
 def _gpu(reps: int) -> dict:
-    from kernels import triton_kernels as tk
+    from qkernels import triton_kernels as tk
 
     dev = torch.device("cuda")
     n, k = 14336, 4096

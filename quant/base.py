@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.packing import SUPPORTED_BITS, pack, unpack
+from qkernels.packing import SUPPORTED_BITS, pack, unpack
 
 
 class QuantConfigError(ValueError):

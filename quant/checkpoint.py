@@ -157,8 +157,8 @@ def read_manifest(path: Path) -> dict:
 def load_quantized(path, dtype=torch.float32, verify: bool = True, runtime: str = "dequantized",
                    backend: str = "auto"):
     """Rebuild the model of a quantized checkpoint. runtime "dequantized": targets hold their dequantized weights
-    (plain torch matmuls); "packed": linear targets become kernels.modules.QuantLinear and fused expert modules
-    kernels.modules.QuantExperts (Triton on CUDA, the CPU kernel on CPU, `backend` forces one); a fused experts
+    (plain torch matmuls); "packed": linear targets become qkernels.modules.QuantLinear and fused expert modules
+    qkernels.modules.QuantExperts (Triton on CUDA, the CPU kernel on CPU, `backend` forces one); a fused experts
     module whose experts mix formats stays dequantized, with a warning."""
     if runtime not in ("dequantized", "packed"):
         raise CheckpointError(f"unknown runtime {runtime!r}: use dequantized or packed")
@@ -205,7 +205,7 @@ def load_quantized(path, dtype=torch.float32, verify: bool = True, runtime: str 
 
 
 def _swap_linear(model, weight_name: str, result, backend: str) -> None:
-    from kernels.modules import QuantLinear
+    from qkernels.modules import QuantLinear
 
     module_name = weight_name.rsplit(".", 1)[0]
     parent_name, _, leaf = module_name.rpartition(".")
@@ -226,7 +226,7 @@ def _swap_linear(model, weight_name: str, result, backend: str) -> None:
 
 
 def _swap_experts(model, module_name: str, projections: dict, backend: str) -> None:
-    from kernels.modules import QuantExperts
+    from qkernels.modules import QuantExperts
 
     old = model.get_submodule(module_name)
     if set(projections) != {"gate_up_proj", "down_proj"}:
@@ -247,7 +247,7 @@ def _swap_experts(model, module_name: str, projections: dict, backend: str) -> N
 
 def stack_experts(results: list, n: int, k: int) -> dict:
     """Per-expert quantization results (QTensor, MiLoTensor, CodebookTensor) of one [E x (n, k)] projection -> the
-    stacked buffers kernels.modules.QuantExperts takes. Compensators of different ranks are zero-padded."""
+    stacked buffers qkernels.modules.QuantExperts takes. Compensators of different ranks are zero-padded."""
     kinds = {type(r) for r in results}
     if len(kinds) != 1:
         raise ValueError(f"experts of one projection mix formats {sorted(k.__name__ for k in kinds)}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from quant.base import QuantConfigError
-from kernels.packing import pack, unpack
+from qkernels.packing import pack, unpack
 
 NUM_CENTROIDS = 16
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.packing import pack
+from qkernels.packing import pack
 from quant.codebook import CodebookTensor, _nearest, quantize_codebook
 from quant.targets import ROUTER_NAMES, Target, quant_targets
 

@@ -6,9 +6,9 @@ import warnings
 import pytest
 import torch
 
-from kernels import cpu
-from kernels import reference as ref
-from kernels.modules import QuantExperts, QuantLinear
+from qkernels import cpu
+from qkernels import reference as ref
+from qkernels.modules import QuantExperts, QuantLinear
 from quant.base import quantize_rtn
 from quant.checkpoint import stack_experts
 from quant.codebook import quantize_codebook
@@ -209,7 +209,7 @@ def test_other_instruction_set_paths_match_the_reference(isa):
 
     code = r"""
 import torch
-from kernels import cpu, reference as ref
+from qkernels import cpu, reference as ref
 from quant.base import quantize_rtn
 from quant.codebook import quantize_codebook
 from quant.milo import quantize_milo

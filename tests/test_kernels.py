@@ -16,8 +16,8 @@ import torch
 from quant.base import quantize_rtn
 from quant.codebook import quantize_codebook
 from quant.milo import quantize_milo
-from kernels import reference as ref
-from kernels import triton_kernels as tk
+from qkernels import reference as ref
+from qkernels import triton_kernels as tk
 
 dev = "{device}"
 torch.manual_seed(0)
@@ -80,7 +80,7 @@ def test_triton_kernels_match_references_on_cuda():
 
 
 def test_quant_linear_reference_matches_dequantized_weight():
-    from kernels.modules import QuantLinear
+    from qkernels.modules import QuantLinear
     from quant.milo import quantize_milo
 
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def test_quant_linear_reference_matches_dequantized_weight():
 def test_quant_linear_triton_path_in_the_interpreter():
     code = r'''
 import torch, warnings
-from kernels.modules import QuantLinear
+from qkernels.modules import QuantLinear
 from quant.base import quantize_rtn
 torch.manual_seed(0)
 w = torch.randn(40, 96) * 0.05
@@ -123,7 +123,7 @@ def test_quant_experts_triton_paths_in_the_interpreter():
     """RTN experts take the grouped kernel (one launch), MiLo and codebook experts the per-expert kernels."""
     code = r'''
 import torch
-from kernels.modules import QuantExperts
+from qkernels.modules import QuantExperts
 from quant.base import quantize_rtn
 from quant.checkpoint import stack_experts
 from quant.codebook import quantize_codebook

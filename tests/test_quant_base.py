@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from quant.base import QuantConfigError, quantize_hqq, quantize_rtn
-from kernels.packing import pack, packed_words, unpack
+from qkernels.packing import pack, packed_words, unpack
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

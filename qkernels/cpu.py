@@ -1,4 +1,4 @@
-"""The CPU kernels (kernels/csrc/qmatmul_cpu.cpp): a C++ extension built with torch's extension tools at first
+"""The CPU kernels (qkernels/csrc/qmatmul_cpu.cpp): a C++ extension built with torch's extension tools at first
 use (about a minute, once; `-O3 -march=native`: AVX-512 VBMI or AVX2/FMA/F16C paths when the CPU has them, a
 scalar path elsewhere, e.g. on ARM) and cached under
 `$SPECMOE_CACHE/torch_extensions` (default `~/.cache/specmoe`). Chosen over `torch.compile` by measurement

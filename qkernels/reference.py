@@ -1,6 +1,6 @@
 """Torch references for the quantized matmuls (the ground truth the kernels are tested against).
 
-Formats (see kernels/packing.py for the bit layout):
+Formats (see qkernels/packing.py for the bit layout):
 - 3-bit asymmetric per-group (MiLo's base): packed [N, ceil(Kp/32)*3] int32, scale/zero [N, Kp/group] float16,
   w = (q - zero) * scale, Kp = K rounded up to whole groups;
 - 4-bit codebooks (CodeQuant): packed [N, ceil(K/32)*4] int32 indices, centroids [N, K/group, 16] float16.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.packing import unpack
+from qkernels.packing import unpack
 
 
 def dequant_affine(packed, scale, zero, bits: int, k: int, group: int) -> torch.Tensor:

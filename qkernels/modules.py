@@ -1,4 +1,4 @@
-"""Quantized modules whose matmuls dispatch: Triton on CUDA, the CPU kernel (kernels/cpu.py) on CPU, the torch
+"""Quantized modules whose matmuls dispatch: Triton on CUDA, the CPU kernel (qkernels/cpu.py) on CPU, the torch
 reference otherwise. `backend` forces one ("reference" is the config key's escape hatch); a shape, format or
 device a kernel does not take falls back to the reference with one warning, never a wrong result.
 
@@ -6,7 +6,7 @@ device a kernel does not take falls back to the reference with one warning, neve
 - `QuantExperts`: transformers 5's fused experts (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) with the
   same forward(hidden_states, top_k_index, top_k_weights): tokens are sorted by expert and every expert of a
   projection runs in one grouped kernel call (the MoE form), instead of a Python loop over experts.
-The CPU kernel serves decode-sized batches (<= kernels.cpu.MAX_KERNEL_ROWS rows per expert); larger batches
+The CPU kernel serves decode-sized batches (<= qkernels.cpu.MAX_KERNEL_ROWS rows per expert); larger batches
 dequantize transiently and use a dense matmul. The reference path caches its dequantized weights.
 """
 
@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from kernels import reference as ref
+from qkernels import reference as ref
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 _warned: set[str] = set()
@@ -43,7 +43,7 @@ def pick_backend(requested: str, x: torch.Tensor, bits: int | None) -> str:
     if requested == "auto":
         requested = "triton" if x.is_cuda else "cpu"
     if requested == "cpu":
-        from kernels import cpu
+        from qkernels import cpu
 
         if x.is_cuda:
             _warn_once("cpu-on-cuda", "the CPU kernel does not take CUDA tensors: using the torch reference")
@@ -104,7 +104,7 @@ class _Packed(nn.Module):
         if self.is_codebook:
             return ref.dequant_codebook(self.packed[e].cpu(), self.centroids[e].cpu(), k)
         if self.bits == 3 and not self.packed.is_cuda and self.cpu_supported(k):
-            from kernels import cpu
+            from qkernels import cpu
 
             if cpu.available():
                 w = cpu.affine3_dequant(self.packed[e], self.scale[e], self.zero[e], k, self.group)
@@ -124,7 +124,7 @@ class _Packed(nn.Module):
         return self.group % 32 == 0
 
     def _cpu_grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        from kernels import cpu
+        from qkernels import cpu
 
         if self.is_codebook:
             return cpu.codebook4_grouped(x, offsets, self.packed, self.centroids)
@@ -156,7 +156,7 @@ class QuantLinear(_Packed):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
         if backend == "triton":
-            from kernels import triton_kernels as tk
+            from qkernels import triton_kernels as tk
 
             if self.is_codebook:
                 y = tk.codebook4_matmul(x2, self.packed[0], self.centroids[0], k)
@@ -164,7 +164,7 @@ class QuantLinear(_Packed):
                 y = tk.affine3_matmul(x2, self.packed[0], self.scale[0], self.zero[0], k, self.group,
                                       None if self.u is None else self.u[0], None if self.v is None else self.v[0])
         elif backend == "cpu":
-            from kernels import cpu
+            from qkernels import cpu
 
             if x2.shape[0] <= cpu.MAX_KERNEL_ROWS:
                 y = self._cpu_grouped(x2, cpu.dense_offsets(x2.shape[0]))
@@ -190,12 +190,12 @@ class _ExpertProjection(_Packed):
 
     def run(self, x_sorted: torch.Tensor, offsets: torch.Tensor, counts: list[int], backend: str) -> torch.Tensor:
         if backend == "cpu":
-            from kernels import cpu
+            from qkernels import cpu
 
             if max(counts) <= cpu.MAX_KERNEL_ROWS:
                 return self._cpu_grouped(x_sorted, offsets)
         if backend == "triton" and not self.is_codebook and self.u is None:
-            from kernels import triton_kernels as tk
+            from qkernels import triton_kernels as tk
 
             return tk.grouped_affine3_matmul(x_sorted, offsets.to(x_sorted.device), self.packed, self.scale,
                                              self.zero, self.k, self.group, max(counts))
@@ -205,7 +205,7 @@ class _ExpertProjection(_Packed):
             if c:
                 xe = x_sorted[lo:lo + c]
                 if backend == "triton":
-                    from kernels import triton_kernels as tk
+                    from qkernels import triton_kernels as tk
 
                     out[lo:lo + c] = (tk.codebook4_matmul(xe, self.packed[e], self.centroids[e], self.k)
                                       if self.is_codebook else
