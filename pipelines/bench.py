@@ -16,11 +16,16 @@ engine: on `smollm2-135m-instruct` (in-process engine, CPU unless a GPU is prese
 
 spec: the demo evaluation (SmolLM2 target, early-exit draft, TBVM at alpha 0.7) on held-out problems, every
   method on the same actors, at 1 and 4 problems in flight; per method: speedup, step_accept_rate,
-  answer_agreement, accuracy, predicted_speedup, tokens_per_s_1, tokens_per_s_4, plus the checks
-  within_20pct_of_predicted and fpsr_ge_lr_sync.
+  answer_agreement, accuracy, predicted_speedup (on the method's measured target step cost),
+  predicted_speedup_ideal (the papers' model: a target step costs what it costs alone), target_step_slowdown,
+  tokens_per_s_1, tokens_per_s_4, plus the checks within_20pct_of_predicted / _of_ideal and fpsr_ge_lr_sync;
+  theory_check: the same predictions at a known accept rate (a random verifier accepting half the drafts,
+  --theory-problems problems, one in flight).
 
 quant: on the demo MoE (`smollm2-moe-8x`), perplexity on the last --ppl-tokens of pydoc text (512-token windows)
-  of fp, RTN and HQQ 3-bit g64, MiLo 3-bit g64 (uniform ranks 16 dense / 8 experts), RTN 4-bit g128 (last group
+  of fp, RTN and HQQ 3-bit g64, MiLo 3-bit g64 (uniform ranks 16 dense / 8 experts; also the kurtosis policy
+  capped at 64 and the routing-frequency policy, mean expert rank 8: *_milo3_g64_kurtosis / _frequency with
+  mean_rank_*), RTN 4-bit g128 (last group
   zero-padded: 576 = 4.5 x 128), per-row 16-centroid k-means codebooks; honest bits per weight (codes, scales,
   zeros, codebooks, compensators); CodeQuant (rotation + codebooks + centroid fine-tuning); W4A4 perplexities
   (4-bit per-token activations) of k-means and CodeQuant; our HQQ's reconstruction error over the `hqq`
@@ -197,13 +202,28 @@ def bench_spec(args) -> dict:
             row[f"tokens_per_s_{in_flight}"] = s["tokens_per_s"]
             if in_flight == 1:
                 row.update({k: s.get(k) for k in ("speedup", "step_accept_rate", "answer_agreement", "accuracy",
-                                                  "predicted_speedup", "step_cost_ratio", "token_acceptance_rate")})
-                row["within_20pct_of_predicted"] = abs(s["speedup"] - s["predicted_speedup"]) <= 0.2 * s[
-                    "predicted_speedup"]
+                                                  "predicted_speedup", "predicted_speedup_ideal",
+                                                  "target_step_slowdown", "step_cost_ratio", "token_acceptance_rate",
+                                                  "target_step_s", "draft_step_s")})
+                for key, pred in (("predicted", "predicted_speedup"), ("ideal", "predicted_speedup_ideal")):
+                    row[f"within_20pct_of_{key}"] = abs(s["speedup"] - s[pred]) <= 0.2 * s[pred]
             else:
                 row["speedup_4_in_flight"] = s.get("speedup")
         out.update(target=summary["target"], draft=summary["draft"], verifier=summary["verifier"],
                    gamma=summary["gamma"], num_problems=summary["num_problems"])
+    if args.theory_problems:  # the theory at a known accept rate: a random verifier accepts half the drafts
+        cfg = load_config(EvaluateConfig, "evaluate", [
+            args.preset, f"run.out_dir={args.run_dir}", "run.name=bench-spec-theory",
+            f"data.num_problems={args.theory_problems}", f"data.offset={args.offset}",
+            f"generation.max_new_tokens={args.max_new_tokens}", "problems_in_flight=1", "verifier.kind=random",
+            "verifier.p=0.5", "methods=[ar,sd,lr_sync,lr_async,fpsr,lr_async+sd]"])
+        run_dir, summary = evaluate(cfg)
+        out["theory_check"] = {"verifier": "random(p=0.5)", "run_dir": str(run_dir), "methods": {
+            method: {k: s.get(k) for k in ("speedup", "predicted_speedup", "predicted_speedup_ideal",
+                                           "target_step_slowdown", "step_accept_rate", "step_cost_ratio",
+                                           "accepted_steps_per_cycle")}
+            | {"within_20pct_of_predicted": abs(s["speedup"] - s["predicted_speedup"]) <= 0.2 * s["predicted_speedup"]}
+            for method, s in summary["methods"].items()}}
     m = out["methods"]
     out["fpsr_ge_lr_sync"] = m["fpsr"]["speedup"] >= m["lr_sync"]["speedup"]
     out["best_speedup"] = max((v["speedup"], k) for k, v in m.items())
@@ -215,7 +235,7 @@ def bench_quant(args) -> dict:
     import copy
 
     from pipelines.config import QuantizeConfig, load_config
-    from pipelines.quantize import run as quantize_run
+    from pipelines.quantize import routing_frequency, run as quantize_run
     from quant.apply import QuantSpec, fake_quantize
     from quant.base import quantize_hqq
     from quant.codequant import (CodeQuantSpec, add_activation_fake_quant, codequant, finetune_blocks, fold_norms,
@@ -230,7 +250,13 @@ def bench_quant(args) -> dict:
     out["ppl_fp"] = perplexity(base, ids, 512)
     variants = {"rtn3_g64": QuantSpec("rtn", 3, 64), "hqq3_g64": QuantSpec("hqq", 3, 64),
                 "milo3_g64": QuantSpec("milo", 3, 64, rank_dense=16, rank_expert=8, rounds=args.rounds),
-                "rtn4_g128": QuantSpec("rtn", 4, 128, pad_groups=True), "kmeans4": QuantSpec("kmeans", 4, 0)}
+                "rtn4_g128": QuantSpec("rtn", 4, 128, pad_groups=True), "kmeans4": QuantSpec("kmeans", 4, 0),
+                # MiLo's other rank policies at about the uniform budget (mean expert rank ~8 either way)
+                "milo3_g64_kurtosis": QuantSpec("milo", 3, 64, rank_policy="kurtosis", rank_max=64,
+                                                rounds=args.rounds),
+                "milo3_g64_frequency": QuantSpec("milo", 3, 64, rank_policy="frequency", rank_dense=16,
+                                                 rank_expert=8, rounds=args.rounds,
+                                                 routing_frequency=routing_frequency(base, tok, 2048))}
     for key, spec in variants.items():
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
@@ -238,6 +264,8 @@ def bench_quant(args) -> dict:
         out[f"ppl_{key}"] = perplexity(model, ids, 512)
         out[f"bpw_{key}"] = acc["bits_per_weight"]
         out[f"fake_quantize_s_{key}"] = time.perf_counter() - t0
+        if spec.method == "milo":
+            out[f"mean_rank_{key}"] = acc["mean_rank"]  # {"dense": ..., "expert": ...}
         print(key, out[f"ppl_{key}"], out[f"bpw_{key}"], flush=True)
         if key == "kmeans4":  # W4A4: the same codebooks with 4-bit per-token activations
             add_activation_fake_quant(model)
@@ -316,6 +344,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num-problems", type=int, default=None, help="spec, sapo: held-out problems (20, 12)")
     parser.add_argument("--offset", type=int, default=100, help="spec, sapo: first held-out problem index")
     parser.add_argument("--preset", default="demo", help="spec: evaluate preset")
+    parser.add_argument("--theory-problems", type=int, default=8,
+                        help="spec: problems for the theory check with a random(0.5) verifier (0: skip)")
     parser.add_argument("--run-dir", default="runs", help="spec, quant: where the job runs go")
     parser.add_argument("--moe", default="smollm2-moe-8x", help="quant: the MoE to quantize")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="quant: pydoc tokens for perplexity")

@@ -14,7 +14,8 @@ def _fmt(v, digits=2):
 
 
 def method_table(summaries: dict[str, dict]) -> list[str]:
-    cols = [("speedup", "speedup"), ("predicted_speedup", "predicted"), ("tokens_per_s", "tokens/s"),
+    cols = [("speedup", "speedup"), ("predicted_speedup", "predicted"), ("predicted_speedup_ideal", "predicted (ideal)"),
+            ("target_step_slowdown", "target step slowdown"), ("tokens_per_s", "tokens/s"),
             ("step_accept_rate", "step accept"), ("accepted_steps_per_cycle", "accepted/cycle"),
             ("token_acceptance_rate", "token accept"), ("token_mean_acceptance_length", "mean accept len"),
             ("accuracy", "accuracy"), ("answer_agreement", "agreement with ar"),

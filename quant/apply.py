@@ -129,5 +129,9 @@ def fake_quantize(model, spec: QuantSpec, progress=None) -> dict:
         weights += target.get().numel()
         if progress is not None:
             progress.update()
+    by_kind: dict[str, list[int]] = {}
+    for t, r in items:
+        by_kind.setdefault("expert" if t.kind == "expert" else "dense", []).append(r)
     return {"bits_per_weight": bits / weights, "quantized_weights": int(weights), "tensors": len(items),
-            "ranks": {t.name: r for t, r in items if r}}
+            "ranks": {t.name: r for t, r in items if r},
+            "mean_rank": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}}

@@ -2,6 +2,10 @@
 
 a: acceptance rate (step-level: a draft step is accepted; token-level: a draft token is accepted),
 c: draft cost / target cost for one step (or one token), gamma: lookahead depth, k: tokens per SD pass.
+
+The models count time in target steps and assume a target step costs the same in every method (draft and target
+on separate devices, a batched pass as cheap as one step). `device_adjusted` rescales a prediction by the
+measured cost of the method's own target steps, for draft and target sharing a device.
 """
 
 from __future__ import annotations
@@ -54,3 +58,11 @@ def predicted_speedup(method: str, step_accept_rate: float, step_cost_ratio: flo
     else:
         raise ValueError(f"no speedup model for method {method!r}")
     return f * (token_speedup if ("+sd" in method or base == "sd") else 1.0)
+
+
+def device_adjusted(speedup: float, target_step_slowdown: float) -> float:
+    """A predicted speedup when the method's target steps take `target_step_slowdown` times as long as the
+    baseline's (measured: the draft and concurrent requests share the device, a batched pass is not free)."""
+    if target_step_slowdown <= 0:
+        raise ValueError(f"target step slowdown must be > 0, got {target_step_slowdown}")
+    return speedup / target_step_slowdown

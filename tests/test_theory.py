@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from speculative.theory import f_async, f_sync, g_token, predicted_speedup
+from speculative.theory import device_adjusted, f_async, f_sync, g_token, predicted_speedup
 
 
 @pytest.mark.parametrize("a, c, g, want_sync, want_async", [
@@ -45,3 +45,31 @@ def test_token_sd_bounds_and_combination():
     assert math.isinf(f_async(1.0, 0.0, 3))
     with pytest.raises(ValueError):
         f_sync(1.2, 0.1, 3)
+
+
+def test_add_speedups_rescales_the_prediction_by_the_measured_target_step_cost():
+    from speculative.metrics import add_speedups
+
+    def row(tps, a=0.0, c=0.0, t_step=0.1):
+        return {"tokens_per_s": tps, "step_accept_rate": a, "step_cost_ratio": c, "gamma": 4, "target_step_s": t_step}
+
+    sums = {"ar": row(10.0), "sd": row(15.0, t_step=0.07),
+            "lr_async": row(9.0, a=0.5, c=0.25, t_step=0.125),  # its target steps take 1.25x ar's
+            "lr_async+sd": row(12.0, a=0.5, c=0.25, t_step=0.07),  # as fast as sd's: no slowdown
+            "lr_sync": row(8.0, a=0.0, c=0.25, t_step=0.2)}
+    add_speedups(sums)
+    ideal = f_async(0.5, 0.25, 4)  # gamma >= 1/c: 1 / (0.25 + 0.75 * 0.5)
+    assert ideal == pytest.approx(1.6)
+    s = sums["lr_async"]
+    assert s["speedup"] == pytest.approx(0.9)
+    assert s["predicted_speedup_ideal"] == pytest.approx(ideal)
+    assert s["target_step_slowdown"] == pytest.approx(1.25)
+    assert s["predicted_speedup"] == pytest.approx(ideal / 1.25)
+    t = sums["lr_async+sd"]  # token-level SD multiplies; its steps are compared with sd's own
+    assert t["target_step_slowdown"] == pytest.approx(1.0)
+    assert t["predicted_speedup"] == pytest.approx(ideal * 1.5)
+    u = sums["lr_sync"]  # a = 0: 1 / (1 - c + c * gamma) = 1 / 1.75, and its batched pass costs 2 ar steps
+    assert u["predicted_speedup"] == pytest.approx(1 / 1.75 / 2.0)
+    assert sums["ar"]["predicted_speedup"] == 1.0 and sums["sd"]["predicted_speedup"] == pytest.approx(1.5)
+    with pytest.raises(ValueError):
+        device_adjusted(1.0, 0.0)
