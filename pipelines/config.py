@@ -305,6 +305,10 @@ class RewardsConfig:
     length: float = bounded(1.0, ge=0)
     outcome: float = bounded(1.0, ge=0)
     align_form: str = choice("share", ["share", "prefix"])
+    length_form: str = choice("step", ["step", "answer"],
+                              help="step: mean tokens per step against the target trajectory's; answer: whole "
+                                   "rollout against the target's answer (a signal only when rollouts are not cut "
+                                   "shorter than answers)")
     verifier: str = choice("exact", ["exact", "embedding"], help="judges a rollout step against the target's")
     threshold: float = bounded(0.85, ge=-1, le=1, help="embedding verifier: cosine threshold")
     align_source: str = choice("offline", ["offline", "online"],

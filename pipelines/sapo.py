@@ -11,8 +11,8 @@
 2. GRPO (TRL) on three rewards from `rewards.sapo`: R_align (the share, or accepted prefix, of the rollout's
    steps that the verifier accepts against the target's steps: the cached trajectory's (`offline`) or the target
    actor's own step from the same prefix, one batched call per group of rollouts (`online`)), R_length
-   (min(1, L_target / L_rollout)), R_outcome (math-verify); weights 1:1:1 by default; TRL logs each reward's
-   mean and std per step;
+   (min(1, S_target / S_rollout) on mean tokens per step; `rewards.length_form=answer` compares whole answers),
+   R_outcome (math-verify); weights 1:1:1 by default; TRL logs each reward's mean and std per step;
 3. the trained draft is saved as a plain model directory (<run_dir>/draft; LoRA adapters merged in) that
    `pipelines.evaluate` loads by path.
 
@@ -159,16 +159,25 @@ def reward_functions(cfg: SapoConfig, tok, verifier, target=None, counter: dict 
                 out[i] = v
         return out
 
-    def length(completions, target_tokens, **_):
+    def length(completions, target_tokens, target_step_tokens, **_):
         counter["completions"] = counter.get("completions", 0) + len(completions)
-        return [R.length_reward(len(tok(c, add_special_tokens=False).input_ids), n)
-                for c, n in zip(completions, target_tokens)]
+        sizes = [len(tok(c, add_special_tokens=False).input_ids) for c in completions]
+        if rw.length_form == "answer":
+            return [R.length_reward(n, ref) for n, ref in zip(sizes, target_tokens)]
+        return [R.step_length_reward(n, len(R.split_steps(c, delim)), ref)
+                for c, n, ref in zip(completions, sizes, target_step_tokens)]
 
     def outcome(completions, answer, **_):
         return [R.outcome_reward(c, a) for c, a in zip(completions, answer)]
 
     align.__name__, length.__name__, outcome.__name__ = "r_align", "r_length", "r_outcome"
     return [align, length, outcome]
+
+
+def _tokens_per_step(tok, steps: list[str]) -> float:
+    """The target trajectory's mean tokens per step (R_length's reference, form `step`)."""
+    sizes = [len(tok(s, add_special_tokens=False).input_ids) for s in steps]
+    return sum(sizes) / len(sizes) if sizes else 0.0
 
 
 def _verifier(cfg: SapoConfig, hosts: dict):
@@ -267,7 +276,8 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
     model, _ = zoo.load_model(base, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
     data = Dataset.from_list([{"prompt": p, "answer": r["answer"], "question": r["question"],
                                "prompt_ids": r["prompt_ids"], "target_steps": r["steps"],
-                               "target_tokens": r["num_tokens"]} for p, r in zip(prompts, rows)])
+                               "target_tokens": r["num_tokens"], "target_step_tokens": _tokens_per_step(tok, r["steps"])}
+                              for p, r in zip(prompts, rows)])
     g, w = cfg.grpo, cfg.rewards
     out = run_dir / "grpo"
     counter: dict = {}

@@ -8,8 +8,12 @@ sum to zero). Each term is in [0, 1] and is returned separately so that trainers
   while the rollout follows the trajectory); `online` asks the target for its step from every rollout prefix
   (one batched call per group of rollouts). `share` rewards the share of accepted steps; `prefix` rewards the
   accepted prefix (steps before the first rejection), which is what speeds up decoding.
-- R_length: min(1, L_target / L_rollout) in tokens: 1 when the rollout is no longer than the target's answer,
-  falling as 1/x when longer (a token budget replaces L_target when no trajectory is cached).
+- R_length, form `step` (default): min(1, S_target / S_rollout) with S the mean tokens per step (the rollout's
+  unfinished last step counts as a step): 1 when the rollout's steps are no longer than the target trajectory's,
+  falling as 1/x when longer. This is what the draft's tokens per step (and so its cost per step) answer to, and
+  it is defined on rollouts cut at GRPO's completion cap. Form `answer`: min(1, L_target / L_rollout) over whole
+  answers in tokens (a token budget replaces L_target when no trajectory is cached); it only has a signal when
+  rollouts may run as long as the target's answers (a rollout cut below the answer's length always scores 1).
 - R_outcome: 1 if the rollout's final answer is correct (math-verify), else 0.
 """
 
@@ -51,6 +55,12 @@ def length_reward(rollout_tokens: int, reference_tokens: int) -> float:
     if rollout_tokens <= 0:
         return 0.0
     return min(1.0, reference_tokens / rollout_tokens)
+
+
+def step_length_reward(rollout_tokens: int, rollout_steps: int, reference_tokens_per_step: float) -> float:
+    if rollout_tokens <= 0 or rollout_steps <= 0:
+        return 0.0
+    return min(1.0, reference_tokens_per_step * rollout_steps / rollout_tokens)
 
 
 def outcome_reward(text: str, answer: str | None) -> float:

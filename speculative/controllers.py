@@ -77,6 +77,7 @@ class StepOut:
     token_ids: list[int]
     text: str
     finish_reason: str
+    latency_s: float = 0.0
 
     @property
     def ends_answer(self) -> bool:
@@ -131,8 +132,9 @@ class _Run:
     async def _target_steps(self, reqs: list[Request]) -> list[StepOut]:
         t0 = time.perf_counter()
         results = await self.ctl.target.generate(reqs)
-        self.trace.target_step_s += (time.perf_counter() - t0) * len(results)
         t = self.trace
+        elapsed = time.perf_counter() - t0
+        t.target_step_s += elapsed * len(results)
         out = []
         for r in results:
             t.target_requests += 1
@@ -141,7 +143,7 @@ class _Run:
             t.token_accepted += r.counters.accepted_tokens
             t.token_passes += r.counters.forward_passes
             t.prefill_tokens += r.counters.prefill_tokens
-            out.append(StepOut(r.token_ids, r.text, r.finish_reason))
+            out.append(StepOut(r.token_ids, r.text, r.finish_reason, elapsed))
         return out
 
     def target_step(self, path: list[int]):
@@ -159,10 +161,11 @@ class _Run:
     async def _draft_step(self, req: Request) -> StepOut:
         t0 = time.perf_counter()
         [r] = await self.ctl.draft.generate([req])
-        self.trace.draft_step_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.trace.draft_step_s += elapsed
         self.trace.draft_requests += 1
         self.trace.draft_tokens += len(r.token_ids)
-        return StepOut(r.token_ids, r.text, r.finish_reason)
+        return StepOut(r.token_ids, r.text, r.finish_reason, elapsed)
 
     def _is_cut(self, d: StepOut, path: list[int]) -> bool:
         """Stopped by the step cap (not by the delimiter, EOS or the answer's own budget)."""
@@ -182,7 +185,10 @@ class _Run:
             where.append(i)
         if items:
             self.trace.verifier_calls += 1
-            for i, v in zip(where, await self.ctl.verifier.verify(items)):
+            t0 = time.perf_counter()
+            judged = await self.ctl.verifier.verify(items)
+            self.trace.verify_s += time.perf_counter() - t0
+            for i, v in zip(where, judged):
                 verdicts[i] = v
         for i, v in enumerate(verdicts):
             self.trace.verifications.append(Verification(self.cycle, depth + i, v.accept, float(v.score), v.reason))
@@ -190,7 +196,8 @@ class _Run:
 
     def commit(self, step: StepOut, origin: str, depth: int) -> None:
         self.committed += step.token_ids
-        self.trace.steps.append(Committed(step.token_ids, step.text, origin, self.cycle, depth, step.finish_reason))
+        self.trace.steps.append(Committed(step.token_ids, step.text, origin, self.cycle, depth, step.finish_reason,
+                                          step.latency_s))
         if step.ends_answer or len(self.committed) >= self.s.max_new_tokens or not step.token_ids:
             self.done = True
 

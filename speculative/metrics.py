@@ -29,6 +29,13 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
     draft_req = sum(t.draft_requests for t in traces)
     target_cost = sum(t.target_step_s for t in traces) / max(target_req, 1)
     draft_cost = sum(t.draft_step_s for t in traces) / max(draft_req, 1)
+    committed = _latency_line([(s.latency_s, len(s.token_ids)) for t in traces for s in t.steps
+                               if s.origin == "target" and s.latency_s > 0])
+    # the method's own target step, the theory's unit: the mean latency of the target steps it committed (the
+    # ones it waited for); traces without latencies per step fall back to the mean target request
+    unit = committed["latency_s"] / committed["n"] if committed["n"] else target_cost
+    calls = sum(t.verifier_calls for t in traces)
+    verify_cost = sum(t.verify_s for t in traces) / max(calls, 1)
     drafted = sum(t.token_drafted for t in traces)
     accepted = sum(t.token_accepted for t in traces)
     passes = sum(t.token_passes for t in traces)
@@ -45,19 +52,55 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         "step_accept_rate": sum(v.accepted for v in verifs) / len(verifs) if verifs else 0.0,
         "verifications": len(verifs),
         "accept_rate_by_depth": {d: sum(a) / len(a) for d, a in sorted(by_depth.items())},
-        "verifier_calls": sum(t.verifier_calls for t in traces),
+        "verifier_calls": calls,
         "target_requests": target_req,
         "draft_requests": draft_req,
         "cancelled_requests": sum(t.cancelled_requests for t in traces),
         "wasted_target_tokens": sum(t.wasted_target_tokens for t in traces),
         "wasted_draft_tokens": sum(t.wasted_draft_tokens for t in traces),
         "target_step_s": target_cost,
+        "committed_target_steps": committed,
         "draft_step_s": draft_cost,
-        "step_cost_ratio": draft_cost / target_cost if target_cost and draft_req else 0.0,
+        "step_cost_ratio": draft_cost / unit if unit and draft_req else 0.0,
+        "verify_s": verify_cost,
+        "verify_cost_ratio": verify_cost / unit if unit and calls else 0.0,
         "token_acceptance_rate": accepted / drafted if drafted else 0.0,
         "token_mean_acceptance_length": 1 + accepted / passes if passes and drafted else 1.0,
         "gamma": gamma,
     }
+
+
+def _latency_line(calls: list[tuple[float, int]]) -> dict:
+    """Target steps as (call latency, tokens): count, summed latency and tokens, and a least-squares fit of
+    latency = fixed_s + per_token_s * tokens (what a step of a given length costs; through the origin when the
+    fit would give a negative part)."""
+    n, lat, tok = len(calls), sum(c[0] for c in calls), sum(c[1] for c in calls)
+    out = {"n": n, "latency_s": lat, "tokens": tok, "fixed_s": 0.0, "per_token_s": lat / tok if tok else 0.0}
+    if n >= 2:
+        mt, ml = tok / n, lat / n
+        var = sum((c[1] - mt) ** 2 for c in calls)
+        if var > 0:
+            slope = sum((c[1] - mt) * (c[0] - ml) for c in calls) / var
+            if slope > 0 and ml - slope * mt >= 0:
+                out["fixed_s"], out["per_token_s"] = ml - slope * mt, slope
+    return out
+
+
+def target_slowdown(method: dict, alone: dict) -> float:
+    """How much longer the method's committed target steps took than the baseline's would have for the same
+    lengths: their summed call latency over what the baseline's fitted line gives for each (same work, measured
+    on both sides). Committed steps only: those are the ones on the critical path; early stop cancels long
+    speculative target steps and lets short ones finish, so a mean over all requests would mix in work whose
+    latency no committed step waited for. Falls back to the mean request latency for traces without latencies
+    per step."""
+    m, a = method.get("committed_target_steps") or {}, alone.get("committed_target_steps") or {}
+    if m.get("n") and a.get("n"):
+        expected = m["n"] * a["fixed_s"] + m["tokens"] * a["per_token_s"]
+        if expected > 0:
+            return m["latency_s"] / expected
+    if method.get("target_step_s") and alone.get("target_step_s"):
+        return method["target_step_s"] / alone["target_step_s"]
+    return 1.0
 
 
 def add_speedups(summaries: dict[str, dict]) -> None:
@@ -68,7 +111,7 @@ def add_speedups(summaries: dict[str, dict]) -> None:
     batched pass costs one step (separate devices for draft and target, free batching). `predicted_speedup`
     takes the measured cost of the method's own target steps as the unit instead (theory.device_adjusted): on a
     shared device (one CPU, one GPU) the draft and the concurrent target requests slow every target step, which
-    the ideal model cannot see; `target_step_slowdown` is that factor."""
+    the ideal model cannot see; `target_step_slowdown` is that factor (`target_slowdown`)."""
     ar = summaries.get("ar")
     if not ar or not ar["tokens_per_s"]:
         return
@@ -77,9 +120,7 @@ def add_speedups(summaries: dict[str, dict]) -> None:
         s["speedup"] = s["tokens_per_s"] / ar["tokens_per_s"]
         ideal = predicted_speedup(method, s["step_accept_rate"], s["step_cost_ratio"], s["gamma"], token_speedup)
         alone = summaries["sd"] if "+sd" in method and "sd" in summaries else ar  # the same kind of target step
-        slowdown = 1.0
-        if method.split("+")[0] not in ("ar", "sd") and alone["target_step_s"] and s["target_step_s"]:
-            slowdown = s["target_step_s"] / alone["target_step_s"]
+        slowdown = 1.0 if method.split("+")[0] in ("ar", "sd") else target_slowdown(s, alone)
         s["predicted_speedup_ideal"] = ideal
         s["target_step_slowdown"] = slowdown
         s["predicted_speedup"] = device_adjusted(ideal, slowdown)

@@ -13,6 +13,7 @@ class Committed:
     cycle: int
     depth: int  # position in the cycle's window (0 = the root's step)
     finish_reason: str
+    latency_s: float = 0.0  # of the call that wrote it (a batched target call: the whole call)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Trace:
     wasted_draft_tokens: int = 0
     target_step_s: float = 0.0  # summed request latencies: cost per step of each model
     draft_step_s: float = 0.0
+    verify_s: float = 0.0  # summed verifier call latencies (calls that judged at least one draft)
     token_drafted: int = 0  # token-level SD inside target steps (vLLM's names)
     token_accepted: int = 0
     token_passes: int = 0

@@ -98,9 +98,11 @@ class ScriptedHost:
         self.prompt_len, self.wrong_at, self.delay_s = prompt_len, set(wrong_at), delay_s
         self.running = 0
         self.seen = []
+        self.calls = 0
 
     async def generate(self, requests):
         out = []
+        self.calls += 1
         self.running += len(requests)
         try:
             await asyncio.sleep(self.delay_s)
@@ -128,6 +130,11 @@ def test_sync_bookkeeping_on_scripted_hosts():
         (0, 0, True), (0, 1, True), (0, 2, False), (1, 0, True), (1, 1, True), (1, 2, True),
         (2, 0, True), (2, 1, False), (3, 0, True), (3, 1, True)]
     assert trace.cycles == 4 and trace.finish_reason == "eos"
+    # costs: one batched target call per cycle, one verifier call per cycle, every request counted, every
+    # committed step with the latency of the call that wrote it
+    assert target.calls == 4 and all(s.latency_s > 0 for s in trace.steps)
+    assert trace.target_requests == len(target.seen) and trace.draft_requests == len(draft.seen)
+    assert trace.verifier_calls == 4 and trace.verify_s > 0
 
 
 def test_async_window_restarts_at_depth_zero_after_a_fallback():

@@ -231,6 +231,36 @@ def test_sapo_two_gloo_workers_under_ray_train_share_the_target(trajectories, tm
     assert offline_summary(run_dir)["grpo_world_size"] == 2
 
 
+def test_length_reward_forms_on_rollouts_cut_at_the_completion_cap(trajectories, smollm):
+    """Rollouts cut far below the target's answer: the answer form scores them all 1 (no signal for GRPO), the
+    step form tells short steps from one long step, against the trajectory's own tokens per step."""
+    from pipelines import sapo
+
+    _, tok = smollm
+    args = ["tiny", f"trajectories={trajectories}"]
+    cfg = load_config(SapoConfig, "sapo", args)
+    delim = cfg.step_delimiter
+    steps = ["Tom has 3 apples and buys 4 more, so he has 3 + 4 = 7 apples." + delim,
+             "He gives 2 away: 7 - 2 = 5." + delim, "The answer is 5."]
+    sizes = [len(tok(x, add_special_tokens=False).input_ids) for x in steps]
+    ref = sapo._tokens_per_step(tok, steps)
+    assert ref == pytest.approx(sum(sizes) / 3) and sapo._tokens_per_step(tok, []) == 0.0
+    answer_tokens = 200  # the whole answer the rollouts are cut from
+    short = delim.join(["x = 1"] * 6) + delim  # six short steps
+    long = " ".join(["and then"] * int(ref))  # one step about 2x the reference, cut before its delimiter
+    rollouts = [short, long]
+    sizes = [len(tok(c, add_special_tokens=False).input_ids) for c in rollouts]
+    assert sizes[1] > ref > sizes[0] / 6 and max(sizes) < answer_tokens
+    columns = dict(target_tokens=[answer_tokens] * 2, target_step_tokens=[ref] * 2)
+    step = sapo.reward_functions(cfg, tok, None)[1](completions=rollouts, **columns)
+    answer_cfg = load_config(SapoConfig, "sapo", args + ["rewards.length_form=answer"])
+    answer = sapo.reward_functions(answer_cfg, tok, None)[1](completions=rollouts, **columns)
+    assert answer == [1.0, 1.0]
+    assert step[0] == 1.0 and step[1] == pytest.approx(ref / sizes[1])
+    with pytest.raises(ConfigError, match="length_form"):
+        load_config(SapoConfig, "sapo", args + ["rewards.length_form=tokens"])
+
+
 def test_online_align_asks_the_target_from_each_rollout_prefix(trajectories, smollm):
     """A rollout that detours from the trajectory, then writes the target's own next step: online alignment
     (the target's step from the same prefix) accepts that step; offline (the trajectory's step 2) does not.

@@ -3,7 +3,7 @@ import asyncio
 import pytest
 
 from rewards.sapo import (RewardConfigError, Weights, align_score, length_reward, offline_align, outcome_reward,
-                          split_steps)
+                          split_steps, step_length_reward)
 from rewards.verifiers import Exact
 
 
@@ -13,6 +13,10 @@ def test_steps_lengths_and_outcome():
     assert length_reward(50, 100) == 1.0 and length_reward(200, 100) == 0.5 and length_reward(0, 10) == 0.0
     assert outcome_reward("so \\boxed{42}", "42") == 1.0 and outcome_reward("41", "42") == 0.0
     assert outcome_reward("42", None) == 0.0
+    # step form: mean tokens per step against the target's (20 tokens per step)
+    assert step_length_reward(48, 3, 20.0) == 1.0  # 16 per step: shorter steps are not penalised
+    assert step_length_reward(48, 1, 20.0) == pytest.approx(20 / 48)  # one long (cut) step
+    assert step_length_reward(0, 0, 20.0) == 0.0 and step_length_reward(10, 0, 20.0) == 0.0
 
 
 def test_alignment_forms_and_weights():

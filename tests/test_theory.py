@@ -3,7 +3,9 @@ import random
 
 import pytest
 
+from speculative.metrics import summarize
 from speculative.theory import device_adjusted, f_async, f_sync, g_token, predicted_speedup
+from speculative.trace import Committed, Trace
 
 
 @pytest.mark.parametrize("a, c, g, want_sync, want_async", [
@@ -50,13 +52,23 @@ def test_token_sd_bounds_and_combination():
 def test_add_speedups_rescales_the_prediction_by_the_measured_target_step_cost():
     from speculative.metrics import add_speedups
 
-    def row(tps, a=0.0, c=0.0, t_step=0.1):
-        return {"tokens_per_s": tps, "step_accept_rate": a, "step_cost_ratio": c, "gamma": 4, "target_step_s": t_step}
+    def steps(fixed_s, per_token_s, lengths):  # a trace's committed target steps on a noiseless latency line
+        trace = Trace("p", "m", 10, steps=[Committed([1] * n, "x", "target", 0, 0, "stop", fixed_s + per_token_s * n)
+                                           for n in lengths] + [Committed([1] * 50, "x", "draft", 0, 0, "stop", 9.0)])
+        return summarize([trace])["committed_target_steps"]
 
-    sums = {"ar": row(10.0), "sd": row(15.0, t_step=0.07),
-            "lr_async": row(9.0, a=0.5, c=0.25, t_step=0.125),  # its target steps take 1.25x ar's
-            "lr_async+sd": row(12.0, a=0.5, c=0.25, t_step=0.07),  # as fast as sd's: no slowdown
-            "lr_sync": row(8.0, a=0.0, c=0.25, t_step=0.2)}
+    def row(tps, a=0.0, c=0.0, t_step=0.1, slow=1.0, lengths=(8, 16, 32, 48), base=(0.05, 0.01)):
+        return {"tokens_per_s": tps, "step_accept_rate": a, "step_cost_ratio": c, "gamma": 4, "target_step_s": t_step,
+                "committed_target_steps": steps(base[0] * slow, base[1] * slow, lengths)}
+
+    sums = {"ar": row(10.0), "sd": row(15.0, t_step=0.07, base=(0.05, 0.007)),
+            # its committed target steps take 1.25x what ar's line gives for the same lengths; they are short,
+            # so its mean request latency is below ar's and would show no slowdown
+            "lr_async": row(9.0, a=0.5, c=0.25, t_step=0.09, slow=1.25, lengths=(4, 8, 8, 12)),
+            "lr_async+sd": row(12.0, a=0.5, c=0.25, t_step=0.07, base=(0.05, 0.007)),  # as fast as sd's
+            "lr_sync": row(8.0, a=0.0, c=0.25, t_step=0.2, slow=2.0)}
+    assert sums["ar"]["committed_target_steps"]["fixed_s"] == pytest.approx(0.05)  # draft steps do not count
+    assert sums["ar"]["committed_target_steps"]["per_token_s"] == pytest.approx(0.01)
     add_speedups(sums)
     ideal = f_async(0.5, 0.25, 4)  # gamma >= 1/c: 1 / (0.25 + 0.75 * 0.5)
     assert ideal == pytest.approx(1.6)
@@ -73,3 +85,11 @@ def test_add_speedups_rescales_the_prediction_by_the_measured_target_step_cost()
     assert sums["ar"]["predicted_speedup"] == 1.0 and sums["sd"]["predicted_speedup"] == pytest.approx(1.5)
     with pytest.raises(ValueError):
         device_adjusted(1.0, 0.0)
+    # the draft's cost is counted in the same unit: the mean committed target step (1.0 s here), not the mean
+    # target request (0.2 s: short speculative steps that finished and were never used)
+    trace = Trace("p", "fpsr", 10, target_requests=4, target_step_s=0.8, draft_requests=2, draft_step_s=1.0,
+                  steps=[Committed([1] * 20, "x", "target", 0, 0, "stop", 1.0)] * 2)
+    assert summarize([trace])["step_cost_ratio"] == pytest.approx(0.5)
+    old = {"ar": row(10.0, lengths=()), "lr_async": row(9.0, a=0.5, c=0.25, t_step=0.125, lengths=())}
+    add_speedups(old)  # traces without call records: the mean request latency is the unit
+    assert old["lr_async"]["target_step_slowdown"] == pytest.approx(1.25)
