@@ -21,7 +21,7 @@ demo: venv
 	$(OFFLINE) $(PY) -m pipelines.demo
 
 test: venv
-	$(OFFLINE) WANDB_MODE=offline $(PY) -m pytest -q -x tests
+	$(OFFLINE) WANDB_MODE=offline $(PY) -X faulthandler -m pytest -q -x tests
 
 test-gpu: venv
 	$(OFFLINE) $(PY) -m pytest -q -m gpu tests

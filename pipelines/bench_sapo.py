@@ -8,13 +8,15 @@ One run, side by side, on the demo models:
    steps) with the untrained early-exit draft on --num-problems held-out problems (rows from --offset, disjoint
    from the training rows). TBVM (`--verifier tbvm`) asks the 135M target, which says no to everything here;
 3. sapo: the `--sapo-preset` recipe (warm start SFT on the trajectories, then GRPO on SAPO's rewards);
-4. evaluate *after*: the same problems, methods and verifier with the exported draft;
+4. evaluate *after*: the same problems, methods and verifier with the exported draft, and with the warm-start
+   draft alone (before GRPO), so the gain splits into the warm start's and GRPO's;
 5. GRPO throughput with 1 and 2 Ray Train workers (short runs without warm start, 0.95 CPU and 1 thread each)
    when the SAPO job has `distributed.workers`; otherwise null with a note.
 
 Writes token_agreement_before/after (teacher-forced: the share of the target's greedy answer tokens on the
 held-out problems that the draft's argmax predicts), accept_rate_before/after (step accept rate of lr_async+sd: accepted / verified draft steps),
 accept_gain_points, tokens_per_draft_step_before/after (draft tokens per draft step request),
+accept_rate_warm_start, tokens_per_draft_step_warm_start and grpo_gain_points (after - warm start),
 lr_speedup_before/after (lr_async+sd tokens/s over ar's, same actors and run), samples_per_s_1_worker,
 samples_per_s_2_workers, plus the per-run summaries and wall times of every stage.
 """
@@ -169,6 +171,8 @@ def bench_sapo(args) -> dict:
 
     t0 = _stage(f"4/5 evaluating ar and {LR_METHOD} with the SAPO draft on the same problems")
     after = _evaluate(args, draft_dir, "after")
+    warm_dir = Path(draft_dir).parent / "warm_start"
+    warm = _evaluate(args, str(warm_dir), "warm-start") if (warm_dir / "config.json").is_file() else None
     walls["evaluate_after_s"] = time.perf_counter() - t0
 
     t0 = _stage("5/5 GRPO throughput with 1 and 2 workers")
@@ -181,13 +185,16 @@ def bench_sapo(args) -> dict:
         tokens_per_draft_step_before=before["tokens_per_draft_step"],
         tokens_per_draft_step_after=after["tokens_per_draft_step"],
         lr_speedup_before=before["speedup"], lr_speedup_after=after["speedup"], **throughput,
-        token_agreement_before=before["token_agreement"], token_agreement_after=after["token_agreement"])
+        token_agreement_before=before["token_agreement"], token_agreement_after=after["token_agreement"],
+        accept_rate_warm_start=warm and warm["step_accept_rate"],
+        tokens_per_draft_step_warm_start=warm and warm["tokens_per_draft_step"],
+        grpo_gain_points=warm and 100 * (after["step_accept_rate"] - warm["step_accept_rate"]))
     out["targets_met"] = {
         "accept_gain_points_ge_15": out["accept_gain_points"] >= 15,
         "tokens_per_draft_step_not_larger": (out["tokens_per_draft_step_after"] or 0)
         <= (out["tokens_per_draft_step_before"] or 0),
         "lr_speedup_after_ge_1.3": out["lr_speedup_after"] >= 1.3}
-    out.update(before=before, after=after, draft_after=draft_dir,
+    out.update(before=before, after=after, warm_start=warm, draft_after=draft_dir,
                sapo={k: sapo_summary.get(k) for k in ("trajectories", "warm_start_loss", "grpo_steps", "grpo_loss",
                                                       "rewards", "grpo_samples_per_s")},
                stage_wall_s=walls)
