@@ -18,7 +18,8 @@ spec: the demo evaluation (SmolLM2 target, early-exit draft, TBVM at alpha 0.7) 
   method on the same actors, at 1 and 4 problems in flight; per method: speedup, step_accept_rate,
   answer_agreement, accuracy, predicted_speedup (on the measured cost of the method's committed target steps),
   predicted_speedup_ideal (the papers' model: a target step costs what it costs alone), target_step_slowdown,
-  verify_s (latency of one verifier call),
+  verify_s (latency of one verifier call), commit_wait (mean wait from a committed step's call returning to its
+  commit, per origin, and the committed target steps' summed waits as a share of the wall),
   tokens_per_s_1, tokens_per_s_4, plus the checks within_20pct_of_predicted / _of_ideal and fpsr_ge_lr_sync;
   theory_check: the same predictions at a known accept rate (a random verifier accepting half the drafts,
   --theory-problems problems, one in flight).
@@ -209,7 +210,7 @@ def bench_spec(args) -> dict:
                 row.update({k: s.get(k) for k in ("speedup", "step_accept_rate", "answer_agreement", "accuracy",
                                                   "predicted_speedup", "predicted_speedup_ideal",
                                                   "target_step_slowdown", "step_cost_ratio", "token_acceptance_rate",
-                                                  "target_step_s", "draft_step_s", "verify_s")})
+                                                  "target_step_s", "draft_step_s", "verify_s", "commit_wait")})
                 row["within_20pct_of_predicted"] = _within_20pct(s, "predicted_speedup")
                 row["within_20pct_of_ideal"] = _within_20pct(s, "predicted_speedup_ideal")
             else:

@@ -93,6 +93,7 @@ def _evaluate(args, draft: str, tag: str) -> dict:
             "verifications": s["verifications"], "accept_rate_by_depth": s["accept_rate_by_depth"],
             "tokens_per_draft_step": _draft_tokens_per_step(run_dir, LR_METHOD), "speedup": s["speedup"],
             "predicted_speedup": s["predicted_speedup"], "step_cost_ratio": s["step_cost_ratio"],
+            "target_step_slowdown": s["target_step_slowdown"], "commit_wait": s["commit_wait"],
             "tokens_per_s": s["tokens_per_s"], "ar_tokens_per_s": summary["methods"]["ar"]["tokens_per_s"],
             "accuracy": s["accuracy"], "answer_agreement": s["answer_agreement"],
             "token_acceptance_rate": s["token_acceptance_rate"], "wall_s": summary["wall_s"]}

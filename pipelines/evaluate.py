@@ -112,6 +112,7 @@ def settings_for_generation(method: str, gen, draft_sampling=None, lookahead=Non
         settings.draft_sampling = Sampling(d.temperature, d.top_p, d.top_k, d.seed)
     if lookahead is not None:
         settings.gamma, settings.width, settings.cut_drafts = lookahead.gamma, lookahead.width, lookahead.cut_drafts
+        settings.late_drafts = lookahead.late_drafts
     if token_spec is not None:
         settings.token_speculation = Speculation(token_spec.method, token_spec.num_tokens, token_spec.ngram_max,
                                                  token_spec.ngram_min)

@@ -9,7 +9,11 @@ Methods (any step method takes `+sd`: token-level SD inside every target step):
 - `lr_async` (the asynchronous tree): every node of the lookahead window (depth <= gamma from the accepted root)
   has its target step launched as soon as its prefix exists, and nodes at depth < gamma launch W draft children.
   The first accepted child of the root wins and becomes the root (siblings cancelled, its subtree kept); all
-  children rejected -> commit the root's target step and open a fresh root.
+  children rejected -> commit the root's target step and open a fresh root. When the root's target step returns
+  before any of its draft children exists, accepting one of those drafts later would commit the same one step,
+  later, with nothing of its subtree started: `late_drafts="lose"` commits the target step at once and counts the
+  late drafts as rejected (reason "late"). The default, "wait", judges them first: the output then depends on the
+  verdicts alone, not on which model ran faster (always-accept stays draft-only decoding).
 - `fpsr` (DREAM-R): per window position j, the target's own step t_j and the verification of draft d_j are
   launched together as soon as d_j exists (a verifier that needs t_j waits for it); at the first rejection j*
   everything beyond j* is cancelled (early stop) and t_j*, usually already computed, is committed (clean
@@ -50,6 +54,7 @@ class Settings:
     draft_sampling: Sampling = field(default_factory=Sampling)
     token_speculation: Speculation = field(default_factory=lambda: Speculation("ngram", 4))
     cut_drafts: str = "reject"  # reject | verify
+    late_drafts: str = "wait"  # lr_async: wait | lose (commit the root's target step once it returns first)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -62,6 +67,8 @@ class Settings:
             raise ControllerError("width > 1 needs draft sampling (temperature > 0): greedy siblings are identical")
         if self.cut_drafts not in ("reject", "verify"):
             raise ControllerError(f"cut_drafts must be reject or verify, got {self.cut_drafts!r}")
+        if self.late_drafts not in ("lose", "wait"):
+            raise ControllerError(f"late_drafts must be lose or wait, got {self.late_drafts!r}")
 
     @property
     def base(self) -> str:
@@ -78,6 +85,7 @@ class StepOut:
     text: str
     finish_reason: str
     latency_s: float = 0.0
+    ended_at: float = 0.0  # time.perf_counter() when the call returned
 
     @property
     def ends_answer(self) -> bool:
@@ -143,7 +151,7 @@ class _Run:
             t.token_accepted += r.counters.accepted_tokens
             t.token_passes += r.counters.forward_passes
             t.prefill_tokens += r.counters.prefill_tokens
-            out.append(StepOut(r.token_ids, r.text, r.finish_reason, elapsed))
+            out.append(StepOut(r.token_ids, r.text, r.finish_reason, elapsed, t0 + elapsed))
         return out
 
     def target_step(self, path: list[int]):
@@ -165,7 +173,7 @@ class _Run:
         self.trace.draft_step_s += elapsed
         self.trace.draft_requests += 1
         self.trace.draft_tokens += len(r.token_ids)
-        return StepOut(r.token_ids, r.text, r.finish_reason, elapsed)
+        return StepOut(r.token_ids, r.text, r.finish_reason, elapsed, t0 + elapsed)
 
     def _is_cut(self, d: StepOut, path: list[int]) -> bool:
         """Stopped by the step cap (not by the delimiter, EOS or the answer's own budget)."""
@@ -196,8 +204,9 @@ class _Run:
 
     def commit(self, step: StepOut, origin: str, depth: int) -> None:
         self.committed += step.token_ids
+        wait = max(0.0, time.perf_counter() - step.ended_at) if step.ended_at else 0.0
         self.trace.steps.append(Committed(step.token_ids, step.text, origin, self.cycle, depth, step.finish_reason,
-                                          step.latency_s))
+                                          step.latency_s, wait))
         if step.ends_answer or len(self.committed) >= self.s.max_new_tokens or not step.token_ids:
             self.done = True
 
@@ -413,7 +422,9 @@ class _Tree:
         return (await self.run.verify(parent.level, [(parent.path, parent.text, t, child.step)]))[0]
 
     async def decide(self, root: _Node) -> Optional[_Node]:
-        """The first child of the root whose draft step is accepted, or None when all are rejected."""
+        """The first child of the root whose draft step is accepted, or None when all are rejected (or, with
+        late_drafts="lose", when the root's target step returned before any draft child existed)."""
+        lose = self.s.late_drafts == "lose" and root.target is not None
         while True:
             for i, child in enumerate(root.children):
                 v = root.verdicts.get(i)
@@ -423,7 +434,13 @@ class _Tree:
             judging = [v for v in root.verdicts.values() if not v.done()]
             if not drafting and not judging:
                 return None
-            await asyncio.wait(drafting + judging, return_when=asyncio.FIRST_COMPLETED)
+            if lose and root.target.done() and not root.children:
+                for _ in drafting:
+                    self.run.trace.verifications.append(
+                        Verification(self.run.cycle, root.level, False, 0.0, "late"))
+                return None
+            await asyncio.wait(drafting + judging + ([root.target] if lose else []),
+                               return_when=asyncio.FIRST_COMPLETED)
 
     def drop(self, node: _Node, keep: Optional[_Node]) -> None:
         """Cancel the subtree of `node` except `keep`'s; count finished-but-unused steps as waste."""

@@ -60,6 +60,7 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         "wasted_draft_tokens": sum(t.wasted_draft_tokens for t in traces),
         "target_step_s": target_cost,
         "committed_target_steps": committed,
+        "commit_wait": _commit_wait(traces),
         "draft_step_s": draft_cost,
         "step_cost_ratio": draft_cost / unit if unit and draft_req else 0.0,
         "verify_s": verify_cost,
@@ -68,6 +69,20 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         "token_mean_acceptance_length": 1 + accepted / passes if passes and drafted else 1.0,
         "gamma": gamma,
     }
+
+
+def _commit_wait(traces: list[Trace]) -> dict:
+    """Where wall time goes besides the committed calls: the mean wait from a committed step's call returning to its
+    commit (the controller waiting on draft steps and verdicts), per origin, and the summed waits of committed
+    target steps as a share of the wall (time the theory's unit does not cover; ~0 for `ar`)."""
+    out: dict = {}
+    for origin in ("target", "draft"):
+        waits = [s.wait_s for t in traces for s in t.steps if s.origin == origin]
+        out[f"{origin}_s"] = sum(waits) / len(waits) if waits else 0.0
+    wall = sum(t.wall_s for t in traces)
+    out["target_share_of_wall"] = (sum(s.wait_s for t in traces for s in t.steps if s.origin == "target") / wall
+                                   if wall else 0.0)
+    return out
 
 
 def _latency_line(calls: list[tuple[float, int]]) -> dict:

@@ -14,6 +14,7 @@ class Committed:
     depth: int  # position in the cycle's window (0 = the root's step)
     finish_reason: str
     latency_s: float = 0.0  # of the call that wrote it (a batched target call: the whole call)
+    wait_s: float = 0.0  # from that call's return to the commit (the controller waiting on drafts and verdicts)
 
 
 @dataclass
@@ -22,7 +23,9 @@ class Verification:
     depth: int
     accepted: bool
     score: float
-    reason: str = "verified"  # verified | exact | cut (draft hit the step cap) | eos-mismatch
+    # verified | exact | cut (draft hit the step cap) | eos-mismatch | late (lr_async: the root's target step
+    # returned before the draft step existed)
+    reason: str = "verified"
 
 
 @dataclass

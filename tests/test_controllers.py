@@ -85,6 +85,8 @@ def test_bad_settings_fail_before_any_model_call(hosts):
         Controller(settings("fpsr"), hosts["target"])
     with pytest.raises(ControllerError, match="width > 1"):
         Controller(settings("lr_async", width=2), hosts["target"], hosts["draft"], Always())
+    with pytest.raises(ControllerError, match="late_drafts"):
+        Controller(settings("lr_async", late_drafts="never"), hosts["target"], hosts["draft"], Always())
 
 
 # ---------------------------------------------------------------- scripted hosts
@@ -191,3 +193,38 @@ def test_length_cap_eos_and_nothing_left_running(hosts, method):
                            Exact("tokens")))
     assert trace.finish_reason == "eos" and len(trace.token_ids) == 20  # the scripted answer ends at step 9
     assert target.running == 0 and draft.running == 0
+
+
+def test_commit_wait_measures_a_fallback_held_up_by_a_slow_draft():
+    """With late_drafts="wait" (the default), lr_async decides a root only when its draft step is judged: with a draft 4x slower
+    than the target and a verifier that rejects everything, every committed target step waits ~(draft - target)
+    after its call returns, and the summary reports it; `ar` commits as soon as its call returns."""
+    from speculative.metrics import summarize
+
+    target, draft = ScriptedHost(len(PROMPT), delay_s=0.05), ScriptedHost(len(PROMPT), delay_s=0.2)
+    trace = run(Controller(settings("lr_async", max_new_tokens=8, gamma=1), HostClient(target),
+                           HostClient(draft), RandomAccept(0.0)))
+    assert [s.origin for s in trace.steps] == ["target"] * 4
+    waits = [s.wait_s for s in trace.steps[:-1]]  # the last (the budget's end) has no draft to wait for
+    assert all(0.1 < w < 0.3 for w in waits), waits
+    wait = summarize([trace])["commit_wait"]
+    assert wait["draft_s"] == 0.0 and 0.1 < wait["target_s"] < 0.3
+    assert 0.3 < wait["target_share_of_wall"] < 0.9
+    ar = run(Controller(settings("ar", max_new_tokens=8), HostClient(ScriptedHost(len(PROMPT), delay_s=0.05))))
+    assert all(s.wait_s < 0.02 for s in ar.steps) and summarize([ar])["commit_wait"]["target_share_of_wall"] < 0.1
+
+
+@pytest.mark.parametrize("verifier", [Always(), Exact("tokens")])
+def test_late_drafts_lose_to_the_root_target_step(verifier):
+    """With late_drafts="lose", a root whose target step returns before any draft child exists commits that step at
+    once: the same text as `ar`, no commit wait, the late drafts cancelled (nothing left running) and counted as
+    rejected, even by a verifier that would have accepted them."""
+    target, draft = ScriptedHost(len(PROMPT), delay_s=0.05), ScriptedHost(len(PROMPT), delay_s=0.2)
+    trace = run(Controller(settings("lr_async", max_new_tokens=8, gamma=2, late_drafts="lose"), HostClient(target),
+                           HostClient(draft), verifier))
+    assert trace.token_ids == [t for i in range(4) for t in (100 + i, 100 + i)]
+    assert [s.origin for s in trace.steps] == ["target"] * 4 and all(s.wait_s < 0.03 for s in trace.steps)
+    assert [(v.cycle, v.depth, v.accepted, v.reason) for v in trace.verifications] == [
+        (c, 0, False, "late") for c in range(4)]
+    assert trace.cancelled_requests >= 3 and draft.running == 0 and target.running == 0
+    assert trace.wall_s < 0.05 * 4 + 0.1  # the target's pace, not the draft's
