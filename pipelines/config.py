@@ -179,9 +179,10 @@ class LookaheadConfig:
     width: int = bounded(1, ge=1, help="lr_async: draft children per node (> 1 needs draft sampling)")
     cut_drafts: str = choice("reject", ["reject", "verify"], help="a draft step cut at the step cap")
     late_drafts: str = choice("wait", ["wait", "lose"],
-                              help="lr_async: wait: judge the root's drafts before deciding (output set by the "
-                                   "verdicts alone); lose: commit the root's target step when it returns before any "
-                                   "draft child exists (a later draft would commit the same step later)")
+                              help="lr_async, fpsr: wait: judge the draft steps before deciding (output set by "
+                                   "the verdicts alone); lose: commit the target's step when it returns before the "
+                                   "draft step from the same prefix exists (that draft would commit the same step "
+                                   "later)")
 
 
 @dataclass

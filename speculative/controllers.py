@@ -18,6 +18,7 @@ Methods (any step method takes `+sd`: token-level SD inside every target step):
   launched together as soon as d_j exists (a verifier that needs t_j waits for it); at the first rejection j*
   everything beyond j* is cancelled (early stop) and t_j*, usually already computed, is committed (clean
   fallback); all accepted -> slide the window, t_gamma becoming the next window's t_0.
+  With `late_drafts="lose"`, a t_j that returns before d_j exists is committed at once (after the accepted d_<j).
 A draft step cut at the step cap (no delimiter, no EOS) is rejected without asking the verifier, unless
 `cut_drafts="verify"`.
 """
@@ -54,7 +55,7 @@ class Settings:
     draft_sampling: Sampling = field(default_factory=Sampling)
     token_speculation: Speculation = field(default_factory=lambda: Speculation("ngram", 4))
     cut_drafts: str = "reject"  # reject | verify
-    late_drafts: str = "wait"  # lr_async: wait | lose (commit the root's target step once it returns first)
+    late_drafts: str = "wait"  # lr_async, fpsr: wait | lose (commit the target's step once it returns first)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -308,11 +309,19 @@ class _Run:
                     break
 
         draft_task = spawn(drafting())
+        lose = self.s.late_drafts == "lose"
         try:
             j = 0
             while True:
                 while j >= len(verdict_tasks) and not draft_task.done():
-                    await asyncio.wait([draft_task] + verdict_tasks[j:], return_when=asyncio.FIRST_COMPLETED)
+                    if lose and target_tasks[j].done():  # t_j returned before d_j exists: the draft lost
+                        self.trace.verifications.append(Verification(self.cycle, j, False, 0.0, "late"))
+                        for k in range(j):
+                            self.commit(drafts[k], "draft", k)
+                        self.commit(target_tasks[j].result(), "target", j)
+                        return
+                    await asyncio.wait([draft_task] + verdict_tasks[j:] + ([target_tasks[j]] if lose else []),
+                                       return_when=asyncio.FIRST_COMPLETED)
                 if j >= len(verdict_tasks):  # every draft accepted: slide the window
                     draft_task.result()
                     for k in range(len(drafts)):

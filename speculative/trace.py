@@ -23,8 +23,8 @@ class Verification:
     depth: int
     accepted: bool
     score: float
-    # verified | exact | cut (draft hit the step cap) | eos-mismatch | late (lr_async: the root's target step
-    # returned before the draft step existed)
+    # verified | exact | cut (draft hit the step cap) | eos-mismatch | late (late_drafts="lose": the target's step
+    # from the same prefix returned before the draft step existed)
     reason: str = "verified"
 
 

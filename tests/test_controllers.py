@@ -214,13 +214,14 @@ def test_commit_wait_measures_a_fallback_held_up_by_a_slow_draft():
     assert all(s.wait_s < 0.02 for s in ar.steps) and summarize([ar])["commit_wait"]["target_share_of_wall"] < 0.1
 
 
+@pytest.mark.parametrize("method", ["lr_async", "fpsr"])
 @pytest.mark.parametrize("verifier", [Always(), Exact("tokens")])
-def test_late_drafts_lose_to_the_root_target_step(verifier):
+def test_late_drafts_lose_to_the_root_target_step(verifier, method):
     """With late_drafts="lose", a root whose target step returns before any draft child exists commits that step at
     once: the same text as `ar`, no commit wait, the late drafts cancelled (nothing left running) and counted as
     rejected, even by a verifier that would have accepted them."""
     target, draft = ScriptedHost(len(PROMPT), delay_s=0.05), ScriptedHost(len(PROMPT), delay_s=0.2)
-    trace = run(Controller(settings("lr_async", max_new_tokens=8, gamma=2, late_drafts="lose"), HostClient(target),
+    trace = run(Controller(settings(method, max_new_tokens=8, gamma=2, late_drafts="lose"), HostClient(target),
                            HostClient(draft), verifier))
     assert trace.token_ids == [t for i in range(4) for t in (100 + i, 100 + i)]
     assert [s.origin for s in trace.steps] == ["target"] * 4 and all(s.wait_s < 0.03 for s in trace.steps)
