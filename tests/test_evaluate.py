@@ -92,6 +92,13 @@ def test_sweep_runs_a_2x2_grid_under_ray_tune(tmp_path):
         accept = t["lr_sync/step_accept_rate"]
         assert accept == 1.0 if t["verifier.kind"] == "always" else 0 <= accept <= 1
     assert (sweep_dir / "sweep.png").is_file() and "| 2 | always |" in (sweep_dir / "report.md").read_text()
+    # run.resume restores the Tune experiment (Tuner.restore): finished trials are not run again
+    done = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("trials/**/summary.json")}
+    assert len(done) == 4
+    again = sweep.run(load_config(SweepConfig, "sweep", ["tiny", f"run.resume={sweep_dir}", "ray.num_cpus=2"]))
+    assert again == sweep_dir
+    assert {p: p.stat().st_mtime_ns for p in sweep_dir.glob("trials/**/summary.json")} == done
+    assert len(json.loads((sweep_dir / "summary.json").read_text())["trials"]) == 4
 
 
 def test_evaluate_serves_a_quantized_checkpoint_by_path(local_ray, tmp_path):
