@@ -172,9 +172,11 @@ def bench_sapo(args) -> dict:
 
     t0 = _stage(f"4/5 evaluating ar and {LR_METHOD} with the SAPO draft on the same problems")
     after = _evaluate(args, draft_dir, "after")
+    walls["evaluate_after_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     warm_dir = Path(draft_dir).parent / "warm_start"
     warm = _evaluate(args, str(warm_dir), "warm-start") if (warm_dir / "config.json").is_file() else None
-    walls["evaluate_after_s"] = time.perf_counter() - t0
+    walls["evaluate_warm_start_s"] = time.perf_counter() - t0
 
     t0 = _stage("5/5 GRPO throughput with 1 and 2 workers")
     throughput = _samples_per_s(args, trajectories)

@@ -203,6 +203,11 @@ class _Run:
             self.trace.verifications.append(Verification(self.cycle, depth + i, v.accept, float(v.score), v.reason))
         return verdicts
 
+    def late(self, depth: int, drafts: int) -> None:
+        """late_drafts="lose": draft steps still running when the target's step from their prefix returned count as
+        rejected at that depth (the caller commits the target's step and cancels them)."""
+        self.trace.verifications += [Verification(self.cycle, depth, False, 0.0, "late") for _ in range(drafts)]
+
     def commit(self, step: StepOut, origin: str, depth: int) -> None:
         self.committed += step.token_ids
         wait = max(0.0, time.perf_counter() - step.ended_at) if step.ended_at else 0.0
@@ -315,7 +320,7 @@ class _Run:
             while True:
                 while j >= len(verdict_tasks) and not draft_task.done():
                     if lose and target_tasks[j].done():  # t_j returned before d_j exists: the draft lost
-                        self.trace.verifications.append(Verification(self.cycle, j, False, 0.0, "late"))
+                        self.late(j, 1)
                         for k in range(j):
                             self.commit(drafts[k], "draft", k)
                         self.commit(target_tasks[j].result(), "target", j)
@@ -444,9 +449,7 @@ class _Tree:
             if not drafting and not judging:
                 return None
             if lose and root.target.done() and not root.children:
-                for _ in drafting:
-                    self.run.trace.verifications.append(
-                        Verification(self.run.cycle, root.level, False, 0.0, "late"))
+                self.run.late(root.level, len(drafting))
                 return None
             await asyncio.wait(drafting + judging + ([root.target] if lose else []),
                                return_when=asyncio.FIRST_COMPLETED)

@@ -75,13 +75,13 @@ def _commit_wait(traces: list[Trace]) -> dict:
     """Where wall time goes besides the committed calls: the mean wait from a committed step's call returning to its
     commit (the controller waiting on draft steps and verdicts), per origin, and the summed waits of committed
     target steps as a share of the wall (time the theory's unit does not cover; ~0 for `ar`)."""
-    out: dict = {}
-    for origin in ("target", "draft"):
-        waits = [s.wait_s for t in traces for s in t.steps if s.origin == origin]
-        out[f"{origin}_s"] = sum(waits) / len(waits) if waits else 0.0
+    waits: dict[str, list[float]] = {"target": [], "draft": []}
+    for t in traces:
+        for s in t.steps:
+            waits[s.origin].append(s.wait_s)
+    out = {f"{origin}_s": sum(w) / len(w) if w else 0.0 for origin, w in waits.items()}
     wall = sum(t.wall_s for t in traces)
-    out["target_share_of_wall"] = (sum(s.wait_s for t in traces for s in t.steps if s.origin == "target") / wall
-                                   if wall else 0.0)
+    out["target_share_of_wall"] = sum(waits["target"]) / wall if wall else 0.0
     return out
 
 

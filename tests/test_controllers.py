@@ -196,9 +196,10 @@ def test_length_cap_eos_and_nothing_left_running(hosts, method):
 
 
 def test_commit_wait_measures_a_fallback_held_up_by_a_slow_draft():
-    """With late_drafts="wait" (the default), lr_async decides a root only when its draft step is judged: with a draft 4x slower
-    than the target and a verifier that rejects everything, every committed target step waits ~(draft - target)
-    after its call returns, and the summary reports it; `ar` commits as soon as its call returns."""
+    """With late_drafts="wait" (the default), lr_async decides a root only when its draft step is judged: with a
+    draft 4x slower than the target and a verifier that rejects everything, every committed target step waits
+    ~(draft - target) after its call returns, and the summary reports it; `ar` commits as soon as its call
+    returns."""
     from speculative.metrics import summarize
 
     target, draft = ScriptedHost(len(PROMPT), delay_s=0.05), ScriptedHost(len(PROMPT), delay_s=0.2)
