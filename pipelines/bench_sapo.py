@@ -18,7 +18,11 @@ held-out problems that the draft's argmax predicts), accept_rate_before/after (s
 accept_gain_points, tokens_per_draft_step_before/after (draft tokens per draft step request),
 accept_rate_warm_start, tokens_per_draft_step_warm_start and grpo_gain_points (after - warm start),
 lr_speedup_before/after (lr_async+sd tokens/s over ar's, same actors and run), samples_per_s_1_worker,
-samples_per_s_2_workers, plus the per-run summaries and wall times of every stage.
+samples_per_s_2_workers, plus the per-run summaries and wall times of every stage. With the embedding verifier,
+also step_match_rate_{before,after,warm_start} and draft_step_tokens_{...} (`step_agreement`: the draft's greedy
+step from each of the target's own prefixes on the held-out problems, judged against the target's next step;
+target_step_tokens is the target's mean). tokens_per_draft_step counts the draft steps lr_async finished on its
+own path, where the answer's remaining budget cuts late steps; draft_step_tokens measures the steps' own length.
 """
 
 from __future__ import annotations
@@ -73,6 +77,51 @@ def token_agreement(draft: str, eval_run_dir: Path, data_cfg) -> dict:
     return {"token_agreement": hits / max(tokens, 1), "token_nll": nll / max(tokens, 1), "tokens": tokens}
 
 
+def step_agreement(draft: str, eval_run_dir: Path, data_cfg, threshold: float, step_max_tokens: int,
+                   delimiter: str = "\n\n", batch: int = 16) -> dict:
+    """On the target's own path (the `ar` traces of an evaluation): the draft's greedy step from every prefix the
+    target wrote (the problem and the target's steps before d), judged by the embedding verifier (cosine >
+    threshold) against the target's step d. Free of what lr_async's own path adds (prefixes the draft wrote,
+    requests cut by the answer's remaining budget, cancelled subtrees), so it measures what SAPO trains: the share
+    of matching steps and the length of the draft's steps (`draft_step_tokens`, tokens until the delimiter or EOS)."""
+    import asyncio
+
+    import torch
+
+    from actors import zoo
+    from actors.encoder import EncoderHost
+    from pipelines.data import load_problems, prompt_ids
+    from pipelines.runs import read_jsonl
+    from pipelines.sapo import cut_step, step_rows, step_stop
+    from rewards.verifiers import Embedding, Item
+
+    problems = {p.id: p for p in load_problems(data_cfg).items}
+    model, tok = zoo.load_model(draft, device="cpu")
+    trajectories = [{"prompt_ids": prompt_ids(tok, problems[r["problem_id"]], data_cfg), "question": "",
+                     "answer": "", "steps": [s["text"] for s in r["steps"]],
+                     "step_token_ids": [s["token_ids"] for s in r["steps"]], "finish_reason": r["finish_reason"]}
+                    for r in read_jsonl(eval_run_dir / "traces" / "ar.jsonl")]
+    rows = step_rows(trajectories, tok)
+    stop = {tok.eos_token_id}
+    steps = []
+    for b in range(0, len(rows), batch):
+        ids = [r["prompt_ids"] for r in rows[b:b + batch]]
+        width, pad = max(map(len, ids)), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([[pad] * (width - len(i)) + i for i in ids]),
+                                 attention_mask=torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids]),
+                                 max_new_tokens=step_max_tokens, do_sample=False, pad_token_id=pad,
+                                 stopping_criteria=[step_stop(tok, delimiter, width)])
+        steps += [tok.decode(cut_step(tok, row[width:].tolist(), delimiter, stop), skip_special_tokens=True)
+                  for row in out]
+    verdicts = asyncio.run(Embedding(EncoderHost(), threshold).verify(
+        [Item("", "", s, [], r["target_steps"][0], []) for r, s in zip(rows, steps)])) if rows else []
+    sizes = [len(tok(s, add_special_tokens=False).input_ids) for s in steps]
+    n = max(len(rows), 1)
+    return {"step_match_rate": sum(v.accept for v in verdicts) / n, "draft_step_tokens": sum(sizes) / n,
+            "target_step_tokens": sum(r["target_step_tokens"] for r in rows) / n, "steps": len(rows)}
+
+
 def _evaluate(args, draft: str, tag: str) -> dict:
     import ray
 
@@ -89,7 +138,10 @@ def _evaluate(args, draft: str, tag: str) -> dict:
     ray.shutdown()
     s = summary["methods"][LR_METHOD]
     agreement = token_agreement(draft, run_dir, cfg.data)
-    return {**agreement, "run_dir": str(run_dir), "draft": draft, "step_accept_rate": s["step_accept_rate"],
+    steps = step_agreement(draft, run_dir, cfg.data, args.threshold, args.step_max_tokens,
+                           cfg.generation.step_delimiter) \
+        if args.verifier == "embedding" else {}
+    return {**agreement, **steps, "run_dir": str(run_dir), "draft": draft, "step_accept_rate": s["step_accept_rate"],
             "verifications": s["verifications"], "accept_rate_by_depth": s["accept_rate_by_depth"],
             "tokens_per_draft_step": _draft_tokens_per_step(run_dir, LR_METHOD), "speedup": s["speedup"],
             "predicted_speedup": s["predicted_speedup"], "step_cost_ratio": s["step_cost_ratio"],
@@ -191,12 +243,18 @@ def bench_sapo(args) -> dict:
         token_agreement_before=before["token_agreement"], token_agreement_after=after["token_agreement"],
         accept_rate_warm_start=warm and warm["step_accept_rate"],
         tokens_per_draft_step_warm_start=warm and warm["tokens_per_draft_step"],
-        grpo_gain_points=warm and 100 * (after["step_accept_rate"] - warm["step_accept_rate"]))
+        grpo_gain_points=warm and 100 * (after["step_accept_rate"] - warm["step_accept_rate"]),
+        **{f"{key}_{tag}": run.get(key) for key in ("step_match_rate", "draft_step_tokens")
+           for tag, run in (("before", before), ("after", after), ("warm_start", warm or {}))},
+        target_step_tokens=before.get("target_step_tokens"))
     out["targets_met"] = {
         "accept_gain_points_ge_15": out["accept_gain_points"] >= 15,
         "tokens_per_draft_step_not_larger": (out["tokens_per_draft_step_after"] or 0)
         <= (out["tokens_per_draft_step_before"] or 0),
-        "lr_speedup_after_ge_1.3": out["lr_speedup_after"] >= 1.3}
+        "lr_speedup_after_ge_1.3": out["lr_speedup_after"] >= 1.3,
+        # the same question on the target's path (greedy steps from the target's prefixes, see step_agreement)
+        "draft_step_tokens_not_larger": out["draft_step_tokens_after"] is not None
+        and out["draft_step_tokens_after"] <= (out["draft_step_tokens_before"] or 0)}
     out.update(before=before, after=after, warm_start=warm, draft_after=draft_dir,
                sapo={k: sapo_summary.get(k) for k in ("trajectories", "warm_start_loss", "grpo_steps", "grpo_loss",
                                                       "rewards", "grpo_samples_per_s")},

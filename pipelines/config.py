@@ -302,6 +302,11 @@ class GrpoConfig:
     beta: float = bounded(0.0, ge=0, help="KL to the reference; > 0 reloads the reference model")
     temperature: float = bounded(1.0, ge=0)
     save_steps: int = bounded(2, ge=1)
+    unit: str = choice("step", ["step", "answer"],
+                       help="step: a prompt is the problem plus the target trajectory's first d steps (every d), a "
+                            "rollout is one step (generation stops at the step delimiter) judged against the target's "
+                            "step d, what the draft does while decoding; answer: whole answers from the problem, cut "
+                            "at max_completion_length")
 
 
 @dataclass

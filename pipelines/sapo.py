@@ -8,7 +8,10 @@
     python -m pipelines.sapo run.resume=runs/sapo/<dir>                          # continue from the last checkpoint
 
 1. warm start: TRL's SFT trainer on the target's answers (prompt -> completion, loss on the completion);
-2. GRPO (TRL) on three rewards from `rewards.sapo`: R_align (the share, or accepted prefix, of the rollout's
+2. GRPO (TRL) on three rewards from `rewards.sapo`. `grpo.unit=step` (default): a prompt is the problem plus the
+   target trajectory's first d steps, a rollout is the draft's next step (`step_rollout` stops and cuts it at the
+   delimiter), what the draft writes inside lookahead reasoning; `answer`: whole answers from the problem.
+   R_align (the share, or accepted prefix, of the rollout's
    steps that the verifier accepts against the target's steps: the cached trajectory's (`offline`) or the target
    actor's own step from the same prefix, one batched call per group of rollouts (`online`)), R_length
    (min(1, S_target / S_rollout) on mean tokens per step; `rewards.length_form=answer` compares whole answers),
@@ -139,10 +142,10 @@ def reward_functions(cfg: SapoConfig, tok, verifier, target=None, counter: dict 
     delim, rw = cfg.step_delimiter, cfg.rewards
     counter = {} if counter is None else counter
 
-    async def align(completions, target_steps, question, prompt_ids, **_):
+    async def align(prompts, completions, target_steps, question, prompt_ids, **_):
         groups: dict[str, list[int]] = {}  # rollouts of one prompt: one batched target call (online)
-        for i, q in enumerate(question):
-            groups.setdefault(q, []).append(i)
+        for i, p in enumerate(prompts):
+            groups.setdefault(p, []).append(i)
         if rw.align_source == "online":
             counter["target_steps"] = counter.get("target_steps", 0) + sum(
                 len(R.split_steps(c, delim)) for c in completions)
@@ -172,6 +175,80 @@ def reward_functions(cfg: SapoConfig, tok, verifier, target=None, counter: dict 
 
     align.__name__, length.__name__, outcome.__name__ = "r_align", "r_length", "r_outcome"
     return [align, length, outcome]
+
+
+def answer_rows(rows: list[dict], tok) -> list[dict]:
+    """grpo.unit=answer: one training prompt per trajectory, the problem; rollouts are whole answers."""
+    return [{"prompt": tok.decode(r["prompt_ids"]), "answer": r["answer"], "question": r["question"],
+             "prompt_ids": r["prompt_ids"], "target_steps": r["steps"], "target_tokens": r["num_tokens"],
+             "target_step_tokens": _tokens_per_step(tok, r["steps"])} for r in rows]
+
+
+def step_rows(rows: list[dict], tok) -> list[dict]:
+    """grpo.unit=step: one training prompt per step d of each trajectory: the problem and the target's steps before
+    d (its own tokens), so a rollout is the draft's step from a prefix the target wrote, judged against the target's
+    step d (what the draft does inside lookahead reasoning). The last step of an answer cut at the token cap is no
+    reference (the target did not finish it) and is skipped."""
+    out = []
+    for r in rows:
+        steps = r["steps"]
+        ids = r.get("step_token_ids") or [tok(s, add_special_tokens=False).input_ids for s in steps]
+        usable = len(steps) - (r.get("finish_reason") == "length")
+        prefix = list(r["prompt_ids"])
+        for d in range(usable):
+            n = _tokens_per_step(tok, [steps[d]])
+            out.append({"prompt": tok.decode(prefix), "answer": r["answer"], "question": r["question"],
+                        "prompt_ids": prefix, "target_steps": [steps[d]], "target_tokens": n,
+                        "target_step_tokens": n})
+            prefix = prefix + list(ids[d])
+    return out
+
+
+def cut_step(tok, ids: list[int], delimiter: str, stop_ids: set[int]) -> list[int]:
+    """A rollout up to and including the token that completes its first step (the delimiter appears in the text)
+    or an end-of-sequence token; tokens after it (generation overshoot, padding) are not the draft's step."""
+    for i, t in enumerate(ids):
+        if t in stop_ids or delimiter in tok.decode(ids[:i + 1]):
+            return ids[:i + 1]
+    return ids
+
+
+def step_stop(tok, delimiter: str, width: int):
+    """A `generate` stopping criterion: a row is done once its generated tokens (after the `width` prompt columns)
+    contain the delimiter, as the engine's step requests stop (transformers' `stop_strings` also match across the
+    prompt: a prompt ending in "\n\n" would stop at a first "\n")."""
+    from transformers import StoppingCriteria
+
+    class StepStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.tensor([delimiter in tok.decode(row[width:]) for row in input_ids.tolist()],
+                                device=input_ids.device)
+
+    return StepStop()
+
+
+def step_rollout(tok, delimiter: str, prompt_ids: dict[str, list[int]]):
+    """TRL `rollout_func` for grpo.unit=step: samples with the trainer's generation config from the exact prompt
+    token ids (the prefix the target wrote, not a re-tokenisation of its text), stops each rollout at the step
+    delimiter and cuts it there; TRL then recomputes the log-probabilities of the kept tokens."""
+    def rollout(prompts: list[str], trainer) -> dict:
+        from trl.models.utils import unwrap_model_for_generation
+
+        ids = [prompt_ids[p] for p in prompts]
+        width, pad = max(map(len, ids)), tok.pad_token_id
+        device = trainer.accelerator.device
+        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
+                                         gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as model, \
+                torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=trainer.generation_config,
+                                 stopping_criteria=[step_stop(tok, delimiter, width)])
+        stop_ids = set(trainer.eos_token_ids)
+        completions = [cut_step(tok, row[width:].tolist(), delimiter, stop_ids) for row in out.cpu()]
+        return {"prompt_ids": ids, "completion_ids": completions, "logprobs": None}
+
+    return rollout
 
 
 def _tokens_per_step(tok, steps: list[str]) -> float:
@@ -274,11 +351,14 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
         base = str(warm_dir)
 
     model, _ = zoo.load_model(base, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
-    data = Dataset.from_list([{"prompt": p, "answer": r["answer"], "question": r["question"],
-                               "prompt_ids": r["prompt_ids"], "target_steps": r["steps"],
-                               "target_tokens": r["num_tokens"], "target_step_tokens": _tokens_per_step(tok, r["steps"])}
-                              for p, r in zip(prompts, rows)])
     g, w = cfg.grpo, cfg.rewards
+    grpo_rows = step_rows(rows, tok) if g.unit == "step" else answer_rows(rows, tok)
+    data = Dataset.from_list(grpo_rows)
+    rollout = None
+    if g.unit == "step":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL
+        rollout = step_rollout(tok, cfg.step_delimiter, {r["prompt"]: r["prompt_ids"] for r in grpo_rows})
+        summary["grpo_prompts"] = len(grpo_rows)
     out = run_dir / "grpo"
     counter: dict = {}
     target = None
@@ -288,7 +368,7 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
         target = HostClient(hosts["target"])
     trainer = GRPOTrainer(
         model=model, processing_class=tok, train_dataset=data, peft_config=_peft_config(cfg),
-        reward_funcs=reward_functions(cfg, tok, _verifier(cfg, hosts), target, counter),
+        reward_funcs=reward_functions(cfg, tok, _verifier(cfg, hosts), target, counter), rollout_func=rollout,
         args=GRPOConfig(output_dir=str(out), max_steps=g.steps, per_device_train_batch_size=g.num_generations,
                         num_generations=g.num_generations, max_completion_length=g.max_completion_length,
                         learning_rate=g.learning_rate, beta=g.beta, temperature=g.temperature,

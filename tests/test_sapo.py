@@ -53,6 +53,10 @@ def test_sapo_tiny_trains_exports_and_resumes(trained, trajectories):
     assert summary["grpo_steps"] == 2 and summary["warm_start_loss"] > 0
     for key in ("r_align", "r_length", "r_outcome"):
         assert len(summary["rewards"][key]) == 2 and all(0 <= v <= 1 for v in summary["rewards"][key])
+    # the step unit (the tiny preset's default): one prompt per finished step of each trajectory
+    tok = zoo.load_tokenizer("tiny-llama")
+    rows = [json.loads(line) for line in trajectories.read_text().splitlines()]
+    assert summary["grpo_prompts"] == len(sapo.step_rows(rows, tok)) > 0
     # 2 steps x 2 generations, all in this process
     assert summary["grpo_world_size"] == 1 and summary["grpo_completions_per_rank"] == [4]
     assert summary["grpo_wall_s"] > 0
@@ -130,9 +134,10 @@ def test_sapo_lora_exports_a_merged_draft_the_engine_loads(trajectories, tmp_pat
     from pipelines.config import ModelConfig, RoleConfig
 
     cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={tmp_path}",
-                                           "lora.enabled=true", "lora.r=4", "warm_start.learning_rate=0.01"])
+                                           "lora.enabled=true", "lora.r=4", "warm_start.learning_rate=0.01",
+                                           "grpo.unit=answer"])  # whole-answer rollouts (no rollout_func)
     draft_dir, summary = sapo.run(cfg)
-    assert summary["grpo_steps"] == 2
+    assert summary["grpo_steps"] == 2 and "grpo_prompts" not in summary
     assert (draft_dir.parent / "draft-adapter" / "adapter_config.json").is_file()
     assert not (draft_dir / "adapter_config.json").exists()  # a plain model directory
     base, _ = zoo.load_model(cfg.draft.name)
@@ -283,8 +288,8 @@ def test_online_align_asks_the_target_from_each_rollout_prefix(trajectories, smo
     async def scores(align_cfg, rollouts, counter=None):
         align = sapo.reward_functions(align_cfg, tok, Exact("normalized"), target, counter)[0]
         n = len(rollouts)
-        return await align(completions=rollouts, target_steps=[row["steps"]] * n, question=[row["question"]] * n,
-                           prompt_ids=[row["prompt_ids"]] * n)
+        return await align(prompts=["p"] * n, completions=rollouts, target_steps=[row["steps"]] * n,
+                           question=[row["question"]] * n, prompt_ids=[row["prompt_ids"]] * n)
 
     async def main():
         prefix = row["prompt_ids"] + tok(detour, add_special_tokens=False).input_ids
@@ -349,3 +354,74 @@ def test_sapo_killed_run_resumes_step_optimizer_and_wandb_id(trajectories, tmp_p
     # the same W&B run, twice: before and after the kill
     assert (run_dir / "wandb_run_id").read_text() == run_id
     assert len(list(run_dir.glob(f"wandb/offline-run-*-{run_id}"))) == 2
+
+
+def _step_row(tok, finish="eos", with_ids=True):
+    steps = ["Tom has 3 + 4 = 7 apples.\n\n", "He gives 2 away: 7 - 2 = 5.\n\n", "The answer is 5."]
+    row = {"prompt_ids": tok("Q: how many apples?\n\n").input_ids, "steps": steps, "answer": "5", "question": "q",
+           "finish_reason": finish, "num_tokens": 0, "response": "".join(steps)}
+    if with_ids:
+        row["step_token_ids"] = [tok(s, add_special_tokens=False).input_ids for s in steps]
+        row["step_token_ids"][-1].append(tok.eos_token_id)  # collect keeps the target's EOS on its last step
+    return row
+
+
+def test_step_unit_prompts_are_the_targets_own_prefixes():
+    from actors import zoo
+    from pipelines import sapo
+
+    tok = zoo.load_tokenizer("tiny-llama")
+    row = _step_row(tok)
+    rows = sapo.step_rows([row], tok)
+    assert [r["target_steps"] for r in rows] == [[s] for s in row["steps"]]
+    ids = row["step_token_ids"]
+    assert [r["prompt_ids"] for r in rows] == [row["prompt_ids"], row["prompt_ids"] + ids[0],
+                                               row["prompt_ids"] + ids[0] + ids[1]]
+    assert all(r["prompt"] == tok.decode(r["prompt_ids"]) for r in rows)
+    assert [r["target_step_tokens"] for r in rows] == [len(tok(s, add_special_tokens=False).input_ids)
+                                                      for s in row["steps"]]  # text tokens: no EOS counted
+    # an answer cut at the token cap: its last step is not a reference
+    assert len(sapo.step_rows([_step_row(tok, "length")], tok)) == 2
+    # an older trajectory file without step_token_ids: the steps' own tokens
+    assert [r["prompt_ids"] for r in sapo.step_rows([_step_row(tok, with_ids=False)], tok)] == \
+        [r["prompt_ids"] for r in rows]
+    # rollouts are cut at the token that completes the delimiter or at EOS, whatever follows
+    x, dot, nl, nn = (tok(t, add_special_tokens=False).input_ids for t in ("x = 1", ".", "\n", "x\n\n"))
+    nn = nn[-1:]
+    assert tok.decode(nn) == "\n\n" and len(nl) == 1
+    assert sapo.cut_step(tok, x + dot + nl + nl + x, "\n\n", {2}) == x + dot + nl + nl
+    assert sapo.cut_step(tok, x + nn + x + nn, "\n\n", {2}) == x + nn
+    assert sapo.cut_step(tok, x + [2, 2] + x, "\n\n", {2}) == x + [2]
+    assert sapo.cut_step(tok, x + nl + x, "\n\n", {2}) == x + nl + x  # no step end: the whole rollout
+
+
+def test_step_rollout_stops_each_rollout_at_the_step_end(tmp_path):
+    """TRL's GRPOTrainer with the step rollout on the tiny draft, whose head is steered by a forward hook towards
+    one token: each rollout starts from the prefix's exact token ids and ends where its step ends."""
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from actors import zoo
+    from pipelines import sapo
+
+    model, tok = zoo.load_model("tiny-llama")
+    rows = sapo.step_rows([_step_row(tok)], tok)
+    favoured = {}
+    model.lm_head.register_forward_hook(
+        lambda module, inputs, out: out + 100.0 * torch.nn.functional.one_hot(
+            torch.tensor(favoured["id"]), out.shape[-1]).to(out.dtype))
+    rollout = sapo.step_rollout(tok, "\n\n", {r["prompt"]: r["prompt_ids"] for r in rows})
+    trainer = GRPOTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(rows),
+                          reward_funcs=[lambda completions, **_: [0.0] * len(completions)], rollout_func=rollout,
+                          args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, max_completion_length=6,
+                                          num_generations=2, per_device_train_batch_size=2, report_to="none"))
+    prompts = [rows[1]["prompt"]] * 2 + [rows[2]["prompt"]] * 2
+    nl = tok("\n", add_special_tokens=False).input_ids[0]
+    nn = tok("x\n\n", add_special_tokens=False).input_ids[-1]
+    word = tok(" apples", add_special_tokens=False).input_ids[0]
+    for token, expected in ((nn, [nn]), (nl, [nl, nl]), (tok.eos_token_id, [tok.eos_token_id]), (word, [word] * 6)):
+        favoured["id"] = token
+        out = rollout(prompts, trainer)
+        assert out["prompt_ids"] == [rows[1]["prompt_ids"]] * 2 + [rows[2]["prompt_ids"]] * 2
+        assert out["completion_ids"] == [expected] * 4 and out["logprobs"] is None
