@@ -55,6 +55,8 @@ from rewards.verifiers import Exact
 # keys a resumed run may change: where it runs and logs, how long it trains, the target actor's resources
 RESUMABLE_KEYS = ("run.", "ray.", "wandb.", "grpo.steps", "grpo.save_steps", "distributed.worker_cpus",
                   "distributed.backend", "target.actor.", "target.engine.")
+# keys added after runs were saved without them: the value those runs trained with
+SAVED_BEFORE_KEY = {"grpo.unit": "answer"}
 # keys that only matter when a switch is on (in the saved config or the new one)
 SWITCHED_KEYS = {"lora.": "lora.enabled", "target.": "rewards.align_source", "rewards.step_max_tokens":
                  "rewards.align_source"}
@@ -100,7 +102,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def check_resume(cfg: SapoConfig) -> None:
     """`run.resume` must continue the same training: every key outside RESUMABLE_KEYS must equal the saved config's
-    (a key the saved config lacks counts as its default; LoRA's and the online target's keys count only when LoRA
+    (a key the saved config lacks counts as the value of runs saved before it existed, SAVED_BEFORE_KEY, or as its
+    default; LoRA's and the online target's keys count only when LoRA
     or online alignment is on). Runs before anything is loaded or written."""
     if not cfg.run.resume:
         return
@@ -113,7 +116,7 @@ def check_resume(cfg: SapoConfig) -> None:
     if saved.get("job") != "sapo":
         raise ConfigError(f"config key 'run.resume': {cfg.run.resume} holds a {saved.get('job')!r} run, not sapo")
     new, default = _flat(asdict(cfg)), _flat(asdict(SapoConfig()))
-    old = {k: saved.get(k, default.get(k)) for k in new}
+    old = {k: saved.get(k, SAVED_BEFORE_KEY.get(k, default.get(k))) for k in new}
     on = {"lora.enabled": old["lora.enabled"] or new["lora.enabled"],
           "rewards.align_source": "online" in (old["rewards.align_source"], new["rewards.align_source"])}
     differ = {k: (old[k], v) for k, v in new.items() if old[k] != v and not k.startswith(RESUMABLE_KEYS)
@@ -235,7 +238,8 @@ def step_rollout(tok, delimiter: str, prompt_ids: dict[str, list[int]]):
         from trl.models.utils import unwrap_model_for_generation
 
         ids = [prompt_ids[p] for p in prompts]
-        width, pad = max(map(len, ids)), tok.pad_token_id
+        width = max(map(len, ids))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = trainer.accelerator.device
         input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
         mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
@@ -465,8 +469,12 @@ def start_hosts(cfg: SapoConfig) -> dict:
     return hosts
 
 
-def preflight(cfg: SapoConfig, tok) -> None:
+def preflight(cfg: SapoConfig, tok, rows: list[dict]) -> None:
     """Checks that need the models' tokenizers or modules, before any run directory is written."""
+    if cfg.grpo.unit == "step" and not step_rows(rows, tok):
+        raise ConfigError(f"config key 'grpo.unit': step, but no trajectory in {cfg.trajectories} has a finished "
+                          "step (each answer is one step cut at the token cap); collect with a larger "
+                          "generation.max_new_tokens or use grpo.unit=answer")
     if cfg.rewards.align_source == "online":
         t = cfg.target.model
         if zoo.load_tokenizer(t.name, t.trust_remote_code).get_vocab() != tok.get_vocab():
@@ -485,7 +493,7 @@ def run(cfg: SapoConfig) -> tuple[Path, dict]:
     check_resume(cfg)
     tok = zoo.load_tokenizer(cfg.draft.name, cfg.draft.trust_remote_code)
     rows = load_trajectories(cfg, tok)
-    preflight(cfg, tok)
+    preflight(cfg, tok, rows)
     run_dir = make_run_dir(cfg, "sapo")
     save_config(cfg, run_dir, "sapo")
     # DeepSpeed needs a process group even for one process: Ray Train sets it up, so it always runs there

@@ -88,6 +88,19 @@ def test_sapo_resume_with_another_config_is_refused(trained, trajectories):
     sapo.check_resume(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.resume={run_dir}",
                                                        "lora.r=4", "target.model.name=x", "grpo.steps=9",
                                                        "distributed.worker_cpus=2"]))
+    # a run saved before grpo.unit existed trained whole answers: resuming it at the step unit is refused
+    import yaml
+
+    legacy = run_dir.parent / "legacy-run"
+    legacy.mkdir()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["grpo"]["unit"]
+    (legacy / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match=r"grpo.unit: 'answer' -> 'step'"):
+        sapo.check_resume(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}",
+                                                           f"run.resume={legacy}"]))
+    sapo.check_resume(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}",
+                                                       f"run.resume={legacy}", "grpo.unit=answer"]))
     with pytest.raises(ConfigError, match="not a run directory"):
         sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}",
                                                   f"run.resume={run_dir / 'grpo'}"]))
@@ -106,6 +119,14 @@ def test_sapo_bad_input(trajectories, tmp_path):
     bad.write_text('{"question": "q"}\n')
     with pytest.raises(ConfigError, match="not a pipelines.collect trajectory file"):
         sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={bad}"]))
+    # the step unit needs finished steps: answers that are one step cut at the token cap have none
+    cut = tmp_path / "cut.jsonl"
+    rows = [json.loads(line) for line in trajectories.read_text().splitlines()]
+    cut.write_text("".join(json.dumps({**r, "steps": [r["response"]], "step_token_ids": None,
+                                       "finish_reason": "length"}) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match="no trajectory in .* has a finished step"):
+        sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={cut}", f"run.out_dir={tmp_path / 'o'}"]))
+    assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match=r"'lora.target_modules': \['wq'\]"):
         sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", "lora.enabled=true",
                                                   "lora.target_modules=[q_proj,wq]"]))
