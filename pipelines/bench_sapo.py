@@ -77,49 +77,52 @@ def token_agreement(draft: str, eval_run_dir: Path, data_cfg) -> dict:
     return {"token_agreement": hits / max(tokens, 1), "token_nll": nll / max(tokens, 1), "tokens": tokens}
 
 
-def step_agreement(draft: str, eval_run_dir: Path, data_cfg, threshold: float, step_max_tokens: int,
-                   delimiter: str = "\n\n", batch: int = 16) -> dict:
-    """On the target's own path (the `ar` traces of an evaluation): the draft's greedy step from every prefix the
-    target wrote (the problem and the target's steps before d), judged by the embedding verifier (cosine >
-    threshold) against the target's step d. Free of what lr_async's own path adds (prefixes the draft wrote,
-    requests cut by the answer's remaining budget, cancelled subtrees), so it measures what SAPO trains: the share
-    of matching steps and the length of the draft's steps (`draft_step_tokens`, tokens until the delimiter or EOS)."""
+def step_agreement(model, tok, trajectories: list[dict], verifier, step_max_tokens: int, delimiter: str = "\n\n",
+                   batch: int = 16) -> dict:
+    """On the target's own path: the draft's greedy step from every prefix the target wrote (the problem and the
+    target's steps before d; `trajectories` rows as pipelines.collect writes them), judged by `verifier` against the
+    target's step d. Free of what lr_async's own path adds (prefixes the draft wrote, requests cut by the answer's
+    remaining budget, cancelled subtrees), so it measures what SAPO trains: the share of matching steps and the
+    length of the draft's steps (`draft_step_tokens`, tokens until the delimiter or EOS)."""
     import asyncio
 
-    import torch
+    from pipelines.sapo import generate_steps, step_rows
+    from rewards.verifiers import Item
 
-    from actors import zoo
-    from actors.encoder import EncoderHost
-    from pipelines.data import load_problems, prompt_ids
-    from pipelines.runs import read_jsonl
-    from pipelines.sapo import cut_step, step_rows, step_stop
-    from rewards.verifiers import Embedding, Item
-
-    problems = {p.id: p for p in load_problems(data_cfg).items}
-    model, tok = zoo.load_model(draft, device="cpu")
-    trajectories = [{"prompt_ids": prompt_ids(tok, problems[r["problem_id"]], data_cfg), "question": "",
-                     "answer": "", "steps": [s["text"] for s in r["steps"]],
-                     "step_token_ids": [s["token_ids"] for s in r["steps"]], "finish_reason": r["finish_reason"]}
-                    for r in read_jsonl(eval_run_dir / "traces" / "ar.jsonl")]
     rows = step_rows(trajectories, tok)
-    stop = {tok.eos_token_id}
     steps = []
     for b in range(0, len(rows), batch):
-        ids = [r["prompt_ids"] for r in rows[b:b + batch]]
-        width, pad = max(map(len, ids)), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([[pad] * (width - len(i)) + i for i in ids]),
-                                 attention_mask=torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids]),
-                                 max_new_tokens=step_max_tokens, do_sample=False, pad_token_id=pad,
-                                 stopping_criteria=[step_stop(tok, delimiter, width)])
-        steps += [tok.decode(cut_step(tok, row[width:].tolist(), delimiter, stop), skip_special_tokens=True)
-                  for row in out]
-    verdicts = asyncio.run(Embedding(EncoderHost(), threshold).verify(
+        steps += [tok.decode(ids, skip_special_tokens=True) for ids in generate_steps(
+            model, tok, [r["prompt_ids"] for r in rows[b:b + batch]], delimiter, {tok.eos_token_id},
+            max_new_tokens=step_max_tokens, do_sample=False)]
+    verdicts = asyncio.run(verifier.verify(
         [Item("", "", s, [], r["target_steps"][0], []) for r, s in zip(rows, steps)])) if rows else []
     sizes = [len(tok(s, add_special_tokens=False).input_ids) for s in steps]
     n = max(len(rows), 1)
     return {"step_match_rate": sum(v.accept for v in verdicts) / n, "draft_step_tokens": sum(sizes) / n,
             "target_step_tokens": sum(r["target_step_tokens"] for r in rows) / n, "steps": len(rows)}
+
+
+def _embedding_step_agreement(draft: str, trajectories: list[dict], threshold: float, step_max_tokens: int,
+                              delimiter: str) -> dict:
+    """`step_agreement` of a draft (name or path) with the embedding verifier (MiniLM cosine > threshold)."""
+    from actors import zoo
+    from actors.encoder import EncoderHost
+    from rewards.verifiers import Embedding
+
+    model, tok = zoo.load_model(draft, device="cpu")
+    return step_agreement(model, tok, trajectories, Embedding(EncoderHost(), threshold), step_max_tokens, delimiter)
+
+
+def _ar_trajectories(eval_run_dir: Path, data_cfg, tok) -> list[dict]:
+    """The `ar` traces of an evaluation as trajectory rows (prompt ids, steps and their token ids)."""
+    from pipelines.data import load_problems, prompt_ids
+    from pipelines.runs import read_jsonl
+
+    problems = {p.id: p for p in load_problems(data_cfg).items}
+    return [{"prompt_ids": prompt_ids(tok, problems[r["problem_id"]], data_cfg), "question": "", "answer": "",
+             "steps": [s["text"] for s in r["steps"]], "step_token_ids": [s["token_ids"] for s in r["steps"]],
+             "finish_reason": r["finish_reason"]} for r in read_jsonl(eval_run_dir / "traces" / "ar.jsonl")]
 
 
 def _evaluate(args, draft: str, tag: str) -> dict:
@@ -138,9 +141,13 @@ def _evaluate(args, draft: str, tag: str) -> dict:
     ray.shutdown()
     s = summary["methods"][LR_METHOD]
     agreement = token_agreement(draft, run_dir, cfg.data)
-    steps = step_agreement(draft, run_dir, cfg.data, args.threshold, args.step_max_tokens,
-                           cfg.generation.step_delimiter) \
-        if args.verifier == "embedding" else {}
+    steps = {}
+    if args.verifier == "embedding":
+        from actors import zoo
+
+        rows = _ar_trajectories(run_dir, cfg.data, zoo.load_tokenizer(draft))
+        steps = _embedding_step_agreement(draft, rows, args.threshold, args.step_max_tokens,
+                                          cfg.generation.step_delimiter)
     return {**agreement, **steps, "run_dir": str(run_dir), "draft": draft, "step_accept_rate": s["step_accept_rate"],
             "verifications": s["verifications"], "accept_rate_by_depth": s["accept_rate_by_depth"],
             "tokens_per_draft_step": _draft_tokens_per_step(run_dir, LR_METHOD), "speedup": s["speedup"],
@@ -260,3 +267,36 @@ def bench_sapo(args) -> dict:
                                                       "rewards", "grpo_samples_per_s")},
                stage_wall_s=walls)
     return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m pipelines.bench_sapo TRAJECTORIES DRAFT [DRAFT ...] [--out FILE.json]`: `step_agreement` of each
+    draft (a zoo name, a SAPO run's draft, warm_start or GRPO checkpoint directory) on a collect run's trajectories
+    (e.g. held-out problems) with the embedding verifier; prints one JSON line per draft and saves them all."""
+    import argparse
+
+    from actors import zoo
+    from pipelines.config import SapoConfig, load_config
+    from pipelines.sapo import load_trajectories
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.bench_sapo", description=main.__doc__)
+    parser.add_argument("trajectories", help="trajectories.jsonl of a pipelines.collect run")
+    parser.add_argument("drafts", nargs="+")
+    parser.add_argument("--threshold", type=float, default=0.9, help="embedding cosine threshold")
+    parser.add_argument("--step-max-tokens", type=int, default=100, help="cap on one draft step")
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    args = parser.parse_args(argv)
+    results = {}
+    for draft in args.drafts:
+        cfg = load_config(SapoConfig, "sapo", [f"trajectories={args.trajectories}", f"draft.name={draft}"])
+        rows = load_trajectories(cfg, zoo.load_tokenizer(draft))
+        results[draft] = _embedding_step_agreement(draft, rows, args.threshold, args.step_max_tokens,
+                                                   cfg.step_delimiter)
+        print(json.dumps({"draft": draft, **results[draft]}), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -230,6 +230,21 @@ def step_stop(tok, delimiter: str, width: int):
     return StepStop()
 
 
+def generate_steps(model, tok, prompt_ids: list[list[int]], delimiter: str, stop_ids: set[int], **generate) -> \
+        list[list[int]]:
+    """One step from each prompt (exact token ids, left-padded into one batch): `model.generate(**generate)` stopped
+    at the step delimiter (`step_stop`) and each row cut at its step's end (`cut_step`)."""
+    width = max(map(len, prompt_ids))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = model.device
+    input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in prompt_ids], device=device)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in prompt_ids], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, pad_token_id=pad,
+                             stopping_criteria=[step_stop(tok, delimiter, width)], **generate)
+    return [cut_step(tok, row[width:].tolist(), delimiter, stop_ids) for row in out.cpu()]
+
+
 def step_rollout(tok, delimiter: str, prompt_ids: dict[str, list[int]]):
     """TRL `rollout_func` for grpo.unit=step: samples with the trainer's generation config from the exact prompt
     token ids (the prefix the target wrote, not a re-tokenisation of its text), stops each rollout at the step
@@ -238,18 +253,10 @@ def step_rollout(tok, delimiter: str, prompt_ids: dict[str, list[int]]):
         from trl.models.utils import unwrap_model_for_generation
 
         ids = [prompt_ids[p] for p in prompts]
-        width = max(map(len, ids))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        device = trainer.accelerator.device
-        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
-                                         gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as model, \
-                torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=trainer.generation_config,
-                                 stopping_criteria=[step_stop(tok, delimiter, width)])
-        stop_ids = set(trainer.eos_token_ids)
-        completions = [cut_step(tok, row[width:].tolist(), delimiter, stop_ids) for row in out.cpu()]
+                                         gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as model:
+            completions = generate_steps(model, tok, ids, delimiter, set(trainer.eos_token_ids),
+                                         generation_config=trainer.generation_config)
         return {"prompt_ids": ids, "completion_ids": completions, "logprobs": None}
 
     return rollout

@@ -446,3 +446,31 @@ def test_step_rollout_stops_each_rollout_at_the_step_end(tmp_path):
         out = rollout(prompts, trainer)
         assert out["prompt_ids"] == [rows[1]["prompt_ids"]] * 2 + [rows[2]["prompt_ids"]] * 2
         assert out["completion_ids"] == [expected] * 4 and out["logprobs"] is None
+
+
+def test_step_agreement_judges_the_drafts_step_from_each_target_prefix():
+    """bench sapo's step_agreement: the steered tiny draft writes "\\n\\n" (one token) or runs to the step cap from
+    each of the target's prefixes; an exact verifier matches it against the target's step d."""
+    import torch
+
+    from actors import zoo
+    from pipelines.bench_sapo import step_agreement
+    from rewards.verifiers import Exact
+
+    model, tok = zoo.load_model("tiny-llama")
+    favoured = {}
+    model.lm_head.register_forward_hook(
+        lambda module, inputs, out: out + 100.0 * torch.nn.functional.one_hot(
+            torch.tensor(favoured["id"]), out.shape[-1]).to(out.dtype))
+    row = _step_row(tok)
+    row["steps"][1] = "\n\n"  # the target's step 1 is what the steered draft writes
+    row["step_token_ids"][1] = tok("x\n\n", add_special_tokens=False).input_ids[-1:]
+    favoured["id"] = row["step_token_ids"][1][0]
+    got = step_agreement(model, tok, [row, _step_row(tok, "length")], Exact("text"), step_max_tokens=5, batch=2)
+    # prefixes: 3 of the finished answer, 2 of the answer cut at the cap; only step 1 of the first matches
+    sizes = [len(tok(s, add_special_tokens=False).input_ids) for s in row["steps"] + _step_row(tok)["steps"][:2]]
+    assert got == {"step_match_rate": 1 / 5, "draft_step_tokens": 1.0, "target_step_tokens": sum(sizes) / 5,
+                   "steps": 5}
+    favoured["id"] = tok(" apples", add_special_tokens=False).input_ids[0]  # never ends a step: cut at the cap
+    got = step_agreement(model, tok, [row], Exact("text"), step_max_tokens=5)
+    assert got["step_match_rate"] == 0 and got["draft_step_tokens"] == 5 and got["steps"] == 3
