@@ -15,14 +15,16 @@ One run, side by side, on the demo models:
 
 Writes token_agreement_before/after (teacher-forced: the share of the target's greedy answer tokens on the
 held-out problems that the draft's argmax predicts), accept_rate_before/after (step accept rate of lr_async+sd: accepted / verified draft steps),
-accept_gain_points, tokens_per_draft_step_before/after (draft tokens per draft step request),
+accept_gain_points, tokens_per_draft_step_before/after (the draft's step length on lr_async's own path: tokens
+per draft step, leaving out the steps the answer's remaining budget cut short; draft_tokens_per_request_before/after
+keep them in),
 accept_rate_warm_start, tokens_per_draft_step_warm_start and grpo_gain_points (after - warm start),
 lr_speedup_before/after (lr_async+sd tokens/s over ar's, same actors and run), samples_per_s_1_worker,
 samples_per_s_2_workers, plus the per-run summaries and wall times of every stage. With the embedding verifier,
 also step_match_rate_{before,after,warm_start} and draft_step_tokens_{...} (`step_agreement`: the draft's greedy
 step from each of the target's own prefixes on the held-out problems, judged against the target's next step;
-target_step_tokens is the target's mean). tokens_per_draft_step counts the draft steps lr_async finished on its
-own path, where the answer's remaining budget cuts late steps; draft_step_tokens measures the steps' own length.
+target_step_tokens is the target's mean). Before 2026-12-04 tokens_per_draft_step kept the budget-cut steps in:
+an untrained draft's long steps leave little budget to the steps drafted after them, which made its "length" short.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
-def _draft_tokens_per_step(run_dir: Path, method: str) -> float | None:
+def _draft_tokens_per_request(run_dir: Path, method: str) -> float | None:
+    """Draft tokens per draft step request, budget-cut steps included."""
     from pipelines.runs import read_jsonl
 
     rows = read_jsonl(run_dir / "traces" / f"{method}.jsonl")
@@ -150,7 +153,9 @@ def _evaluate(args, draft: str, tag: str) -> dict:
                                           cfg.generation.step_delimiter)
     return {**agreement, **steps, "run_dir": str(run_dir), "draft": draft, "step_accept_rate": s["step_accept_rate"],
             "verifications": s["verifications"], "accept_rate_by_depth": s["accept_rate_by_depth"],
-            "tokens_per_draft_step": _draft_tokens_per_step(run_dir, LR_METHOD), "speedup": s["speedup"],
+            "tokens_per_draft_step": s["tokens_per_draft_step"], "budget_cut_draft_steps": s["budget_cut_draft_steps"],
+            "draft_requests": s["draft_requests"],
+            "draft_tokens_per_request": _draft_tokens_per_request(run_dir, LR_METHOD), "speedup": s["speedup"],
             "predicted_speedup": s["predicted_speedup"], "step_cost_ratio": s["step_cost_ratio"],
             "target_step_slowdown": s["target_step_slowdown"], "commit_wait": s["commit_wait"],
             "tokens_per_s": s["tokens_per_s"], "ar_tokens_per_s": summary["methods"]["ar"]["tokens_per_s"],
@@ -246,6 +251,8 @@ def bench_sapo(args) -> dict:
         accept_gain_points=100 * (after["step_accept_rate"] - before["step_accept_rate"]),
         tokens_per_draft_step_before=before["tokens_per_draft_step"],
         tokens_per_draft_step_after=after["tokens_per_draft_step"],
+        draft_tokens_per_request_before=before["draft_tokens_per_request"],
+        draft_tokens_per_request_after=after["draft_tokens_per_request"],
         lr_speedup_before=before["speedup"], lr_speedup_after=after["speedup"], **throughput,
         token_agreement_before=before["token_agreement"], token_agreement_after=after["token_agreement"],
         accept_rate_warm_start=warm and warm["step_accept_rate"],

@@ -174,6 +174,9 @@ class _Run:
         self.trace.draft_step_s += elapsed
         self.trace.draft_requests += 1
         self.trace.draft_tokens += len(r.token_ids)
+        if r.finish_reason == "length" and req.max_new_tokens < self.s.step_max_tokens:
+            self.trace.budget_cut_draft_steps += 1
+            self.trace.budget_cut_draft_tokens += len(r.token_ids)
         return StepOut(r.token_ids, r.text, r.finish_reason, elapsed, t0 + elapsed)
 
     def _is_cut(self, d: StepOut, path: list[int]) -> bool:

@@ -55,6 +55,11 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         "verifier_calls": calls,
         "target_requests": target_req,
         "draft_requests": draft_req,
+        # the draft's step length: tokens per draft step, leaving out the steps the answer's budget cut short (a
+        # step the step cap stopped counts at the cap)
+        "tokens_per_draft_step": _per_step(sum(t.draft_tokens - t.budget_cut_draft_tokens for t in traces),
+                                           draft_req - sum(t.budget_cut_draft_steps for t in traces)),
+        "budget_cut_draft_steps": sum(t.budget_cut_draft_steps for t in traces),
         "cancelled_requests": sum(t.cancelled_requests for t in traces),
         "wasted_target_tokens": sum(t.wasted_target_tokens for t in traces),
         "wasted_draft_tokens": sum(t.wasted_draft_tokens for t in traces),
@@ -139,3 +144,7 @@ def add_speedups(summaries: dict[str, dict]) -> None:
         s["predicted_speedup_ideal"] = ideal
         s["target_step_slowdown"] = slowdown
         s["predicted_speedup"] = device_adjusted(ideal, slowdown)
+
+
+def _per_step(tokens: int, steps: int) -> float | None:
+    return tokens / steps if steps > 0 else None

@@ -10,6 +10,7 @@ from actors.hosts import EngineHost
 from rewards.verifiers import Always, Exact, RandomAccept, Verdict, Verifier
 from speculative.clients import HostClient
 from speculative.controllers import Controller, ControllerError, Settings
+from speculative.metrics import summarize
 from tests.test_engine import PROMPT
 
 STEP_METHODS = ["lr_sync", "lr_async", "fpsr"]
@@ -117,6 +118,30 @@ class ScriptedHost:
         finally:
             self.running -= len(requests)
         return out
+
+
+class FixedLengthHost:
+    """Every step is `n` tokens ended by the delimiter, cut at the request's max_new_tokens."""
+
+    def __init__(self, n):
+        self.n = n
+
+    async def generate(self, requests):
+        return [Result("", [7] * min(self.n, r.max_new_tokens), "seven\n\n",
+                       "stop" if self.n <= r.max_new_tokens else "length", Counters()) for r in requests]
+
+
+@pytest.mark.parametrize("step, expected", [(4, 4.0), (8, 6.0)])  # 8: every step stops at the step cap of 6
+def test_draft_step_length_leaves_out_the_steps_the_answer_budget_cut(step, expected):
+    def host():
+        return HostClient(FixedLengthHost(step))
+
+    trace = run(Controller(settings("lr_sync", max_new_tokens=10, token_speculation=Speculation("none")),
+                           host(), host(), Exact("tokens")))
+    # drafts from deep in the window ask for what is left of the answer's 10 tokens and get cut there
+    assert trace.budget_cut_draft_steps >= 1 and trace.budget_cut_draft_tokens < step * trace.budget_cut_draft_steps
+    assert trace.draft_tokens / trace.draft_requests < expected
+    assert summarize([trace])["tokens_per_draft_step"] == pytest.approx(expected)
 
 
 def test_sync_bookkeeping_on_scripted_hosts():
