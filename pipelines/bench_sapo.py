@@ -15,16 +15,18 @@ One run, side by side, on the demo models:
 
 Writes token_agreement_before/after (teacher-forced: the share of the target's greedy answer tokens on the
 held-out problems that the draft's argmax predicts), accept_rate_before/after (step accept rate of lr_async+sd: accepted / verified draft steps),
-accept_gain_points, tokens_per_draft_step_before/after (the draft's step length on lr_async's own path: tokens
-per draft step, leaving out the steps the answer's remaining budget cut short; draft_tokens_per_request_before/after
-keep them in),
+accept_gain_points, tokens_per_draft_step_before/after (the draft's step length as a lookahead window drafts:
+gamma greedy steps in a row from each prefix of the target's held-out answers, each capped at --step-max-tokens and
+none at the answer's budget; `step_agreement` window_step_tokens),
 accept_rate_warm_start, tokens_per_draft_step_warm_start and grpo_gain_points (after - warm start),
 lr_speedup_before/after (lr_async+sd tokens/s over ar's, same actors and run), samples_per_s_1_worker,
 samples_per_s_2_workers, plus the per-run summaries and wall times of every stage. With the embedding verifier,
 also step_match_rate_{before,after,warm_start} and draft_step_tokens_{...} (`step_agreement`: the draft's greedy
 step from each of the target's own prefixes on the held-out problems, judged against the target's next step;
-target_step_tokens is the target's mean). Before 2026-12-04 tokens_per_draft_step kept the budget-cut steps in:
-an untrained draft's long steps leave little budget to the steps drafted after them, which made its "length" short.
+target_step_tokens is the target's mean). lr_tokens_per_draft_step_* and draft_tokens_per_request_* are the
+step lengths in lr_async's traces, without and with the steps the answer's remaining budget cut: at 128 tokens that
+budget stops most steps drafted deep in a window, so they measure the budget more than the draft (the key
+tokens_per_draft_step_* was draft_tokens_per_request_* until 2026-12-04).
 """
 
 from __future__ import annotations
@@ -81,40 +83,67 @@ def token_agreement(draft: str, eval_run_dir: Path, data_cfg) -> dict:
 
 
 def step_agreement(model, tok, trajectories: list[dict], verifier, step_max_tokens: int, delimiter: str = "\n\n",
-                   batch: int = 16) -> dict:
+                   batch: int = 16, window: int = 1) -> dict:
     """On the target's own path: the draft's greedy step from every prefix the target wrote (the problem and the
     target's steps before d; `trajectories` rows as pipelines.collect writes them), judged by `verifier` against the
     target's step d. Free of what lr_async's own path adds (prefixes the draft wrote, requests cut by the answer's
     remaining budget, cancelled subtrees), so it measures what SAPO trains: the share of matching steps and the
-    length of the draft's steps (`draft_step_tokens`, tokens until the delimiter or EOS)."""
+    length of the draft's steps (`draft_step_tokens`: tokens up to and including the delimiter, EOS not counted).
+
+    window > 1 goes on drafting from the draft's own steps as a lookahead window does (window steps in a row from
+    each prefix, stopping at EOS), each step capped at step_max_tokens and none at an answer's budget:
+    `window_step_tokens` is the mean length of all of them (`_by_depth`: of each position in the window)."""
     import asyncio
 
     from pipelines.sapo import generate_steps, step_rows
     from rewards.verifiers import Item
 
     rows = step_rows(trajectories, tok)
-    steps = []
-    for b in range(0, len(rows), batch):
-        steps += [tok.decode(ids, skip_special_tokens=True) for ids in generate_steps(
-            model, tok, [r["prompt_ids"] for r in rows[b:b + batch]], delimiter, {tok.eos_token_id},
-            max_new_tokens=step_max_tokens, do_sample=False)]
+    paths, live, first, by_depth = [list(r["prompt_ids"]) for r in rows], list(range(len(rows))), [], []
+    for depth in range(window):
+        steps = []
+        for b in range(0, len(live), batch):
+            steps += generate_steps(model, tok, [paths[i] for i in live[b:b + batch]], delimiter, {tok.eos_token_id},
+                                    max_new_tokens=step_max_tokens, do_sample=False)
+        first = first or steps
+        by_depth.append([len(s) - (bool(s) and s[-1] == tok.eos_token_id) for s in steps])
+        for i, s in zip(live, steps):
+            paths[i] += s
+        live = [i for i, s in zip(live, steps) if s and s[-1] != tok.eos_token_id]
+        if not live:
+            break
+    texts = [tok.decode(ids, skip_special_tokens=True) for ids in first]
     verdicts = asyncio.run(verifier.verify(
-        [Item("", "", s, [], r["target_steps"][0], []) for r, s in zip(rows, steps)])) if rows else []
-    sizes = [len(tok(s, add_special_tokens=False).input_ids) for s in steps]
+        [Item("", "", s, [], r["target_steps"][0], []) for r, s in zip(rows, texts)])) if rows else []
     n = max(len(rows), 1)
-    return {"step_match_rate": sum(v.accept for v in verdicts) / n, "draft_step_tokens": sum(sizes) / n,
-            "target_step_tokens": sum(r["target_step_tokens"] for r in rows) / n, "steps": len(rows)}
+    out = {"step_match_rate": sum(v.accept for v in verdicts) / n,
+           "draft_step_tokens": sum(by_depth[0]) / n if by_depth else 0.0,
+           "target_step_tokens": sum(r["target_step_tokens"] for r in rows) / n, "steps": len(rows)}
+    if window > 1:
+        sizes = [x for d in by_depth for x in d]
+        out.update(window_step_tokens=sum(sizes) / max(len(sizes), 1), window_steps=len(sizes),
+                   window_step_tokens_by_depth=[sum(d) / len(d) for d in by_depth])
+    return out
 
 
-def _embedding_step_agreement(draft: str, trajectories: list[dict], threshold: float, step_max_tokens: int,
-                              delimiter: str) -> dict:
-    """`step_agreement` of a draft (name or path) with the embedding verifier (MiniLM cosine > threshold)."""
+def _draft_step_agreement(draft: str, trajectories: list[dict], threshold: float, step_max_tokens: int,
+                          delimiter: str, window: int = 1, match: bool = True) -> dict:
+    """`step_agreement` of a draft (name or path) with the embedding verifier (MiniLM cosine > threshold); with
+    match=False only the step lengths (no encoder is loaded and no step_match_rate is reported)."""
     from actors import zoo
-    from actors.encoder import EncoderHost
-    from rewards.verifiers import Embedding
+    from rewards.verifiers import Embedding, Exact
 
     model, tok = zoo.load_model(draft, device="cpu")
-    return step_agreement(model, tok, trajectories, Embedding(EncoderHost(), threshold), step_max_tokens, delimiter)
+    if match:
+        from actors.encoder import EncoderHost
+
+        verifier = Embedding(EncoderHost(), threshold)
+    else:
+        verifier = Exact("normalized")
+    out = step_agreement(model, tok, trajectories, verifier, step_max_tokens, delimiter, window=window)
+    if not match:
+        out.pop("step_match_rate")
+    return out
 
 
 def _ar_trajectories(eval_run_dir: Path, data_cfg, tok) -> list[dict]:
@@ -144,17 +173,18 @@ def _evaluate(args, draft: str, tag: str) -> dict:
     ray.shutdown()
     s = summary["methods"][LR_METHOD]
     agreement = token_agreement(draft, run_dir, cfg.data)
-    steps = {}
-    if args.verifier == "embedding":
-        from actors import zoo
+    from actors import zoo
 
-        rows = _ar_trajectories(run_dir, cfg.data, zoo.load_tokenizer(draft))
-        steps = _embedding_step_agreement(draft, rows, args.threshold, args.step_max_tokens,
-                                          cfg.generation.step_delimiter)
+    # the draft on the target's path: its greedy step from each prefix (matched only with the embedding verifier:
+    # TBVM would ask the target again) and a lookahead window of gamma steps from there (the step lengths)
+    rows = _ar_trajectories(run_dir, cfg.data, zoo.load_tokenizer(draft))
+    steps = _draft_step_agreement(draft, rows, args.threshold, args.step_max_tokens, cfg.generation.step_delimiter,
+                                  window=cfg.lookahead.gamma, match=args.verifier == "embedding")
     return {**agreement, **steps, "run_dir": str(run_dir), "draft": draft, "step_accept_rate": s["step_accept_rate"],
             "verifications": s["verifications"], "accept_rate_by_depth": s["accept_rate_by_depth"],
-            "tokens_per_draft_step": s["tokens_per_draft_step"], "budget_cut_draft_steps": s["budget_cut_draft_steps"],
-            "draft_requests": s["draft_requests"],
+            "tokens_per_draft_step": steps["window_step_tokens"],
+            "lr_tokens_per_draft_step": s["tokens_per_draft_step"],
+            "budget_cut_draft_steps": s["budget_cut_draft_steps"], "draft_requests": s["draft_requests"],
             "draft_tokens_per_request": _draft_tokens_per_request(run_dir, LR_METHOD), "speedup": s["speedup"],
             "predicted_speedup": s["predicted_speedup"], "step_cost_ratio": s["step_cost_ratio"],
             "target_step_slowdown": s["target_step_slowdown"], "commit_wait": s["commit_wait"],
@@ -251,6 +281,8 @@ def bench_sapo(args) -> dict:
         accept_gain_points=100 * (after["step_accept_rate"] - before["step_accept_rate"]),
         tokens_per_draft_step_before=before["tokens_per_draft_step"],
         tokens_per_draft_step_after=after["tokens_per_draft_step"],
+        lr_tokens_per_draft_step_before=before["lr_tokens_per_draft_step"],
+        lr_tokens_per_draft_step_after=after["lr_tokens_per_draft_step"],
         draft_tokens_per_request_before=before["draft_tokens_per_request"],
         draft_tokens_per_request_after=after["draft_tokens_per_request"],
         lr_speedup_before=before["speedup"], lr_speedup_after=after["speedup"], **throughput,
@@ -291,14 +323,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("drafts", nargs="+")
     parser.add_argument("--threshold", type=float, default=0.9, help="embedding cosine threshold")
     parser.add_argument("--step-max-tokens", type=int, default=100, help="cap on one draft step")
+    parser.add_argument("--window", type=int, default=3,
+                        help="draft steps in a row from each prefix for window_step_tokens (lookahead gamma)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
     results = {}
     for draft in args.drafts:
         cfg = load_config(SapoConfig, "sapo", [f"trajectories={args.trajectories}", f"draft.name={draft}"])
         rows = load_trajectories(cfg, zoo.load_tokenizer(draft))
-        results[draft] = _embedding_step_agreement(draft, rows, args.threshold, args.step_max_tokens,
-                                                   cfg.step_delimiter)
+        results[draft] = _draft_step_agreement(draft, rows, args.threshold, args.step_max_tokens,
+                                               cfg.step_delimiter, window=args.window)
         print(json.dumps({"draft": draft, **results[draft]}), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

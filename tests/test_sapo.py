@@ -471,6 +471,13 @@ def test_step_agreement_judges_the_drafts_step_from_each_target_prefix():
     sizes = [len(tok(s, add_special_tokens=False).input_ids) for s in row["steps"] + _step_row(tok)["steps"][:2]]
     assert got == {"step_match_rate": 1 / 5, "draft_step_tokens": 1.0, "target_step_tokens": sum(sizes) / 5,
                    "steps": 5}
+    # a window of 3 steps drafted in a row from each prefix: "\n\n" three times
+    got = step_agreement(model, tok, [row, _step_row(tok, "length")], Exact("text"), step_max_tokens=5, window=3)
+    assert got["window_steps"] == 15 and got["window_step_tokens"] == 1.0 and got["step_match_rate"] == 1 / 5
     favoured["id"] = tok(" apples", add_special_tokens=False).input_ids[0]  # never ends a step: cut at the cap
-    got = step_agreement(model, tok, [row], Exact("text"), step_max_tokens=5)
+    got = step_agreement(model, tok, [row], Exact("text"), step_max_tokens=5, window=2)
     assert got["step_match_rate"] == 0 and got["draft_step_tokens"] == 5 and got["steps"] == 3
+    assert got["window_step_tokens_by_depth"] == [5.0, 5.0] and got["window_steps"] == 6
+    favoured["id"] = tok.eos_token_id  # an answer that ends ends the window: EOS is no token of the step
+    got = step_agreement(model, tok, [row], Exact("text"), step_max_tokens=5, window=3)
+    assert got["window_steps"] == 3 and got["window_step_tokens"] == 0.0 and got["draft_step_tokens"] == 0.0
