@@ -90,8 +90,8 @@ def step_agreement(model, tok, trajectories: list[dict], verifier, step_max_toke
     remaining budget, cancelled subtrees), so it measures what SAPO trains: the share of matching steps and the
     length of the draft's steps (`draft_step_tokens`: tokens up to and including the delimiter, EOS not counted).
 
-    window > 1 goes on drafting from the draft's own steps as a lookahead window does (window steps in a row from
-    each prefix, stopping at EOS), each step capped at step_max_tokens and none at an answer's budget:
+    With window > 1 it goes on drafting from the draft's own steps as a lookahead window does (window steps in a
+    row from each prefix, stopping at EOS), each step capped at step_max_tokens and none at an answer's budget:
     `window_step_tokens` is the mean length of all of them (`_by_depth`: of each position in the window)."""
     import asyncio
 
@@ -101,6 +101,8 @@ def step_agreement(model, tok, trajectories: list[dict], verifier, step_max_toke
     rows = step_rows(trajectories, tok)
     paths, live, first, by_depth = [list(r["prompt_ids"]) for r in rows], list(range(len(rows))), [], []
     for depth in range(window):
+        if not live:
+            break
         steps = []
         for b in range(0, len(live), batch):
             steps += generate_steps(model, tok, [paths[i] for i in live[b:b + batch]], delimiter, {tok.eos_token_id},
@@ -110,20 +112,16 @@ def step_agreement(model, tok, trajectories: list[dict], verifier, step_max_toke
         for i, s in zip(live, steps):
             paths[i] += s
         live = [i for i, s in zip(live, steps) if s and s[-1] != tok.eos_token_id]
-        if not live:
-            break
     texts = [tok.decode(ids, skip_special_tokens=True) for ids in first]
     verdicts = asyncio.run(verifier.verify(
         [Item("", "", s, [], r["target_steps"][0], []) for r, s in zip(rows, texts)])) if rows else []
     n = max(len(rows), 1)
-    out = {"step_match_rate": sum(v.accept for v in verdicts) / n,
-           "draft_step_tokens": sum(by_depth[0]) / n if by_depth else 0.0,
-           "target_step_tokens": sum(r["target_step_tokens"] for r in rows) / n, "steps": len(rows)}
-    if window > 1:
-        sizes = [x for d in by_depth for x in d]
-        out.update(window_step_tokens=sum(sizes) / max(len(sizes), 1), window_steps=len(sizes),
-                   window_step_tokens_by_depth=[sum(d) / len(d) for d in by_depth])
-    return out
+    sizes = [x for d in by_depth for x in d]
+    return {"step_match_rate": sum(v.accept for v in verdicts) / n,
+            "draft_step_tokens": sum(by_depth[0]) / n if by_depth else 0.0,
+            "target_step_tokens": sum(r["target_step_tokens"] for r in rows) / n, "steps": len(rows),
+            "window_step_tokens": sum(sizes) / max(len(sizes), 1), "window_steps": len(sizes),
+            "window_step_tokens_by_depth": [sum(d) / len(d) for d in by_depth]}
 
 
 def _draft_step_agreement(draft: str, trajectories: list[dict], threshold: float, step_max_tokens: int,

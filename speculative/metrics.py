@@ -55,8 +55,9 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         "verifier_calls": calls,
         "target_requests": target_req,
         "draft_requests": draft_req,
-        # the draft's step length: tokens per draft step, leaving out the steps the answer's budget cut short (a
-        # step the step cap stopped counts at the cap)
+        # the draft's step length in this run: tokens per draft step, leaving out the steps the answer's budget cut
+        # short (a step the step cap stopped counts at the cap). Censored: a run-on step the budget stopped is left
+        # out too, so with a tight budget it favours drafts that write short steps
         "tokens_per_draft_step": _per_step(sum(t.draft_tokens - t.budget_cut_draft_tokens for t in traces),
                                            draft_req - sum(t.budget_cut_draft_steps for t in traces)),
         "budget_cut_draft_steps": sum(t.budget_cut_draft_steps for t in traces),

@@ -470,7 +470,8 @@ def test_step_agreement_judges_the_drafts_step_from_each_target_prefix():
     # prefixes: 3 of the finished answer, 2 of the answer cut at the cap; only step 1 of the first matches
     sizes = [len(tok(s, add_special_tokens=False).input_ids) for s in row["steps"] + _step_row(tok)["steps"][:2]]
     assert got == {"step_match_rate": 1 / 5, "draft_step_tokens": 1.0, "target_step_tokens": sum(sizes) / 5,
-                   "steps": 5}
+                   "steps": 5, "window_step_tokens": 1.0, "window_steps": 5, "window_step_tokens_by_depth": [1.0]}
+    assert step_agreement(model, tok, [], Exact("text"), step_max_tokens=5, window=3)["window_steps"] == 0
     # a window of 3 steps drafted in a row from each prefix: "\n\n" three times
     got = step_agreement(model, tok, [row, _step_row(tok, "length")], Exact("text"), step_max_tokens=5, window=3)
     assert got["window_steps"] == 15 and got["window_step_tokens"] == 1.0 and got["step_match_rate"] == 1 / 5
