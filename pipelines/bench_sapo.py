@@ -46,15 +46,6 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
-def _draft_tokens_per_request(run_dir: Path, method: str) -> float | None:
-    """Draft tokens per draft step request, budget-cut steps included."""
-    from pipelines.runs import read_jsonl
-
-    rows = read_jsonl(run_dir / "traces" / f"{method}.jsonl")
-    steps = sum(r["draft_requests"] for r in rows)
-    return sum(r["draft_tokens"] for r in rows) / steps if steps else None
-
-
 def token_agreement(draft: str, eval_run_dir: Path, data_cfg) -> dict:
     """Teacher-forced on the held-out problems: the share of the target's greedy answer tokens (the `ar` traces of
     an evaluation) that the draft's argmax predicts from the same prefix, and the draft's mean NLL of them."""
@@ -183,7 +174,8 @@ def _evaluate(args, draft: str, tag: str) -> dict:
             "tokens_per_draft_step": steps["window_step_tokens"],
             "lr_tokens_per_draft_step": s["tokens_per_draft_step"],
             "budget_cut_draft_steps": s["budget_cut_draft_steps"], "draft_requests": s["draft_requests"],
-            "draft_tokens_per_request": _draft_tokens_per_request(run_dir, LR_METHOD), "speedup": s["speedup"],
+            "draft_tokens_per_request": s["draft_tokens"] / s["draft_requests"] if s["draft_requests"] else None,
+            "speedup": s["speedup"],
             "predicted_speedup": s["predicted_speedup"], "step_cost_ratio": s["step_cost_ratio"],
             "target_step_slowdown": s["target_step_slowdown"], "commit_wait": s["commit_wait"],
             "tokens_per_s": s["tokens_per_s"], "ar_tokens_per_s": summary["methods"]["ar"]["tokens_per_s"],

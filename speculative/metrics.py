@@ -27,6 +27,9 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
     steps = sum(len(t.steps) for t in traces)
     target_req = sum(t.target_requests for t in traces)
     draft_req = sum(t.draft_requests for t in traces)
+    draft_tok = sum(t.draft_tokens for t in traces)
+    cut_req = sum(t.budget_cut_draft_steps for t in traces)
+    cut_tok = sum(t.budget_cut_draft_tokens for t in traces)
     target_cost = sum(t.target_step_s for t in traces) / max(target_req, 1)
     draft_cost = sum(t.draft_step_s for t in traces) / max(draft_req, 1)
     committed = _latency_line([(s.latency_s, len(s.token_ids)) for t in traces for s in t.steps
@@ -58,9 +61,9 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         # the draft's step length in this run: tokens per draft step, leaving out the steps the answer's budget cut
         # short (a step the step cap stopped counts at the cap). Censored: a run-on step the budget stopped is left
         # out too, so with a tight budget it favours drafts that write short steps
-        "tokens_per_draft_step": _per_step(sum(t.draft_tokens - t.budget_cut_draft_tokens for t in traces),
-                                           draft_req - sum(t.budget_cut_draft_steps for t in traces)),
-        "budget_cut_draft_steps": sum(t.budget_cut_draft_steps for t in traces),
+        "tokens_per_draft_step": (draft_tok - cut_tok) / (draft_req - cut_req) if draft_req > cut_req else None,
+        "budget_cut_draft_steps": cut_req,
+        "draft_tokens": draft_tok,
         "cancelled_requests": sum(t.cancelled_requests for t in traces),
         "wasted_target_tokens": sum(t.wasted_target_tokens for t in traces),
         "wasted_draft_tokens": sum(t.wasted_draft_tokens for t in traces),
@@ -145,7 +148,3 @@ def add_speedups(summaries: dict[str, dict]) -> None:
         s["predicted_speedup_ideal"] = ideal
         s["target_step_slowdown"] = slowdown
         s["predicted_speedup"] = device_adjusted(ideal, slowdown)
-
-
-def _per_step(tokens: int, steps: int) -> float | None:
-    return tokens / steps if steps > 0 else None
