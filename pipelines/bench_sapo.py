@@ -10,8 +10,7 @@ One run, side by side, on the demo models:
 3. sapo: the `--sapo-preset` recipe (warm start SFT on the trajectories, then GRPO on SAPO's rewards);
 4. evaluate *after*: the same problems, methods and verifier with the exported draft, and with the warm-start
    draft alone (before GRPO), so the gain splits into the warm start's and GRPO's;
-5. GRPO throughput with 1 and 2 Ray Train workers (short runs without warm start, 0.95 CPU and 1 thread each)
-   when the SAPO job has `distributed.workers`; otherwise null with a note.
+5. GRPO throughput with 1 and 2 Ray Train workers (short runs without warm start, 0.95 CPU and 1 thread each).
 
 Writes token_agreement_before/after (teacher-forced: the share of the target's greedy answer tokens on the
 held-out problems that the draft's argmax predicts), accept_rate_before/after (step accept rate of lr_async+sd: accepted / verified draft steps),
@@ -46,23 +45,18 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
-def token_agreement(draft: str, eval_run_dir: Path, data_cfg) -> dict:
-    """Teacher-forced on the held-out problems: the share of the target's greedy answer tokens (the `ar` traces of
-    an evaluation) that the draft's argmax predicts from the same prefix, and the draft's mean NLL of them."""
+def token_agreement(model, tok, trajectories: list[dict]) -> dict:
+    """Teacher-forced: the share of the target's answer tokens (`trajectories` rows: prompt ids and each step's token
+    ids, e.g. the `ar` traces of an evaluation) that the draft's argmax predicts from the same prefix, and the
+    draft's mean NLL of them."""
     import torch
 
-    from actors import zoo
-    from pipelines.data import load_problems, prompt_ids
-    from pipelines.runs import read_jsonl
-
-    problems = {p.id: p for p in load_problems(data_cfg).items}
-    model, tok = zoo.load_model(draft, device="cpu")
     hits = tokens = 0
     nll = 0.0
     with torch.no_grad():
-        for row in read_jsonl(eval_run_dir / "traces" / "ar.jsonl"):
-            prompt = prompt_ids(tok, problems[row["problem_id"]], data_cfg)
-            answer = [t for step in row["steps"] for t in step["token_ids"]]
+        for row in trajectories:
+            prompt = list(row["prompt_ids"])
+            answer = [t for step in row["step_token_ids"] for t in step]
             if not answer:
                 continue
             logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].float()
@@ -115,14 +109,12 @@ def step_agreement(model, tok, trajectories: list[dict], verifier, step_max_toke
             "window_step_tokens_by_depth": [sum(d) / len(d) for d in by_depth]}
 
 
-def _draft_step_agreement(draft: str, trajectories: list[dict], threshold: float, step_max_tokens: int,
+def _draft_step_agreement(model, tok, trajectories: list[dict], threshold: float, step_max_tokens: int,
                           delimiter: str, window: int = 1, match: bool = True) -> dict:
-    """`step_agreement` of a draft (name or path) with the embedding verifier (MiniLM cosine > threshold); with
-    match=False only the step lengths (no encoder is loaded and no step_match_rate is reported)."""
-    from actors import zoo
+    """`step_agreement` of a loaded draft with the embedding verifier (MiniLM cosine > threshold); with match=False
+    only the step lengths (no encoder is loaded and no step_match_rate is reported)."""
     from rewards.verifiers import Embedding, Exact
 
-    model, tok = zoo.load_model(draft, device="cpu")
     if match:
         from actors.encoder import EncoderHost
 
@@ -161,14 +153,18 @@ def _evaluate(args, draft: str, tag: str) -> dict:
     run_dir, summary = evaluate(cfg)
     ray.shutdown()
     s = summary["methods"][LR_METHOD]
-    agreement = token_agreement(draft, run_dir, cfg.data)
     from actors import zoo
 
-    # the draft on the target's path: its greedy step from each prefix (matched only with the embedding verifier:
-    # TBVM would ask the target again) and a lookahead window of gamma steps from there (the step lengths)
-    rows = _ar_trajectories(run_dir, cfg.data, zoo.load_tokenizer(draft))
-    steps = _draft_step_agreement(draft, rows, args.threshold, args.step_max_tokens, cfg.generation.step_delimiter,
-                                  window=cfg.lookahead.gamma, match=args.verifier == "embedding")
+    # the draft on the target's path (ar's answers): teacher-forced token agreement, its greedy step from each prefix
+    # (matched only with the embedding verifier: TBVM would ask the target again) and a lookahead window of gamma
+    # steps from there (the step lengths)
+    model, tok = zoo.load_model(draft, device="cpu")
+    rows = _ar_trajectories(run_dir, cfg.data, tok)
+    agreement = token_agreement(model, tok, rows)
+    steps = _draft_step_agreement(model, tok, rows, args.threshold, args.step_max_tokens,
+                                  cfg.generation.step_delimiter, window=cfg.lookahead.gamma,
+                                  match=args.verifier == "embedding")
+    del model
     return {**agreement, **steps, "run_dir": str(run_dir), "draft": draft, "step_accept_rate": s["step_accept_rate"],
             "verifications": s["verifications"], "accept_rate_by_depth": s["accept_rate_by_depth"],
             "tokens_per_draft_step": steps["window_step_tokens"],
@@ -209,13 +205,7 @@ def _sapo(args, trajectories: str, tag: str, extra: list[str]) -> tuple[str, dic
 
 
 def _samples_per_s(args, trajectories: str) -> dict:
-    from pipelines.config import SapoConfig
-
     out = {"samples_per_s_1_worker": None, "samples_per_s_2_workers": None}
-    if not hasattr(SapoConfig(), "distributed"):
-        out["samples_per_s_note"] = ("not measured: the SAPO job has no distributed.workers setting yet "
-                                     "(Ray Train workers are being added)")
-        return out
     for workers in (1, 2):
         key = "samples_per_s_1_worker" if workers == 1 else "samples_per_s_2_workers"
         _, summary = _sapo(args, trajectories, f"{workers}w", [
@@ -285,12 +275,13 @@ def bench_sapo(args) -> dict:
         target_step_tokens=before.get("target_step_tokens"))
     out["targets_met"] = {
         "accept_gain_points_ge_15": out["accept_gain_points"] >= 15,
-        "tokens_per_draft_step_not_larger": (out["tokens_per_draft_step_after"] or 0)
-        <= (out["tokens_per_draft_step_before"] or 0),
+        "tokens_per_draft_step_not_larger": None not in (out["tokens_per_draft_step_after"],
+                                                         out["tokens_per_draft_step_before"])
+        and out["tokens_per_draft_step_after"] <= out["tokens_per_draft_step_before"],
         "lr_speedup_after_ge_1.3": out["lr_speedup_after"] >= 1.3,
         # the same question on the target's path (greedy steps from the target's prefixes, see step_agreement)
-        "draft_step_tokens_not_larger": out["draft_step_tokens_after"] is not None
-        and out["draft_step_tokens_after"] <= (out["draft_step_tokens_before"] or 0)}
+        "draft_step_tokens_not_larger": None not in (out["draft_step_tokens_after"], out["draft_step_tokens_before"])
+        and out["draft_step_tokens_after"] <= out["draft_step_tokens_before"]}
     out.update(before=before, after=after, warm_start=warm, draft_after=draft_dir,
                sapo={k: sapo_summary.get(k) for k in ("trajectories", "warm_start_loss", "grpo_steps", "grpo_loss",
                                                       "rewards", "grpo_samples_per_s")},
@@ -320,8 +311,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for draft in args.drafts:
         cfg = load_config(SapoConfig, "sapo", [f"trajectories={args.trajectories}", f"draft.name={draft}"])
-        rows = load_trajectories(cfg, zoo.load_tokenizer(draft))
-        results[draft] = _draft_step_agreement(draft, rows, args.threshold, args.step_max_tokens,
+        model, tok = zoo.load_model(draft, device="cpu")
+        rows = load_trajectories(cfg, tok)
+        results[draft] = _draft_step_agreement(model, tok, rows, args.threshold, args.step_max_tokens,
                                                cfg.step_delimiter, window=args.window)
         print(json.dumps({"draft": draft, **results[draft]}), flush=True)
     if args.out:

@@ -482,3 +482,61 @@ def test_step_agreement_judges_the_drafts_step_from_each_target_prefix():
     favoured["id"] = tok.eos_token_id  # an answer that ends ends the window: EOS is no token of the step
     got = step_agreement(model, tok, [row], Exact("text"), step_max_tokens=5, window=3)
     assert got["window_steps"] == 3 and got["window_step_tokens"] == 0.0 and got["draft_step_tokens"] == 0.0
+
+
+def test_token_agreement_counts_the_answer_tokens_the_drafts_argmax_predicts():
+    """bench sapo's token_agreement, teacher-forced on the target's answers: the steered tiny draft predicts only
+    " apples", so it agrees on exactly the answer tokens that are " apples" and is confident on those alone."""
+    import math
+
+    import torch
+
+    from actors import zoo
+    from pipelines.bench_sapo import token_agreement
+
+    model, tok = zoo.load_model("tiny-llama")
+    apples = tok(" apples", add_special_tokens=False).input_ids[0]
+    model.lm_head.register_forward_hook(
+        lambda module, inputs, out: out + 100.0 * torch.nn.functional.one_hot(
+            torch.tensor(apples), out.shape[-1]).to(out.dtype))
+    other = tok(" pears", add_special_tokens=False).input_ids[0]
+    row = {"prompt_ids": tok("Q: how many apples?\n\n").input_ids,
+           "step_token_ids": [[apples, apples, other], [apples], []]}
+    empty = {"prompt_ids": row["prompt_ids"], "step_token_ids": [[]]}  # no answer: left out
+    got = token_agreement(model, tok, [row, empty])
+    assert got["tokens"] == 4 and got["token_agreement"] == 3 / 4
+    # the missed token costs ~100 nats, the three predicted ones ~0: the mean NLL is about a quarter of 100
+    assert 20 < got["token_nll"] < 30 and math.isfinite(got["token_nll"])
+
+
+def test_bench_sapo_writes_the_issue_keys_on_tiny_models(trajectories, tmp_path):
+    """`python -m pipelines.bench sapo` end to end on the tiny presets (reusing collected trajectories): the issue's
+    JSON keys, consistent with the per-run summaries it writes beside them."""
+    from pipelines import bench
+
+    out = tmp_path / "sapo.json"
+    bench.main(["sapo", "--out", str(out), "--run-dir", str(tmp_path / "runs"), "--preset", "tiny",
+                "--sapo-preset", "tiny", "--trajectories", str(trajectories), "--num-problems", "2",
+                "--verifier", "exact", "--max-new-tokens", "24", "--step-max-tokens", "6", "--throughput-steps", "1"])
+    got = json.loads(out.read_text())
+    before, after, warm = got["before"], got["after"], got["warm_start"]
+    assert got["accept_rate_before"] == before["step_accept_rate"] and got["accept_rate_after"] == after[
+        "step_accept_rate"]
+    assert got["accept_gain_points"] == pytest.approx(100 * (after["step_accept_rate"] - before["step_accept_rate"]))
+    assert before["verifications"] > 0 and after["verifications"] > 0
+    for tag, run in (("before", before), ("after", after)):
+        assert got[f"tokens_per_draft_step_{tag}"] == run["window_step_tokens"] > 0
+        assert got[f"lr_speedup_{tag}"] == run["speedup"] > 0
+        assert 0 <= got[f"token_agreement_{tag}"] <= 1 and run["tokens"] > 0
+        assert (Path(run["run_dir"]) / "traces" / "ar.jsonl").is_file()
+    assert before["draft"] == "tiny-llama-draft-l1" and after["draft"] == got["draft_after"]
+    assert (Path(got["draft_after"]) / "config.json").is_file() and warm["draft"].endswith("warm_start")
+    assert got["samples_per_s_1_worker"] > 0 and got["samples_per_s_2_workers"] > 0
+    assert got["step_match_rate_before"] is None  # the exact verifier: no embedding match rate
+    met = got["targets_met"]
+    assert met["accept_gain_points_ge_15"] == (got["accept_gain_points"] >= 15)
+    assert met["lr_speedup_after_ge_1.3"] == (got["lr_speedup_after"] >= 1.3)
+    assert met["tokens_per_draft_step_not_larger"] == (got["tokens_per_draft_step_after"]
+                                                       <= got["tokens_per_draft_step_before"])
+    assert set(got["stage_wall_s"]) == {"collect_s", "evaluate_before_s", "sapo_s", "evaluate_after_s",
+                                        "evaluate_warm_start_s", "throughput_s"}
