@@ -8,6 +8,7 @@ rejects unknown keys and wrong types; `validate` then checks choices and bounds,
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,8 +24,8 @@ def choice(default, choices, help=""):
     return field(default=default, metadata={"choices": tuple(choices), "help": help})
 
 
-def bounded(default, ge=None, le=None, help=""):
-    return field(default=default, metadata={"ge": ge, "le": le, "help": help})
+def bounded(default, ge=None, le=None, help="", gt=None):
+    return field(default=default, metadata={"ge": ge, "le": le, "gt": gt, "help": help})
 
 
 # ---------------------------------------------------------------- shared sections
@@ -300,7 +301,7 @@ class GrpoConfig:
     max_completion_length: int = bounded(64, ge=4)
     learning_rate: float = bounded(1e-6, ge=0)
     beta: float = bounded(0.0, ge=0, help="KL to the reference; > 0 reloads the reference model")
-    temperature: float = bounded(1.0, ge=0)
+    temperature: float = bounded(1.0, gt=0, help="rollouts are sampled: > 0")
     save_steps: int = bounded(2, ge=1)
     unit: str = choice("step", ["step", "answer"],
                        help="step: a prompt is the problem plus the target trajectory's first d steps (every d), a "
@@ -314,7 +315,9 @@ class RewardsConfig:
     align: float = bounded(1.0, ge=0)
     length: float = bounded(1.0, ge=0)
     outcome: float = bounded(1.0, ge=0)
-    align_form: str = choice("share", ["share", "prefix"])
+    align_form: str = choice("share", ["share", "prefix"],
+                             help="share of accepted steps, or the accepted prefix (steps before the first rejection); "
+                                  "the same at grpo.unit=step, where a rollout is one step")
     length_form: str = choice("step", ["step", "answer"],
                               help="step: mean tokens per step against the target trajectory's; answer: whole "
                                    "rollout against the target's answer (a signal only when rollouts are not cut "
@@ -440,27 +443,44 @@ def _preset_path(job: str, preset: str) -> Path:
 
 
 def load_config(schema: type, job: str, args: list[str] | None = None, preset: str = "demo"):
-    """Build a validated config object from a preset (or YAML file) and `key.path=value` overrides."""
+    """Build a validated config object from a preset (or YAML file) and `key.path=value` overrides. With
+    `run.resume=DIR` and no preset, the base is the config DIR's run saved (so `python -m pipelines.<job>
+    run.resume=DIR` continues that run as it was configured)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     args = list(args or [])
-    if args and "=" not in args[0]:
+    named = bool(args) and "=" not in args[0]
+    if named:
         preset = args.pop(0)
     bad = [a for a in args if "=" not in a]
     if bad:
         raise ConfigError(f"expected key.path=value overrides, got {bad}")
+    resume = next((a.split("=", 1)[1] for a in args if a.startswith("run.resume=")), None)
+    base = _saved_config(job, resume) if resume and not named else None
     try:
         cfg = OmegaConf.structured(schema)
         OmegaConf.set_struct(cfg, True)
-        path = _preset_path(job, preset)
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(base) if base else OmegaConf.load(_preset_path(job, preset)))
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args))
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_omegaconf_message(exc)) from None
     validate(obj)
     return obj
+
+
+def _saved_config(job: str, run_dir: str) -> dict:
+    """The resolved config a run of `job` saved in its directory (without the job name)."""
+    import yaml
+
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"config key 'run.resume': {run_dir} is not a run directory (no config.yaml)")
+    config = yaml.safe_load(saved.read_text()) or {}
+    if config.pop("job", None) != job:
+        raise ConfigError(f"config key 'run.resume': {run_dir} holds a run of another job, not {job}")
+    return config
 
 
 def _omegaconf_message(exc) -> str:
@@ -481,6 +501,11 @@ def validate(obj: Any, path: str = "") -> None:
         meta = f.metadata
         if "choices" in meta and value not in meta["choices"]:
             raise ConfigError(f"config key {key!r}: {value!r} is not one of {list(meta['choices'])}")
+        bounds = [meta.get(b) for b in ("ge", "le", "gt") if meta.get(b) is not None]
+        if bounds and isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+            raise ConfigError(f"config key {key!r}: {value!r} must be a finite number")
+        if meta.get("gt") is not None and value is not None and value <= meta["gt"]:
+            raise ConfigError(f"config key {key!r}: {value!r} must be > {meta['gt']}")
         if meta.get("ge") is not None and value is not None and value < meta["ge"]:
             raise ConfigError(f"config key {key!r}: {value!r} must be >= {meta['ge']}")
         if meta.get("le") is not None and value is not None and value > meta["le"]:

@@ -37,20 +37,52 @@ def save_config(cfg, run_dir: Path, job: str) -> dict:
     return resolved
 
 
-def read_jsonl(path: Path) -> list[dict]:
+class JsonlError(ValueError):
+    pass
+
+
+def read_jsonl(path: Path, strict: bool = False) -> list[dict]:
+    """The rows of a JSONL file that `append_jsonl` writes. Text after the last newline is a row a killed run cut
+    short: left out with a warning (a complete JSON object there, from a file written by hand, is kept). A line in the middle that
+    is not JSON raises JsonlError naming it when `strict` (a job reading its input: training on part of a file is no
+    result); otherwise it is left out with a warning (a resumed job redoes its item)."""
+    import warnings
+
     if not path.is_file():
         return []
+    lines = path.read_text().split("\n")
+    tail = lines.pop()  # "" when the file ends with a newline
     rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a killed run: everything after it is redone
+    for i, line in enumerate(lines + [tail], 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i > len(lines):  # the cut last row
+                warnings.warn(f"{path} line {i} was cut short (a killed run): left out", stacklevel=2)
+                continue
+            if strict:
+                raise JsonlError(f"{path} line {i} is not JSON ({exc.msg}): a corrupt file") from None
+            warnings.warn(f"{path} line {i} is not JSON ({exc.msg}): left out", stacklevel=2)
     return rows
 
 
 def append_jsonl(path: Path, row: dict) -> None:
+    """Appends one row. A row a killed run cut short at the end of the file is cut off first, so that the new row
+    starts a line of its own (appending after it would corrupt both)."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                data = f.read()
+                keep = data.rfind(b"\n") + 1
+                try:  # a complete row without its newline (written by hand): keep it
+                    json.loads(data[keep:])
+                    f.write(b"\n")
+                except ValueError:
+                    f.truncate(keep)
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
 

@@ -6,6 +6,7 @@
     python -m pipelines.sapo tiny trajectories=... distributed.workers=2         # 2 Ray Train workers (gloo)
     python -m pipelines.sapo tiny trajectories=... rewards.align_source=online   # the target actor's own steps
     python -m pipelines.sapo run.resume=runs/sapo/<dir>                          # continue from the last checkpoint
+    python -m pipelines.sapo run.resume=runs/sapo/<dir> grpo.steps=200           # ... and train for longer
 
 1. warm start: TRL's SFT trainer on the target's answers (prompt -> completion, loss on the completion);
 2. GRPO (TRL) on three rewards from `rewards.sapo`. `grpo.unit=step` (default): a prompt is the problem plus the
@@ -15,7 +16,8 @@
    steps that the verifier accepts against the target's steps: the cached trajectory's (`offline`) or the target
    actor's own step from the same prefix, one batched call per group of rollouts (`online`)), R_length
    (min(1, S_target / S_rollout) on mean tokens per step; `rewards.length_form=answer` compares whole answers),
-   R_outcome (math-verify); weights 1:1:1 by default; TRL logs each reward's mean and std per step;
+   R_outcome (math-verify; at the step unit only for steps drafted where the target wrote its final step, None
+   for the others); weights 1:1:1 by default; TRL logs each reward's mean and std per step;
 3. the trained draft is saved as a plain model directory (<run_dir>/draft; LoRA adapters merged in) that
    `pipelines.evaluate` loads by path.
 
@@ -47,7 +49,7 @@ import torch
 
 from actors import zoo
 from pipelines.config import ConfigError, SapoConfig, run_cli
-from pipelines.runs import make_run_dir, read_jsonl, save_config, write_json
+from pipelines.runs import JsonlError, make_run_dir, read_jsonl, save_config, write_json
 from pipelines.tracking import Tracker
 from rewards import sapo as R
 from rewards.verifiers import Exact
@@ -69,7 +71,10 @@ def load_trajectories(cfg: SapoConfig, tok) -> list[dict]:
     path = Path(cfg.trajectories)
     if not path.is_file():
         raise ConfigError(f"config key 'trajectories': {path} does not exist")
-    rows = read_jsonl(path)
+    try:
+        rows = read_jsonl(path, strict=True)
+    except JsonlError as exc:
+        raise ConfigError(f"config key 'trajectories': {exc}") from None
     if not rows:
         raise ConfigError(f"{path} holds no trajectories")
     for i, row in enumerate(rows, 1):
@@ -85,8 +90,20 @@ def load_trajectories(cfg: SapoConfig, tok) -> list[dict]:
             raise ConfigError(f"{path} was written by {target!r}, whose tokenizer differs from the draft "
                               f"{cfg.draft.name!r}'s")
     vocab = len(tok)
-    if any(t >= vocab for row in rows for t in row["prompt_ids"]):
-        raise ConfigError(f"{path}: token ids beyond the draft's vocabulary ({vocab})")
+    for i, row in enumerate(rows, 1):
+        ids = [row["prompt_ids"], *(row.get("step_token_ids") or [])]
+        if any(not isinstance(t, int) or not 0 <= t < vocab for part in ids for t in part):
+            raise ConfigError(f"{path} row {i}: token ids outside the draft {cfg.draft.name!r}'s vocabulary ({vocab})")
+        # the ids must spell the row's text in the draft's tokenizer (a file copied away from its collect run's
+        # config.yaml, or one written with another tokenizer of a similar size, passes the checks above)
+        if row.get("step_token_ids"):
+            spelled = tok.decode([t for step in row["step_token_ids"] for t in step], skip_special_tokens=True)
+            same = spelled == "".join(row["steps"])
+        else:
+            same = row["question"] in tok.decode(row["prompt_ids"])
+        if not same:
+            raise ConfigError(f"{path} row {i}: its token ids do not spell its text with the draft "
+                              f"{cfg.draft.name!r}'s tokenizer: the file was written with another tokenizer")
     return rows
 
 
@@ -173,8 +190,8 @@ def reward_functions(cfg: SapoConfig, tok, verifier, target=None, counter: dict 
         return [R.step_length_reward(n, len(R.split_steps(c, delim)), ref)
                 for c, n, ref in zip(completions, sizes, target_step_tokens)]
 
-    def outcome(completions, answer, **_):
-        return [R.outcome_reward(c, a) for c, a in zip(completions, answer)]
+    def outcome(completions, answer, final, **_):
+        return [R.outcome_reward(c, a) if last else None for c, a, last in zip(completions, answer, final)]
 
     align.__name__, length.__name__, outcome.__name__ = "r_align", "r_length", "r_outcome"
     return [align, length, outcome]
@@ -184,7 +201,7 @@ def answer_rows(rows: list[dict], tok) -> list[dict]:
     """grpo.unit=answer: one training prompt per trajectory, the problem; rollouts are whole answers."""
     return [{"prompt": tok.decode(r["prompt_ids"]), "answer": r["answer"], "question": r["question"],
              "prompt_ids": r["prompt_ids"], "target_steps": r["steps"], "target_tokens": r["num_tokens"],
-             "target_step_tokens": _tokens_per_step(tok, r["steps"])} for r in rows]
+             "target_step_tokens": _tokens_per_step(tok, r["steps"]), "final": True} for r in rows]
 
 
 def step_rows(rows: list[dict], tok) -> list[dict]:
@@ -202,7 +219,7 @@ def step_rows(rows: list[dict], tok) -> list[dict]:
             n = _tokens_per_step(tok, [steps[d]])
             out.append({"prompt": tok.decode(prefix), "answer": r["answer"], "question": r["question"],
                         "prompt_ids": prefix, "target_steps": [steps[d]], "target_tokens": n,
-                        "target_step_tokens": n})
+                        "target_step_tokens": n, "final": d == len(steps) - 1})
             prefix = prefix + list(ids[d])
     return out
 
@@ -358,6 +375,8 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
                                         max_length=ws.max_length, save_strategy="no", **common))
         summary["warm_start_loss"] = sft.train().training_loss
         export(sft, cfg, base, warm_dir, tok, rank)
+        if rank == 0:  # a run killed in GRPO resumes past the warm start: its loss is kept from here
+            write_json(summary_file, summary)
     if cfg.warm_start.enabled:
         base = str(warm_dir)
 
@@ -404,12 +423,18 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
                    grpo_completions_per_rank=completions, grpo_wall_s=wall_s,
                    grpo_samples_per_s=sum(completions) / wall_s if wall_s > 0 else 0.0,
                    grpo_target_steps_per_rank=[c.get("target_steps", 0) for c in per_rank],
-                   rewards={k: [h.get(f"rewards/{k}/mean") for h in history]
-                            for k in ("r_align", "r_length", "r_outcome")},
+                   **{key: {k: [_number(h.get(f"rewards/{k}/{stat}")) for h in history]
+                            for k in ("r_align", "r_length", "r_outcome")}
+                      for key, stat in (("rewards", "mean"), ("rewards_std", "std"))},
                    draft=str(run_dir / "draft"))
     write_json(summary_file, summary)
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     tracker.finish()
+
+
+def _number(value):
+    """A logged figure for JSON: NaN (TRL's mean of a reward that returned None for every rollout) becomes None."""
+    return None if value is None or value != value else value
 
 
 def _worker(config: dict) -> None:

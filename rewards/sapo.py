@@ -3,9 +3,10 @@
 R = w_align * R_align + w_length * R_length + w_outcome * R_outcome  (weights 1:1:1 by default; they must not
 sum to zero). Each term is in [0, 1] and is returned separately so that trainers can log them one by one.
 
-- R_align: the rollout is split into steps at the delimiter; step i is compared by the configured verifier with
-  the target's step from the same prefix. `offline` uses the cached target trajectory (its step i, meaningful
-  while the rollout follows the trajectory); `online` asks the target for its step from every rollout prefix
+- R_align: the rollout is split into steps at the delimiter (a blank step joins its neighbour: `split_steps`);
+  step i is compared by the configured verifier with the target's step from the same prefix. `offline` uses the
+  cached target trajectory (its step i, meaningful while the rollout follows the trajectory; a step past its end
+  is rejected); `online` asks the target for its step from every rollout prefix
   (one batched call per group of rollouts). `share` rewards the share of accepted steps; `prefix` rewards the
   accepted prefix (steps before the first rejection), which is what speeds up decoding.
 - R_length, form `step` (default): min(1, S_target / S_rollout) with S the mean tokens per step (the rollout's
@@ -14,12 +15,14 @@ sum to zero). Each term is in [0, 1] and is returned separately so that trainers
   it is defined on rollouts cut at GRPO's completion cap. Form `answer`: min(1, L_target / L_rollout) over whole
   answers in tokens (a token budget replaces L_target when no trajectory is cached); it only has a signal when
   rollouts may run as long as the target's answers (a rollout cut below the answer's length always scores 1).
-- R_outcome: 1 if the rollout's final answer is correct (math-verify), else 0.
+- R_outcome: 1 if the rollout's final answer is correct (math-verify), else 0. Only a rollout that should end the
+  answer is scored: a whole answer, or at the step unit a step drafted from the prefix before the target's final
+  step; a middle step has no final answer (its last number is not one) and gets None, which TRL leaves out of the
+  sum and of the component's mean.
+A rollout with no step (empty or blank) scores 0 on R_align and R_length.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from rewards.answers import extract_answer, is_correct
 from rewards.verifiers import Item, Verifier
@@ -29,25 +32,21 @@ class RewardConfigError(ValueError):
     pass
 
 
-@dataclass
-class Weights:
-    align: float = 1.0
-    length: float = 1.0
-    outcome: float = 1.0
-
-    def check(self) -> None:
-        if self.align + self.length + self.outcome == 0:
-            raise RewardConfigError("SAPO reward weights sum to zero: at least one must be non-zero")
-        if min(self.align, self.length, self.outcome) < 0:
-            raise RewardConfigError("SAPO reward weights must be >= 0")
-
-
 def split_steps(text: str, delimiter: str) -> list[str]:
-    """Steps keep their delimiter (as the engine's step generations do); an empty tail is dropped."""
+    """Steps keep their delimiter (as the engine's step generations do). A blank step (whitespace only: an extra
+    delimiter) is no step: its text joins the step before it (or, at the start, the next one), so the steps still
+    concatenate to the text and an empty delimiter cannot earn alignment or conciseness."""
     parts = text.split(delimiter)
-    steps = [p + delimiter for p in parts[:-1]]
-    if parts[-1].strip():
-        steps.append(parts[-1])
+    steps, pending = [], ""
+    for j, part in enumerate(parts):
+        piece = part + (delimiter if j < len(parts) - 1 else "")
+        if part.strip():
+            steps.append(pending + piece)
+            pending = ""
+        elif steps:
+            steps[-1] += piece
+        else:
+            pending += piece
     return steps
 
 
@@ -83,17 +82,17 @@ async def offline_align(verifier: Verifier, question: str, rollouts: list[str], 
     """R_align against the cached target trajectory: rollout step i vs target step i (one batched verify)."""
     items, owners = [], []
     per_rollout = [split_steps(r, delimiter) for r in rollouts]
+    grouped: list[list[bool]] = [[] for _ in rollouts]
     for r, steps in enumerate(per_rollout):
         context = ""
-        for i, step in enumerate(steps):
-            target = target_steps[i] if i < len(target_steps) else ""
-            items.append(Item(question, context, step, [], target, []))
-            owners.append(r)
+        for i, step in enumerate(steps[:len(target_steps)]):
+            items.append(Item(question, context, step, [], target_steps[i], []))
+            owners.append((r, i))
             context += step
+        grouped[r] = [False] * len(steps)  # a step past the trajectory's end has nothing to match: rejected
     verdicts = await verifier.verify(items) if items else []
-    grouped: list[list[bool]] = [[] for _ in rollouts]
-    for owner, v in zip(owners, verdicts):
-        grouped[owner].append(v.accept)
+    for (r, i), v in zip(owners, verdicts):
+        grouped[r][i] = v.accept
     return [align_score(g, form) for g in grouped]
 
 

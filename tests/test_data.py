@@ -70,3 +70,34 @@ def test_prompt_uses_the_chat_template(smollm):
     text = tok.decode(ids)
     assert text.startswith("<|im_start|>system") and p.question in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_jsonl_rows_cut_by_a_killed_run_are_redone_not_lost(tmp_path):
+    """A run killed while appending leaves a row cut short at the end of its JSONL file: reading leaves it out, the
+    resumed run's next row starts a line of its own (appended after the cut text, that row and every row after it
+    were lost to later reads), and a corrupt line in the middle is an error for a job reading its input."""
+    from pipelines.runs import JsonlError, append_jsonl, read_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    append_jsonl(path, {"id": 1})
+    with path.open("a") as f:
+        f.write('{"id": 2, "text": "cut sh')  # the killed writer
+    with pytest.warns(UserWarning, match="line 2 was cut short"):
+        assert read_jsonl(path) == [{"id": 1}]
+    append_jsonl(path, {"id": 2})
+    append_jsonl(path, {"id": 3})
+    assert read_jsonl(path, strict=True) == [{"id": 1}, {"id": 2}, {"id": 3}]
+    assert path.read_text() == "".join(json.dumps({"id": i}) + "\n" for i in (1, 2, 3))
+
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text('{"id": 1}\n{"id": 2}')  # a complete last row without its newline is kept
+    assert read_jsonl(hand) == [{"id": 1}, {"id": 2}]
+    append_jsonl(hand, {"id": 3})
+    assert read_jsonl(hand, strict=True) == [{"id": 1}, {"id": 2}, {"id": 3}]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1}\n{"id": 2, oops}\n{"id": 3}\n')
+    with pytest.raises(JsonlError, match="line 2 is not JSON"):
+        read_jsonl(bad, strict=True)
+    with pytest.warns(UserWarning, match="line 2 is not JSON"):
+        assert read_jsonl(bad) == [{"id": 1}, {"id": 3}]

@@ -51,8 +51,13 @@ def test_sapo_tiny_trains_exports_and_resumes(trained, trajectories):
 
     run_dir, summary = trained
     assert summary["grpo_steps"] == 2 and summary["warm_start_loss"] > 0
+    # each component's mean and std, every step (TRL's rewards/<name>/mean and /std); R_outcome is None where no
+    # rollout of the step was drafted at a final step (the tiny target's answers run to the token cap)
     for key in ("r_align", "r_length", "r_outcome"):
-        assert len(summary["rewards"][key]) == 2 and all(0 <= v <= 1 for v in summary["rewards"][key])
+        means, stds = summary["rewards"][key], summary["rewards_std"][key]
+        assert len(means) == len(stds) == 2
+        assert all(m is None and sd is None or 0 <= m <= 1 and sd >= 0 for m, sd in zip(means, stds))
+        assert key == "r_outcome" or None not in means
     # the step unit (the tiny preset's default): one prompt per finished step of each trajectory
     tok = zoo.load_tokenizer("tiny-llama")
     rows = [json.loads(line) for line in trajectories.read_text().splitlines()]
@@ -88,6 +93,15 @@ def test_sapo_resume_with_another_config_is_refused(trained, trajectories):
     sapo.check_resume(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.resume={run_dir}",
                                                        "lora.r=4", "target.model.name=x", "grpo.steps=9",
                                                        "distributed.worker_cpus=2"]))
+    # run.resume without a preset: the run's saved config is the base (the demo preset would differ everywhere)
+    saved = load_config(SapoConfig, "sapo", [f"run.resume={run_dir}", "grpo.steps=9"])
+    assert saved.trajectories == str(trajectories) and saved.draft.name == "tiny-llama-draft-l1"
+    assert saved.grpo.steps == 9 and saved.run.resume == str(run_dir)
+    sapo.check_resume(saved)
+    with pytest.raises(ConfigError, match="holds a run of another job, not collect"):
+        load_config(CollectConfig, "collect", [f"run.resume={run_dir}"])
+    with pytest.raises(ConfigError, match="not a run directory"):
+        load_config(SapoConfig, "sapo", [f"run.resume={run_dir / 'grpo'}"])
     # a run saved before grpo.unit existed trained whole answers: resuming it at the step unit is refused
     import yaml
 
@@ -145,6 +159,22 @@ def test_sapo_bad_input(trajectories, tmp_path):
     (other / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(ConfigError, match="tokenizer differs"):
         sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={other / 'trajectories.jsonl'}"]))
+    # the same file away from its config.yaml, its ids in the vocabulary but spelling other text (one id shifted)
+    moved = tmp_path / "moved.jsonl"
+    rows[0]["step_token_ids"][0][0] += 1
+    moved.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match="row 1: its token ids do not spell its text"):
+        sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={moved}"]))
+    # a corrupt line in the middle (reading up to it would train on part of the file)
+    corrupt = tmp_path / "corrupt.jsonl"
+    lines = trajectories.read_text().splitlines()
+    corrupt.write_text(lines[0][:40] + "\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(ConfigError, match="line 1 is not JSON"):
+        sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={corrupt}"]))
+    # weights that are not finite numbers (nan passes every comparison), a greedy "sampling" temperature
+    for bad_key in ("rewards.align=nan", "rewards.outcome=inf", "grpo.temperature=0"):
+        with pytest.raises(ConfigError, match=bad_key.split("=")[0]):
+            load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", bad_key])
 
 
 def test_sapo_lora_exports_a_merged_draft_the_engine_loads(trajectories, tmp_path):
@@ -367,6 +397,7 @@ def test_sapo_killed_run_resumes_step_optimizer_and_wandb_id(trajectories, tmp_p
     assert f"resuming GRPO from {saved}" in capsys.readouterr().out
     # the step counter continued: this run trained only the steps after the checkpoint
     assert summary["grpo_steps"] == steps and summary["grpo_completions_per_rank"] == [(steps - done) * generations]
+    assert summary["warm_start_loss"] > 0  # written before GRPO began, so the kill did not lose it
     state = json.loads((run_dir / f"grpo/checkpoint-{steps}/trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == list(range(1, steps + 1))
     # AdamW's step count went on from the checkpoint's optimizer state (a fresh optimizer would count steps - done)
@@ -401,6 +432,12 @@ def test_step_unit_prompts_are_the_targets_own_prefixes():
     assert all(r["prompt"] == tok.decode(r["prompt_ids"]) for r in rows)
     assert [r["target_step_tokens"] for r in rows] == [len(tok(s, add_special_tokens=False).input_ids)
                                                       for s in row["steps"]]  # text tokens: no EOS counted
+    # R_outcome scores only the step drafted where the target wrote its final step: a middle step's last number
+    # ("= 7") is no final answer, even when it equals the gold one
+    assert [r["final"] for r in rows] == [False, False, True]
+    outcome = sapo.reward_functions(load_config(SapoConfig, "sapo", ["tiny"]), tok, None)[2]
+    assert outcome(completions=["3 + 4 = 5.\n\n", "The answer is 5.", "The answer is 6."],
+                   answer=["5"] * 3, final=[False, True, True]) == [None, 1.0, 0.0]
     # an answer cut at the token cap: its last step is not a reference
     assert len(sapo.step_rows([_step_row(tok, "length")], tok)) == 2
     # an older trajectory file without step_token_ids: the steps' own tokens

@@ -2,14 +2,18 @@ import asyncio
 
 import pytest
 
-from rewards.sapo import (RewardConfigError, Weights, align_score, length_reward, offline_align, outcome_reward,
-                          split_steps, step_length_reward)
+from rewards.sapo import (RewardConfigError, align_score, length_reward, offline_align, outcome_reward, split_steps,
+                          step_length_reward)
 from rewards.verifiers import Exact
 
 
 def test_steps_lengths_and_outcome():
     assert split_steps("a\n\nb\n\nc", "\n\n") == ["a\n\n", "b\n\n", "c"]
     assert split_steps("a\n\n", "\n\n") == ["a\n\n"]
+    # a blank step (an extra delimiter) is no step: it joins its neighbour and the steps still spell the text
+    assert split_steps("a\n\n\n\n\n\nb", "\n\n") == ["a\n\n\n\n\n\n", "b"]
+    assert split_steps("\n\n \n\na\n\n", "\n\n") == ["\n\n \n\na\n\n"]
+    assert split_steps("\n\n", "\n\n") == [] and split_steps("", "\n\n") == []
     assert length_reward(50, 100) == 1.0 and length_reward(200, 100) == 0.5 and length_reward(0, 10) == 0.0
     assert outcome_reward("so \\boxed{42}", "42") == 1.0 and outcome_reward("41", "42") == 0.0
     assert outcome_reward("42", None) == 0.0
@@ -19,11 +23,9 @@ def test_steps_lengths_and_outcome():
     assert step_length_reward(0, 0, 20.0) == 0.0 and step_length_reward(10, 0, 20.0) == 0.0
 
 
-def test_alignment_forms_and_weights():
+def test_alignment_forms():
     assert align_score([True, False, True], "share") == pytest.approx(2 / 3)
     assert align_score([True, False, True], "prefix") == pytest.approx(1 / 3)
-    with pytest.raises(RewardConfigError, match="sum to zero"):
-        Weights(0, 0, 0).check()
     with pytest.raises(RewardConfigError, match="form"):
         align_score([True], "median")
 
@@ -35,6 +37,12 @@ def test_offline_alignment_against_the_cached_trajectory():
     assert got == [1.0, pytest.approx(2 / 3), 0.0]
     got = asyncio.run(offline_align(Exact("normalized"), "2+3?", rollouts, target, "\n\n", form="prefix"))
     assert got == [1.0, pytest.approx(1 / 3), 0.0]
+    # blank steps earn nothing (they once matched a trajectory's missing step as ""), and a step past the
+    # trajectory's end is rejected: one matching step and four blank ones, one matching and one extra step
+    got = asyncio.run(offline_align(Exact("normalized"), "2+3?", ["Add 2 and 3.\n\n" + "\n\n" * 4, "\n\n\n\n",
+                                                                   "Add 2 and 3.\n\nThat is 5.\n\n\\boxed{5}\n\nmore"],
+                                    target, "\n\n"))
+    assert got == [1.0, 0.0, pytest.approx(3 / 4)]
 
 
 def test_online_alignment_asks_the_target_once_per_group(tiny_llama):
