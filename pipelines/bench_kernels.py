@@ -17,6 +17,8 @@ cpu (the C++ kernels of qkernels/cpu.py, all torch threads):
 gpu (when CUDA is present; names the GPU): milo3_speedup_vs_fp16 and codebook4_speedup_vs_fp16 at batch 1, 4, 16
   for a 4096 x 14336 weight (x [b, 4096] -> [b, 14336]) against fp16 `torch.matmul`, Triton kernels; milo3 with
   the compensator fused into the epilogue, `milo3_unfused_compensator_*` with it as two matmuls after.
+  milo3_experts_grouped_speedup_vs_loop: 8 MiLo experts of that shape, rows spread over all of them (batch 1, 4,
+  16 tokens x top-2), the grouped kernel (two launches) over a Python loop of per-expert `affine3_matmul`s.
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ def _gpu(reps: int) -> dict:
 
     out: dict = {"device": torch.cuda.get_device_name(dev), "shape": [k, n]}
     for key in ("milo3_speedup_vs_fp16", "milo3_unfused_compensator_speedup_vs_fp16", "affine3_speedup_vs_fp16",
-                "codebook4_speedup_vs_fp16", "fp16_us"):
+                "codebook4_speedup_vs_fp16", "fp16_us", "milo3_experts_grouped_speedup_vs_loop"):
         out[key] = {}
     for batch in (1, 4, 16):
         x = torch.randn(batch, k, device=dev, dtype=torch.float16)
@@ -222,6 +224,24 @@ def _gpu(reps: int) -> dict:
             lambda x=x: tk.affine3_matmul(x, packed, scale, zero, k, 64))
         out["codebook4_speedup_vs_fp16"][str(batch)] = fp16 / timed(
             lambda x=x: tk.codebook4_matmul(x, cpk, cent, k))
+    num_experts = 8  # one weight repeated: the kernels' speed does not depend on the values
+    stacked = [t[None].expand(num_experts, *t.shape).contiguous() for t in (packed, scale, zero, u, v)]
+    for batch in (1, 4, 16):
+        counts = torch.bincount(torch.arange(2 * batch) % num_experts, minlength=num_experts).tolist()
+        offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], device=dev)
+        x = torch.randn(2 * batch, k, device=dev, dtype=torch.float16)
+
+        def loop(x=x, counts=counts):
+            lo = 0
+            for e, c in enumerate(counts):
+                if c:
+                    pe, se, ze, ue, ve = (t[e] for t in stacked)
+                    tk.affine3_matmul(x[lo:lo + c], pe, se, ze, k, 64, ue, ve)
+                lo += c
+
+        out["milo3_experts_grouped_speedup_vs_loop"][str(batch)] = timed(loop) / timed(
+            lambda x=x, offsets=offsets, counts=counts: tk.grouped_affine3_matmul(
+                x, offsets, *stacked[:3], k, 64, max(counts), *stacked[3:]))
     return out
 
 

@@ -1,11 +1,15 @@
 """Quantized modules whose matmuls dispatch: Triton on CUDA, the CPU kernel (qkernels/cpu.py) on CPU, the torch
-reference otherwise. `backend` forces one ("reference" is the config key's escape hatch); a shape, format or
-device a kernel does not take falls back to the reference with one warning, never a wrong result.
+reference otherwise (other devices, e.g. mps or xpu, with one warning). `backend` forces one ("reference" is the
+config key's escape hatch); a shape, format or device a kernel does not take falls back to the reference with one
+warning, never a wrong result. The kernels have no backward: when a gradient is needed (grad mode on and x, u
+or v requires grad) the forward runs the reference, whose autograd is exact. Buffers are shape-checked at
+construction (a mis-sized packed tensor is a ValueError naming it, not an out-of-bounds read).
 
 - `QuantLinear`: one [out, in] weight, 3-bit affine (optionally + a MiLo compensator U V) or 4-bit codebook;
 - `QuantExperts`: transformers 5's fused experts (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) with the
   same forward(hidden_states, top_k_index, top_k_weights): tokens are sorted by expert and every expert of a
-  projection runs in one grouped kernel call (the MoE form), instead of a Python loop over experts.
+  projection runs in one grouped kernel call (the MoE form), instead of a Python loop over experts (on CUDA,
+  3-bit experts with or without MiLo compensators; codebook experts still loop over per-expert launches).
 The CPU kernel serves decode-sized batches (<= qkernels.cpu.MAX_KERNEL_ROWS rows per expert); larger batches
 dequantize transiently and use a dense matmul. The reference path caches its dequantized weights.
 """
@@ -40,17 +44,23 @@ def pick_backend(requested: str, x: torch.Tensor, bits: int | None) -> str:
         if requested != "auto":
             _warn_once(f"bits{bits}", f"no kernel for {bits}-bit weights: using the torch reference")
         return "reference"
+    device = x.device.type
     if requested == "auto":
-        requested = "triton" if x.is_cuda else "cpu"
+        if device not in ("cuda", "cpu"):
+            _warn_once(f"device-{device}", f"no quantized kernel for {device} tensors: using the torch reference")
+            return "reference"
+        requested = "triton" if device == "cuda" else "cpu"
     if requested == "cpu":
         from qkernels import cpu
 
-        if x.is_cuda:
-            _warn_once("cpu-on-cuda", "the CPU kernel does not take CUDA tensors: using the torch reference")
+        if device != "cpu":
+            _warn_once(f"cpu-on-{device}", f"the CPU kernel does not take {device} tensors: using the torch "
+                       "reference")
             return "reference"
         return "cpu" if cpu.available() else "reference"
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        _warn_once("cpu", "the Triton backend needs CUDA (or TRITON_INTERPRET=1): using the torch reference")
+    if device != "cuda" and not (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        _warn_once(f"triton-on-{device}", f"the Triton backend needs CUDA (or CPU tensors with TRITON_INTERPRET=1), "
+                   f"not {device}: using the torch reference")
         return "reference"
     return "triton"
 
@@ -89,9 +99,12 @@ class _Packed(nn.Module):
         return None if self.is_codebook else self.bits
 
     def _pick(self, x: torch.Tensor, k: int, requested: str) -> str:
+        if x.shape[-1] != k:
+            raise ValueError(f"x has shape {list(x.shape)}, expected [..., {k}] (the weight's in-features)")
         backend = pick_backend(requested, x, self.kernel_bits)
-        if backend == "cpu" and x.requires_grad and torch.is_grad_enabled():
-            return "reference"  # the C++ kernel has no backward
+        if backend != "reference" and torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, self.u, self.v)):
+            return "reference"  # the kernels (C++ and Triton) have no backward; a bias is added outside them
         if backend == "cpu" and not self.cpu_supported(k):
             _warn_once(f"cpu-shape-{self.group}", f"the CPU kernel does not take this layout (group size "
                        f"{self.group if not self.is_codebook else k // self._centroids.shape[-2]}): using the "
@@ -103,7 +116,7 @@ class _Packed(nn.Module):
         """Expert e's dequantized float32 [N, k] weight (compensator included)."""
         if self.is_codebook:
             return ref.dequant_codebook(self.packed[e].cpu(), self.centroids[e].cpu(), k)
-        if self.bits == 3 and not self.packed.is_cuda and self.cpu_supported(k):
+        if self.bits == 3 and self.packed.device.type == "cpu" and self.cpu_supported(k):
             from qkernels import cpu
 
             if cpu.available():
@@ -140,6 +153,8 @@ class QuantLinear(_Packed):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
         self.backend = backend
+        ref.check_shapes(out_features, in_features, bits=bits, group=group, packed=packed, scale=scale, zero=zero,
+                         centroids=centroids, u=u, v=v)
         one = (lambda t: None if t is None else t[None])
         self._register(packed=one(packed), scale=one(scale), zero=one(zero), centroids=one(centroids),
                        u=one(_f32(u)), v=one(_f32(v)))
@@ -179,9 +194,10 @@ class QuantLinear(_Packed):
 class _ExpertProjection(_Packed):
     """One fused projection ([E, N, K]) of a QuantExperts."""
 
-    def __init__(self, n: int, k: int, bits: int, group: int, **tensors):
+    def __init__(self, n: int, k: int, num_experts: int, bits: int, group: int, **tensors):
         super().__init__()
         self.n, self.k, self.bits, self.group = n, k, bits, group
+        ref.check_shapes(n, k, (num_experts,), bits=bits, group=group, **tensors)
         self._register(**tensors)
         self._ref_dense = None
 
@@ -194,11 +210,11 @@ class _ExpertProjection(_Packed):
 
             if max(counts) <= cpu.MAX_KERNEL_ROWS:
                 return self._cpu_grouped(x_sorted, offsets)
-        if backend == "triton" and not self.is_codebook and self.u is None:
+        if backend == "triton" and not self.is_codebook:
             from qkernels import triton_kernels as tk
 
             return tk.grouped_affine3_matmul(x_sorted, offsets.to(x_sorted.device), self.packed, self.scale,
-                                             self.zero, self.k, self.group, max(counts))
+                                             self.zero, self.k, self.group, max(counts), self.u, self.v)
         out = torch.empty(x_sorted.shape[0], self.n, dtype=x_sorted.dtype, device=x_sorted.device)
         lo = 0
         for e, c in enumerate(counts):
@@ -207,17 +223,11 @@ class _ExpertProjection(_Packed):
                 if backend == "triton":
                     from qkernels import triton_kernels as tk
 
-                    out[lo:lo + c] = (tk.codebook4_matmul(xe, self.packed[e], self.centroids[e], self.k)
-                                      if self.is_codebook else
-                                      tk.affine3_matmul(xe, self.packed[e], self.scale[e], self.zero[e], self.k,
-                                                        self.group, *self._uv(e)))
+                    out[lo:lo + c] = tk.codebook4_matmul(xe, self.packed[e], self.centroids[e], self.k)
                 else:
                     out[lo:lo + c] = (xe.float() @ self._weight(e, backend).T).to(out.dtype)
             lo += c
         return out
-
-    def _uv(self, e: int):
-        return (None, None) if self.u is None else (self.u[e], self.v[e])
 
     def _weight(self, e: int, backend: str) -> torch.Tensor:
         if backend == "cpu":  # prefill-sized: transient
@@ -239,8 +249,8 @@ class QuantExperts(nn.Module):
         super().__init__()
         self.num_experts, self.hidden_dim, self.intermediate_dim = gate_up["packed"].shape[0], hidden, intermediate
         self.act_fn, self.backend = act_fn, backend
-        self.gate_up = _ExpertProjection(2 * intermediate, hidden, **gate_up)
-        self.down = _ExpertProjection(hidden, intermediate, **down)
+        self.gate_up = _ExpertProjection(2 * intermediate, hidden, self.num_experts, **gate_up)
+        self.down = _ExpertProjection(hidden, intermediate, self.num_experts, **down)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         k = top_k_index.shape[-1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from qkernels.packing import unpack
+from qkernels.packing import packed_words, unpack
 
 
 def dequant_affine(packed, scale, zero, bits: int, k: int, group: int) -> torch.Tensor:
@@ -38,11 +38,41 @@ def codebook_matmul(x, packed, centroids, k: int) -> torch.Tensor:
     return (x.float() @ dequant_codebook(packed, centroids, k).T).to(x.dtype)
 
 
-def grouped_affine_matmul(x_sorted, expert_offsets, packed, scale, zero, bits: int, k: int, group: int):
-    """MoE form: tokens sorted by expert; expert e owns rows offsets[e]:offsets[e+1]; packed [E, N, words]."""
-    out = torch.zeros(x_sorted.shape[0], packed.shape[1], dtype=torch.float32)
+def grouped_affine_matmul(x_sorted, expert_offsets, packed, scale, zero, bits: int, k: int, group: int, u=None,
+                          v=None):
+    """MoE form: tokens sorted by expert; expert e owns rows offsets[e]:offsets[e+1]; packed [E, N, words]
+    (+ u [E, N, r], v [E, r, K])."""
+    out = torch.zeros(x_sorted.shape[0], packed.shape[1], dtype=torch.float32, device=x_sorted.device)
     for e in range(packed.shape[0]):
         lo, hi = int(expert_offsets[e]), int(expert_offsets[e + 1])
         if hi > lo:
-            out[lo:hi] = x_sorted[lo:hi].float() @ dequant_affine(packed[e], scale[e], zero[e], bits, k, group).T
+            out[lo:hi] = affine_matmul(x_sorted[lo:hi].float(), packed[e], scale[e], zero[e], bits, k, group,
+                                       None if u is None else u[e], None if v is None else v[e])
     return out.to(x_sorted.dtype)
+
+
+def check_shapes(n: int, k: int, lead: tuple = (), *, bits: int = 3, group: int = 64, packed=None, scale=None,
+                 zero=None, centroids=None, u=None, v=None) -> None:
+    """Raises ValueError naming the first buffer whose shape does not fit an [n, k] weight of this format (a
+    codebook when `centroids` is given, else `bits`-bit affine in groups of `group`; + the compensator u, v),
+    stacked over `lead` dims. The kernels trust these shapes: a mis-sized buffer would be read out of bounds."""
+    if centroids is not None:
+        groups = centroids.shape[-2]
+        if k % groups:
+            raise ValueError(f"centroids has shape {list(centroids.shape)}: {groups} groups do not divide k = {k}")
+        want = {"packed": (n, packed_words(k, 4)), "centroids": (n, groups, 16)}
+        given = {"packed": packed, "centroids": centroids}
+    else:
+        groups = -(-k // group)  # a partial last group is zero-padded
+        want = {"packed": (n, packed_words(groups * group, bits)), "scale": (n, groups), "zero": (n, groups)}
+        given = {"packed": packed, "scale": scale, "zero": zero}
+    if (u is None) != (v is None):
+        raise ValueError("a compensator needs both u and v")
+    if u is not None:
+        want |= {"u": (n, u.shape[-1]), "v": (u.shape[-1], k)}
+        given |= {"u": u, "v": v}
+    for name, shape in want.items():
+        shape = [*lead, *shape]
+        if given[name] is None or list(given[name].shape) != shape:
+            got = "missing" if given[name] is None else f"shape {list(given[name].shape)}"
+            raise ValueError(f"{name} has {got}, expected {shape} for an [{n}, {k}] weight")

@@ -2,14 +2,22 @@
 
 - `affine3_matmul`: 3-bit asymmetric per-group weights (MiLo's base; 32 codes in three int32 words, a code may
   straddle two words), scale/zero per group; the low-rank compensator is fused into the epilogue (a tl.dot of
-  t = x V^T with the U tile) or runs as two small matmuls after the kernel (both are benchmarked).
+  t = x V^T with the U tile, over the rank in chunks of at most MAX_RANK_BLOCK) or runs as two small matmuls
+  after the kernel (both are benchmarked).
 - `codebook4_matmul`: 4-bit indices into per-row (or per-group) 16-entry float16 codebooks (CodeQuant).
 - `grouped_affine3_matmul`: the MoE form: tokens sorted by expert, every expert in one launch (program axis 2),
-  rows of other experts masked; an empty expert costs its programs nothing but the launch.
+  rows of other experts masked; an empty expert costs its programs nothing but the launch. MiLo experts' own
+  compensators (U_e, V_e zero-padded to one rank) are fused as in `affine3_matmul`, with t = x V_e^T from a
+  second small grouped kernel (two launches in all, whatever the number of experts).
 Tiles: BLOCK_M >= 16 (tl.dot's minimum; decode M = 1..16 is masked), BLOCK_N x BLOCK_K tiles of W dequantized in
-registers and fed to tl.dot in fp32 (the interpreter's bf16 tl.dot is wrong, so inputs are cast first).
+registers and fed to tl.dot as fp32 (the interpreter's bf16 tl.dot is wrong, so inputs are cast first).
+Precision: on CUDA, tl.dot of fp32 inputs runs on tensor cores in TF32 (10-bit mantissa; Triton's default
+input_precision), accumulating in fp32: results match an fp32 matmul to about 1e-3 relative, not bit for bit.
+The interpreter computes in true fp32. Row offsets are 64-bit (rows x N passes 2^31 at Mixtral's N = 28672).
 On CPU the kernels run under TRITON_INTERPRET=1 (tests) with fixed 64 x 64 tiles; on CUDA, unless the caller pins
-block_n/block_k, `triton.autotune` picks BLOCK_N, BLOCK_K, warps and stages per (M, N, K) among `TUNE_CONFIGS`.
+block_n/block_k, `triton.autotune` picks BLOCK_N, BLOCK_K, warps and stages among `TUNE_CONFIGS` per
+(M_BUCKET, N, K, RANK_BLOCK): M_BUCKET is M rounded up to a power of two (at most 128), so that per-expert row
+counts, which change every step, do not re-tune at every new M.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from qkernels.reference import check_shapes
 
 
 @triton.jit
@@ -43,11 +53,25 @@ def _affine3_tile(packed_ptr, scale_ptr, zero_ptr, rn, rk, N, K, words_per_row, 
 
 
 @triton.jit
+def _compensate(acc, t_ptr, u_ptr, rm, rn, row_ok, N, rank, RANK_BLOCK: tl.constexpr):
+    """acc + t[rm] U[rn]^T, t = x V^T [rows, rank] computed beforehand; the rank in chunks of RANK_BLOCK."""
+    for r0 in range(0, rank, RANK_BLOCK):
+        rr = r0 + tl.arange(0, RANK_BLOCK)
+        t = tl.load(t_ptr + rm[:, None] * rank + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < rank),
+                    other=0.0)
+        u = tl.load(u_ptr + rn[:, None] * rank + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < rank),
+                    other=0.0).to(tl.float32)
+        acc += tl.dot(t, tl.trans(u))
+    return acc
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _affine3_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, t_ptr, u_ptr, M, N, K, words_per_row,
-                    groups_per_row, stride_xm, stride_ym, rank, GROUP: tl.constexpr, RANK_BLOCK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    groups_per_row, stride_xm, stride_ym, rank, M_BUCKET, GROUP: tl.constexpr,
+                    RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # M_BUCKET is unused here: it is the autotuner's key for M
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -56,22 +80,17 @@ def _affine3_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, t_ptr, u_ptr,
                     other=0.0).to(tl.float32)
         w = _affine3_tile(packed_ptr, scale_ptr, zero_ptr, rn, rk, N, K, words_per_row, groups_per_row, GROUP)
         acc += tl.dot(x, tl.trans(w))
-    if RANK_BLOCK > 0:  # the fused compensator: + (x V^T) U^T, with t = x V^T [M, rank] computed beforehand
-        rr = tl.arange(0, RANK_BLOCK)
-        t = tl.load(t_ptr + rm[:, None] * rank + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < rank),
-                    other=0.0)
-        u = tl.load(u_ptr + rn[:, None] * rank + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < rank),
-                    other=0.0).to(tl.float32)
-        acc += tl.dot(t, tl.trans(u))
+    if RANK_BLOCK > 0:  # the fused compensator: + (x V^T) U^T
+        acc = _compensate(acc, t_ptr, u_ptr, rm, rn, rm < M, N, rank, RANK_BLOCK)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _codebook4_kernel(x_ptr, packed_ptr, cent_ptr, y_ptr, M, N, K, words_per_row, groups_per_row, stride_xm,
-                      stride_ym, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      stride_ym, M_BUCKET, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -87,19 +106,21 @@ def _codebook4_kernel(x_ptr, packed_ptr, cent_ptr, y_ptr, M, N, K, words_per_row
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.jit
-def _grouped_affine3_kernel(x_ptr, offsets_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, N, K, words_per_row,
-                            groups_per_row, stride_xm, stride_ym, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _grouped_affine3_kernel(x_ptr, offsets_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, t_ptr, u_ptr, N, K,
+                            words_per_row, groups_per_row, stride_xm, stride_ym, rank, M_BUCKET,
+                            GROUP: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(offsets_ptr + e)
-    end = tl.load(offsets_ptr + e + 1)
+    start = tl.load(offsets_ptr + e).to(tl.int64)
+    end = tl.load(offsets_ptr + e + 1).to(tl.int64)
     rm = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rm < end
-    expert_packed = packed_ptr + e.to(tl.int64) * N * words_per_row
-    expert_scale = scale_ptr + e.to(tl.int64) * N * groups_per_row
-    expert_zero = zero_ptr + e.to(tl.int64) * N * groups_per_row
+    e64 = e.to(tl.int64)
+    expert_packed = packed_ptr + e64 * N * words_per_row
+    expert_scale = scale_ptr + e64 * N * groups_per_row
+    expert_zero = zero_ptr + e64 * N * groups_per_row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if start + pid_m * BLOCK_M < end:
         for k0 in range(0, K, BLOCK_K):
@@ -109,12 +130,42 @@ def _grouped_affine3_kernel(x_ptr, offsets_ptr, packed_ptr, scale_ptr, zero_ptr,
             w = _affine3_tile(expert_packed, expert_scale, expert_zero, rn, rk, N, K, words_per_row,
                               groups_per_row, GROUP)
             acc += tl.dot(x, tl.trans(w))
+        if RANK_BLOCK > 0:  # expert e's compensator (padded ranks are zeros and add nothing)
+            acc = _compensate(acc, t_ptr, u_ptr + e64 * N * rank, rm, rn, row_ok, N, rank, RANK_BLOCK)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=row_ok[:, None] & (rn[None, :] < N))
+
+
+@triton.jit
+def _grouped_lowrank_kernel(x_ptr, offsets_ptr, v_ptr, t_ptr, K, rank, stride_xm, BLOCK_M: tl.constexpr,
+                            RANK_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """t[rows of expert e] = x V_e^T, v [E, rank, K]: the compensator's first factor, once per row (in the main
+    kernel every N tile would recompute it, re-reading V_e)."""
+    pid_m, pid_r, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(offsets_ptr + e).to(tl.int64)
+    end = tl.load(offsets_ptr + e + 1).to(tl.int64)
+    rm = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * RANK_BLOCK + tl.arange(0, RANK_BLOCK)
+    row_ok = rm < end
+    expert_v = v_ptr + e.to(tl.int64) * rank * K
+    t = tl.zeros((BLOCK_M, RANK_BLOCK), dtype=tl.float32)
+    if start + pid_m * BLOCK_M < end:
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K),
+                        other=0.0)
+            v = tl.load(expert_v + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < rank) & (rk[None, :] < K),
+                        other=0.0).to(tl.float32)
+            t += tl.dot(x, tl.trans(v))
+        tl.store(t_ptr + rm[:, None] * rank + rr[None, :], t, mask=row_ok[:, None] & (rr[None, :] < rank))
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): narrow-N/deep-K tiles for decode GEMVs, wider ones for prefill
 TUNE_CONFIGS = ((32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 4), (32, 256, 4, 2), (64, 256, 8, 2),
                 (128, 64, 8, 3), (128, 128, 8, 3))
+# the compensator's rank runs in chunks of at most this: a U tile of BLOCK_N x 64 fp32 fits beside the W tile
+# in every config, whatever the rank (one RANK_BLOCK = next_power_of_2(rank) would not at rank 512)
+MAX_RANK_BLOCK = 64
+M_BUCKET_CAP = 128
 
 
 def _tuned(kernel, key):
@@ -122,9 +173,23 @@ def _tuned(kernel, key):
                                     for bn, bk, w, st in TUNE_CONFIGS], key=key)(kernel)
 
 
-_affine3_tuned = _tuned(_affine3_kernel, ["M", "N", "K"])
-_codebook4_tuned = _tuned(_codebook4_kernel, ["M", "N", "K"])
-_grouped_affine3_tuned = _tuned(_grouped_affine3_kernel, ["N", "K"])
+_affine3_tuned = _tuned(_affine3_kernel, ["M_BUCKET", "N", "K", "RANK_BLOCK"])
+_codebook4_tuned = _tuned(_codebook4_kernel, ["M_BUCKET", "N", "K"])
+_grouped_affine3_tuned = _tuned(_grouped_affine3_kernel, ["M_BUCKET", "N", "K", "RANK_BLOCK"])
+
+
+def m_bucket(rows: int) -> int:
+    """The autotuner's M: rows rounded up to a power of two, capped (big-M tiles tune alike)."""
+    return min(triton.next_power_of_2(max(rows, 1)), M_BUCKET_CAP)
+
+
+def rank_block(rank: int) -> int:
+    """0 without a compensator; else a power of two >= 16 (tl.dot's minimum), at most MAX_RANK_BLOCK."""
+    return 0 if rank == 0 else min(max(16, triton.next_power_of_2(rank)), MAX_RANK_BLOCK)
+
+
+def _block_m(rows: int) -> int:
+    return 16 if rows <= 16 else 32  # a function of m_bucket(rows), so the tuned key covers it
 
 
 def _autotune(x: torch.Tensor, block_n, block_k) -> bool:
@@ -133,14 +198,24 @@ def _autotune(x: torch.Tensor, block_n, block_k) -> bool:
 
 def _launch(kernel, tuned, x, rows_grid, n: int, extra_grid: tuple, block_n, block_k, args, meta: dict):
     """Runs `kernel` with fixed tiles (interpreter, or pinned by the caller) or its autotuned twin on CUDA."""
-    bm = 16 if rows_grid <= 16 else 32
+    bm = _block_m(rows_grid)
+    meta = {**meta, "M_BUCKET": m_bucket(rows_grid), "BLOCK_M": bm}
     if _autotune(x, block_n, block_k):
         grid = (lambda cfg: (max(triton.cdiv(rows_grid, bm), 1), triton.cdiv(n, cfg["BLOCK_N"]), *extra_grid))
-        tuned[grid](*args, **meta, BLOCK_M=bm)
+        tuned[grid](*args, **meta)
     else:
         bn, bk = block_n or 64, block_k or 64
         grid = (max(triton.cdiv(rows_grid, bm), 1), triton.cdiv(n, bn), *extra_grid)
-        kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        kernel[grid](*args, **meta, BLOCK_N=bn, BLOCK_K=bk)
+
+
+def _check_x(x: torch.Tensor, k: int, *weights) -> None:
+    """x [..., k]; and no gradient asked of a kernel that has none (it would silently miss the kernel's term)."""
+    if x.shape[-1] != k:
+        raise ValueError(f"x has shape {list(x.shape)}, expected [..., {k}] (the weight's in-features)")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights)):
+        raise RuntimeError("the Triton kernels have no backward: call them under torch.no_grad(), or use "
+                           "qkernels.modules, which runs the torch reference when a gradient is needed")
 
 
 def affine3_matmul(x: torch.Tensor, packed, scale, zero, k: int, group: int, u=None, v=None,
@@ -148,6 +223,8 @@ def affine3_matmul(x: torch.Tensor, packed, scale, zero, k: int, group: int, u=N
                    fuse_compensator: bool = True) -> torch.Tensor:
     """y = x @ deq(W)^T (+ (x @ V^T) @ U^T), x [M, K] -> y [M, N] in x's dtype. The compensator is added in the
     kernel's epilogue (`fuse_compensator`, t = x V^T computed first) or as two more matmuls after it."""
+    _check_x(x, k, u, v)
+    check_shapes(packed.shape[0], k, bits=3, group=group, packed=packed, scale=scale, zero=zero, u=u, v=v)
     x2 = x.reshape(-1, k).float().contiguous()  # fp32 into tl.dot (the interpreter's bf16 dot is wrong)
     m, n = x2.shape[0], packed.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=torch.float32)
@@ -158,7 +235,7 @@ def affine3_matmul(x: torch.Tensor, packed, scale, zero, k: int, group: int, u=N
     _launch(_affine3_kernel, _affine3_tuned, x2, m, n, (), block_n, block_k,
             (x2, packed, scale, zero, y, t, uu, m, n, k, packed.shape[1], scale.shape[1], x2.stride(0),
              y.stride(0), rank),
-            {"GROUP": group, "RANK_BLOCK": max(16, triton.next_power_of_2(rank)) if fused else 0})
+            {"GROUP": group, "RANK_BLOCK": rank_block(rank)})
     if u is not None and not fused:
         y += (x2 @ v.float().T) @ u.float().T
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
@@ -166,6 +243,8 @@ def affine3_matmul(x: torch.Tensor, packed, scale, zero, k: int, group: int, u=N
 
 def codebook4_matmul(x: torch.Tensor, packed, centroids, k: int, block_n: int | None = None,
                      block_k: int | None = None):
+    _check_x(x, k)
+    check_shapes(packed.shape[0], k, packed=packed, centroids=centroids)
     x2 = x.reshape(-1, k).float().contiguous()
     m, n = x2.shape[0], packed.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=torch.float32)
@@ -176,12 +255,29 @@ def codebook4_matmul(x: torch.Tensor, packed, centroids, k: int, block_n: int | 
 
 
 def grouped_affine3_matmul(x_sorted, expert_offsets, packed, scale, zero, k: int, group: int,
-                           max_rows_per_expert: int, block_n: int | None = None, block_k: int | None = None):
-    """MoE: x_sorted [T, K] grouped by expert (offsets [E+1]), packed [E, N, words] -> y [T, N]."""
+                           max_rows_per_expert: int, u=None, v=None, block_n: int | None = None,
+                           block_k: int | None = None):
+    """MoE: x_sorted [T, K] grouped by expert (offsets [E+1]), packed [E, N, words] (+ a compensator per expert,
+    u [E, N, r], v [E, r, K], zero-padded to one rank r) -> y [T, N]."""
+    _check_x(x_sorted, k, u, v)
+    e, n = packed.shape[:2]
+    check_shapes(n, k, (e,), bits=3, group=group, packed=packed, scale=scale, zero=zero, u=u, v=v)
+    if tuple(expert_offsets.shape) != (e + 1,):
+        raise ValueError(f"expert_offsets has shape {list(expert_offsets.shape)}, expected [{e + 1}]")
     x2 = x_sorted.float().contiguous()
-    t, (e, n) = x2.shape[0], packed.shape[:2]
-    y = torch.zeros(t, n, device=x2.device, dtype=torch.float32)
-    _launch(_grouped_affine3_kernel, _grouped_affine3_tuned, x2, max(max_rows_per_expert, 1), n, (e,), block_n,
-            block_k, (x2, expert_offsets.to(torch.int32).contiguous(), packed, scale, zero, y, n, k,
-                      packed.shape[2], scale.shape[2], x2.stride(0), y.stride(0)), {"GROUP": group})
+    rows = max(max_rows_per_expert, 1)
+    offsets = expert_offsets.to(torch.int32).contiguous()
+    y = torch.zeros(x2.shape[0], n, device=x2.device, dtype=torch.float32)
+    rank = 0 if u is None else u.shape[2]
+    t, uu = y, y  # (unused placeholder pointers without a compensator)
+    if rank:
+        t = torch.empty(x2.shape[0], rank, device=x2.device, dtype=torch.float32)
+        bm, rb = _block_m(rows), rank_block(rank)
+        _grouped_lowrank_kernel[(triton.cdiv(rows, bm), triton.cdiv(rank, rb), e)](
+            x2, offsets, v.contiguous(), t, k, rank, x2.stride(0), BLOCK_M=bm, RANK_BLOCK=rb, BLOCK_K=64)
+        uu = u.contiguous()
+    _launch(_grouped_affine3_kernel, _grouped_affine3_tuned, x2, rows, n, (e,), block_n, block_k,
+            (x2, offsets, packed, scale, zero, y, t, uu, n, k, packed.shape[2], scale.shape[2], x2.stride(0),
+             y.stride(0), rank),
+            {"GROUP": group, "RANK_BLOCK": rank_block(rank)})
     return y.to(x_sorted.dtype)
