@@ -97,14 +97,24 @@ def load_trajectories(cfg: SapoConfig, tok) -> list[dict]:
         # the ids must spell the row's text in the draft's tokenizer (a file copied away from its collect run's
         # config.yaml, or one written with another tokenizer of a similar size, passes the checks above)
         if row.get("step_token_ids"):
-            spelled = tok.decode([t for step in row["step_token_ids"] for t in step], skip_special_tokens=True)
-            same = spelled == "".join(row["steps"])
+            same = all(_spells(tok, ids, text) for ids, text in zip(row["step_token_ids"], row["steps"]))
         else:
             same = row["question"] in tok.decode(row["prompt_ids"])
         if not same:
             raise ConfigError(f"{path} row {i}: its token ids do not spell its text with the draft "
                               f"{cfg.draft.name!r}'s tokenizer: the file was written with another tokenizer")
     return rows
+
+
+def _spells(tok, ids: list[int], text: str) -> bool:
+    """Whether a step's token ids decode to its text as the engine decoded it: step by step, special tokens kept
+    but the final EOS (which tokenizer's EOS ids the engine left out is not recorded: any trailing special token
+    may be one)."""
+    special = set(tok.all_special_ids)
+    end = len(ids)
+    while end and ids[end - 1] in special:
+        end -= 1
+    return text in (tok.decode(ids, skip_special_tokens=False), tok.decode(ids[:end], skip_special_tokens=False))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
