@@ -379,10 +379,14 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
         model, _ = zoo.load_model(base, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
         data = Dataset.from_list([{"prompt": p, "completion": r["response"] + (tok.eos_token or "")}
                                   for p, r in zip(prompts, rows)])
+        # the warm start logs under warm_start/ (HF's W&B callback would put its loss and step in GRPO's train/
+        # keys, whose step counter starts again at 1)
         sft = SFTTrainer(model=model, processing_class=tok, train_dataset=data, peft_config=_peft_config(cfg),
+                         callbacks=[_prefixed_log(tracker, "warm_start")] if common["report_to"] == "wandb" else None,
                          args=SFTConfig(output_dir=str(run_dir / "sft"), num_train_epochs=ws.epochs,
                                         learning_rate=ws.learning_rate, per_device_train_batch_size=ws.batch_size,
-                                        max_length=ws.max_length, save_strategy="no", **common))
+                                        max_length=ws.max_length, save_strategy="no",
+                                        **{**common, "report_to": "none"}))
         summary["warm_start_loss"] = sft.train().training_loss
         export(sft, cfg, base, warm_dir, tok, rank)
         if rank == 0:  # a run killed in GRPO resumes past the warm start: its loss is kept from here
@@ -440,6 +444,19 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
     write_json(summary_file, summary)
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     tracker.finish()
+
+
+def _prefixed_log(tracker, prefix: str):
+    """A Trainer callback that logs the trainer's numbers to the tracker under `prefix/` (step: `prefix/step`)."""
+    from transformers import TrainerCallback
+
+    class PrefixedLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            numbers = {f"{prefix}/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            if numbers:
+                tracker.log({**numbers, f"{prefix}/step": state.global_step})
+
+    return PrefixedLog()
 
 
 def _number(value):

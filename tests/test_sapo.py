@@ -284,7 +284,11 @@ def test_sapo_two_gloo_workers_under_ray_train_share_the_target(trajectories, tm
     model, _ = zoo.load_model(str(draft_dir))
     assert model.config.num_hidden_layers == 1
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1  # rank 0 alone logs, under the run's id
-    assert offline_summary(run_dir)["grpo_world_size"] == 2
+    logged = offline_summary(run_dir)
+    assert logged["grpo_world_size"] == 2
+    # the warm start under its own keys (its loss is not mixed into GRPO's train/loss), then GRPO's components
+    assert logged["warm_start/loss"] > 0 and logged["warm_start/step"] >= 1
+    assert all(f"train/rewards/{k}/{stat}" in logged for k in ("r_align", "r_length") for stat in ("mean", "std"))
 
 
 def test_length_reward_forms_on_rollouts_cut_at_the_completion_cap(trajectories, smollm):
