@@ -19,6 +19,8 @@ gpu (when CUDA is present; names the GPU): milo3_speedup_vs_fp16 and codebook4_s
   the compensator fused into the epilogue, `milo3_unfused_compensator_*` with it as two matmuls after.
   milo3_experts_grouped_speedup_vs_loop: 8 MiLo experts of that shape, rows spread over all of them (batch 1, 4,
   16 tokens x top-2), the grouped kernel (two launches) over a Python loop of per-expert `affine3_matmul`s.
+  codebook4_experts_grouped_speedup_vs_loop: the same for 8 per-row 4-bit codebook experts, the grouped kernel
+  (one launch) over a Python loop of per-expert `codebook4_matmul`s.
 """
 
 from __future__ import annotations
@@ -210,7 +212,8 @@ def _gpu(reps: int) -> dict:
 
     out: dict = {"device": torch.cuda.get_device_name(dev), "shape": [k, n]}
     for key in ("milo3_speedup_vs_fp16", "milo3_unfused_compensator_speedup_vs_fp16", "affine3_speedup_vs_fp16",
-                "codebook4_speedup_vs_fp16", "fp16_us", "milo3_experts_grouped_speedup_vs_loop"):
+                "codebook4_speedup_vs_fp16", "fp16_us", "milo3_experts_grouped_speedup_vs_loop",
+                "codebook4_experts_grouped_speedup_vs_loop"):
         out[key] = {}
     for batch in (1, 4, 16):
         x = torch.randn(batch, k, device=dev, dtype=torch.float16)
@@ -226,6 +229,7 @@ def _gpu(reps: int) -> dict:
             lambda x=x: tk.codebook4_matmul(x, cpk, cent, k))
     num_experts = 8  # one weight repeated: the kernels' speed does not depend on the values
     stacked = [t[None].expand(num_experts, *t.shape).contiguous() for t in (packed, scale, zero, u, v)]
+    cb_stacked = [t[None].expand(num_experts, *t.shape).contiguous() for t in (cpk, cent)]
     for batch in (1, 4, 16):
         counts = torch.bincount(torch.arange(2 * batch) % num_experts, minlength=num_experts).tolist()
         offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], device=dev)
@@ -242,6 +246,17 @@ def _gpu(reps: int) -> dict:
         out["milo3_experts_grouped_speedup_vs_loop"][str(batch)] = timed(loop) / timed(
             lambda x=x, offsets=offsets, counts=counts: tk.grouped_affine3_matmul(
                 x, offsets, *stacked[:3], k, 64, max(counts), *stacked[3:]))
+
+        def cb_loop(x=x, counts=counts):
+            lo = 0
+            for e, c in enumerate(counts):
+                if c:
+                    tk.codebook4_matmul(x[lo:lo + c], cb_stacked[0][e], cb_stacked[1][e], k)
+                lo += c
+
+        out["codebook4_experts_grouped_speedup_vs_loop"][str(batch)] = timed(cb_loop) / timed(
+            lambda x=x, offsets=offsets, counts=counts: tk.grouped_codebook4_matmul(
+                x, offsets, *cb_stacked, k, max(counts)))
     return out
 
 

@@ -9,7 +9,7 @@ construction (a mis-sized packed tensor is a ValueError naming it, not an out-of
 - `QuantExperts`: transformers 5's fused experts (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) with the
   same forward(hidden_states, top_k_index, top_k_weights): tokens are sorted by expert and every expert of a
   projection runs in one grouped kernel call (the MoE form), instead of a Python loop over experts (on CUDA,
-  3-bit experts with or without MiLo compensators; codebook experts still loop over per-expert launches).
+  3-bit experts with or without MiLo compensators, and 4-bit codebook experts).
 The CPU kernel serves decode-sized batches (<= qkernels.cpu.MAX_KERNEL_ROWS rows per expert); larger batches
 dequantize transiently and use a dense matmul. The reference path caches its dequantized weights.
 """
@@ -210,22 +210,19 @@ class _ExpertProjection(_Packed):
 
             if max(counts) <= cpu.MAX_KERNEL_ROWS:
                 return self._cpu_grouped(x_sorted, offsets)
-        if backend == "triton" and not self.is_codebook:
+        if backend == "triton":
             from qkernels import triton_kernels as tk
 
+            if self.is_codebook:
+                return tk.grouped_codebook4_matmul(x_sorted, offsets.to(x_sorted.device), self.packed,
+                                                   self.centroids, self.k, max(counts))
             return tk.grouped_affine3_matmul(x_sorted, offsets.to(x_sorted.device), self.packed, self.scale,
                                              self.zero, self.k, self.group, max(counts), self.u, self.v)
         out = torch.empty(x_sorted.shape[0], self.n, dtype=x_sorted.dtype, device=x_sorted.device)
         lo = 0
         for e, c in enumerate(counts):
             if c:
-                xe = x_sorted[lo:lo + c]
-                if backend == "triton":
-                    from qkernels import triton_kernels as tk
-
-                    out[lo:lo + c] = tk.codebook4_matmul(xe, self.packed[e], self.centroids[e], self.k)
-                else:
-                    out[lo:lo + c] = (xe.float() @ self._weight(e, backend).T).to(out.dtype)
+                out[lo:lo + c] = (x_sorted[lo:lo + c].float() @ self._weight(e, backend).T).to(out.dtype)
             lo += c
         return out
 

@@ -51,6 +51,17 @@ def grouped_affine_matmul(x_sorted, expert_offsets, packed, scale, zero, bits: i
     return out.to(x_sorted.dtype)
 
 
+
+def grouped_codebook_matmul(x_sorted, expert_offsets, packed, centroids, k: int) -> torch.Tensor:
+    """MoE form of `codebook_matmul`: expert e owns rows offsets[e]:offsets[e+1]; packed [E, N, words],
+    centroids [E, N, groups, 16]."""
+    out = torch.zeros(x_sorted.shape[0], packed.shape[1], dtype=torch.float32, device=x_sorted.device)
+    for e in range(packed.shape[0]):
+        lo, hi = int(expert_offsets[e]), int(expert_offsets[e + 1])
+        if hi > lo:
+            out[lo:hi] = codebook_matmul(x_sorted[lo:hi].float(), packed[e], centroids[e], k)
+    return out.to(x_sorted.dtype)
+
 def check_shapes(n: int, k: int, lead: tuple = (), *, bits: int = 3, group: int = 64, packed=None, scale=None,
                  zero=None, centroids=None, u=None, v=None) -> None:
     """Raises ValueError naming the first buffer whose shape does not fit an [n, k] weight of this format (a

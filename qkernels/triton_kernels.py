@@ -9,6 +9,8 @@
   rows of other experts masked; an empty expert costs its programs nothing but the launch. MiLo experts' own
   compensators (U_e, V_e zero-padded to one rank) are fused as in `affine3_matmul`, with t = x V_e^T from a
   second small grouped kernel (two launches in all, whatever the number of experts).
+- `grouped_codebook4_matmul`: the same MoE form for 4-bit codebook experts (per-row or per-group codebooks of
+  each expert, centroids [E, N, groups, 16]): one launch, whatever the number of experts.
 Tiles: BLOCK_M >= 16 (tl.dot's minimum; decode M = 1..16 is masked), BLOCK_N x BLOCK_K tiles of W dequantized in
 registers and fed to tl.dot as fp32 (the interpreter's bf16 tl.dot is wrong, so inputs are cast first).
 Precision: on CUDA, tl.dot of fp32 inputs runs on tensor cores in TF32 (10-bit mantissa; Triton's default
@@ -85,6 +87,16 @@ def _affine3_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, t_ptr, u_ptr,
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def _codebook4_tile(packed_ptr, cent_ptr, rn, rk, N, K, words_per_row, groups_per_row, GROUP: tl.constexpr):
+    """Dequantized W[rn, rk] as a [BLOCK_N, BLOCK_K] fp32 tile: 4-bit indices into 16-entry codebooks."""
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    words = tl.load(packed_ptr + rn[:, None] * words_per_row + (rk // 8)[None, :], mask=mask, other=0)
+    idx = (words.to(tl.uint32, bitcast=True) >> ((rk % 8) * 4).to(tl.uint32)[None, :]) & 15
+    entry = (rn[:, None] * groups_per_row + (rk // GROUP)[None, :]) * 16 + idx.to(tl.int32)
+    return tl.load(cent_ptr + entry, mask=mask, other=0.0).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _codebook4_kernel(x_ptr, packed_ptr, cent_ptr, y_ptr, M, N, K, words_per_row, groups_per_row, stride_xm,
                       stride_ym, M_BUCKET, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -95,15 +107,21 @@ def _codebook4_kernel(x_ptr, packed_ptr, cent_ptr, y_ptr, M, N, K, words_per_row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        mask = (rn[:, None] < N) & (rk[None, :] < K)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
                     other=0.0).to(tl.float32)
-        words = tl.load(packed_ptr + rn[:, None] * words_per_row + (rk // 8)[None, :], mask=mask, other=0)
-        idx = (words.to(tl.uint32, bitcast=True) >> ((rk % 8) * 4).to(tl.uint32)[None, :]) & 15
-        entry = (rn[:, None] * groups_per_row + (rk // GROUP)[None, :]) * 16 + idx.to(tl.int32)
-        w = tl.load(cent_ptr + entry, mask=mask, other=0.0).to(tl.float32)
+        w = _codebook4_tile(packed_ptr, cent_ptr, rn, rk, N, K, words_per_row, groups_per_row, GROUP)
         acc += tl.dot(x, tl.trans(w))
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _expert_rows(offsets_ptr, e, pid_m, BLOCK_M: tl.constexpr):
+    """Grouped kernels: the (64-bit) sorted rows of expert e that program pid_m covers, which of them are the
+    expert's, and whether any is (an empty expert's programs do nothing)."""
+    start = tl.load(offsets_ptr + e).to(tl.int64)
+    end = tl.load(offsets_ptr + e + 1).to(tl.int64)
+    rm = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rm, rm < end, start + pid_m * BLOCK_M < end
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -112,17 +130,14 @@ def _grouped_affine3_kernel(x_ptr, offsets_ptr, packed_ptr, scale_ptr, zero_ptr,
                             GROUP: tl.constexpr, RANK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(offsets_ptr + e).to(tl.int64)
-    end = tl.load(offsets_ptr + e + 1).to(tl.int64)
-    rm = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm, row_ok, busy = _expert_rows(offsets_ptr, e, pid_m, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rm < end
     e64 = e.to(tl.int64)
     expert_packed = packed_ptr + e64 * N * words_per_row
     expert_scale = scale_ptr + e64 * N * groups_per_row
     expert_zero = zero_ptr + e64 * N * groups_per_row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if start + pid_m * BLOCK_M < end:
+    if busy:
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K),
@@ -135,20 +150,38 @@ def _grouped_affine3_kernel(x_ptr, offsets_ptr, packed_ptr, scale_ptr, zero_ptr,
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=row_ok[:, None] & (rn[None, :] < N))
 
 
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def _grouped_codebook4_kernel(x_ptr, offsets_ptr, packed_ptr, cent_ptr, y_ptr, N, K, words_per_row,
+                              groups_per_row, stride_xm, stride_ym, M_BUCKET, GROUP: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm, row_ok, busy = _expert_rows(offsets_ptr, e, pid_m, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    e64 = e.to(tl.int64)
+    expert_packed = packed_ptr + e64 * N * words_per_row
+    expert_cent = cent_ptr + e64 * N * groups_per_row * 16
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if busy:
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K),
+                        other=0.0).to(tl.float32)
+            w = _codebook4_tile(expert_packed, expert_cent, rn, rk, N, K, words_per_row, groups_per_row, GROUP)
+            acc += tl.dot(x, tl.trans(w))
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=row_ok[:, None] & (rn[None, :] < N))
+
+
 @triton.jit
 def _grouped_lowrank_kernel(x_ptr, offsets_ptr, v_ptr, t_ptr, K, rank, stride_xm, BLOCK_M: tl.constexpr,
                             RANK_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """t[rows of expert e] = x V_e^T, v [E, rank, K]: the compensator's first factor, once per row (in the main
     kernel every N tile would recompute it, re-reading V_e)."""
     pid_m, pid_r, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(offsets_ptr + e).to(tl.int64)
-    end = tl.load(offsets_ptr + e + 1).to(tl.int64)
-    rm = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm, row_ok, busy = _expert_rows(offsets_ptr, e, pid_m, BLOCK_M)
     rr = pid_r * RANK_BLOCK + tl.arange(0, RANK_BLOCK)
-    row_ok = rm < end
     expert_v = v_ptr + e.to(tl.int64) * rank * K
     t = tl.zeros((BLOCK_M, RANK_BLOCK), dtype=tl.float32)
-    if start + pid_m * BLOCK_M < end:
+    if busy:
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K),
@@ -176,6 +209,7 @@ def _tuned(kernel, key):
 _affine3_tuned = _tuned(_affine3_kernel, ["M_BUCKET", "N", "K", "RANK_BLOCK"])
 _codebook4_tuned = _tuned(_codebook4_kernel, ["M_BUCKET", "N", "K"])
 _grouped_affine3_tuned = _tuned(_grouped_affine3_kernel, ["M_BUCKET", "N", "K", "RANK_BLOCK"])
+_grouped_codebook4_tuned = _tuned(_grouped_codebook4_kernel, ["M_BUCKET", "N", "K"])
 
 
 def m_bucket(rows: int) -> int:
@@ -280,4 +314,25 @@ def grouped_affine3_matmul(x_sorted, expert_offsets, packed, scale, zero, k: int
             (x2, offsets, packed, scale, zero, y, t, uu, n, k, packed.shape[2], scale.shape[2], x2.stride(0),
              y.stride(0), rank),
             {"GROUP": group, "RANK_BLOCK": rank_block(rank)})
+    return y.to(x_sorted.dtype)
+
+
+def grouped_codebook4_matmul(x_sorted, expert_offsets, packed, centroids, k: int, max_rows_per_expert: int,
+                             block_n: int | None = None, block_k: int | None = None):
+    """MoE: x_sorted [T, K] grouped by expert (offsets [E+1]), packed [E, N, words] 4-bit indices, centroids
+    [E, N, groups, 16] (per row: groups = 1) -> y [T, N], every expert in one launch."""
+    _check_x(x_sorted, k)
+    e, n = packed.shape[:2]
+    check_shapes(n, k, (e,), packed=packed, centroids=centroids)
+    if tuple(expert_offsets.shape) != (e + 1,):
+        raise ValueError(f"expert_offsets has shape {list(expert_offsets.shape)}, expected [{e + 1}]")
+    x2 = x_sorted.float().contiguous()
+    rows = max(max_rows_per_expert, 1)
+    offsets = expert_offsets.to(torch.int32).contiguous()
+    y = torch.zeros(x2.shape[0], n, device=x2.device, dtype=torch.float32)
+    groups = centroids.shape[2]
+    _launch(_grouped_codebook4_kernel, _grouped_codebook4_tuned, x2, rows, n, (e,), block_n, block_k,
+            (x2, offsets, packed.contiguous(), centroids.contiguous(), y, n, k, packed.shape[2], groups,
+             x2.stride(0), y.stride(0)),
+            {"GROUP": k // groups})
     return y.to(x_sorted.dtype)

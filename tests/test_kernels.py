@@ -112,6 +112,35 @@ for (n, k, group, ranks) in [(70, 200, 64, [4, 2, 3, 0, 1]), (90, 96, 32, [80, 5
 print("kernels ok")
 """
 
+# codebook experts in the one-launch grouped kernel: empty experts (1 and 4, and a block of empty experts at the
+# end), odd N and K (not multiples of the 64 x 64 tiles), per-row and per-group codebooks, fp32/fp16 activations
+GROUPED_CODEBOOK = r"""
+import torch
+from quant.codebook import quantize_codebook
+from qkernels import reference as ref
+from qkernels import triton_kernels as tk
+
+dev = "{device}"
+assert {"M_BUCKET", "N", "K"} <= set(tk._grouped_codebook4_tuned.keys) and "M" not in tk._grouped_codebook4_tuned.keys
+torch.manual_seed(0)
+for (n, k, group) in [(70, 200, None), (90, 200, 40), (33, 96, 32)]:
+    cbs = [quantize_codebook(torch.randn(n, k) * 0.05, group, iters=3) for _ in range(5)]
+    packed, cent = torch.stack([c.packed for c in cbs]), torch.stack([c.centroids for c in cbs])
+    assert cent.shape[2] == (1 if group is None else k // group)
+    counts = [3, 0, 21, 2, 0]
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(sum(counts), k, dtype=dtype)
+        got = tk.grouped_codebook4_matmul(x.to(dev), offsets.to(dev), packed.to(dev), cent.to(dev), k, max(counts))
+        assert got.dtype == dtype and got.shape == (sum(counts), n)
+        want = ref.grouped_codebook_matmul(x.float(), offsets, packed, cent, k)
+        tol = 2e-3 if dtype == torch.float32 else 3e-2
+        assert torch.allclose(got.float().cpu(), want, rtol=tol, atol=tol * want.abs().max()), (n, k, group, dtype)
+        for e, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):  # against CodeQuant itself
+            assert torch.allclose(want[lo:hi], x[lo:hi].float() @ cbs[e].dequantize().T, rtol=1e-4, atol=1e-4)
+print("kernels ok")
+"""
+
 # QuantLinear and QuantExperts on the Triton backend against their torch reference, every format; on CPU in the
 # interpreter, on CUDA as the `gpu` test
 MODULES = r"""
@@ -187,7 +216,7 @@ print("kernels ok")
 """
 
 SCRIPTS = {"kernels": CHECKS, "rank_chunks": RANK_CHUNKS, "grouped_compensator": GROUPED_COMPENSATOR,
-           "modules": MODULES}
+           "grouped_codebook": GROUPED_CODEBOOK, "modules": MODULES}
 
 
 def _run(device: str, env_extra: dict, code: str = CHECKS) -> subprocess.CompletedProcess:
@@ -211,6 +240,10 @@ def test_compensator_rank_runs_in_chunks_and_the_tune_key_buckets_m():
 
 def test_grouped_kernel_fuses_per_expert_compensators():
     _interpreted(GROUPED_COMPENSATOR)
+
+
+def test_grouped_codebook_kernel_matches_the_reference():
+    _interpreted(GROUPED_CODEBOOK)
 
 
 def test_quant_modules_on_the_triton_backend_match_the_reference_in_the_interpreter():
@@ -269,8 +302,8 @@ print("ok")
 
 
 def test_quant_experts_triton_paths_in_the_interpreter():
-    """RTN and MiLo experts take the grouped kernel (one launch per projection), codebook experts the per-expert
-    kernel (one launch per expert that has tokens)."""
+    """RTN, MiLo and codebook experts take their grouped kernel: one launch per projection, whatever the number
+    of experts (none per expert)."""
     code = r"""
 import torch
 from qkernels import triton_kernels as tk
@@ -280,16 +313,17 @@ from quant.checkpoint import stack_experts
 from quant.codebook import quantize_codebook
 from quant.milo import quantize_milo
 calls = []
-for fn in ("grouped_affine3_matmul", "affine3_matmul", "codebook4_matmul"):
+for fn in ("grouped_affine3_matmul", "affine3_matmul", "codebook4_matmul", "grouped_codebook4_matmul"):
     setattr(tk, fn, (lambda f, name: lambda *a, **kw: calls.append(name) or f(*a, **kw))(getattr(tk, fn), fn))
 torch.manual_seed(0)
 E, H, I = 3, 64, 32
 act = torch.nn.functional.silu
 makers = {"rtn": lambda n, k: quantize_rtn(torch.randn(n, k) * 0.05, 3, 32),
           "milo": lambda n, k: quantize_milo(torch.randn(n, k) * 0.05, rank=2, rounds=1, group_size=32),
-          "codebook": lambda n, k: quantize_codebook(torch.randn(n, k) * 0.05, None)}
+          "codebook": lambda n, k: quantize_codebook(torch.randn(n, k) * 0.05, None),
+          "codebook_g32": lambda n, k: quantize_codebook(torch.randn(n, k) * 0.05, 32)}
 launches = {"rtn": ["grouped_affine3_matmul"] * 2, "milo": ["grouped_affine3_matmul"] * 2,
-            "codebook": ["codebook4_matmul"] * 4}
+            "codebook": ["grouped_codebook4_matmul"] * 2, "codebook_g32": ["grouped_codebook4_matmul"] * 2}
 for name, make in makers.items():
     gu = [make(2 * I, H) for _ in range(E)]
     dn = [make(H, I) for _ in range(E)]
@@ -419,7 +453,11 @@ cases = {"x has shape [4, 64], expected [..., 128]": lambda: tk.affine3_matmul(t
          "packed has shape [1, 48, 9], expected [1, 48, 12]": lambda: tk.grouped_affine3_matmul(
              torch.randn(4, 128), off, q.packed[None, :, :-3], q.scale[None], q.zero[None], 128, 64, 4),
          "expert_offsets has shape [3], expected [2]": lambda: tk.grouped_affine3_matmul(
-             torch.randn(4, 128), torch.tensor([0, 2, 4]), q.packed[None], q.scale[None], q.zero[None], 128, 64, 2)}
+             torch.randn(4, 128), torch.tensor([0, 2, 4]), q.packed[None], q.scale[None], q.zero[None], 128, 64, 2),
+         "centroids has shape [1, 40, 1, 16], expected [1, 48, 1, 16]": lambda: tk.grouped_codebook4_matmul(
+             torch.randn(4, 128), off, cb.packed[None], cb.centroids[None, :40], 128, 4),
+         "expert_offsets has shape [4], expected [2]": lambda: tk.grouped_codebook4_matmul(
+             torch.randn(4, 128), torch.tensor([0, 1, 2, 4]), cb.packed[None], cb.centroids[None], 128, 2)}
 for message, call in cases.items():
     try:
         call()
