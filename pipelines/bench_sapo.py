@@ -217,6 +217,11 @@ def _samples_per_s(args, trajectories: str) -> dict:
     return out
 
 
+def _not_larger(after, before) -> bool:
+    """A length target: met only when both figures exist (a missing one is no evidence)."""
+    return after is not None and before is not None and after <= before
+
+
 def bench_sapo(args) -> dict:
     from pipelines.config import SapoConfig, load_config
 
@@ -275,13 +280,11 @@ def bench_sapo(args) -> dict:
         target_step_tokens=before.get("target_step_tokens"))
     out["targets_met"] = {
         "accept_gain_points_ge_15": out["accept_gain_points"] >= 15,
-        "tokens_per_draft_step_not_larger": None not in (out["tokens_per_draft_step_after"],
-                                                         out["tokens_per_draft_step_before"])
-        and out["tokens_per_draft_step_after"] <= out["tokens_per_draft_step_before"],
+        "tokens_per_draft_step_not_larger": _not_larger(out["tokens_per_draft_step_after"],
+                                                        out["tokens_per_draft_step_before"]),
         "lr_speedup_after_ge_1.3": out["lr_speedup_after"] >= 1.3,
         # the same question on the target's path (greedy steps from the target's prefixes, see step_agreement)
-        "draft_step_tokens_not_larger": None not in (out["draft_step_tokens_after"], out["draft_step_tokens_before"])
-        and out["draft_step_tokens_after"] <= out["draft_step_tokens_before"]}
+        "draft_step_tokens_not_larger": _not_larger(out["draft_step_tokens_after"], out["draft_step_tokens_before"])}
     out.update(before=before, after=after, warm_start=warm, draft_after=draft_dir,
                sapo={k: sapo_summary.get(k) for k in ("trajectories", "warm_start_loss", "grpo_steps", "grpo_loss",
                                                       "rewards", "grpo_samples_per_s")},
