@@ -364,6 +364,8 @@ def main(argv=None) -> None:
     parser.add_argument("--trajectories", default=None, help="sapo: reuse this trajectories.jsonl (no collect)")
     parser.add_argument("--collect-preset", default="sapo-train", help="sapo: collect preset for training data")
     parser.add_argument("--sapo-preset", default="bench", help="sapo: the SAPO recipe (conf/sapo/)")
+    parser.add_argument("--sapo-run", default=None,
+                        help="sapo: reuse this finished SAPO run of the recipe (no collect, no training)")
     parser.add_argument("--verifier", default="embedding", help="sapo: the step verifier before and after")
     parser.add_argument("--threshold", type=float, default=0.9, help="sapo: embedding cosine threshold")
     parser.add_argument("--step-max-tokens", type=int, default=100, help="sapo: cap on one reasoning step")

@@ -11,6 +11,8 @@ One run, side by side, on the demo models:
 4. evaluate *after*: the same problems, methods and verifier with the exported draft, and with the warm-start
    draft alone (before GRPO), so the gain splits into the warm start's and GRPO's;
 5. GRPO throughput with 1 and 2 Ray Train workers (short runs without warm start, 0.95 CPU and 1 thread each).
+`--sapo-run DIR` skips steps 1 and 3 with a finished SAPO run of the same recipe (its draft and trajectories), to
+re-measure the evaluations (stage 3 is most of the hour on 2 CPU cores).
 
 Writes token_agreement_before/after (teacher-forced: the share of the target's greedy answer tokens on the
 held-out problems that the draft's argmax predicts), accept_rate_before/after (step accept rate of lr_async+sd: accepted / verified draft steps),
@@ -204,6 +206,28 @@ def _sapo(args, trajectories: str, tag: str, extra: list[str]) -> tuple[str, dic
     return str(draft_dir), summary
 
 
+def _reuse_sapo_run(run: str, draft_before: str, trajectories: str | None) -> tuple[str, dict, str]:
+    """(draft directory, summary, trajectories) of a finished SAPO run of the same base draft (`--sapo-run`)."""
+    import yaml
+
+    run_dir = Path(run)
+    summary_path, config_path, draft_dir = run_dir / "summary.json", run_dir / "config.yaml", run_dir / "draft"
+    if not (summary_path.is_file() and config_path.is_file() and (draft_dir / "config.json").is_file()):
+        raise FileNotFoundError(f"--sapo-run {run}: not a finished SAPO run (it needs summary.json, config.yaml and "
+                                "the exported draft/ of `python -m pipelines.sapo`)")
+    summary = json.loads(summary_path.read_text())
+    config = yaml.safe_load(config_path.read_text())
+    base, used = config.get("draft", {}).get("name"), config.get("trajectories")
+    if base != draft_before:
+        raise ValueError(f"--sapo-run {run} trained draft {base!r}, but the --sapo-preset recipe starts from "
+                         f"{draft_before!r}: before and after would compare different drafts")
+    if trajectories and used and Path(trajectories).resolve() != Path(used).resolve():
+        raise ValueError(f"--sapo-run {run} trained on {used}, not on --trajectories {trajectories}")
+    if "grpo_steps" not in summary:
+        raise ValueError(f"--sapo-run {run}: its summary.json has no grpo_steps (the run did not finish GRPO)")
+    return str(draft_dir), summary, used or trajectories
+
+
 def _samples_per_s(args, trajectories: str) -> dict:
     out = {"samples_per_s_1_worker": None, "samples_per_s_2_workers": None}
     for workers in (1, 2):
@@ -233,7 +257,10 @@ def bench_sapo(args) -> dict:
                  "sapo_preset": args.sapo_preset, "draft_before": draft}
 
     t0 = _stage("1/5 collecting the target's trajectories on training problems")
-    if args.trajectories:
+    reused = _reuse_sapo_run(args.sapo_run, draft, args.trajectories) if args.sapo_run else None
+    if reused:
+        trajectories, collected = reused[2], {"reused": True}
+    elif args.trajectories:
         trajectories, collected = args.trajectories, {"reused": True}
     else:
         trajectories, collected = _collect(args)
@@ -245,9 +272,10 @@ def bench_sapo(args) -> dict:
     before = _evaluate(args, draft, "before")
     walls["evaluate_before_s"] = time.perf_counter() - t0
 
-    t0 = _stage("3/5 SAPO: warm start + GRPO")
-    draft_dir, sapo_summary = _sapo(args, trajectories, "train", [])
+    t0 = _stage("3/5 SAPO: warm start + GRPO" + (f" (reusing {args.sapo_run})" if reused else ""))
+    draft_dir, sapo_summary = reused[:2] if reused else _sapo(args, trajectories, "train", [])
     walls["sapo_s"] = time.perf_counter() - t0
+    out["sapo_run_reused"] = args.sapo_run if reused else None
 
     t0 = _stage(f"4/5 evaluating ar and {LR_METHOD} with the SAPO draft on the same problems")
     after = _evaluate(args, draft_dir, "after")

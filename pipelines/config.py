@@ -60,7 +60,9 @@ class SpeculationConfig:
 class EngineConfig:
     prefix_cache_tokens: int = bounded(32768, ge=0, help="KV budget for finished sequences kept for reuse")
     max_batch: int = bounded(16, ge=1, help="sequences decoded together in one forward pass")
-    torch_threads: int = bounded(0, ge=0, help="torch.set_num_threads in the engine's process; 0 keeps torch's")
+    torch_threads: int = bounded(0, ge=0, help="torch.set_num_threads in the engine's process; 0: auto (evaluate "
+                                               "on a local Ray instance splits the cores among its model actors; "
+                                               "else all the node's cores)")
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from actors import zoo
 from actors.engine import Sampling, Speculation
-from actors.hosts import init_ray, start_host
+from actors.hosts import init_ray, split_threads, start_host
 from rewards.answers import extract_answer, is_correct
 from pipelines.config import ConfigError, EvaluateConfig, run_cli
 from pipelines.data import load_problems, prompt_ids
@@ -64,6 +64,21 @@ def target_role(cfg: EvaluateConfig):
     return replace(cfg.target, engine=replace(cfg.target.engine, speculation=cfg.token_speculation))
 
 
+def verifier_role(cfg: EvaluateConfig):
+    return replace(cfg.verifier_role, model=replace(cfg.verifier_role.model, name=cfg.verifier.model))
+
+
+def model_roles(cfg: EvaluateConfig, need_draft: bool) -> dict:
+    """The model actors the job starts (target; draft and a verifier model when a step method runs), with
+    `torch_threads=0` resolved by `split_threads` (the cores split among the actors on a local instance)."""
+    roles = {"target": target_role(cfg)}
+    if need_draft:
+        roles["draft"] = cfg.draft
+        if cfg.verifier.kind in ("tbvm", "judge", "score") and cfg.verifier.model != "target":
+            roles["verifier"] = verifier_role(cfg)
+    return dict(zip(roles, split_threads(list(roles.values()), cfg.ray)))
+
+
 class EncoderClient:
     def __init__(self, handle):
         self.handle = handle
@@ -72,7 +87,9 @@ class EncoderClient:
         return await self.handle.similarity_pairs.remote(texts)
 
 
-def build_verifier(cfg: EvaluateConfig, target: HostClient, tok):
+def build_verifier(cfg: EvaluateConfig, target: HostClient, tok, role=None):
+    """The step verifier; a model verifier other than the target runs in its own actor (`role`, default
+    `verifier_role(cfg)`)."""
     vc = cfg.verifier
     if vc.kind == "exact":
         return V.Exact(vc.exact_mode)
@@ -90,8 +107,7 @@ def build_verifier(cfg: EvaluateConfig, target: HostClient, tok):
         if vc.model == "target":
             client, vtok = target, tok
         else:
-            client = HostClient(start_host("verifier", replace(cfg.verifier_role, model=replace(
-                cfg.verifier_role.model, name=vc.model))))
+            client = HostClient(start_host("verifier", role or verifier_role(cfg)))
             vtok = zoo.load_tokenizer(vc.model)
         if vc.kind == "judge":
             inner = V.Judge(client, vtok)
@@ -158,11 +174,12 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path | None = None) -> tuple[Path, di
     init_ray(cfg.ray)
     methods = list(dict.fromkeys(["ar"] + list(cfg.methods)))  # ar is the baseline
     need_draft = any(m.split("+")[0] in STEP_METHODS for m in methods)
-    target_handle = start_host("target", target_role(cfg))
-    draft_handle = start_host("draft", cfg.draft) if need_draft else None
+    roles = model_roles(cfg, need_draft)
+    target_handle = start_host("target", roles["target"])
+    draft_handle = start_host("draft", roles["draft"]) if need_draft else None
     target = HostClient(target_handle)
     draft = HostClient(draft_handle) if draft_handle else None
-    verifier = build_verifier(cfg, target, tok) if need_draft else None
+    verifier = build_verifier(cfg, target, tok, roles.get("verifier")) if need_draft else None
     hosts = [h for h in (target_handle, draft_handle) if h is not None]
     prompts = {p.id: prompt_ids(tok, p, cfg.data) for p in problems}
 
@@ -198,6 +215,7 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path | None = None) -> tuple[Path, di
     add_speedups(summaries)
     summary = {"methods": summaries, "wall_s": time.perf_counter() - t0, "num_problems": len(problems),
                "target": cfg.target.model.name, "draft": cfg.draft.model.name, "verifier": cfg.verifier.kind,
+               "torch_threads": {name: role.engine.torch_threads or None for name, role in roles.items()},
                "gamma": cfg.lookahead.gamma}
     write_json(run_dir / "summary.json", summary)
     from pipelines.report import evaluation_report

@@ -1,6 +1,8 @@
 """The evaluate and sweep jobs under a real local Ray, on the tiny preset."""
 
 import json
+import os
+from dataclasses import replace
 
 import pytest
 import ray
@@ -35,12 +37,48 @@ def test_evaluate_tiny_is_lossless_and_resumable(local_ray, tmp_path):
         s = methods[m]
         assert 0 <= s["step_accept_rate"] <= 1 and s["verifications"] > 0
         assert s["predicted_speedup"] > 0 and s["speedup"] > 0
+    share = max(1, os.cpu_count() // 2)  # target and draft split the cores (split_threads)
+    assert summary["torch_threads"] == {"target": share, "draft": share}
     assert (run_dir / "report.md").read_text().count("| lr_async |") == 1
     assert (run_dir / "speedup_and_accept_rate.png").stat().st_size > 1000
     before = (run_dir / "traces" / "fpsr.jsonl").read_text()
     cfg2 = load_config(EvaluateConfig, "evaluate", ["tiny", f"run.resume={run_dir}"])
     evaluate(cfg2, run_dir)
     assert (run_dir / "traces" / "fpsr.jsonl").read_text() == before  # finished problems are skipped
+
+
+def test_model_actors_split_the_cores_on_a_local_instance(local_ray, monkeypatch):
+    from actors.hosts import start_host
+    from pipelines.evaluate import model_roles
+
+    cfg = load_config(EvaluateConfig, "evaluate", ["tiny", "ray.num_cpus=6", "token_speculation.method=ngram"])
+    roles = model_roles(cfg, need_draft=True)
+    assert [r.engine.torch_threads for r in roles.values()] == [3, 3]
+    assert roles["target"].engine.speculation.method == "ngram"  # the target role keeps token-level SD
+    assert model_roles(cfg, need_draft=False)["target"].engine.torch_threads == 6
+    # a verifier model of its own is a third actor; a role's own setting is kept and still counts
+    cfg3 = load_config(EvaluateConfig, "evaluate", ["tiny", "ray.num_cpus=6", "verifier.kind=tbvm",
+                                                    "verifier.model=tiny-llama", "draft.engine.torch_threads=4"])
+    assert {k: r.engine.torch_threads for k, r in model_roles(cfg3, True).items()} == {
+        "target": 2, "draft": 4, "verifier": 2}
+    assert model_roles(replace(cfg3, verifier=replace(cfg3.verifier, model="target")), True).keys() == {
+        "target", "draft"}
+    one = load_config(EvaluateConfig, "evaluate", ["tiny", "ray.num_cpus=1", "verifier.kind=tbvm",
+                                                   "verifier.model=tiny-llama"])
+    assert [r.engine.torch_threads for r in model_roles(one, True).values()] == [1, 1, 1]
+    # against a cluster the nodes' cores are not known here: 0 stays (each actor takes its node's cores)
+    cluster = replace(cfg, ray=replace(cfg.ray, address="auto"))
+    assert [r.engine.torch_threads for r in model_roles(cluster, True).values()] == [0, 0]
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert [r.engine.torch_threads for r in model_roles(cfg, True).values()] == [0, 0]
+    monkeypatch.delenv("RAY_ADDRESS")
+    # the actor runs with what the role says
+    host = start_host("draft", model_roles(load_config(EvaluateConfig, "evaluate", ["tiny", "ray.num_cpus=2"]),
+                                           True)["draft"])
+    try:
+        assert ray.get(host.info.remote())["torch_threads"] == 1
+    finally:
+        ray.kill(host)
 
 
 @pytest.mark.parametrize("args, needle", [

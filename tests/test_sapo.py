@@ -581,3 +581,20 @@ def test_bench_sapo_writes_the_issue_keys_on_tiny_models(trajectories, tmp_path)
                                                        <= got["tokens_per_draft_step_before"])
     assert set(got["stage_wall_s"]) == {"collect_s", "evaluate_before_s", "sapo_s", "evaluate_after_s",
                                         "evaluate_warm_start_s", "throughput_s"}
+    # --sapo-run re-measures with that run's draft: no new training run, the same draft after
+    sapo_run = Path(got["draft_after"]).parent
+    base = ["sapo", "--run-dir", str(tmp_path / "runs"), "--preset", "tiny", "--sapo-preset", "tiny",
+            "--num-problems", "2", "--verifier", "exact", "--max-new-tokens", "24", "--step-max-tokens", "6",
+            "--throughput-steps", "1"]
+    with pytest.raises(FileNotFoundError, match="not a finished SAPO run"):
+        bench.main(base + ["--out", str(tmp_path / "x.json"), "--sapo-run", str(tmp_path)])
+    with pytest.raises(ValueError, match="trained on"):
+        bench.main(base + ["--out", str(tmp_path / "x.json"), "--sapo-run", str(sapo_run),
+                           "--trajectories", str(out)])
+    assert not (tmp_path / "x.json").exists()
+    bench.main(base + ["--out", str(tmp_path / "again.json"), "--sapo-run", str(sapo_run)])
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["sapo_run_reused"] == str(sapo_run) and again["draft_after"] == got["draft_after"]
+    assert again["trajectories"] == str(trajectories) and again["sapo"]["grpo_steps"] == got["sapo"]["grpo_steps"]
+    assert len(list((tmp_path / "runs" / "sapo").glob("*-bench-sapo-train"))) == 1
+    assert again["after"]["verifications"] > 0
