@@ -159,6 +159,12 @@ class CollectConfig:
 
 METHODS = ("ar", "sd", "lr_sync", "lr_async", "fpsr", "lr_sync+sd", "lr_async+sd", "fpsr+sd")
 VERIFIERS = ("exact", "embedding", "judge", "tbvm", "score", "random", "always")
+MODEL_VERIFIERS = ("judge", "tbvm", "score")  # verifiers that ask a language model
+
+
+def own_verifier_model(cfg) -> bool:
+    """Whether an evaluate config's verifier runs a model of its own (`verifier_role`), not the target actor."""
+    return cfg.verifier.kind in MODEL_VERIFIERS and cfg.verifier.model != "target"
 
 
 @dataclass

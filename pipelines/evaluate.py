@@ -24,7 +24,7 @@ from actors import zoo
 from actors.engine import Sampling, Speculation
 from actors.hosts import init_ray, split_threads, start_host
 from rewards.answers import extract_answer, is_correct
-from pipelines.config import ConfigError, EvaluateConfig, run_cli
+from pipelines.config import ConfigError, EvaluateConfig, own_verifier_model, run_cli
 from pipelines.data import load_problems, prompt_ids
 from pipelines.runs import append_jsonl, make_run_dir, read_jsonl, save_config, write_json
 from pipelines.tracking import Tracker
@@ -74,7 +74,7 @@ def model_roles(cfg: EvaluateConfig, need_draft: bool) -> dict:
     roles = {"target": target_role(cfg)}
     if need_draft:
         roles["draft"] = cfg.draft
-        if cfg.verifier.kind in ("tbvm", "judge", "score") and cfg.verifier.model != "target":
+        if own_verifier_model(cfg):
             roles["verifier"] = verifier_role(cfg)
     return dict(zip(roles, split_threads(list(roles.values()), cfg.ray)))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from pipelines.config import ConfigError, EvaluateConfig, SweepConfig, load_config, run_cli
+from pipelines.config import ConfigError, EvaluateConfig, SweepConfig, load_config, own_verifier_model, run_cli
 from pipelines.runs import make_run_dir, save_config, write_json
 
 
@@ -34,8 +34,7 @@ def _as_override(v) -> str:
 
 def bundles(cfg: EvaluateConfig, driver_cpus: float) -> list[dict]:
     out = [{"CPU": driver_cpus}]
-    roles = [cfg.target, cfg.draft] + ([cfg.verifier_role] if cfg.verifier.model != "target"
-                                       and cfg.verifier.kind in ("judge", "tbvm", "score") else [])
+    roles = [cfg.target, cfg.draft] + ([cfg.verifier_role] if own_verifier_model(cfg) else [])
     for role in roles:
         b = {"CPU": role.actor.num_cpus}
         if role.actor.num_gpus:

@@ -51,7 +51,6 @@ def grouped_affine_matmul(x_sorted, expert_offsets, packed, scale, zero, bits: i
     return out.to(x_sorted.dtype)
 
 
-
 def grouped_codebook_matmul(x_sorted, expert_offsets, packed, centroids, k: int) -> torch.Tensor:
     """MoE form of `codebook_matmul`: expert e owns rows offsets[e]:offsets[e+1]; packed [E, N, words],
     centroids [E, N, groups, 16]."""
@@ -61,6 +60,7 @@ def grouped_codebook_matmul(x_sorted, expert_offsets, packed, centroids, k: int)
         if hi > lo:
             out[lo:hi] = codebook_matmul(x_sorted[lo:hi].float(), packed[e], centroids[e], k)
     return out.to(x_sorted.dtype)
+
 
 def check_shapes(n: int, k: int, lead: tuple = (), *, bits: int = 3, group: int = 64, packed=None, scale=None,
                  zero=None, centroids=None, u=None, v=None) -> None:

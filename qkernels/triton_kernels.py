@@ -125,6 +125,13 @@ def _expert_rows(offsets_ptr, e, pid_m, BLOCK_M: tl.constexpr):
     return rm, rm < end, start + pid_m * BLOCK_M < end
 
 
+@triton.jit
+def _rows_tile(x_ptr, rm, row_ok, rk, K, stride_xm):
+    """Grouped kernels: the [BLOCK_M, BLOCK_K] fp32 tile of x at rows rm (those of the expert: row_ok), columns rk."""
+    return tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K),
+                   other=0.0).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _grouped_affine3_kernel(x_ptr, offsets_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, t_ptr, u_ptr, N, K,
                             words_per_row, groups_per_row, stride_xm, stride_ym, rank, M_BUCKET,
@@ -141,8 +148,7 @@ def _grouped_affine3_kernel(x_ptr, offsets_ptr, packed_ptr, scale_ptr, zero_ptr,
     if busy:
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K),
-                        other=0.0).to(tl.float32)
+            x = _rows_tile(x_ptr, rm, row_ok, rk, K, stride_xm)
             w = _affine3_tile(expert_packed, expert_scale, expert_zero, rn, rk, N, K, words_per_row,
                               groups_per_row, GROUP)
             acc += tl.dot(x, tl.trans(w))
@@ -165,8 +171,7 @@ def _grouped_codebook4_kernel(x_ptr, offsets_ptr, packed_ptr, cent_ptr, y_ptr, N
     if busy:
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K),
-                        other=0.0).to(tl.float32)
+            x = _rows_tile(x_ptr, rm, row_ok, rk, K, stride_xm)
             w = _codebook4_tile(expert_packed, expert_cent, rn, rk, N, K, words_per_row, groups_per_row, GROUP)
             acc += tl.dot(x, tl.trans(w))
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=row_ok[:, None] & (rn[None, :] < N))
@@ -185,8 +190,7 @@ def _grouped_lowrank_kernel(x_ptr, offsets_ptr, v_ptr, t_ptr, K, rank, stride_xm
     if busy:
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K),
-                        other=0.0)
+            x = _rows_tile(x_ptr, rm, row_ok, rk, K, stride_xm)
             v = tl.load(expert_v + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < rank) & (rk[None, :] < K),
                         other=0.0).to(tl.float32)
             t += tl.dot(x, tl.trans(v))
@@ -289,6 +293,16 @@ def codebook4_matmul(x: torch.Tensor, packed, centroids, k: int, block_n: int | 
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+def _grouped_inputs(x_sorted, expert_offsets, num_experts: int, n: int, max_rows_per_expert: int):
+    """(x as contiguous fp32, int32 offsets, rows per expert for the grid, a zeroed fp32 y [T, n]) of a grouped
+    call; offsets must have one entry per expert plus one."""
+    if tuple(expert_offsets.shape) != (num_experts + 1,):
+        raise ValueError(f"expert_offsets has shape {list(expert_offsets.shape)}, expected [{num_experts + 1}]")
+    x2 = x_sorted.float().contiguous()
+    y = torch.zeros(x2.shape[0], n, device=x2.device, dtype=torch.float32)
+    return x2, expert_offsets.to(torch.int32).contiguous(), max(max_rows_per_expert, 1), y
+
+
 def grouped_affine3_matmul(x_sorted, expert_offsets, packed, scale, zero, k: int, group: int,
                            max_rows_per_expert: int, u=None, v=None, block_n: int | None = None,
                            block_k: int | None = None):
@@ -297,12 +311,7 @@ def grouped_affine3_matmul(x_sorted, expert_offsets, packed, scale, zero, k: int
     _check_x(x_sorted, k, u, v)
     e, n = packed.shape[:2]
     check_shapes(n, k, (e,), bits=3, group=group, packed=packed, scale=scale, zero=zero, u=u, v=v)
-    if tuple(expert_offsets.shape) != (e + 1,):
-        raise ValueError(f"expert_offsets has shape {list(expert_offsets.shape)}, expected [{e + 1}]")
-    x2 = x_sorted.float().contiguous()
-    rows = max(max_rows_per_expert, 1)
-    offsets = expert_offsets.to(torch.int32).contiguous()
-    y = torch.zeros(x2.shape[0], n, device=x2.device, dtype=torch.float32)
+    x2, offsets, rows, y = _grouped_inputs(x_sorted, expert_offsets, e, n, max_rows_per_expert)
     rank = 0 if u is None else u.shape[2]
     t, uu = y, y  # (unused placeholder pointers without a compensator)
     if rank:
@@ -325,12 +334,7 @@ def grouped_codebook4_matmul(x_sorted, expert_offsets, packed, centroids, k: int
     _check_x(x_sorted, k)
     e, n = packed.shape[:2]
     check_shapes(n, k, (e,), packed=packed, centroids=centroids)
-    if tuple(expert_offsets.shape) != (e + 1,):
-        raise ValueError(f"expert_offsets has shape {list(expert_offsets.shape)}, expected [{e + 1}]")
-    x2 = x_sorted.float().contiguous()
-    rows = max(max_rows_per_expert, 1)
-    offsets = expert_offsets.to(torch.int32).contiguous()
-    y = torch.zeros(x2.shape[0], n, device=x2.device, dtype=torch.float32)
+    x2, offsets, rows, y = _grouped_inputs(x_sorted, expert_offsets, e, n, max_rows_per_expert)
     groups = centroids.shape[2]
     _launch(_grouped_codebook4_kernel, _grouped_codebook4_tuned, x2, rows, n, (e,), block_n, block_k,
             (x2, offsets, packed.contiguous(), centroids.contiguous(), y, n, k, packed.shape[2], groups,
