@@ -36,7 +36,9 @@ quant: on the demo MoE (`smollm2-moe-8x`), perplexity on the last --ppl-tokens o
 sapo: (pipelines/bench_sapo.py) collect the target's trajectories on training problems, evaluate `lr_async+sd`
   with the untrained draft on held-out problems, train it with the SAPO preset (warm start + GRPO), evaluate
   again with the same verifier; accept_rate_before/after, accept_gain_points, tokens_per_draft_step_before/after,
-  lr_speedup_before/after, samples_per_s_1_worker and samples_per_s_2_workers.
+  lr_speedup_before/after, samples_per_s_1_worker and samples_per_s_2_workers; draft_bound_speedup_before/after
+  (every step accepted: tokens at the draft's measured pace, a ceiling on lr_speedup) and
+  draft_token_share_before/after (the answer's tokens that came from accepted draft steps).
 
 kernels: (pipelines/bench_kernels.py) the CPU kernels against dense fp32 at batch 1 (4096 x 4096 and the demo
   MoE's expert shapes), torch.compile as the alternative, the quantized demo MoE's decode tokens/s over the fp32

@@ -192,6 +192,10 @@ class LookaheadConfig:
                                    "the verdicts alone); lose: commit the target's step when it returns before the "
                                    "draft step from the same prefix exists (that draft would commit the same step "
                                    "later)")
+    draft_speculation: str = choice("ngram", ["ngram", "none"],
+                                    help="the draft's own steps: ngram: n-gram lookup token speculation inside each "
+                                         "draft step (token_speculation's num_tokens, ngram_max, ngram_min); the "
+                                         "same steps from fewer draft passes; none: token by token")
 
 
 @dataclass

@@ -132,6 +132,9 @@ def settings_for_generation(method: str, gen, draft_sampling=None, lookahead=Non
     if token_spec is not None:
         settings.token_speculation = Speculation(token_spec.method, token_spec.num_tokens, token_spec.ngram_max,
                                                  token_spec.ngram_min)
+    if lookahead is not None and lookahead.draft_speculation == "ngram":
+        t = settings.token_speculation
+        settings.draft_speculation = Speculation("ngram", t.num_tokens, t.ngram_max, t.ngram_min)
     return settings
 
 

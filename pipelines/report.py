@@ -16,7 +16,9 @@ def _fmt(v, digits=2):
 def method_table(summaries: dict[str, dict]) -> list[str]:
     cols = [("speedup", "speedup"), ("predicted_speedup", "predicted"), ("predicted_speedup_ideal", "predicted (ideal)"),
             ("target_step_slowdown", "target step slowdown"), ("tokens_per_s", "tokens/s"),
-            ("step_accept_rate", "step accept"), ("accepted_steps_per_cycle", "accepted/cycle"),
+            ("token_model_speedup", "token model"), ("draft_bound_speedup", "draft-bound"),
+            ("step_accept_rate", "step accept"),
+            ("draft_token_share", "draft token share"), ("accepted_steps_per_cycle", "accepted/cycle"),
             ("token_acceptance_rate", "token accept"), ("token_mean_acceptance_length", "mean accept len"),
             ("accuracy", "accuracy"), ("answer_agreement", "agreement with ar"),
             ("wasted_target_tokens", "wasted target tok"), ("cancelled_requests", "cancelled")]

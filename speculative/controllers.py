@@ -56,6 +56,9 @@ class Settings:
     token_speculation: Speculation = field(default_factory=lambda: Speculation("ngram", 4))
     cut_drafts: str = "reject"  # reject | verify
     late_drafts: str = "wait"  # lr_async, fpsr: wait | lose (commit the target's step once it returns first)
+    # token-level speculation inside the draft's own steps (n-gram lookup over its prefix: lossless, the same
+    # steps from fewer draft passes); "none" decodes them token by token
+    draft_speculation: Speculation = field(default_factory=lambda: Speculation("none"))
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -70,6 +73,9 @@ class Settings:
             raise ControllerError(f"cut_drafts must be reject or verify, got {self.cut_drafts!r}")
         if self.late_drafts not in ("lose", "wait"):
             raise ControllerError(f"late_drafts must be lose or wait, got {self.late_drafts!r}")
+        if self.draft_speculation.method not in ("none", "ngram"):
+            raise ControllerError(f"draft_speculation must be none or ngram (the draft host has no draft model "
+                                  f"of its own), got {self.draft_speculation.method!r}")
 
     @property
     def base(self) -> str:
@@ -165,7 +171,7 @@ class _Run:
         return one()
 
     def draft_step(self, path: list[int], sibling: int = 0):
-        return self._draft_step(self._request(path, self.s.draft_sampling, sibling, Speculation("none")))
+        return self._draft_step(self._request(path, self.s.draft_sampling, sibling, self.s.draft_speculation))
 
     async def _draft_step(self, req: Request) -> StepOut:
         t0 = time.perf_counter()
@@ -174,6 +180,8 @@ class _Run:
         self.trace.draft_step_s += elapsed
         self.trace.draft_requests += 1
         self.trace.draft_tokens += len(r.token_ids)
+        self.trace.draft_passes += r.counters.forward_passes
+        self.trace.draft_token_accepted += r.counters.accepted_tokens
         if r.finish_reason == "length" and req.max_new_tokens < self.s.step_max_tokens:
             self.trace.budget_cut_draft_steps += 1
             self.trace.budget_cut_draft_tokens += len(r.token_ids)

@@ -24,6 +24,8 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         by_depth[v.depth].append(v.accepted)
     cycles = sum(t.cycles for t in traces)
     draft_steps = sum(s.origin == "draft" for t in traces for s in t.steps)
+    draft_step_tokens = sum(len(s.token_ids) for t in traces for s in t.steps if s.origin == "draft")
+    draft_passes = sum(t.draft_passes for t in traces)
     steps = sum(len(t.steps) for t in traces)
     target_req = sum(t.target_requests for t in traces)
     draft_req = sum(t.draft_requests for t in traces)
@@ -71,6 +73,12 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         "committed_target_steps": committed,
         "commit_wait": _commit_wait(traces),
         "draft_step_s": draft_cost,
+        # the draft's cost per token it wrote, and what the answer took from it: accepted draft steps are often the
+        # short ones, so their share of the tokens can sit well below the step accept rate
+        "draft_token_s": sum(t.draft_step_s for t in traces) / draft_tok if draft_tok else None,
+        "draft_tokens_per_pass": draft_tok / draft_passes if draft_passes else None,
+        "draft_token_share": draft_step_tokens / tokens if tokens else 0.0,
+        "committed_draft_step_tokens": draft_step_tokens / draft_steps if draft_steps else None,
         "step_cost_ratio": draft_cost / unit if unit and draft_req else 0.0,
         "verify_s": verify_cost,
         "verify_cost_ratio": verify_cost / unit if unit and calls else 0.0,
@@ -127,6 +135,29 @@ def target_slowdown(method: dict, alone: dict) -> float:
     return 1.0
 
 
+def token_model_speedup(method: dict, ar: dict) -> float | None:
+    """The speedup if the wall held only the committed work, counted in tokens: the answer's draft tokens at the
+    draft's measured pace and its target tokens at the pace of the method's committed target steps, over `ar`'s
+    pace (1 / (share * draft / ar + (1 - share) * target / ar)). The step model counts steps; when accepted steps
+    are shorter than the target's (they often are), this is the better account, and the rest of the gap to the
+    measured speedup is waiting (`commit_wait`) and overhead."""
+    committed = method.get("committed_target_steps") or {}
+    share, draft_s, ar_s = method.get("draft_token_share"), method.get("draft_token_s"), _token_latency(ar)
+    if share is None or not draft_s or not ar_s or not committed.get("tokens"):
+        return None
+    target_s = committed["latency_s"] / committed["tokens"]
+    return 1 / (share * draft_s / ar_s + (1 - share) * target_s / ar_s)
+
+
+def _token_latency(ar: dict) -> float | None:
+    """`ar`'s seconds per token inside its calls (with several problems in flight: per request, not the
+    throughput), the pace the token views compare with."""
+    c = ar.get("committed_target_steps") or {}
+    if c.get("tokens"):
+        return c["latency_s"] / c["tokens"]
+    return 1 / ar["tokens_per_s"] if ar.get("tokens_per_s") else None
+
+
 def add_speedups(summaries: dict[str, dict]) -> None:
     """Speedup vs `ar` (tokens/s on the same problems and actors) and the speedup the theory predicts from each
     method's measured step accept rate and cost ratio (token-level SD multiplies by `sd`'s measured speedup).
@@ -148,3 +179,8 @@ def add_speedups(summaries: dict[str, dict]) -> None:
         s["predicted_speedup_ideal"] = ideal
         s["target_step_slowdown"] = slowdown
         s["predicted_speedup"] = device_adjusted(ideal, slowdown)
+        if s.get("draft_token_s") and _token_latency(ar):
+            # every step accepted: tokens come at the draft's pace (lr_async, fpsr), a ceiling on any acceptance
+            # (per request: with several problems in flight, latency, not throughput)
+            s["draft_bound_speedup"] = _token_latency(ar) / s["draft_token_s"]
+            s["token_model_speedup"] = token_model_speedup(s, ar)

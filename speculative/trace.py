@@ -55,6 +55,8 @@ class Trace:
     token_accepted: int = 0
     token_passes: int = 0
     prefill_tokens: int = 0  # target prompt tokens actually run (cached prefixes excluded)
+    draft_passes: int = 0  # the draft's forward passes in its steps (fewer than its tokens with draft_speculation)
+    draft_token_accepted: int = 0  # n-gram proposals the draft kept inside its steps
     wall_s: float = 0.0
     finish_reason: str = ""
 

@@ -72,6 +72,25 @@ def test_always_accept_is_draft_only_and_never_accept_is_ar(hosts, ar_tokens, me
     assert all(s.origin == "target" for s in never.steps)
 
 
+@pytest.mark.parametrize("method", STEP_METHODS)
+def test_draft_speculation_writes_the_same_draft_steps_in_fewer_passes(hosts, method):
+    """n-gram lookup inside the draft's own steps is lossless: with every draft step accepted the answer is still
+    the draft's own greedy text, from fewer draft passes than tokens (and one pass per token without it)."""
+    draft_only = run(Controller(settings("ar"), hosts["draft"])).token_ids
+    plain = run(Controller(settings(method, cut_drafts="verify"), hosts["target"], hosts["draft"], Always()))
+    fast = run(Controller(settings(method, cut_drafts="verify", draft_speculation=Speculation("ngram", 4)),
+                          hosts["target"], hosts["draft"], Always()))
+    assert plain.token_ids == fast.token_ids == draft_only
+    assert plain.draft_passes == plain.draft_tokens and plain.draft_token_accepted == 0
+    assert fast.draft_token_accepted > 0
+    # a pass keeps its accepted proposals plus one token of its own; a step's last pass may add none
+    kept = fast.draft_tokens - fast.draft_token_accepted
+    assert kept <= fast.draft_passes <= kept + fast.draft_requests and fast.draft_passes < fast.draft_tokens
+    s = summarize([fast])
+    assert s["draft_tokens_per_pass"] > 1 and s["draft_token_share"] == 1.0
+    assert s["committed_draft_step_tokens"] == len(draft_only) / len(fast.steps)
+
+
 def test_sd_method_matches_ar(hosts, ar_tokens):
     trace = run(Controller(settings("sd"), hosts["target"]))
     assert trace.token_ids == ar_tokens and trace.token_drafted > 0
@@ -86,6 +105,9 @@ def test_bad_settings_fail_before_any_model_call(hosts):
         Controller(settings("fpsr"), hosts["target"])
     with pytest.raises(ControllerError, match="width > 1"):
         Controller(settings("lr_async", width=2), hosts["target"], hosts["draft"], Always())
+    with pytest.raises(ControllerError, match="draft_speculation"):
+        Controller(settings("lr_async", draft_speculation=Speculation("draft")), hosts["target"], hosts["draft"],
+                   Always())
     with pytest.raises(ControllerError, match="late_drafts"):
         Controller(settings("lr_async", late_drafts="never"), hosts["target"], hosts["draft"], Always())
 

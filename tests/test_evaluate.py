@@ -37,6 +37,8 @@ def test_evaluate_tiny_is_lossless_and_resumable(local_ray, tmp_path):
         s = methods[m]
         assert 0 <= s["step_accept_rate"] <= 1 and s["verifications"] > 0
         assert s["predicted_speedup"] > 0 and s["speedup"] > 0
+        # the draft's steps run n-gram speculation by default (lookahead.draft_speculation): passes <= tokens
+        assert s["draft_tokens_per_pass"] >= 1 and 0 <= s["draft_token_share"] <= 1 and s["draft_bound_speedup"] > 0
     share = max(1, os.cpu_count() // 2)  # target and draft split the cores (split_threads)
     assert summary["torch_threads"] == {"target": share, "draft": share}
     assert (run_dir / "report.md").read_text().count("| lr_async |") == 1
@@ -45,6 +47,20 @@ def test_evaluate_tiny_is_lossless_and_resumable(local_ray, tmp_path):
     cfg2 = load_config(EvaluateConfig, "evaluate", ["tiny", f"run.resume={run_dir}"])
     evaluate(cfg2, run_dir)
     assert (run_dir / "traces" / "fpsr.jsonl").read_text() == before  # finished problems are skipped
+
+
+def test_draft_speculation_setting_reaches_the_controller():
+    from actors.engine import Speculation
+    from pipelines.evaluate import settings_for
+
+    cfg = load_config(EvaluateConfig, "evaluate", ["tiny", "token_speculation.num_tokens=6",
+                                                   "token_speculation.ngram_max=2"])
+    assert cfg.lookahead.draft_speculation == "ngram"
+    assert settings_for(cfg, "lr_async").draft_speculation == Speculation("ngram", 6, 2, 1)
+    off = load_config(EvaluateConfig, "evaluate", ["tiny", "lookahead.draft_speculation=none"])
+    assert settings_for(off, "fpsr").draft_speculation == Speculation("none")
+    with pytest.raises(ConfigError, match="draft_speculation"):
+        load_config(EvaluateConfig, "evaluate", ["tiny", "lookahead.draft_speculation=draft"])
 
 
 def test_model_actors_split_the_cores_on_a_local_instance(local_ray, monkeypatch):

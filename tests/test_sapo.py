@@ -568,6 +568,9 @@ def test_bench_sapo_writes_the_issue_keys_on_tiny_models(trajectories, tmp_path)
     for tag, run in (("before", before), ("after", after)):
         assert got[f"tokens_per_draft_step_{tag}"] == run["window_step_tokens"] > 0
         assert got[f"lr_speedup_{tag}"] == run["speedup"] > 0
+        assert got[f"draft_bound_speedup_{tag}"] == run["draft_bound_speedup"] > 0
+        assert 0 <= got[f"draft_token_share_{tag}"] == run["draft_token_share"] <= 1
+        assert run["draft_speculation"] == "ngram" and run["draft_tokens_per_pass"] >= 1
         assert 0 <= got[f"token_agreement_{tag}"] <= 1 and run["tokens"] > 0
         assert (Path(run["run_dir"]) / "traces" / "ar.jsonl").is_file()
     assert before["draft"] == "tiny-llama-draft-l1" and after["draft"] == got["draft_after"]

@@ -5,7 +5,7 @@ import pytest
 
 from speculative.metrics import summarize
 from speculative.theory import device_adjusted, f_async, f_sync, g_token, predicted_speedup
-from speculative.trace import Committed, Trace
+from speculative.trace import Committed, Trace, Verification
 
 
 @pytest.mark.parametrize("a, c, g, want_sync, want_async", [
@@ -47,6 +47,28 @@ def test_token_sd_bounds_and_combination():
     assert math.isinf(f_async(1.0, 0.0, 3))
     with pytest.raises(ValueError):
         f_sync(1.2, 0.1, 3)
+
+
+def test_token_view_of_a_run_whose_accepted_steps_are_short():
+    """Half the steps accepted, but they are the short ones: a fifth of the tokens came from the draft. The step
+    model promises far more than the token model, which counts each token at its writer's measured pace."""
+    from speculative.metrics import add_speedups
+
+    draft = [Committed([1] * 5, "x", "draft", 0, 0, "stop", 0.0)] * 2
+    target = [Committed([1] * 20, "x", "target", 0, 0, "stop", 2.4)] * 2  # 0.12 s per token; ar: 0.1
+    trace = Trace("p", "lr_async", 10, steps=draft + target, draft_requests=4, draft_tokens=40, draft_step_s=2.0,
+                  wall_s=6.0, verifications=[Verification(0, 0, a, 1.0) for a in (True, True, False, False)])
+    ar = Trace("p", "ar", 10, steps=[Committed([1] * 50, "x", "target", 0, 0, "stop", 5.0)], wall_s=5.0)
+    sums = {"ar": summarize([ar]), "lr_async": summarize([trace], gamma=4)}
+    add_speedups(sums)
+    s = sums["lr_async"]
+    assert s["step_accept_rate"] == 0.5 and s["draft_token_share"] == pytest.approx(0.2)
+    assert s["committed_draft_step_tokens"] == 5 and s["draft_token_s"] == pytest.approx(0.05)
+    assert s["draft_bound_speedup"] == pytest.approx(2.0)  # the draft writes a token in half ar's time
+    assert s["token_model_speedup"] == pytest.approx(1 / (0.2 * 0.5 + 0.8 * 1.2))
+    assert s["token_model_speedup"] < s["predicted_speedup"]
+    assert s["speedup"] == pytest.approx((50 / 6.0) / 10.0)  # below both: the rest of the wall is waiting
+    assert sums["ar"].get("token_model_speedup") is None and sums["ar"]["draft_token_share"] == 0
 
 
 def test_add_speedups_rescales_the_prediction_by_the_measured_target_step_cost():
