@@ -173,16 +173,13 @@ def _evaluate(args, draft: str, tag: str) -> dict:
             "lr_tokens_per_draft_step": s["tokens_per_draft_step"],
             "budget_cut_draft_steps": s["budget_cut_draft_steps"], "draft_requests": s["draft_requests"],
             "draft_tokens_per_request": s["draft_tokens"] / s["draft_requests"] if s["draft_requests"] else None,
-            "speedup": s["speedup"],
-            "predicted_speedup": s["predicted_speedup"], "predicted_speedup_ideal": s["predicted_speedup_ideal"],
-            "step_cost_ratio": s["step_cost_ratio"], "draft_bound_speedup": s.get("draft_bound_speedup"),
-            "token_model_speedup": s.get("token_model_speedup"),
-            "draft_token_share": s["draft_token_share"], "committed_draft_step_tokens": s["committed_draft_step_tokens"],
-            "draft_tokens_per_pass": s["draft_tokens_per_pass"], "draft_speculation": cfg.lookahead.draft_speculation,
-            "target_step_slowdown": s["target_step_slowdown"], "commit_wait": s["commit_wait"],
-            "tokens_per_s": s["tokens_per_s"], "ar_tokens_per_s": summary["methods"]["ar"]["tokens_per_s"],
-            "accuracy": s["accuracy"], "answer_agreement": s["answer_agreement"],
-            "token_acceptance_rate": s["token_acceptance_rate"], "wall_s": summary["wall_s"]}
+            **{k: s.get(k) for k in ("speedup", "predicted_speedup", "predicted_speedup_ideal", "step_cost_ratio",
+                                     "draft_bound_speedup", "token_model_speedup", "draft_token_share",
+                                     "committed_draft_step_tokens", "draft_tokens_per_pass", "target_step_slowdown",
+                                     "commit_wait", "tokens_per_s", "accuracy", "answer_agreement",
+                                     "token_acceptance_rate")},
+            "draft_speculation": cfg.lookahead.draft_speculation,
+            "ar_tokens_per_s": summary["methods"]["ar"]["tokens_per_s"], "wall_s": summary["wall_s"]}
 
 
 def _collect(args) -> tuple[str, dict]:

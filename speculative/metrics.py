@@ -135,18 +135,18 @@ def target_slowdown(method: dict, alone: dict) -> float:
     return 1.0
 
 
-def token_model_speedup(method: dict, ar: dict) -> float | None:
+def token_model_speedup(method: dict, ar_token_s: float) -> float | None:
     """The speedup if the wall held only the committed work, counted in tokens: the answer's draft tokens at the
     draft's measured pace and its target tokens at the pace of the method's committed target steps, over `ar`'s
-    pace (1 / (share * draft / ar + (1 - share) * target / ar)). The step model counts steps; when accepted steps
-    are shorter than the target's (they often are), this is the better account, and the rest of the gap to the
-    measured speedup is waiting (`commit_wait`) and overhead."""
+    per-token time `ar_token_s` (1 / (share * draft / ar + (1 - share) * target / ar)). The step model counts
+    steps; when accepted steps are shorter than the target's (they often are), this is the better account, and the
+    rest of the gap to the measured speedup is waiting (`commit_wait`) and overhead."""
     committed = method.get("committed_target_steps") or {}
-    share, draft_s, ar_s = method.get("draft_token_share"), method.get("draft_token_s"), _token_latency(ar)
-    if share is None or not draft_s or not ar_s or not committed.get("tokens"):
+    share, draft_s = method.get("draft_token_share"), method.get("draft_token_s")
+    if share is None or not draft_s or not committed.get("tokens"):
         return None
     target_s = committed["latency_s"] / committed["tokens"]
-    return 1 / (share * draft_s / ar_s + (1 - share) * target_s / ar_s)
+    return ar_token_s / (share * draft_s + (1 - share) * target_s)
 
 
 def _token_latency(ar: dict) -> float | None:
@@ -171,6 +171,7 @@ def add_speedups(summaries: dict[str, dict]) -> None:
     if not ar or not ar["tokens_per_s"]:
         return
     token_speedup = summaries["sd"]["tokens_per_s"] / ar["tokens_per_s"] if "sd" in summaries else 1.0
+    ar_token_s = _token_latency(ar)
     for method, s in summaries.items():
         s["speedup"] = s["tokens_per_s"] / ar["tokens_per_s"]
         ideal = predicted_speedup(method, s["step_accept_rate"], s["step_cost_ratio"], s["gamma"], token_speedup)
@@ -179,8 +180,8 @@ def add_speedups(summaries: dict[str, dict]) -> None:
         s["predicted_speedup_ideal"] = ideal
         s["target_step_slowdown"] = slowdown
         s["predicted_speedup"] = device_adjusted(ideal, slowdown)
-        if s.get("draft_token_s") and _token_latency(ar):
+        if s.get("draft_token_s") and ar_token_s:
             # every step accepted: tokens come at the draft's pace (lr_async, fpsr), a ceiling on any acceptance
             # (per request: with several problems in flight, latency, not throughput)
-            s["draft_bound_speedup"] = _token_latency(ar) / s["draft_token_s"]
-            s["token_model_speedup"] = token_model_speedup(s, ar)
+            s["draft_bound_speedup"] = ar_token_s / s["draft_token_s"]
+            s["token_model_speedup"] = token_model_speedup(s, ar_token_s)
