@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from actors import zoo
-from actors.engine import Engine, EngineError, Request, Sampling, Speculation
+from actors.engine import Engine, EngineError, Request, Sampling, Speculation, _ngram_lookup
 from tests.conftest import hf_greedy
 
 PROMPT = [1, 504, 3458, 314, 260, 1345, 28, 1789, 43, 9023, 29, 2]
@@ -122,31 +122,65 @@ def test_seeded_sampling_is_reproducible(tiny_llama):
     assert all(sample(s, top_k=3).token_ids[0] in allowed for s in range(10))
 
 
-def test_speculative_sampling_keeps_the_target_distribution(tiny_llama):
-    """Second-token marginal under draft speculation vs the exact sum over first tokens (top-k 3)."""
+def _prompt_whose_lookups_are_plausible(model, prompt, k=3, tries=30):
+    """Grow the prompt with pairs (t, u) until, for each of its k likeliest next tokens t, prompt lookup
+    after t proposes a token among the k likeliest after prompt + [t]: whatever first token is sampled,
+    the second is then proposed, and the proposal is sometimes kept and sometimes replaced."""
+    def likeliest(p, n=k):
+        with torch.no_grad():
+            return model(torch.tensor([p])).logits[0, -1].topk(n).indices.tolist()
+
+    pairs: dict[int, int] = {}
+    for _ in range(tries):
+        p = prompt[:-1] + [x for t, u in pairs.items() for x in (t, u)] + prompt[-1:]
+        firsts, plausible = likeliest(p), 0
+        for t in firsts:
+            proposal = _ngram_lookup(p + [t], Speculation("ngram", 1), 1)
+            seconds = likeliest(p + [t])
+            if proposal and proposal[0] in seconds:
+                plausible += 1
+            elif pairs.get(t) not in seconds:
+                pairs[t] = next(u for u in likeliest(p + [t], 10) if u != t and u not in firsts)
+        if plausible == k:
+            return p
+    raise AssertionError("no prompt found whose lookups propose likely second tokens")
+
+
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_speculative_sampling_keeps_the_target_distribution(tiny_llama, method):
+    """Second-token marginal under speculation vs the exact sum over first tokens (top-k 3).
+
+    The n-gram case runs the acceptance rule with one-hot proposals: accept with the target's probability,
+    else sample from the target with the proposal removed."""
     model, tok = tiny_llama
-    draft = zoo.load_model("tiny-llama-draft-l1", device="cpu")[0]
+    if method == "draft":
+        prompt, draft = PROMPT, zoo.load_model("tiny-llama-draft-l1", device="cpu")[0]
+    else:
+        prompt, draft = _prompt_whose_lookups_are_plausible(model, PROMPT), None
     sampling = dict(temperature=1.0, top_k=3)
-    logits1 = model(torch.tensor([PROMPT])).logits[0, -1]
-    p1 = torch.zeros_like(logits1)
-    top1 = logits1.topk(3)
-    p1[top1.indices] = torch.softmax(top1.values, -1)
-    exact = torch.zeros_like(logits1)
-    for t in top1.indices.tolist():
-        lg = model(torch.tensor([PROMPT + [t]])).logits[0, -1]
-        top2 = lg.topk(3)
-        exact[top2.indices] += p1[t] * torch.softmax(top2.values, -1)
-    engine = Engine(model, tok, draft_model=draft, speculation=Speculation("draft", 2))
+    with torch.no_grad():
+        logits1 = model(torch.tensor([prompt])).logits[0, -1]
+        p1 = torch.zeros_like(logits1)
+        top1 = logits1.topk(3)
+        p1[top1.indices] = torch.softmax(top1.values, -1)
+        exact = torch.zeros_like(logits1)
+        for t in top1.indices.tolist():
+            lg = model(torch.tensor([prompt + [t]])).logits[0, -1]
+            top2 = lg.topk(3)
+            exact[top2.indices] += p1[t] * torch.softmax(top2.values, -1)
+    engine = Engine(model, tok, draft_model=draft, speculation=Speculation(method, 2))
     engine.eos_ids = set()
     n = 1500
-    results = engine.generate([Request(PROMPT, max_new_tokens=2, sampling=Sampling(seed=s, **sampling))
+    results = engine.generate([Request(prompt, max_new_tokens=2, sampling=Sampling(seed=s, **sampling))
                                for s in range(n)])
     counts = torch.zeros_like(logits1)
     for r in results:
         counts[r.token_ids[1]] += 1
     tv = 0.5 * (counts / n - exact).abs().sum().item()
     assert tv < 0.05, tv
-    assert sum(r.counters.drafted_tokens for r in results) > 0
+    drafted = sum(r.counters.drafted_tokens for r in results)
+    accepted = sum(r.counters.accepted_tokens for r in results)
+    assert 0 < accepted < drafted  # both branches of the rule ran: some proposals kept, some replaced
 
 
 def test_cancel_leaves_nothing_running(tiny_llama):
