@@ -21,6 +21,8 @@ gpu (when CUDA is present; names the GPU): milo3_speedup_vs_fp16 and codebook4_s
   16 tokens x top-2), the grouped kernel (two launches) over a Python loop of per-expert `affine3_matmul`s.
   codebook4_experts_grouped_speedup_vs_loop: the same for 8 per-row 4-bit codebook experts, the grouped kernel
   (one launch) over a Python loop of per-expert `codebook4_matmul`s.
+`--skip-cpu` writes only the gpu figures (cpu: null): it needs torch, triton and transformers alone, no compiler and
+no model package, as on a bare GPU machine.
 """
 
 from __future__ import annotations
@@ -262,6 +264,10 @@ def _gpu(reps: int) -> dict:
 
 def bench_kernels(args) -> dict:
     t0 = time.perf_counter()
+    if getattr(args, "skip_cpu", False):  # a GPU machine with torch and triton but no compiler or model packages
+        if not torch.cuda.is_available():
+            raise RuntimeError("--skip-cpu leaves only the gpu figures, and CUDA is not available here")
+        return {"cpu": None, "gpu": _gpu(args.reps)}
     if not cpu.available():
         raise RuntimeError("the CPU kernels could not be built (see the warning above); nothing to measure")
     out: dict = {"cpu": {"isa": cpu.load().isa(), "threads": torch.get_num_threads(),

