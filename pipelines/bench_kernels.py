@@ -264,7 +264,7 @@ def _gpu(reps: int) -> dict:
 
 def bench_kernels(args) -> dict:
     t0 = time.perf_counter()
-    if getattr(args, "skip_cpu", False):  # a GPU machine with torch and triton but no compiler or model packages
+    if args.skip_cpu:  # a GPU machine with torch and triton but no compiler or model packages
         if not torch.cuda.is_available():
             raise RuntimeError("--skip-cpu leaves only the gpu figures, and CUDA is not available here")
         return {"cpu": None, "gpu": _gpu(args.reps)}

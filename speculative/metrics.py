@@ -33,7 +33,8 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
     cut_req = sum(t.budget_cut_draft_steps for t in traces)
     cut_tok = sum(t.budget_cut_draft_tokens for t in traces)
     target_cost = sum(t.target_step_s for t in traces) / max(target_req, 1)
-    draft_cost = sum(t.draft_step_s for t in traces) / max(draft_req, 1)
+    draft_s = sum(t.draft_step_s for t in traces)
+    draft_cost = draft_s / max(draft_req, 1)
     committed = _latency_line([(s.latency_s, len(s.token_ids)) for t in traces for s in t.steps
                                if s.origin == "target" and s.latency_s > 0])
     # the method's own target step, the theory's unit: the mean latency of the target steps it committed (the
@@ -75,7 +76,7 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         "draft_step_s": draft_cost,
         # the draft's cost per token it wrote, and what the answer took from it: accepted draft steps are often the
         # short ones, so their share of the tokens can sit well below the step accept rate
-        "draft_token_s": sum(t.draft_step_s for t in traces) / draft_tok if draft_tok else None,
+        "draft_token_s": draft_s / draft_tok if draft_tok else None,
         "draft_tokens_per_pass": draft_tok / draft_passes if draft_passes else None,
         "draft_token_share": draft_step_tokens / tokens if tokens else 0.0,
         "committed_draft_step_tokens": draft_step_tokens / draft_steps if draft_steps else None,
