@@ -169,6 +169,34 @@ def resolve_dir(name: str) -> Path | str:
                         f"smollm2-moe-<E>x, tiny-llama, tiny-mixtral, tiny-qwen3-moe), a directory or a hub id")
 
 
+def check_model(name: str) -> int:
+    """What a job checks of a model before it starts anything: the name resolves (a zoo name, an existing model
+    directory or a hub id), an early-exit draft asks for no more layers than its model has, and a quantized
+    checkpoint's files are complete and match their hashes. Returns the model's number of decoder layers (0 for
+    a hub id, whose config is not fetched here)."""
+    path = resolve_dir(name)
+    if not isinstance(path, Path):
+        return 0
+    if (path / "specmoe_quant.json").is_file():
+        from quant.checkpoint import verify_files
+
+        verify_files(path)
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelNotFound(f"model {name!r}: {path / 'config.json'} is not readable JSON ({exc})") from None
+    total = int(config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers") or 0)
+    if m := _DRAFT.match(name):
+        layers = int(m.group(2))
+        if total and not 1 <= layers <= total:
+            raise ModelNotFound(f"model {name!r}: the draft asks for the first {layers} layers of "
+                                f"{m.group(1)!r}, which has {total}")
+        return layers
+    return total
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

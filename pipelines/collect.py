@@ -21,7 +21,8 @@ from tqdm import tqdm
 from actors import zoo
 from actors.hosts import init_ray, start_host
 from rewards.answers import extract_answer, is_correct
-from pipelines.config import CollectConfig, run_cli
+from pipelines.cli import run_cli
+from pipelines.schema import CollectConfig
 from pipelines.evaluate import settings_for_generation
 from pipelines.data import load_problems, prompt_ids
 from pipelines.runs import append_jsonl, make_run_dir, read_jsonl, save_config, write_json
@@ -84,11 +85,17 @@ def summarize(rows: list[dict], prompt_tokens: int, wall_s: float) -> dict:
     }
 
 
+def preflight(cfg: CollectConfig):
+    """Everything that can be wrong before a run directory exists or a model loads: the problems, the model."""
+    problems = load_problems(cfg.data).items
+    zoo.check_model(cfg.target.model.name)
+    return problems, zoo.load_tokenizer(cfg.target.model.name, cfg.target.model.trust_remote_code)
+
+
 def run(cfg: CollectConfig, run_dir: Path | None = None) -> Path:
+    problems, tokenizer = preflight(cfg)
     run_dir = run_dir or make_run_dir(cfg, "collect")
     resolved = save_config(cfg, run_dir, "collect")
-    problems = load_problems(cfg.data).items
-    tokenizer = zoo.load_tokenizer(cfg.target.model.name, cfg.target.model.trust_remote_code)
     tracker = Tracker(cfg.wandb, run_dir, "collect", resolved)
     init_ray(cfg.ray)
     target = start_host("target", cfg.target)

@@ -24,7 +24,8 @@ import torch
 
 from actors import zoo
 from pipelines import collect
-from pipelines.config import DemoConfig, run_cli
+from pipelines.cli import run_cli
+from pipelines.schema import DemoConfig
 from pipelines.evaluate import evaluate
 from pipelines.report import method_table
 from pipelines.runs import make_run_dir, read_jsonl, save_config, write_json
@@ -85,10 +86,10 @@ def plot(run_dir: Path, rows: list[dict], models: dict, aligned: list[dict] | No
     return path
 
 
-def quantize_moe(cfg: DemoConfig, run_dir: Path) -> list[dict]:
-    """Each quantize run on the demo MoE; its checkpoint, bits per weight and perplexity beside the source's."""
-    from pipelines.config import QuantizeConfig, load_config
-    from pipelines.quantize import run as quantize
+def quantize_configs(cfg: DemoConfig, run_dir: Path) -> list:
+    """The quantize runs' configs (`cfg.quantize`: overrides of the quantize demo preset, one string per run)."""
+    from pipelines.config import load_config
+    from pipelines.schema import QuantizeConfig
 
     out = []
     for overrides in cfg.quantize:
@@ -96,6 +97,40 @@ def quantize_moe(cfg: DemoConfig, run_dir: Path) -> list[dict]:
             "demo", f"model.name={cfg.moe_model}", f"run.out_dir={run_dir / 'quantize'}",
             f"ppl_tokens={cfg.moe_ppl_tokens}", f"wandb.group={run_dir.name}"] + overrides.split())
         qcfg.run.name = f"quantize-{qcfg.method}"
+        out.append(qcfg)
+    return out
+
+
+def sapo_config(cfg: DemoConfig, run_dir: Path, trajectories: Path):
+    """The SAPO stage's config: `cfg.sapo` (a sapo preset and overrides) on the collected trajectories."""
+    from pipelines.config import load_config
+    from pipelines.schema import SapoConfig
+
+    preset, *overrides = cfg.sapo.split()
+    return load_config(SapoConfig, "sapo", [preset, f"trajectories={trajectories}", f"run.out_dir={run_dir}",
+                                            f"wandb.group={run_dir.name}"] + overrides)
+
+
+def preflight(cfg: DemoConfig) -> None:
+    """Every stage's checks that need no model loaded, before the demo's run directory exists."""
+    from pipelines.evaluate import preflight as evaluate_preflight
+    from pipelines.quantize import spec_of
+
+    collect.preflight(cfg.collect)
+    evaluate_preflight(cfg.evaluate)
+    zoo.check_model(cfg.moe_model)
+    for qcfg in quantize_configs(cfg, Path(cfg.run.out_dir)):
+        spec_of(qcfg).check()
+    if cfg.sapo:
+        zoo.check_model(sapo_config(cfg, Path(cfg.run.out_dir), Path("trajectories.jsonl")).draft.name)
+
+
+def quantize_moe(cfg: DemoConfig, run_dir: Path) -> list[dict]:
+    """Each quantize run on the demo MoE; its checkpoint, bits per weight and perplexity beside the source's."""
+    from pipelines.quantize import run as quantize
+
+    out = []
+    for overrides, qcfg in zip(cfg.quantize, quantize_configs(cfg, run_dir)):
         _, s = quantize(qcfg)
         for method in qcfg.compare:  # baselines at the same bits, measured by that run (comparison.md)
             out.append({"run": overrides, "method": f"{method} (baseline)", "bits_per_weight": s[f"compare/{method}/bpw"],
@@ -110,12 +145,8 @@ def quantize_moe(cfg: DemoConfig, run_dir: Path) -> list[dict]:
 def train_draft(cfg: DemoConfig, run_dir: Path, trajectories: Path) -> tuple[str, dict]:
     """The SAPO stage: `cfg.sapo` (a sapo preset and overrides) trained on the collected trajectories."""
     from pipelines import sapo
-    from pipelines.config import SapoConfig, load_config
 
-    preset, *overrides = cfg.sapo.split()
-    scfg = load_config(SapoConfig, "sapo", [preset, f"trajectories={trajectories}", f"run.out_dir={run_dir}",
-                                            f"wandb.group={run_dir.name}"] + overrides)
-    draft_dir, summary = sapo.run(scfg)
+    draft_dir, summary = sapo.run(sapo_config(cfg, run_dir, trajectories))
     return str(draft_dir), summary
 
 
@@ -197,6 +228,7 @@ def _num(v) -> str:
 
 def run(cfg: DemoConfig) -> Path:
     t0 = time.perf_counter()
+    preflight(cfg)
     run_dir = make_run_dir(cfg, "demo")
     resolved = save_config(cfg, run_dir, "demo")
     torch.manual_seed(0)

@@ -24,7 +24,8 @@ from actors import zoo
 from actors.engine import Sampling, Speculation
 from actors.hosts import init_ray, split_threads, start_host
 from rewards.answers import extract_answer, is_correct
-from pipelines.config import ConfigError, EvaluateConfig, own_verifier_model, run_cli
+from pipelines.cli import run_cli
+from pipelines.schema import ConfigError, EvaluateConfig, own_verifier_model
 from pipelines.data import load_problems, prompt_ids
 from pipelines.runs import append_jsonl, make_run_dir, read_jsonl, save_config, write_json
 from pipelines.tracking import Tracker
@@ -42,6 +43,7 @@ def preflight(cfg: EvaluateConfig):
         missing = next(p.id for p in problems if p.answer is None)
         raise ConfigError(f"accuracy=true but problem {missing!r} has no answer (field {cfg.data.answer_field!r}); "
                           "set accuracy=false to time without grading")
+    zoo.check_model(cfg.target.model.name)
     tok = zoo.load_tokenizer(cfg.target.model.name, cfg.target.model.trust_remote_code)
     uses_steps = any(m.split("+")[0] in STEP_METHODS for m in cfg.methods)
     uses_token_draft = cfg.token_speculation.method == "draft" and any(m == "sd" or m.endswith("+sd")
@@ -49,9 +51,12 @@ def preflight(cfg: EvaluateConfig):
     others = []
     if uses_steps:
         others.append(("draft", cfg.draft.model.name))
+        if own_verifier_model(cfg):
+            zoo.check_model(cfg.verifier.model)
     if uses_token_draft:
         others.append(("token_speculation.draft_model", cfg.token_speculation.draft_model.name))
     for key, name in others:
+        zoo.check_model(name)
         if zoo.load_tokenizer(name).get_vocab() != tok.get_vocab():
             raise ConfigError(f"config key {key!r}: {name!r} uses another tokenizer than the target "
                               f"{cfg.target.model.name!r}" + (" (token-level SD needs the same one)"

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from actors import zoo
 from actors.hosts import init_ray
-from pipelines.config import ConfigError, QuantizeConfig, run_cli
+from pipelines.cli import run_cli
+from pipelines.schema import ConfigError, QuantizeConfig
 from pipelines.runs import make_run_dir, save_config, write_json
 from pipelines.tracking import Tracker
 from quant import checkpoint as ckpt
@@ -183,9 +184,16 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
     t_start = time.perf_counter()
     bad = [m for m in cfg.compare if m not in ("rtn", "hqq", "milo", "kmeans")]
     if bad:
-        raise ConfigError(f"compare: unknown methods {bad}; use rtn, hqq, milo or kmeans")
-    model, tok = zoo.load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
+        raise ConfigError(f"config key 'compare': unknown methods {bad}; use rtn, hqq, milo or kmeans")
+    if cfg.compare and not cfg.ppl_tokens:
+        raise ConfigError("config key 'compare': the comparison is by perplexity, and ppl_tokens=0 skips it")
     spec = spec_of(cfg)
+    try:  # method, bits and rank policy agree, before the model loads
+        spec.check()
+    except QuantConfigError as exc:
+        raise ConfigError(f"config key 'method': {cfg.method} with bits={cfg.bits}: {exc}") from None
+    zoo.check_model(cfg.model.name)
+    model, tok = zoo.load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
     calib = rotate_for_codequant(cfg, model, tok) if cfg.method == "codequant" else {}
     try:
         if cfg.rank_policy == "frequency" and cfg.method == "milo":  # a dense model has no routers: stop here

@@ -15,7 +15,9 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from pipelines.config import ConfigError, EvaluateConfig, SweepConfig, load_config, own_verifier_model, run_cli
+from pipelines.cli import run_cli
+from pipelines.config import load_config
+from pipelines.schema import ConfigError, EvaluateConfig, SweepConfig, own_verifier_model
 from pipelines.runs import make_run_dir, save_config, write_json
 
 
@@ -56,17 +58,19 @@ def run(sweep: SweepConfig) -> Path:
 
     from actors.hosts import init_ray
 
-    for key, values in sweep.grid.items():  # every trial config must load: fail before anything starts
+    from pipelines.evaluate import preflight
+
+    for key, values in sweep.grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"config key 'grid.{key}': give a non-empty list of values")
+    keys = list(sweep.grid)
+    combos = [dict(zip(keys, vals)) for vals in itertools.product(*(sweep.grid[k] for k in keys))]
+    for params in combos:  # every trial config loads and passes evaluate's checks before anything is written
+        preflight(trial_config(sweep, params, Path("trials"), ""))
     sweep_dir = make_run_dir(sweep, "sweep")
     save_config(sweep, sweep_dir, "sweep")
     trials_dir = (sweep_dir / "trials").resolve()
-    keys = list(sweep.grid)
-    combos = [dict(zip(keys, vals)) for vals in itertools.product(*(sweep.grid[k] for k in keys))]
     first = trial_config(sweep, combos[0], trials_dir, sweep_dir.name)
-    for params in combos[1:]:
-        trial_config(sweep, params, trials_dir, sweep_dir.name)
 
     def trainable(params: dict) -> None:
         from pipelines.evaluate import evaluate

@@ -154,6 +154,20 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def verify_files(path, hashes: bool = True) -> dict:
+    """The manifest of a checkpoint whose shard files are all there and, with `hashes`, match their sha256 in the
+    manifest (a job checks this before it starts anything; loading checks it again)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for fname, digest in manifest["files"].items():
+        f = path / fname
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {fname}")
+        if hashes and sha256(f) != digest:
+            raise CheckpointError(f"checkpoint {path}: {fname} does not match its hash in {MANIFEST} (corrupt)")
+    return manifest
+
+
 def load_quantized(path, dtype=torch.float32, verify: bool = True, runtime: str = "dequantized",
                    backend: str = "auto"):
     """Rebuild the model of a quantized checkpoint. runtime "dequantized": targets hold their dequantized weights
@@ -165,13 +179,7 @@ def load_quantized(path, dtype=torch.float32, verify: bool = True, runtime: str 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    manifest = read_manifest(path)
-    for fname, digest in manifest["files"].items():
-        f = path / fname
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is missing {fname}")
-        if verify and sha256(f) != digest:
-            raise CheckpointError(f"checkpoint {path}: {fname} does not match its hash in {MANIFEST} (corrupt)")
+    manifest = verify_files(path, hashes=verify)
     config = AutoConfig.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rest = load_file(str(path / "rest.safetensors"))

@@ -1,6 +1,7 @@
 import pytest
 
-from pipelines.config import CollectConfig, ConfigError, load_config
+from pipelines.config import load_config
+from pipelines.schema import CollectConfig, ConfigError
 
 
 def test_demo_preset_and_overrides():
@@ -46,7 +47,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
 
 
 def test_demo_sapo_stage_keys():
-    from pipelines.config import DemoConfig
+    from pipelines.schema import DemoConfig
 
     cfg = load_config(DemoConfig, "demo", [])
     assert cfg.sapo == "demo" and cfg.sapo_methods == ["lr_async+sd"]
@@ -54,3 +55,33 @@ def test_demo_sapo_stage_keys():
     assert load_config(DemoConfig, "demo", ["sapo=null"]).sapo is None
     with pytest.raises(ConfigError, match="sapo_methods"):
         load_config(DemoConfig, "demo", ["sapo_methods=[lr_fast]"])
+
+
+def test_config_page_is_generated_from_the_schema():
+    """docs/config.md is what `python -m pipelines.config_doc` writes from the typed configs: a key added, renamed or
+    re-documented without regenerating the page fails here."""
+    from pipelines import config_doc
+
+    assert config_doc.PAGE.read_text() == config_doc.page(), "run `python -m pipelines.config_doc`"
+    text = config_doc.page()
+    for job in config_doc.ORDER:
+        assert f"## {job}" in text
+    assert "| `lookahead.gamma` | int | `4` | >= 1 |" in text
+    assert "| `verifier.kind` | str | `\"tbvm\"` | `exact` / `embedding`" in text
+    assert "|  |\n" not in text  # every key says what it does
+
+
+def test_a_sweep_grid_given_on_the_command_line_replaces_the_presets():
+    from pipelines.schema import SweepConfig
+
+    cfg = load_config(SweepConfig, "sweep", ["tiny", "grid={draft.model.name: [tiny-llama-draft-l1]}"])
+    assert cfg.grid == {"draft.model.name": ["tiny-llama-draft-l1"]}
+    assert load_config(SweepConfig, "sweep", ["tiny"]).grid == {"lookahead.gamma": [1, 2],
+                                                                 "verifier.kind": ["exact", "always"]}
+
+
+def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("data:\n  num_problems: [1\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml line \d+, column \d+: not valid YAML"):
+        load_config(CollectConfig, "collect", [str(f)])

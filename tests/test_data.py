@@ -3,7 +3,7 @@ import json
 import pytest
 
 from rewards.answers import extract_answer, gold_answer, is_correct, last_boxed
-from pipelines.config import DataConfig
+from pipelines.schema import DataConfig
 from pipelines.data import DataError, load_problems, prompt_ids
 
 

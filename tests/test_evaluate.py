@@ -7,13 +7,14 @@ from dataclasses import replace
 import pytest
 import ray
 
-from pipelines.config import ConfigError, EvaluateConfig, SweepConfig, load_config
+from pipelines.config import load_config
+from pipelines.schema import ConfigError, EvaluateConfig, SweepConfig
 
 
 @pytest.fixture(scope="module")
 def local_ray():
     from actors.hosts import init_ray
-    from pipelines.config import RayConfig
+    from pipelines.schema import RayConfig
 
     init_ray(RayConfig(num_cpus=2))
     yield
@@ -156,7 +157,7 @@ def test_sweep_runs_a_2x2_grid_under_ray_tune(tmp_path):
 
 
 def test_evaluate_serves_a_quantized_checkpoint_by_path(local_ray, tmp_path):
-    from pipelines.config import QuantizeConfig
+    from pipelines.schema import QuantizeConfig
     from pipelines.evaluate import evaluate
     from pipelines.quantize import run as quantize
 

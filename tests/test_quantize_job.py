@@ -126,4 +126,4 @@ def test_hub_perplexity_text_offline_stops_before_work(tmp_path):
     assert not (tmp_path / "quantize").exists()  # no run directory, no work
     job = _job([f"run.out_dir={tmp_path}", "compare=[gptq]"])
     out, _ = job.communicate(timeout=600)
-    assert job.returncode == 2 and "compare: unknown methods ['gptq']" in out
+    assert job.returncode == 2 and "config key 'compare': unknown methods ['gptq']" in out

@@ -15,7 +15,8 @@ import ray
 
 from actors.engine import Request
 from actors.hosts import EngineHost, init_ray, start_host
-from pipelines.config import CollectConfig, RayConfig, RoleConfig, load_config
+from pipelines.config import load_config
+from pipelines.schema import CollectConfig, RayConfig, RoleConfig
 from tests.test_engine import PROMPT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +145,7 @@ def test_ray_job_submit_against_a_real_head(tmp_path):
 
 def test_demo_tiny_end_to_end(local_ray, tmp_path):
     from pipelines import demo
-    from pipelines.config import DemoConfig
+    from pipelines.schema import DemoConfig
 
     run_dir = demo.run(load_config(DemoConfig, "demo", ["tiny", f"run.out_dir={tmp_path}"]))
     text = (run_dir / "report.md").read_text()

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import CollectConfig, ConfigError, SapoConfig, load_config
+from pipelines import sapo_train
+from pipelines.config import load_config
+from pipelines.schema import CollectConfig, ConfigError, SapoConfig
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_sapo_tiny_trains_exports_and_resumes(trained, trajectories):
     # the step unit (the tiny preset's default): one prompt per finished step of each trajectory
     tok = zoo.load_tokenizer("tiny-llama")
     rows = [json.loads(line) for line in trajectories.read_text().splitlines()]
-    assert summary["grpo_prompts"] == len(sapo.step_rows(rows, tok)) > 0
+    assert summary["grpo_prompts"] == len(sapo_train.step_rows(rows, tok)) > 0
     # 2 steps x 2 generations, all in this process
     assert summary["grpo_world_size"] == 1 and summary["grpo_completions_per_rank"] == [4]
     assert summary["grpo_wall_s"] > 0
@@ -78,30 +80,29 @@ def test_sapo_tiny_trains_exports_and_resumes(trained, trajectories):
 
 
 def test_sapo_resume_with_another_config_is_refused(trained, trajectories):
-    from pipelines import sapo
 
     run_dir, _ = trained
     before = _hashes(run_dir)
     assert any(k.startswith("grpo/checkpoint-") and k.endswith("optimizer.pt") for k in before)
-    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.resume={run_dir}",
-                                           "grpo.learning_rate=0.001", "lora.enabled=true", "grpo.steps=5"])
+    # the config is checked against the saved one while it loads, before the job creates or touches anything
     with pytest.raises(ConfigError, match=r"\['grpo.learning_rate', 'lora.enabled'\]") as err:
-        sapo.run(cfg)
+        load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.resume={run_dir}",
+                                         "grpo.learning_rate=0.001", "lora.enabled=true", "grpo.steps=5"])
     assert "1e-06 -> 0.001" in str(err.value) and "grpo.steps" not in str(err.value)
     assert _hashes(run_dir) == before  # config, checkpoints, W&B files: not a byte changed
     # keys of switched-off features, resources and the step budget may change
-    sapo.check_resume(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.resume={run_dir}",
-                                                       "lora.r=4", "target.model.name=x", "grpo.steps=9",
-                                                       "distributed.worker_cpus=2"]))
+    load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.resume={run_dir}", "lora.r=4",
+                                     "target.model.name=x", "grpo.steps=9", "distributed.worker_cpus=2"])
     # run.resume without a preset: the run's saved config is the base (the demo preset would differ everywhere)
     saved = load_config(SapoConfig, "sapo", [f"run.resume={run_dir}", "grpo.steps=9"])
     assert saved.trajectories == str(trajectories) and saved.draft.name == "tiny-llama-draft-l1"
     assert saved.grpo.steps == 9 and saved.run.resume == str(run_dir)
-    sapo.check_resume(saved)
-    with pytest.raises(ConfigError, match="holds a run of another job, not collect"):
+    with pytest.raises(ConfigError, match="holds a 'sapo' run, not collect"):
         load_config(CollectConfig, "collect", [f"run.resume={run_dir}"])
     with pytest.raises(ConfigError, match="not a run directory"):
         load_config(SapoConfig, "sapo", [f"run.resume={run_dir / 'grpo'}"])
+    with pytest.raises(ConfigError, match="not a run directory"):
+        load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.resume={run_dir / 'grpo'}"])
     # a run saved before grpo.unit existed trained whole answers: resuming it at the step unit is refused
     import yaml
 
@@ -111,13 +112,9 @@ def test_sapo_resume_with_another_config_is_refused(trained, trajectories):
     del saved["grpo"]["unit"]
     (legacy / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(ConfigError, match=r"grpo.unit: 'answer' -> 'step'"):
-        sapo.check_resume(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}",
-                                                           f"run.resume={legacy}"]))
-    sapo.check_resume(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}",
-                                                       f"run.resume={legacy}", "grpo.unit=answer"]))
-    with pytest.raises(ConfigError, match="not a run directory"):
-        sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}",
-                                                  f"run.resume={run_dir / 'grpo'}"]))
+        load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.resume={legacy}"])
+    load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.resume={legacy}",
+                                     "grpo.unit=answer"])
 
 
 def test_sapo_bad_input(trajectories, tmp_path):
@@ -182,7 +179,7 @@ def test_sapo_lora_exports_a_merged_draft_the_engine_loads(trajectories, tmp_pat
     from actors.engine import Request
     from actors.hosts import build_engine
     from pipelines import sapo
-    from pipelines.config import ModelConfig, RoleConfig
+    from pipelines.schema import ModelConfig, RoleConfig
 
     cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={tmp_path}",
                                            "lora.enabled=true", "lora.r=4", "warm_start.learning_rate=0.01",
@@ -204,8 +201,8 @@ def test_sapo_lora_exports_a_merged_draft_the_engine_loads(trajectories, tmp_pat
 
 
 def test_deepspeed_config_and_cpu_refusal(tmp_path):
-    from pipelines.config import DistributedConfig
-    from pipelines.sapo import deepspeed_config
+    from pipelines.schema import DistributedConfig
+    from pipelines.sapo_train import deepspeed_config
 
     with pytest.raises(ConfigError, match="'distributed.deepspeed_stage'.*DeepSpeed needs GPUs"):
         load_config(SapoConfig, "sapo", ["tiny", "distributed.deepspeed_stage=2"])
@@ -294,7 +291,6 @@ def test_sapo_two_gloo_workers_under_ray_train_share_the_target(trajectories, tm
 def test_length_reward_forms_on_rollouts_cut_at_the_completion_cap(trajectories, smollm):
     """Rollouts cut far below the target's answer: the answer form scores them all 1 (no signal for GRPO), the
     step form tells short steps from one long step, against the trajectory's own tokens per step."""
-    from pipelines import sapo
 
     _, tok = smollm
     args = ["tiny", f"trajectories={trajectories}"]
@@ -303,8 +299,8 @@ def test_length_reward_forms_on_rollouts_cut_at_the_completion_cap(trajectories,
     steps = ["Tom has 3 apples and buys 4 more, so he has 3 + 4 = 7 apples." + delim,
              "He gives 2 away: 7 - 2 = 5." + delim, "The answer is 5."]
     sizes = [len(tok(x, add_special_tokens=False).input_ids) for x in steps]
-    ref = sapo._tokens_per_step(tok, steps)
-    assert ref == pytest.approx(sum(sizes) / 3) and sapo._tokens_per_step(tok, []) == 0.0
+    ref = sapo_train._tokens_per_step(tok, steps)
+    assert ref == pytest.approx(sum(sizes) / 3) and sapo_train._tokens_per_step(tok, []) == 0.0
     answer_tokens = 200  # the whole answer the rollouts are cut from
     short = delim.join(["x = 1"] * 6) + delim  # six short steps
     long = " ".join(["and then"] * int(ref))  # one step about 2x the reference, cut before its delimiter
@@ -312,9 +308,9 @@ def test_length_reward_forms_on_rollouts_cut_at_the_completion_cap(trajectories,
     sizes = [len(tok(c, add_special_tokens=False).input_ids) for c in rollouts]
     assert sizes[1] > ref > sizes[0] / 6 and max(sizes) < answer_tokens
     columns = dict(target_tokens=[answer_tokens] * 2, target_step_tokens=[ref] * 2)
-    step = sapo.reward_functions(cfg, tok, None)[1](completions=rollouts, **columns)
+    step = sapo_train.reward_functions(cfg, tok, None)[1](completions=rollouts, **columns)
     answer_cfg = load_config(SapoConfig, "sapo", args + ["rewards.length_form=answer"])
-    answer = sapo.reward_functions(answer_cfg, tok, None)[1](completions=rollouts, **columns)
+    answer = sapo_train.reward_functions(answer_cfg, tok, None)[1](completions=rollouts, **columns)
     assert answer == [1.0, 1.0]
     assert step[0] == 1.0 and step[1] == pytest.approx(ref / sizes[1])
     with pytest.raises(ConfigError, match="length_form"):
@@ -329,7 +325,6 @@ def test_online_align_asks_the_target_from_each_rollout_prefix(trajectories, smo
 
     from actors.engine import Engine, Request
     from actors.hosts import EngineHost
-    from pipelines import sapo
     from rewards.verifiers import Exact
     from speculative.clients import HostClient
 
@@ -341,7 +336,7 @@ def test_online_align_asks_the_target_from_each_rollout_prefix(trajectories, smo
     delim, detour = cfg.step_delimiter, "Let me think." + cfg.step_delimiter
 
     async def scores(align_cfg, rollouts, counter=None):
-        align = sapo.reward_functions(align_cfg, tok, Exact("normalized"), target, counter)[0]
+        align = sapo_train.reward_functions(align_cfg, tok, Exact("normalized"), target, counter)[0]
         n = len(rollouts)
         return await align(prompts=["p"] * n, completions=rollouts, target_steps=[row["steps"]] * n,
                            question=[row["question"]] * n, prompt_ids=[row["prompt_ids"]] * n)
@@ -392,7 +387,7 @@ def test_sapo_killed_run_resumes_step_optimizer_and_wandb_id(trajectories, tmp_p
             pass
     [run_dir] = tmp_path.glob("sapo/*")
     assert not (run_dir / "draft").exists()  # killed before the end
-    saved = sapo._last_checkpoint(run_dir / "grpo")
+    saved = sapo_train._last_checkpoint(run_dir / "grpo")
     done = int(saved.rsplit("-", 1)[1])
     assert 1 <= done < steps
     run_id = (run_dir / "wandb_run_id").read_text()
@@ -424,11 +419,10 @@ def _step_row(tok, finish="eos", with_ids=True):
 
 def test_step_unit_prompts_are_the_targets_own_prefixes():
     from actors import zoo
-    from pipelines import sapo
 
     tok = zoo.load_tokenizer("tiny-llama")
     row = _step_row(tok)
-    rows = sapo.step_rows([row], tok)
+    rows = sapo_train.step_rows([row], tok)
     assert [r["target_steps"] for r in rows] == [[s] for s in row["steps"]]
     ids = row["step_token_ids"]
     assert [r["prompt_ids"] for r in rows] == [row["prompt_ids"], row["prompt_ids"] + ids[0],
@@ -439,22 +433,22 @@ def test_step_unit_prompts_are_the_targets_own_prefixes():
     # R_outcome scores only the step drafted where the target wrote its final step: a middle step's last number
     # ("= 7") is no final answer, even when it equals the gold one
     assert [r["final"] for r in rows] == [False, False, True]
-    outcome = sapo.reward_functions(load_config(SapoConfig, "sapo", ["tiny"]), tok, None)[2]
+    outcome = sapo_train.reward_functions(load_config(SapoConfig, "sapo", ["tiny"]), tok, None)[2]
     assert outcome(completions=["3 + 4 = 5.\n\n", "The answer is 5.", "The answer is 6."],
                    answer=["5"] * 3, final=[False, True, True]) == [None, 1.0, 0.0]
     # an answer cut at the token cap: its last step is not a reference
-    assert len(sapo.step_rows([_step_row(tok, "length")], tok)) == 2
+    assert len(sapo_train.step_rows([_step_row(tok, "length")], tok)) == 2
     # an older trajectory file without step_token_ids: the steps' own tokens
-    assert [r["prompt_ids"] for r in sapo.step_rows([_step_row(tok, with_ids=False)], tok)] == \
+    assert [r["prompt_ids"] for r in sapo_train.step_rows([_step_row(tok, with_ids=False)], tok)] == \
         [r["prompt_ids"] for r in rows]
     # rollouts are cut at the token that completes the delimiter or at EOS, whatever follows
     x, dot, nl, nn = (tok(t, add_special_tokens=False).input_ids for t in ("x = 1", ".", "\n", "x\n\n"))
     nn = nn[-1:]
     assert tok.decode(nn) == "\n\n" and len(nl) == 1
-    assert sapo.cut_step(tok, x + dot + nl + nl + x, "\n\n", {2}) == x + dot + nl + nl
-    assert sapo.cut_step(tok, x + nn + x + nn, "\n\n", {2}) == x + nn
-    assert sapo.cut_step(tok, x + [2, 2] + x, "\n\n", {2}) == x + [2]
-    assert sapo.cut_step(tok, x + nl + x, "\n\n", {2}) == x + nl + x  # no step end: the whole rollout
+    assert sapo_train.cut_step(tok, x + dot + nl + nl + x, "\n\n", {2}) == x + dot + nl + nl
+    assert sapo_train.cut_step(tok, x + nn + x + nn, "\n\n", {2}) == x + nn
+    assert sapo_train.cut_step(tok, x + [2, 2] + x, "\n\n", {2}) == x + [2]
+    assert sapo_train.cut_step(tok, x + nl + x, "\n\n", {2}) == x + nl + x  # no step end: the whole rollout
 
 
 def test_step_rollout_stops_each_rollout_at_the_step_end(tmp_path):
@@ -465,15 +459,14 @@ def test_step_rollout_stops_each_rollout_at_the_step_end(tmp_path):
     from trl import GRPOConfig, GRPOTrainer
 
     from actors import zoo
-    from pipelines import sapo
 
     model, tok = zoo.load_model("tiny-llama")
-    rows = sapo.step_rows([_step_row(tok)], tok)
+    rows = sapo_train.step_rows([_step_row(tok)], tok)
     favoured = {}
     model.lm_head.register_forward_hook(
         lambda module, inputs, out: out + 100.0 * torch.nn.functional.one_hot(
             torch.tensor(favoured["id"]), out.shape[-1]).to(out.dtype))
-    rollout = sapo.step_rollout(tok, "\n\n", {r["prompt"]: r["prompt_ids"] for r in rows})
+    rollout = sapo_train.step_rollout(tok, "\n\n", {r["prompt"]: r["prompt_ids"] for r in rows})
     trainer = GRPOTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(rows),
                           reward_funcs=[lambda completions, **_: [0.0] * len(completions)], rollout_func=rollout,
                           args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, max_completion_length=6,
@@ -495,7 +488,7 @@ def test_step_agreement_judges_the_drafts_step_from_each_target_prefix():
     import torch
 
     from actors import zoo
-    from pipelines.bench_sapo import step_agreement
+    from pipelines.bench.agreement import step_agreement
     from rewards.verifiers import Exact
 
     model, tok = zoo.load_model("tiny-llama")
@@ -533,7 +526,7 @@ def test_token_agreement_counts_the_answer_tokens_the_drafts_argmax_predicts():
     import torch
 
     from actors import zoo
-    from pipelines.bench_sapo import token_agreement
+    from pipelines.bench.agreement import token_agreement
 
     model, tok = zoo.load_model("tiny-llama")
     apples = tok(" apples", add_special_tokens=False).input_ids[0]
@@ -560,6 +553,9 @@ def test_bench_sapo_writes_the_issue_keys_on_tiny_models(trajectories, tmp_path)
                 "--sapo-preset", "tiny", "--trajectories", str(trajectories), "--num-problems", "2",
                 "--verifier", "exact", "--max-new-tokens", "24", "--step-max-tokens", "6", "--throughput-steps", "1"])
     got = json.loads(out.read_text())
+    from pipelines.bench import sapo as bench_sapo
+
+    assert set(got) == set(bench_sapo.KEYS) | {"suite", "machine", "wall_s"}  # the suite's keys, no more, no fewer
     before, after, warm = got["before"], got["after"], got["warm_start"]
     assert got["accept_rate_before"] == before["step_accept_rate"] and got["accept_rate_after"] == after[
         "step_accept_rate"]

@@ -1,4 +1,4 @@
-from pipelines.config import WandbConfig
+from pipelines.schema import WandbConfig
 from pipelines.tracking import Tracker, offline_summary, wandb_mode
 
 

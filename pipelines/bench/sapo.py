@@ -36,97 +36,23 @@ import json
 import time
 from pathlib import Path
 
+from pipelines.bench.agreement import draft_step_agreement, token_agreement
+from pipelines.bench.common import stage
+
 LR_METHOD = "lr_async+sd"
+KEYS = ("held_out_offset", "num_problems", "method", "max_new_tokens", "step_max_tokens", "verifier", "threshold",
+        "sapo_preset", "draft_before", "trajectories", "train_problems", "train_offset", "collect", "sapo_run_reused",
+        *(f"{k}_{tag}" for k in ("accept_rate", "tokens_per_draft_step", "lr_tokens_per_draft_step",
+                                  "draft_tokens_per_request", "lr_speedup", "draft_bound_speedup", "draft_token_share",
+                                  "token_agreement", "step_match_rate", "draft_step_tokens")
+          for tag in ("before", "after")),
+        "accept_gain_points", "samples_per_s_1_worker", "samples_per_s_2_workers", "accept_rate_warm_start",
+        "tokens_per_draft_step_warm_start", "grpo_gain_points", "step_match_rate_warm_start",
+        "draft_step_tokens_warm_start", "target_step_tokens", "targets_met", "before", "after", "warm_start",
+        "draft_after", "sapo", "stage_wall_s")
 # Ray CPUs per GRPO worker in the throughput runs: 2 workers fit a 2-CPU instance beside the encoder actor (0.1 CPU);
 # each worker runs 1 torch thread either way
 THROUGHPUT_WORKER_CPUS = 0.95
-
-
-def _stage(name: str) -> float:
-    print(f"\n=== bench sapo: {name} ({time.strftime('%H:%M:%S')})", flush=True)
-    return time.perf_counter()
-
-
-def token_agreement(model, tok, trajectories: list[dict]) -> dict:
-    """Teacher-forced: the share of the target's answer tokens (`trajectories` rows: prompt ids and each step's token
-    ids, e.g. the `ar` traces of an evaluation) that the draft's argmax predicts from the same prefix, and the
-    draft's mean NLL of them."""
-    import torch
-
-    hits = tokens = 0
-    nll = 0.0
-    with torch.no_grad():
-        for row in trajectories:
-            prompt = list(row["prompt_ids"])
-            answer = [t for step in row["step_token_ids"] for t in step]
-            if not answer:
-                continue
-            logits = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].float()
-            target = torch.tensor(answer)
-            hits += (logits.argmax(-1) == target).sum().item()
-            nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
-            tokens += len(answer)
-    return {"token_agreement": hits / max(tokens, 1), "token_nll": nll / max(tokens, 1), "tokens": tokens}
-
-
-def step_agreement(model, tok, trajectories: list[dict], verifier, step_max_tokens: int, delimiter: str = "\n\n",
-                   batch: int = 16, window: int = 1) -> dict:
-    """On the target's own path: the draft's greedy step from every prefix the target wrote (the problem and the
-    target's steps before d; `trajectories` rows as pipelines.collect writes them), judged by `verifier` against the
-    target's step d. Free of what lr_async's own path adds (prefixes the draft wrote, requests cut by the answer's
-    remaining budget, cancelled subtrees), so it measures what SAPO trains: the share of matching steps and the
-    length of the draft's steps (`draft_step_tokens`: tokens up to and including the delimiter, EOS not counted).
-
-    With window > 1 it goes on drafting from the draft's own steps as a lookahead window does (window steps in a
-    row from each prefix, stopping at EOS), each step capped at step_max_tokens and none at an answer's budget:
-    `window_step_tokens` is the mean length of all of them (`_by_depth`: of each position in the window)."""
-    import asyncio
-
-    from pipelines.sapo import generate_steps, step_rows
-    from rewards.verifiers import Item
-
-    rows = step_rows(trajectories, tok)
-    paths, live, first, by_depth = [list(r["prompt_ids"]) for r in rows], list(range(len(rows))), [], []
-    for depth in range(window):
-        if not live:
-            break
-        steps = []
-        for b in range(0, len(live), batch):
-            steps += generate_steps(model, tok, [paths[i] for i in live[b:b + batch]], delimiter, {tok.eos_token_id},
-                                    max_new_tokens=step_max_tokens, do_sample=False)
-        first = first or steps
-        by_depth.append([len(s) - (bool(s) and s[-1] == tok.eos_token_id) for s in steps])
-        for i, s in zip(live, steps):
-            paths[i] += s
-        live = [i for i, s in zip(live, steps) if s and s[-1] != tok.eos_token_id]
-    texts = [tok.decode(ids, skip_special_tokens=True) for ids in first]
-    verdicts = asyncio.run(verifier.verify(
-        [Item("", "", s, [], r["target_steps"][0], []) for r, s in zip(rows, texts)])) if rows else []
-    n = max(len(rows), 1)
-    sizes = [x for d in by_depth for x in d]
-    return {"step_match_rate": sum(v.accept for v in verdicts) / n,
-            "draft_step_tokens": sum(by_depth[0]) / n if by_depth else 0.0,
-            "target_step_tokens": sum(r["target_step_tokens"] for r in rows) / n, "steps": len(rows),
-            "window_step_tokens": sum(sizes) / max(len(sizes), 1), "window_steps": len(sizes),
-            "window_step_tokens_by_depth": [sum(d) / len(d) for d in by_depth]}
-
-
-def _draft_step_agreement(model, tok, trajectories: list[dict], threshold: float, step_max_tokens: int,
-                          delimiter: str, window: int = 1, match: bool = True) -> dict:
-    """`step_agreement` of a loaded draft with the embedding verifier (MiniLM cosine > threshold); with match=False
-    only the step lengths (no encoder is loaded and no step_match_rate is reported)."""
-    from rewards.verifiers import Embedding, Exact
-
-    if match:
-        from actors.encoder import EncoderHost
-
-        verifier = Embedding(EncoderHost(), threshold)
-    else:
-        verifier = Exact("normalized")
-    out = step_agreement(model, tok, trajectories, verifier, step_max_tokens, delimiter, window=window)
-    if not match:
-        out.pop("step_match_rate")
-    return out
 
 
 def _ar_trajectories(eval_run_dir: Path, data_cfg, tok) -> list[dict]:
@@ -143,7 +69,8 @@ def _ar_trajectories(eval_run_dir: Path, data_cfg, tok) -> list[dict]:
 def _evaluate(args, draft: str, tag: str) -> dict:
     import ray
 
-    from pipelines.config import EvaluateConfig, load_config
+    from pipelines.config import load_config
+    from pipelines.schema import EvaluateConfig
     from pipelines.evaluate import evaluate
 
     cfg = load_config(EvaluateConfig, "evaluate", [
@@ -163,7 +90,7 @@ def _evaluate(args, draft: str, tag: str) -> dict:
     model, tok = zoo.load_model(draft, device="cpu")
     rows = _ar_trajectories(run_dir, cfg.data, tok)
     agreement = token_agreement(model, tok, rows)
-    steps = _draft_step_agreement(model, tok, rows, args.threshold, args.step_max_tokens,
+    steps = draft_step_agreement(model, tok, rows, args.threshold, args.step_max_tokens,
                                   cfg.generation.step_delimiter, window=cfg.lookahead.gamma,
                                   match=args.verifier == "embedding")
     del model
@@ -186,7 +113,8 @@ def _collect(args) -> tuple[str, dict]:
     import ray
 
     from pipelines import collect
-    from pipelines.config import CollectConfig, load_config
+    from pipelines.config import load_config
+    from pipelines.schema import CollectConfig
 
     cfg = load_config(CollectConfig, "collect", [
         args.collect_preset, f"run.out_dir={args.run_dir}", "run.name=bench-sapo-train",
@@ -198,7 +126,8 @@ def _collect(args) -> tuple[str, dict]:
 
 def _sapo(args, trajectories: str, tag: str, extra: list[str]) -> tuple[str, dict]:
     from pipelines import sapo
-    from pipelines.config import SapoConfig, load_config
+    from pipelines.config import load_config
+    from pipelines.schema import SapoConfig
 
     cfg = load_config(SapoConfig, "sapo", [args.sapo_preset, f"run.out_dir={args.run_dir}",
                                            f"run.name=bench-sapo-{tag}", f"trajectories={trajectories}",
@@ -247,8 +176,9 @@ def _not_larger(after, before) -> bool:
     return after is not None and before is not None and after <= before
 
 
-def bench_sapo(args) -> dict:
-    from pipelines.config import SapoConfig, load_config
+def run(args) -> dict:
+    from pipelines.config import load_config
+    from pipelines.schema import SapoConfig
 
     draft = load_config(SapoConfig, "sapo", [args.sapo_preset]).draft.name  # the recipe's draft, before training
     walls: dict[str, float] = {}
@@ -257,7 +187,7 @@ def bench_sapo(args) -> dict:
                  "verifier": args.verifier, "threshold": args.threshold,
                  "sapo_preset": args.sapo_preset, "draft_before": draft}
 
-    t0 = _stage("1/5 collecting the target's trajectories on training problems")
+    t0 = stage("sapo", "1/5 collecting the target's trajectories on training problems")
     reused = _reuse_sapo_run(args.sapo_run, draft, args.trajectories) if args.sapo_run else None
     if reused:
         trajectories, collected = reused[2], {"reused": True}
@@ -269,16 +199,16 @@ def bench_sapo(args) -> dict:
     out.update(trajectories=trajectories, train_problems=collected.get("num_problems"),
                train_offset=args.train_offset, collect=collected)
 
-    t0 = _stage(f"2/5 evaluating ar and {LR_METHOD} with the untrained draft on held-out problems")
+    t0 = stage("sapo", f"2/5 evaluating ar and {LR_METHOD} with the untrained draft on held-out problems")
     before = _evaluate(args, draft, "before")
     walls["evaluate_before_s"] = time.perf_counter() - t0
 
-    t0 = _stage("3/5 SAPO: warm start + GRPO" + (f" (reusing {args.sapo_run})" if reused else ""))
+    t0 = stage("sapo", "3/5 SAPO: warm start + GRPO" + (f" (reusing {args.sapo_run})" if reused else ""))
     draft_dir, sapo_summary = reused[:2] if reused else _sapo(args, trajectories, "train", [])
     walls["sapo_s"] = time.perf_counter() - t0
     out["sapo_run_reused"] = args.sapo_run if reused else None
 
-    t0 = _stage(f"4/5 evaluating ar and {LR_METHOD} with the SAPO draft on the same problems")
+    t0 = stage("sapo", f"4/5 evaluating ar and {LR_METHOD} with the SAPO draft on the same problems")
     after = _evaluate(args, draft_dir, "after")
     walls["evaluate_after_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -286,7 +216,7 @@ def bench_sapo(args) -> dict:
     warm = _evaluate(args, str(warm_dir), "warm-start") if (warm_dir / "config.json").is_file() else None
     walls["evaluate_warm_start_s"] = time.perf_counter() - t0
 
-    t0 = _stage("5/5 GRPO throughput with 1 and 2 workers")
+    t0 = stage("sapo", "5/5 GRPO throughput with 1 and 2 workers")
     throughput = _samples_per_s(args, trajectories)
     walls["throughput_s"] = time.perf_counter() - t0
 
@@ -322,39 +252,3 @@ def bench_sapo(args) -> dict:
                                                       "rewards", "grpo_samples_per_s")},
                stage_wall_s=walls)
     return out
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """`python -m pipelines.bench_sapo TRAJECTORIES DRAFT [DRAFT ...] [--out FILE.json]`: `step_agreement` of each
-    draft (a zoo name, a SAPO run's draft, warm_start or GRPO checkpoint directory) on a collect run's trajectories
-    (e.g. held-out problems) with the embedding verifier; prints one JSON line per draft and saves them all."""
-    import argparse
-
-    from actors import zoo
-    from pipelines.config import SapoConfig, load_config
-    from pipelines.sapo import load_trajectories
-
-    parser = argparse.ArgumentParser(prog="python -m pipelines.bench_sapo", description=main.__doc__)
-    parser.add_argument("trajectories", help="trajectories.jsonl of a pipelines.collect run")
-    parser.add_argument("drafts", nargs="+")
-    parser.add_argument("--threshold", type=float, default=0.9, help="embedding cosine threshold")
-    parser.add_argument("--step-max-tokens", type=int, default=100, help="cap on one draft step")
-    parser.add_argument("--window", type=int, default=3,
-                        help="draft steps in a row from each prefix for window_step_tokens (lookahead gamma)")
-    parser.add_argument("--out", default=None, help="JSON file for the results")
-    args = parser.parse_args(argv)
-    results = {}
-    for draft in args.drafts:
-        cfg = load_config(SapoConfig, "sapo", [f"trajectories={args.trajectories}", f"draft.name={draft}"])
-        model, tok = zoo.load_model(draft, device="cpu")
-        rows = load_trajectories(cfg, tok)
-        results[draft] = _draft_step_agreement(model, tok, rows, args.threshold, args.step_max_tokens,
-                                               cfg.step_delimiter, window=args.window)
-        print(json.dumps({"draft": draft, **results[draft]}), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    return results
-
-
-if __name__ == "__main__":
-    main()

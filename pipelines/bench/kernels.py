@@ -34,6 +34,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+KEYS = ("cpu", "gpu")  # each a dict (cpu: None with --skip-cpu; gpu: None without CUDA); CPU_KEYS inside cpu
+CPU_KEYS = ("isa", "threads", "build_or_load_s",
+            *(f"{f}_matvec_{k}{hot}" for f in ("fp32", "milo3", "affine3", "codebook4")
+              for k in (("us", "gb_per_s") if f == "fp32" else ("us", "speedup_vs_fp32")) for hot in ("", "_cache_hot")),
+            "torch_compile_compile_s", "torch_compile_milo3_matvec_us", "torch_compile_milo3_matvec_speedup_vs_fp32",
+            "expert_shapes", "moe_model", "moe_checkpoints", "moe_decode_tokens_per_s", "moe_decode_tokens_per_s_ratio",
+            "moe_decode_tokens_per_s_ratio_codequant", "moe_decode_first_tokens")
+
 from qkernels import cpu
 from qkernels import reference as ref
 from quant.codebook import quantize_codebook
@@ -135,7 +143,8 @@ def _checkpoint(args, method: str) -> str:
     given = getattr(args, f"{method}_checkpoint", None)
     if given:
         return given
-    from pipelines.config import QuantizeConfig, load_config
+    from pipelines.config import load_config
+    from pipelines.schema import QuantizeConfig
     from pipelines.quantize import run as quantize_run
 
     overrides = ["method=codequant", "bits=4"] if method == "codequant" else []
@@ -149,7 +158,7 @@ def _checkpoint(args, method: str) -> str:
 def _moe_decode(args) -> dict:
     from actors import zoo
     from actors.engine import Engine, Request
-    from pipelines.bench import _prompts
+    from pipelines.bench.common import gsm_prompts
 
     models = {"fp32": (args.moe, "dequantized")}
     for method in ("milo", "codequant"):
@@ -158,7 +167,7 @@ def _moe_decode(args) -> dict:
     for label, (name, runtime) in models.items():
         model, tok = zoo.load_model(name, "float32", "cpu", quant_runtime=runtime)
         engines[label] = Engine(model, tok, prefix_cache_tokens=0)
-    prompts = _prompts(tok, args.num_prompts)
+    prompts = gsm_prompts(tok, args.num_prompts)
     for eng in engines.values():  # warm up (and build the kernels)
         eng.generate([Request(prompts[0], max_new_tokens=4)])
     tokens = dict.fromkeys(engines, 0)
@@ -262,7 +271,7 @@ def _gpu(reps: int) -> dict:
     return out
 
 
-def bench_kernels(args) -> dict:
+def run(args) -> dict:
     t0 = time.perf_counter()
     if args.skip_cpu:  # a GPU machine with torch and triton but no compiler or model packages
         if not torch.cuda.is_available():

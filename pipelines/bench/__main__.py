@@ -1,0 +1,3 @@
+from pipelines.bench import main
+
+main()

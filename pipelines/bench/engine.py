@@ -1,0 +1,127 @@
+"""`python -m pipelines.bench engine`: our engine against transformers on one model, side by side in one run.
+
+On `--model` (default `smollm2-135m-instruct`; in-process engine, CPU unless a GPU is present), writes
+  ar_vs_hf_ratio                 our greedy decode tokens/s over transformers' `generate` on the same prompts
+  branch4_vs_branch1_time_ratio  one step from 4 prefixes sharing a >=300-token committed prefix, over 1 prefix
+  prefill_tokens_ratio           prefill tokens while committing a ~1000-token answer step by step,
+                                 over prompt + answer length
+  sd_greedy_identical, sd_speedup  token-level SD with `--draft` (default smollm2-135m-draft-l6) vs AR
+  plus the raw timings, acceptance counters, the n-gram SD figures (sd_ngram_*) and the device.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from actors import zoo
+from actors.engine import Counters, Engine, Request, Speculation
+from pipelines.bench.common import device_name, gsm_prompts, sync
+from quant.perplexity import pydoc_text
+
+KEYS = ("model", "draft", "device", "num_prompts", "max_new_tokens", "ours_tokens_per_s", "hf_tokens_per_s",
+        "ar_vs_hf_ratio", "ar_identical_to_hf", "ar_tokens", "committed_prefix_tokens", "branch_step_tokens",
+        "branch1_s", "branch4_s", "branch4_vs_branch1_time_ratio", "answer_tokens", "answer_steps", "prompt_tokens",
+        "prefill_tokens", "prefill_tokens_ratio",
+        *(f"{label}_{k}" for label in ("sd", "sd_ngram") for k in ("greedy_identical", "speedup", "acceptance_rate",
+                                                                   "mean_acceptance_length", "num_tokens")))
+
+
+def run(args) -> dict:
+    model, tok = zoo.load_model(args.model, device=args.device)
+    device = model.device
+    draft, _ = zoo.load_model(args.draft, device=args.device)
+    prompts = gsm_prompts(tok, args.num_prompts)
+    n_new = args.max_new_tokens
+    out: dict = {"model": args.model, "draft": args.draft, "device": device_name(device),
+                 "num_prompts": len(prompts), "max_new_tokens": n_new}
+
+    # --- AR: ours vs transformers' generate, alternating per prompt, same greedy tokens
+    engine = Engine(model, tok, prefix_cache_tokens=0)  # no cache: both sides prefill every prompt
+    engine.generate([Request(prompts[0], max_new_tokens=4)])
+    model.generate(torch.tensor([prompts[0]], device=device), max_new_tokens=4, do_sample=False)
+    ours_s = hf_s = 0.0
+    ours_tokens = hf_tokens = 0
+    ar_results = []
+    identical_to_hf = True
+    for p in prompts:
+        sync(device)
+        t0 = time.perf_counter()
+        [res] = engine.generate([Request(p, max_new_tokens=n_new)])
+        sync(device)
+        ours_s += time.perf_counter() - t0
+        ours_tokens += len(res.token_ids)
+        ar_results.append(res)
+        t0 = time.perf_counter()
+        hf = model.generate(torch.tensor([p], device=device), max_new_tokens=n_new, do_sample=False,
+                            attention_mask=torch.ones(1, len(p), dtype=torch.long, device=device))
+        sync(device)
+        hf_s += time.perf_counter() - t0
+        hf_ids = hf[0, len(p):].tolist()
+        hf_tokens += len(hf_ids)
+        identical_to_hf &= hf_ids == res.token_ids
+    out.update(ours_tokens_per_s=ours_tokens / ours_s, hf_tokens_per_s=hf_tokens / hf_s,
+               ar_vs_hf_ratio=(ours_tokens / ours_s) / (hf_tokens / hf_s), ar_identical_to_hf=identical_to_hf,
+               ar_tokens=ours_tokens)
+
+    # --- 4 branches vs 1 from a shared committed prefix (cached once, as Lookahead Reasoning's target sees it)
+    engine = Engine(model, tok)
+    text_ids = tok(pydoc_text()[:20000]).input_ids
+    committed = prompts[0] + text_ids[:args.committed_tokens]
+    engine.generate([Request(committed, max_new_tokens=1)])
+    branch_tokens = args.branch_tokens
+
+    def branches(tag: str, n: int) -> float:
+        reqs = [Request(committed + tok(f" {tag} {i}:").input_ids, max_new_tokens=branch_tokens) for i in range(n)]
+        sync(device)
+        t0 = time.perf_counter()
+        results = engine.generate(reqs)
+        sync(device)
+        assert all(len(r.token_ids) == branch_tokens or r.finish_reason == "eos" for r in results)
+        return time.perf_counter() - t0
+
+    t1 = min(branches(f"Case {k}", 1) for k in range(3))
+    t4 = min(branches(f"Part {k}", 4) for k in range(3))
+    out.update(committed_prefix_tokens=len(committed), branch_step_tokens=branch_tokens, branch1_s=t1, branch4_s=t4,
+               branch4_vs_branch1_time_ratio=t4 / t1)
+
+    # --- commit a ~1000-token answer step by step; count what the target prefills
+    engine = Engine(model, tok)
+    answer_steps, total = [], 0
+    for para in pydoc_text().split("\n\n"):
+        ids = tok(para + "\n\n").input_ids
+        if total + len(ids) > args.answer_tokens:
+            break
+        answer_steps.append(ids)
+        total += len(ids)
+    prompt = prompts[1 % len(prompts)]
+    committed, counters = list(prompt), Counters()
+    for step in answer_steps:  # the target writes its own step from each committed prefix; `step` is committed
+        [res] = engine.generate([Request(committed, max_new_tokens=8, stop=("\n\n",))])
+        counters.add(res.counters)
+        committed += step
+    out.update(answer_tokens=total, answer_steps=len(answer_steps), prompt_tokens=len(prompt),
+               prefill_tokens=counters.prefill_tokens,
+               prefill_tokens_ratio=counters.prefill_tokens / (len(prompt) + total))
+
+    # --- token-level SD (draft model; n-gram lookup) vs AR, same prompts, greedy
+    for label, spec, drafter in (("sd", Speculation("draft", args.num_spec_tokens), draft),
+                                 ("sd_ngram", Speculation("ngram", args.num_spec_tokens), None)):
+        engine = Engine(model, tok, draft_model=drafter, speculation=spec, prefix_cache_tokens=0)
+        engine.generate([Request(prompts[0], max_new_tokens=4)])
+        counters, identical, sd_s = Counters(), True, 0.0
+        for p, ar in zip(prompts, ar_results):
+            sync(device)
+            t0 = time.perf_counter()
+            [res] = engine.generate([Request(p, max_new_tokens=n_new)])
+            sync(device)
+            sd_s += time.perf_counter() - t0
+            counters.add(res.counters)
+            identical &= res.token_ids == ar.token_ids
+        drafted = max(counters.drafted_tokens, 1)
+        out.update({f"{label}_greedy_identical": identical, f"{label}_speedup": ours_s / sd_s,
+                    f"{label}_acceptance_rate": counters.accepted_tokens / drafted,
+                    f"{label}_mean_acceptance_length": 1 + counters.accepted_tokens / max(counters.forward_passes, 1),
+                    f"{label}_num_tokens": spec.num_tokens})
+    return out

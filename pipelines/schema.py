@@ -1,0 +1,528 @@
+"""Typed job configs: the dataclass schema of every job's keys, with their defaults, choices and bounds.
+
+The dataclass defaults are the `demo` preset (this machine); `conf/<job>/<preset>.yaml` files only hold what differs.
+Field metadata declares `choices` and bounds (`ge`, `le`, `gt`) and a `help` line; a section's `check()` holds the
+rules that tie two keys together. `pipelines.config` loads and validates these; `docs/config.md` is generated from
+them (`python -m pipelines.config_doc`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+class ConfigError(ValueError):
+    """A config problem, with the key path in the message."""
+
+
+def choice(default, choices, help=""):
+    return field(default=default, metadata={"choices": tuple(choices), "help": help})
+
+
+def key(default=dataclasses.MISSING, help="", factory=dataclasses.MISSING):
+    """A key with only a help line (docs/config.md, `--help`)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def bounded(default, ge=None, le=None, help="", gt=None):
+    return field(default=default, metadata={"ge": ge, "le": le, "gt": gt, "help": help})
+
+
+@dataclass(frozen=True)
+class ResumeRule:
+    """What a `run.resume` may change (each job's schema has one as `RESUME`; `pipelines.config.check_resume`).
+
+    free: key prefixes a resumed run may set anew (where it runs and logs, how long it goes on); every other key
+    must equal the saved run's. saved_before: the value a key had in runs saved before the key existed.
+    switched: key prefix -> (switch key, value that turns it on): those keys count only while the switch is on in
+    the saved config or the new one."""
+
+    free: tuple[str, ...] = ("run.", "ray.", "wandb.")
+    saved_before: dict = field(default_factory=dict)
+    switched: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- shared sections
+
+
+@dataclass
+class ModelConfig:
+    """A model for one role: a zoo name (see actors.zoo), a local directory, or a hub id (clusters)."""
+
+    name: str = key("smollm2-135m-instruct", help="a zoo name (actors.zoo), a model directory (also a quantized "
+                    "checkpoint or an exported draft) or a hub id")
+    dtype: str = choice("float32", ["float32", "bfloat16", "float16", "auto"], help="weights and activations; "
+                        "auto: as stored")
+    device: str = choice("auto", ["auto", "cpu", "cuda"], help="auto: cuda when torch sees a GPU")
+    trust_remote_code: bool = key(False, help="run the model repository's own code (off unless you trust it)")
+    quant_runtime: str = choice("auto", ["auto", "dequantized", "packed"],
+                                help="quantized checkpoints: dequantized weights, or packed modules with kernels; "
+                                     "auto: packed on CPU (the CPU kernels), dequantized on CUDA")
+    quant_backend: str = choice("auto", ["auto", "triton", "cpu", "reference"], help="packed runtime: force a kernel path")
+
+
+@dataclass
+class SpeculationConfig:
+    """Token-level speculative decoding inside the engine."""
+
+    method: str = choice("none", ["none", "draft", "ngram"], help="draft: a draft model proposes tokens; ngram: "
+                         "prompt lookup (n-grams of the sequence so far); greedy output is identical either way")
+    draft_model: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2-135m-draft-l6"))
+    num_tokens: int = bounded(4, ge=1, help="tokens proposed per verification pass (k)")
+    ngram_max: int = bounded(3, ge=1, help="ngram: longest suffix looked up")
+    ngram_min: int = bounded(1, ge=1, help="ngram: shortest suffix looked up")
+
+
+@dataclass
+class EngineConfig:
+    """The generation engine of one model actor."""
+
+    prefix_cache_tokens: int = bounded(32768, ge=0, help="KV budget for finished sequences kept for reuse")
+    max_batch: int = bounded(16, ge=1, help="sequences decoded together in one forward pass")
+    torch_threads: int = bounded(0, ge=0, help="torch.set_num_threads in the engine's process; 0: auto (evaluate "
+                                               "on a local Ray instance splits the cores among its model actors; "
+                                               "else all the node's cores)")
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+
+
+@dataclass
+class ActorConfig:
+    """Ray resources of one model role (fractional CPUs: actors asking for whole CPUs starve a 2-core box)."""
+
+    num_cpus: float = bounded(0.5, ge=0, help="Ray CPUs of the actor (fractions allowed)")
+    num_gpus: float = bounded(0.0, ge=0, help="Ray GPUs of the actor")
+    max_restarts: int = bounded(0, ge=-1, help="Ray restarts a dead actor this often (-1: always)")
+    max_concurrency: int = bounded(64, ge=1, help="concurrent calls into the actor (they share one batch)")
+    scheduling: str = choice("default", ["default", "spread", "pack"], help="Ray scheduling strategy of the actor")
+
+
+@dataclass
+class RoleConfig:
+    """One model role (target, draft, verifier): the model, its engine, its Ray actor."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling of generated tokens (temperature 0: greedy, which token-level speculation keeps exact)."""
+
+    temperature: float = bounded(0.0, ge=0, help="0 = greedy")
+    top_p: float = bounded(1.0, ge=0, le=1, help="nucleus sampling; 1 = off")
+    top_k: int = bounded(0, ge=0, help="0 = off")
+    seed: int = key(0, help="sampling seed (each request derives its own)")
+
+
+@dataclass
+class GenerationConfig:
+    """How much to generate and where steps end."""
+
+    max_new_tokens: int = bounded(384, ge=1, help="cap on a whole answer")
+    step_max_tokens: int = bounded(100, ge=1, help="cap on one reasoning step")
+    step_delimiter: str = key("\n\n", help="text that ends a reasoning step")
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class DataConfig:
+    """The problems: rows offset .. offset + num_problems of a dataset."""
+
+    source: str = choice("reasoning_gym", ["reasoning_gym", "jsonl", "hub"], help="where problems come from: an "
+                         "offline reasoning-gym generator, a local JSONL file, or a hub dataset through `datasets`")
+    name: str = key("gsm_symbolic", help="reasoning_gym: the generator; hub: gsm8k, math500, aime24, aime25 or a "
+                                         "dataset id")
+    path: Optional[str] = key(None, help="jsonl: the file (one problem per line)")
+    split: str = key("test", help="hub: the split")
+    num_problems: int = bounded(4, ge=1, help="problems to run")
+    offset: int = bounded(0, ge=0, help="skip this many problems (held-out splits)")
+    seed: int = key(42, help="reasoning_gym: the generator's seed")
+    question_field: str = key("question", help="jsonl, hub: the field holding the problem")
+    answer_field: str = key("answer", help="jsonl, hub: the field holding the gold answer")
+    bad_rows: str = choice("error", ["error", "skip"], help="a malformed row stops the job (error) or is skipped "
+                           "with a warning")
+    system_prompt: str = key("Solve the problem step by step. Separate steps with a blank line. Put the final "
+                             "answer in \\boxed{}.", help="system message before each problem")
+    chat_template: bool = key(True, help="apply the tokenizer's chat template (when it has one)")
+
+
+@dataclass
+class WandbConfig:
+    """W&B tracking; the API key only ever comes from WANDB_API_KEY in the environment."""
+
+    mode: str = choice("auto", ["auto", "offline", "online", "disabled"],
+                       help="auto: online only when WANDB_API_KEY or WANDB_MODE is set")
+    project: str = key("specmoe", help="W&B project")
+    entity: Optional[str] = key(None, help="W&B entity (team); null: your default")
+    group: Optional[str] = key(None, help="W&B group; null: the job's name")
+    tags: list[str] = key(factory=list, help="W&B tags")
+
+
+@dataclass
+class RayConfig:
+    """Which Ray instance the job runs on."""
+
+    address: Optional[str] = key(None, help="a Ray cluster to join (e.g. auto); null: RAY_ADDRESS if set, else a "
+                                             "local instance in the job's process")
+    num_cpus: Optional[float] = key(None, help="local instance only: CPUs it offers (null: all)")
+    num_gpus: Optional[float] = key(None, help="local instance only: GPUs it offers (null: all)")
+    namespace: str = key("specmoe", help="Ray namespace of the job's actors")
+
+
+@dataclass
+class RunConfig:
+    """The run directory: its place, its name, and a run to continue."""
+
+    out_dir: str = key("runs", help="runs go to <out_dir>/<job>/<time>-<name>/")
+    name: str = key("demo", help="the run directory's name after its time stamp")
+    resume: Optional[str] = key(None, help="a run directory of this job to continue (alone: with its saved "
+                                           "config)")
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@dataclass
+class CollectConfig:
+    """pipelines.collect: the target's full answers, split into steps, with correctness."""
+
+    # a resumed collect may move and re-size its actor; everything that shapes the answers stays
+    RESUME: ClassVar[ResumeRule] = ResumeRule(free=("run.", "ray.", "wandb.", "target.actor.",
+                                                     "target.engine.torch_threads"))
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="collect"))
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    target: RoleConfig = field(default_factory=RoleConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    problems_in_flight: int = bounded(4, ge=1, help="problems decoded at once (their requests share the target's "
+                                                   "batch)")
+
+
+METHODS = ("ar", "sd", "lr_sync", "lr_async", "fpsr", "lr_sync+sd", "lr_async+sd", "fpsr+sd")
+VERIFIERS = ("exact", "embedding", "judge", "tbvm", "score", "random", "always")
+MODEL_VERIFIERS = ("judge", "tbvm", "score")  # verifiers that ask a language model
+
+
+def own_verifier_model(cfg) -> bool:
+    """Whether an evaluate config's verifier runs a model of its own (`verifier_role`), not the target actor."""
+    return cfg.verifier.kind in MODEL_VERIFIERS and cfg.verifier.model != "target"
+
+
+@dataclass
+class VerifierConfig:
+    """Judges a draft step against the target's step from the same prefix."""
+
+    kind: str = choice("tbvm", VERIFIERS, help="exact: same text; embedding: MiniLM cosine > threshold; judge: an LM "
+                       "says yes/no; tbvm: p(yes)/(p(yes)+p(no)) > alpha; score: an LM's 0-9 score >= threshold; "
+                       "random: accept with probability p; always: accept every step")
+    model: str = field(default="target", metadata={"help": "'target' asks the target actor; else a model name "
+                                                           "hosted by a verifier actor (see verifier_role)"})
+    exact_mode: str = choice("normalized", ["normalized", "text", "tokens"], help="exact: compare whitespace- and "
+                             "case-normalized text, raw text, or token ids")
+    short_circuit: bool = key(True, help="an exact match accepts without asking the verifier's model")
+    alpha: float = bounded(0.7, ge=0, le=1, help="tbvm: accept iff p_pos / (p_pos + p_neg) > alpha")
+    positive_words: list[str] = key(factory=lambda: ["yes", "Yes"], help="tbvm, judge: tokens that mean yes")
+    negative_words: list[str] = key(factory=lambda: ["no", "No"], help="tbvm, judge: tokens that mean no")
+    threshold: float = bounded(0.85, help="embedding: cosine threshold in [-1, 1]; score: minimum score 0-9")
+    p: float = bounded(0.5, ge=0, le=1, help="random: accept probability")
+    seed: int = key(0, help="random: seed of the accept draws")
+
+    def check(self) -> None:
+        if self.kind == "embedding" and not -1 <= self.threshold < 1:
+            raise ConfigError(f"config key 'verifier.threshold': {self.threshold} with verifier.kind=embedding: a "
+                              "cosine is in [-1, 1], so a threshold outside [-1, 1) accepts every step or none")
+        if self.kind == "score" and not 0 <= self.threshold <= 9:
+            raise ConfigError(f"config key 'verifier.threshold': {self.threshold} with verifier.kind=score: scores "
+                              "are 0-9")
+
+
+@dataclass
+class LookaheadConfig:
+    """Step-level speculation: how far and how wide the draft looks ahead."""
+
+    gamma: int = bounded(4, ge=1, help="lookahead depth (draft steps per window)")
+    width: int = bounded(1, ge=1, help="lr_async: draft children per node (> 1 needs draft sampling)")
+    cut_drafts: str = choice("reject", ["reject", "verify"], help="a draft step cut at the step cap")
+    late_drafts: str = choice("wait", ["wait", "lose"],
+                              help="lr_async, fpsr: wait: judge the draft steps before deciding (output set by "
+                                   "the verdicts alone); lose: commit the target's step when it returns before the "
+                                   "draft step from the same prefix exists (that draft would commit the same step "
+                                   "later)")
+    draft_speculation: str = choice("ngram", ["ngram", "none"],
+                                    help="the draft's own steps: ngram: n-gram lookup token speculation inside each "
+                                         "draft step (token_speculation's num_tokens, ngram_max, ngram_min); the "
+                                         "same steps from fewer draft passes; none: token by token")
+
+
+@dataclass
+class EvaluateConfig:
+    """pipelines.evaluate: methods side by side on the same actors and problems."""
+
+    # speedups are the results: only where the actors run may change
+    RESUME: ClassVar[ResumeRule] = ResumeRule(free=("run.", "ray.", "wandb.", "target.actor.", "draft.actor.",
+                                                     "verifier_role.actor."))
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="evaluate"))
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    target: RoleConfig = field(default_factory=RoleConfig)
+    draft: RoleConfig = field(default_factory=lambda: RoleConfig(model=ModelConfig(name="smollm2-135m-draft-l6")))
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    verifier_role: RoleConfig = field(default_factory=RoleConfig)  # used when verifier.model is not 'target'
+    methods: list[str] = key(factory=lambda: ["ar", "sd", "lr_async", "lr_async+sd", "fpsr"],
+                             help="methods run side by side (ar always runs first: the baseline); " + ", ".join(METHODS))
+    lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
+    token_speculation: SpeculationConfig = field(default_factory=lambda: SpeculationConfig(method="ngram"))
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    draft_sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    problems_in_flight: int = bounded(1, ge=1, help="problems run at once per method (1: clean latencies)")
+    accuracy: bool = key(True, help="grade answers against the gold ones (every problem needs one)")
+
+    def check(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"config key 'methods': unknown method(s) {bad}; known: {list(METHODS)}")
+        if not self.methods:
+            raise ConfigError("config key 'methods': empty")
+        if self.lookahead.width > 1 and self.draft_sampling.temperature == 0:
+            raise ConfigError("config key 'lookahead.width': > 1 needs draft_sampling.temperature > 0")
+        if self.token_speculation.method == "none" and any(m == "sd" or m.endswith("+sd") for m in self.methods):
+            raise ConfigError("config key 'token_speculation.method': 'none', but methods ask for token-level SD")
+
+
+@dataclass
+class SweepConfig:
+    """pipelines.sweep: a Ray Tune grid of evaluations."""
+
+    RESUME: ClassVar[ResumeRule] = ResumeRule(free=("run.", "ray.", "max_concurrent_trials", "trial_cpus"))
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="sweep"))
+    ray: RayConfig = field(default_factory=RayConfig)
+    base: str = field(default="demo", metadata={"help": "evaluate preset or YAML file each trial starts from"})
+    overrides: list[str] = key(factory=list, help="key.path=value overrides applied to every trial")
+    grid: dict[str, list[Any]] = key(factory=lambda: {"lookahead.gamma": [2, 4], "verifier.kind": ["tbvm", "embedding"]},
+                                     help="{evaluate key: [values]}: one trial per combination")
+    metric: str = key("lr_async/speedup", help="<method>/<summary key> that ranks the trials")
+    mode: str = choice("max", ["max", "min"], help="whether a larger metric is better")
+    max_concurrent_trials: int = bounded(1, ge=1, help="trials running at once")
+    trial_cpus: float = bounded(1.0, ge=0, help="CPUs of a trial's driver bundle")
+
+
+@dataclass
+class QuantizeConfig:
+    """pipelines.quantize: quantize a (MoE) model into a checkpoint the zoo and the target actor load by path."""
+
+    RESUME: ClassVar[ResumeRule] = ResumeRule(free=("run.", "ray.", "wandb.", "num_workers", "task_cpus"))
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="quantize"))
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2-moe-8x", device="cpu"))
+    method: str = choice("milo", ["rtn", "hqq", "milo", "kmeans", "codequant"], help="rtn, hqq: 2/3/4/8-bit affine "
+                         "groups; milo: 3-bit HQQ + low-rank compensators; kmeans: 4-bit per-row codebooks; codequant: "
+                         "rotation + 4-bit codebooks + centroid fine-tuning")
+    bits: int = key(3, help="code width: 2, 3, 4 or 8 for rtn/hqq, 3 for milo, 4 for kmeans/codequant")
+    group_size: int = bounded(64, ge=1, help="weights per scale/zero group (rtn, hqq, milo)")
+    pad_groups: bool = key(False, help="zero-pad a last group that does not divide the input width (else an error)")
+    rank_policy: str = choice("uniform", ["uniform", "kurtosis", "frequency"], help="milo: compensator ranks the "
+                              "same for every tensor, by weight kurtosis, or experts' by routing frequency")
+    rank_dense: int = bounded(16, ge=0, help="milo: compensator rank of attention and dense linears")
+    rank_expert: int = bounded(8, ge=0, help="milo: compensator rank of an expert's linears")
+    rank_max: int = bounded(1024, ge=0, help="milo, kurtosis policy: cap on a tensor's rank")
+    rounds: int = bounded(10, ge=1, help="MiLo alternations")
+    seed: int = key(0, help="seed of the randomized SVD and k-means")
+    out: Optional[str] = key(None, help="checkpoint directory; null: <run_dir>/model")
+    num_workers: int = bounded(2, ge=1, help="quantization tasks in flight")
+    task_cpus: float = bounded(1.0, ge=0, help="Ray CPUs per task (torch threads = max(1, int(task_cpus)))")
+    routing_tokens: int = bounded(2048, ge=16, help="frequency policy: tokens of pydoc text for routing stats")
+    ppl_tokens: int = bounded(4096, ge=0, help="perplexity of source and checkpoint on pydoc text; 0 = skip")
+    ppl_window: int = bounded(512, ge=16, help="tokens per perplexity window")
+    ppl_text: str = choice("pydoc", ["pydoc", "wikitext2", "c4"], help="perplexity text: pydoc (offline), wikitext2 "
+                           "or c4 (through `datasets`: needs the hub or a filled HF cache)")
+    ppl_protocol: str = choice("non_overlapping", ["non_overlapping", "sliding"], help="windows side by side, "
+                               "or sliding (every token scored once with at least window - stride tokens of context)")
+    ppl_stride: int = bounded(0, ge=0, help="sliding protocol: tokens scored per window; 0 = ppl_window / 4")
+    compare: list[str] = field(default_factory=list, metadata={
+        "help": "baselines (rtn, hqq, milo, kmeans) fake-quantized at the same bits and group for the comparison "
+                "table (W&B table quant_comparison, comparison.md); needs ppl_tokens > 0"})
+    calib_tokens: int = bounded(512, ge=16, help="codequant: tokens of pydoc text for rotation and fine-tuning")
+    rotation_steps: int = bounded(100, ge=0, help="codequant: Adam steps of the learned rotation")
+    rotation_lr: float = bounded(1e-3, ge=0, help="codequant: the rotation's learning rate")
+    rotation_batch: int = bounded(4096, ge=0, help="codequant: random norm-output rows per rotation step (0 = all "
+                                  "calib_tokens x 2 x layers rows; 4096 reached 0.0052 vs 0.0048 on the demo MoE, 13x "
+                                  "faster)")
+    codebook_weighting: str = choice("activation", ["activation", "none"], help="codequant: k-means weights each "
+                                     "input column by its mean squared calibration activation (activation) or "
+                                     "not (none)")
+    expert_tokens: str = choice("routed", ["routed", "all"], help="codequant: a fused expert's codebook is weighted "
+                                "and fine-tuned on the calibration tokens its router sends it (routed; all tokens "
+                                "when fewer than 8) or on every token (all)")
+    finetune_steps: int = bounded(10, ge=0, help="codequant: Adam steps fine-tuning each linear's centroids "
+                                  "against its fp output")
+    finetune_lr: float = bounded(1e-2, ge=0, help="codequant: the centroids' learning rate")
+    block_finetune_steps: int = bounded(0, ge=0, help="codequant: steps of block-level centroid fine-tuning after "
+                                        "the per-linear one (layer output MSE + router KL); 0 = off")
+    router_kl_weight: float = bounded(1.0, ge=0, help="codequant: weight of KL(router_fp || router_q) in the block "
+                                      "loss (MoE layers)")
+
+
+@dataclass
+class WarmStartConfig:
+    """SFT of the draft on the target's collected answers (TRL SFTTrainer), before GRPO."""
+
+    enabled: bool = key(True, help="run the warm start (once per run; a resumed run keeps it)")
+    epochs: float = bounded(1.0, ge=0, help="passes over the trajectories")
+    learning_rate: float = bounded(5e-5, ge=0, help="SFT learning rate")
+    batch_size: int = bounded(4, ge=1, help="answers per SFT batch")
+    max_length: int = bounded(512, ge=16, help="prompt + answer tokens kept per example")
+
+
+@dataclass
+class GrpoConfig:
+    """TRL GRPO on SAPO's rewards."""
+
+    steps: int = bounded(4, ge=1, help="GRPO optimizer steps (a resumed run may raise it)")
+    num_generations: int = bounded(4, ge=2, help="rollouts per prompt (one group)")
+    max_completion_length: int = bounded(64, ge=4, help="cap on a rollout's tokens")
+    learning_rate: float = bounded(1e-6, ge=0, help="GRPO learning rate")
+    beta: float = bounded(0.0, ge=0, help="KL to the reference; > 0 reloads the reference model")
+    temperature: float = bounded(1.0, gt=0, help="rollouts are sampled: > 0")
+    save_steps: int = bounded(2, ge=1, help="a checkpoint every this many steps (what a resumed run continues "
+                                            "from)")
+    unit: str = choice("step", ["step", "answer"],
+                       help="step: a prompt is the problem plus the target trajectory's first d steps (every d), a "
+                            "rollout is one step (generation stops at the step delimiter) judged against the target's "
+                            "step d, what the draft does while decoding; answer: whole answers from the problem, cut "
+                            "at max_completion_length")
+
+
+@dataclass
+class RewardsConfig:
+    """SAPO's rewards and their weights: r_align (the target accepts the step), r_length (concise), r_outcome."""
+
+    align: float = bounded(1.0, ge=0, help="weight of r_align")
+    length: float = bounded(1.0, ge=0, help="weight of r_length")
+    outcome: float = bounded(1.0, ge=0, help="weight of r_outcome (math-verify on the final answer)")
+    align_form: str = choice("share", ["share", "prefix"],
+                             help="share of accepted steps, or the accepted prefix (steps before the first rejection); "
+                                  "the same at grpo.unit=step, where a rollout is one step")
+    length_form: str = choice("step", ["step", "answer"],
+                              help="step: mean tokens per step against the target trajectory's; answer: whole "
+                                   "rollout against the target's answer (a signal only when rollouts are not cut "
+                                   "shorter than answers)")
+    verifier: str = choice("exact", ["exact", "embedding"], help="judges a rollout step against the target's")
+    threshold: float = bounded(0.85, ge=-1, le=1, help="embedding verifier: cosine threshold")
+    align_source: str = choice("offline", ["offline", "online"],
+                               help="offline: the cached trajectory's steps; online: the target actor's own step "
+                                    "from each rollout prefix (one batched call per group)")
+    step_max_tokens: int = bounded(100, ge=1, help="online: cap on the target's step")
+
+    def check(self) -> None:
+        if self.align + self.length + self.outcome == 0:
+            raise ConfigError("config key 'rewards': the weights align, length and outcome sum to zero")
+
+
+@dataclass
+class LoraConfig:
+    """PEFT LoRA on the draft, for warm start and GRPO; the exported draft has the adapters merged in."""
+
+    enabled: bool = key(False, help="train LoRA adapters instead of every weight")
+    r: int = bounded(16, ge=1, help="adapter rank")
+    alpha: float = bounded(32.0, ge=0, help="adapter scale numerator (scale = alpha / r)")
+    dropout: float = bounded(0.05, ge=0, le=1, help="dropout on the adapter's input")
+    target_modules: list[str] = key(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"], help="linear modules that get adapters (by name)")
+
+
+DEEPSPEED_STAGES = ("auto", "none", "0", "1", "2", "3")
+
+
+@dataclass
+class DistributedConfig:
+    """Where training runs: this process (workers=1), or N Ray Train workers (TorchTrainer, DDP or DeepSpeed)."""
+
+    workers: int = bounded(1, ge=1, help="1: train in this process; N: Ray Train TorchTrainer with N workers")
+    backend: str = choice("auto", ["auto", "gloo", "nccl"], help="auto: nccl with GPUs, gloo on CPU")
+    deepspeed_stage: str = choice("auto", DEEPSPEED_STAGES, help="ZeRO stage; auto: 2 with GPUs, none on CPU")
+    use_gpu: bool = key(False, help="one GPU per worker (the draft trains on it)")
+    worker_cpus: float = bounded(1.0, ge=0, help="Ray CPUs per worker; torch threads = max(1, int(worker_cpus))")
+
+    def check(self) -> None:
+        if not self.use_gpu and self.backend == "nccl":
+            raise ConfigError("config key 'distributed.backend': nccl needs GPUs (distributed.use_gpu=true)")
+        if not self.use_gpu and self.deepspeed_stage not in ("auto", "none"):
+            raise ConfigError(f"config key 'distributed.deepspeed_stage': {self.deepspeed_stage!r} on CPU: DeepSpeed "
+                              "needs GPUs here (set distributed.use_gpu=true, or deepspeed_stage=none)")
+
+    @property
+    def zero_stage(self) -> int | None:
+        """The ZeRO stage to run, None for no DeepSpeed."""
+        if self.deepspeed_stage == "auto":
+            return 2 if self.use_gpu else None
+        return None if self.deepspeed_stage == "none" else int(self.deepspeed_stage)
+
+
+@dataclass
+class SapoConfig:
+    """pipelines.sapo: warm start (SFT on the target's trajectories), then GRPO on SAPO's rewards."""
+
+    # how long it trains and where may change; keys of LoRA and of the online target count only while those are on;
+    # runs saved before grpo.unit existed trained whole answers
+    RESUME: ClassVar[ResumeRule] = ResumeRule(
+        free=("run.", "ray.", "wandb.", "grpo.steps", "grpo.save_steps", "distributed.worker_cpus",
+              "distributed.backend", "target.actor.", "target.engine."),
+        saved_before={"grpo.unit": "answer"},
+        switched={"lora.": ("lora.enabled", True), "target.": ("rewards.align_source", "online"),
+                  "rewards.step_max_tokens": ("rewards.align_source", "online")})
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="sapo"))
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    trajectories: Optional[str] = field(default=None, metadata={"help": "trajectories.jsonl from pipelines.collect"})
+    draft: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2-135m-draft-l6", device="cpu"))
+    step_delimiter: str = key("\n\n", help="text that ends a step (as in the collect run)")
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    target: RoleConfig = field(default_factory=RoleConfig, metadata={
+        "help": "rewards.align_source=online: the target actor (same tokenizer as the draft)"})
+
+    def check(self) -> None:
+        if self.draft.device != "auto" and (self.draft.device == "cuda") != self.distributed.use_gpu:
+            raise ConfigError(f"config key 'draft.device': {self.draft.device!r}, but distributed.use_gpu="
+                              f"{self.distributed.use_gpu} decides where the trainers put the draft")
+
+
+@dataclass
+class DemoConfig:
+    """pipelines.demo: what `make demo` runs."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="demo"))
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    quantize: list[str] = field(default_factory=lambda: ["method=milo compare=[rtn,hqq]", "method=codequant bits=4"],
+                                metadata={"help": "quantize runs on the MoE: space-separated overrides of the "
+                                                  "quantize demo preset, one string per run"})
+    moe_model: str = key("smollm2-moe-8x", help="the MoE built from the target that the demo quantizes")
+    moe_ppl_tokens: int = bounded(4096, ge=64, help="tokens of pydoc text for the MoE-vs-dense perplexity")
+    sapo: Optional[str] = field(default="demo", metadata={
+        "help": "SAPO stage on the collected trajectories: a sapo preset (or YAML) and space-separated overrides; "
+                "null skips it"})
+    sapo_methods: list[str] = field(default_factory=lambda: ["lr_async+sd"],
+                                    metadata={"help": "methods evaluated again with the SAPO-trained draft"})
+
+    def check(self) -> None:
+        bad = [m for m in self.sapo_methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"config key 'sapo_methods': unknown method(s) {bad}; known: {list(METHODS)}")
+
+
+JOBS: dict[str, type] = {"collect": CollectConfig, "demo": DemoConfig, "evaluate": EvaluateConfig,
+                         "sweep": SweepConfig, "quantize": QuantizeConfig, "sapo": SapoConfig}

@@ -1,0 +1,68 @@
+"""`python -m pipelines.bench NAME`: the suites and the JSON keys each writes (the recorded figures in docs/bench/ and
+the results pages read these keys, so they stay stable). The sapo suite runs end to end in tests/test_sapo.py."""
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ALWAYS = {"suite", "machine", "wall_s"}  # every suite's JSON
+
+
+@pytest.mark.parametrize("suite", ["engine", "spec", "quant", "sapo", "kernels"])
+def test_each_suite_writes_the_keys_its_recorded_json_has(suite):
+    """Every key a suite declares is in its recorded JSON (a renamed or dropped key fails here)."""
+    from pipelines.bench import SUITES
+
+    module = importlib.import_module(f"pipelines.bench.{SUITES[suite]}")
+    recorded = json.loads((ROOT / "docs" / "bench" / f"{suite}-cpu-2core.json").read_text())
+    assert set(module.KEYS) <= set(recorded), sorted(set(module.KEYS) - set(recorded))
+    if suite == "kernels":
+        assert set(module.CPU_KEYS) <= set(recorded["cpu"]), sorted(set(module.CPU_KEYS) - set(recorded["cpu"]))
+
+
+def _run(argv, tmp_path) -> dict:
+    from pipelines import bench
+
+    out = tmp_path / "out.json"
+    bench.main(argv + ["--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_engine_suite_on_tiny_models(tmp_path):
+    from pipelines.bench import engine
+
+    got = _run(["engine", "--model", "tiny-llama", "--draft", "tiny-llama-draft-l1", "--num-prompts", "1",
+                "--max-new-tokens", "8", "--committed-tokens", "40", "--branch-tokens", "4", "--answer-tokens", "80"],
+               tmp_path)
+    assert set(got) == set(engine.KEYS) | ALWAYS
+    assert got["sd_greedy_identical"] and got["sd_ngram_greedy_identical"] and got["ar_identical_to_hf"]
+    assert got["ar_vs_hf_ratio"] > 0 and got["prefill_tokens_ratio"] <= 1.1
+    assert got["machine"]["cores"] >= 1 and got["machine"]["cpu"]
+
+
+@pytest.mark.slow
+def test_spec_suite_on_tiny_models(tmp_path):
+    from pipelines.bench import spec
+
+    got = _run(["spec", "--preset", "tiny", "--num-problems", "1", "--theory-problems", "1", "--max-new-tokens", "12",
+                "--run-dir", str(tmp_path / "runs")], tmp_path)
+    assert set(got) == set(spec.KEYS) | ALWAYS
+    assert set(got["methods"]) == set(spec.SPEC_METHODS)
+    assert got["methods"]["ar"]["speedup"] == 1.0 and got["best_speedup"][0] >= 1.0
+    assert {"speedup", "step_accept_rate", "predicted_speedup", "tokens_per_s_1", "tokens_per_s_4",
+            "within_20pct_of_predicted"} <= set(got["methods"]["lr_async"])
+
+
+@pytest.mark.slow
+def test_quant_suite_on_a_tiny_moe(tmp_path):
+    from pipelines.bench import quant
+
+    got = _run(["quant", "--moe", "tiny-mixtral", "--ppl-tokens", "256", "--rounds", "1", "--calib-tokens", "64",
+                "--block-steps", "1", "--run-dir", str(tmp_path / "runs")], tmp_path)
+    assert set(got) == set(quant.KEYS) | ALWAYS
+    # honest bits: codes plus scales, zeros, compensators and codebooks (large on 64-wide tiny matrices)
+    assert got["bpw_milo3_g64"] > got["bpw_hqq3_g64"] > 3 and got["bpw_codequant4"] > 4
+    assert got["quantize_s_1_worker"] > 0 and got["quantize_s_2_workers"] > 0
