@@ -209,7 +209,9 @@ class Engine:
         draft_seq = self.draft.acquire(req.prompt_ids, reserve) if spec.method == "draft" else None
         gen = None
         if req.sampling.temperature > 0:
-            gen = torch.Generator().manual_seed(req.sampling.seed if req.sampling.seed is not None else 0)
+            # on the logits' device: torch.multinomial refuses a CPU generator for CUDA probabilities
+            gen = torch.Generator(device=self.target.device)
+            gen.manual_seed(req.sampling.seed if req.sampling.seed is not None else 0)
         return _Live(req, seq, draft_seq, spec, gen, time.perf_counter())
 
     def _prefill(self, admitted: list[_Live]) -> None:
@@ -306,7 +308,7 @@ class Engine:
                     if lv.generator is None:
                         tok, q = int(lg.argmax()), None
                     else:
-                        q = _warp(lg, lv.req.sampling)
+                        q = _warp(lg, lv.req.sampling).to(lv.generator.device)  # the draft may sit elsewhere
                         tok = int(torch.multinomial(q, 1, generator=lv.generator))
                     proposals[b].append(tok)
                     probs[b].append(q)
@@ -323,7 +325,7 @@ class Engine:
             else:  # q: draft prob, p: target prob; accept with min(1, p/q)
                 p = _warp(logits_TV[i], lv.req.sampling)
                 q_tok = 1.0 if q_probs[i] is None else float(q_probs[i][tok])
-                ok = torch.rand((), generator=lv.generator).item() * q_tok < float(p[tok])
+                ok = torch.rand((), generator=lv.generator, device=lv.generator.device).item() * q_tok < float(p[tok])
                 if not ok:  # resample from the residual max(p - q, 0)
                     q = torch.zeros_like(p) if q_probs[i] is None else q_probs[i]
                     if q_probs[i] is None:

@@ -24,10 +24,7 @@ log = logging.getLogger(__name__)
 def build_engine(role) -> Engine:
     """An engine for a `pipelines.config.RoleConfig` (or its dict form)."""
     model_cfg, engine_cfg = role.model, role.engine
-    # 0: every core (Ray sets OMP_NUM_THREADS=1 in workers: undo it); jobs that co-locate actors split the cores
-    # with `split_threads`
-    threads = engine_cfg.torch_threads or os.cpu_count()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(engine_cfg.torch_threads or actor_threads())
     model, tok = zoo.load_model(model_cfg.name, model_cfg.dtype, model_cfg.device, model_cfg.trust_remote_code,
                                 model_cfg.quant_runtime, model_cfg.quant_backend)
     spec_cfg = engine_cfg.speculation
@@ -41,6 +38,19 @@ def build_engine(role) -> Engine:
     spec = Speculation(spec_cfg.method, spec_cfg.num_tokens, spec_cfg.ngram_max, spec_cfg.ngram_min)
     return Engine(model, tok, draft_model=draft, speculation=spec,
                   prefix_cache_tokens=engine_cfg.prefix_cache_tokens, max_batch=engine_cfg.max_batch)
+
+
+def actor_threads() -> int:
+    """torch threads of a model actor whose role leaves them to us (`engine.torch_threads=0`): the CPUs Ray gave it
+    (`actor.num_cpus`, at least one; Ray sets OMP_NUM_THREADS=1 in its workers, so this undoes that), or every core
+    outside Ray. Jobs on a local instance give co-located actors a share of the cores instead (`split_threads`)."""
+    import ray
+
+    if ray.is_initialized():
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus is not None:
+            return max(1, round(cpus))
+    return os.cpu_count() or 1
 
 
 class EngineHost:
@@ -142,7 +152,8 @@ def start_host(role_name: str, role, placement_group=None, bundle_index: int | N
 
     a = role.actor
     options = dict(num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_restarts=a.max_restarts,
-                   max_concurrency=a.max_concurrency, name=None)
+                   max_task_retries=a.max_task_retries if a.max_restarts else 0, max_concurrency=a.max_concurrency,
+                   name=None)
     if placement_group is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=placement_group, placement_group_bundle_index=-1 if bundle_index is None else bundle_index)

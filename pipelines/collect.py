@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from actors import zoo
-from actors.hosts import init_ray, start_host
+from actors.hosts import init_ray, split_threads, start_host
 from rewards.answers import extract_answer, is_correct
 from pipelines.cli import run_cli
 from pipelines.schema import CollectConfig
@@ -98,7 +98,7 @@ def run(cfg: CollectConfig, run_dir: Path | None = None) -> Path:
     resolved = save_config(cfg, run_dir, "collect")
     tracker = Tracker(cfg.wandb, run_dir, "collect", resolved)
     init_ray(cfg.ray)
-    target = start_host("target", cfg.target)
+    target = start_host("target", split_threads([cfg.target], cfg.ray)[0])
     t0 = time.perf_counter()
     rows = asyncio.run(_collect(cfg, target, tokenizer, problems, run_dir / "trajectories.jsonl", tracker))
     prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)

@@ -11,12 +11,24 @@ from rewards.answers import gold_answer
 
 log = logging.getLogger(__name__)
 
-# Hub datasets by short name: (dataset id, config); loaded through `datasets` when a hub is reachable.
+@dataclass(frozen=True)
+class HubDataset:
+    """A hub dataset's id, config, split and fields, as its repository has them."""
+
+    dataset_id: str
+    config: str | None
+    split: str
+    question_field: str
+    answer_field: str  # gold answers: GSM8K's "... #### 42", MATH's LaTeX, AIME's integers (`gold_answer` reads each)
+
+
+# Hub datasets by short name, loaded through `datasets` (from the hub, its cache, or a local copy in the hub layout:
+# data.path); data.split, data.question_field and data.answer_field override what is given here.
 HUB = {
-    "gsm8k": ("openai/gsm8k", "main"),
-    "math500": ("HuggingFaceH4/MATH-500", None),
-    "aime24": ("HuggingFaceH4/aime_2024", None),
-    "aime25": ("math-ai/aime25", None),
+    "gsm8k": HubDataset("openai/gsm8k", "main", "test", "question", "answer"),
+    "math500": HubDataset("HuggingFaceH4/MATH-500", None, "test", "problem", "answer"),
+    "aime24": HubDataset("HuggingFaceH4/aime_2024", None, "train", "problem", "answer"),
+    "aime25": HubDataset("math-ai/aime25", None, "test", "problem", "answer"),
 }
 
 
@@ -61,17 +73,21 @@ def _reasoning_gym(cfg) -> list[Problem]:
     return out
 
 
-def _rows_to_problems(rows, cfg, where: str) -> Problems:
+def _rows_to_problems(rows, cfg, where: str, fields: tuple[str, str] = ("question", "answer")) -> Problems:
+    """Problems from (row number, row) pairs; `fields` are the question and answer fields unless data.question_field
+    or data.answer_field say otherwise."""
+    question_field = cfg.question_field or fields[0]
+    answer_field = cfg.answer_field or fields[1]
     out, skipped = [], 0
     for i, row in rows:
         problem = None
         if not isinstance(row, dict):
             reason = f"is not an object ({type(row).__name__})"
-        elif not isinstance(row.get(cfg.question_field), str) or not row[cfg.question_field].strip():
-            reason = f"has no text field {cfg.question_field!r}"
+        elif not isinstance(row.get(question_field), str) or not row[question_field].strip():
+            reason = f"has no text field {question_field!r}"
         else:
-            answer = row.get(cfg.answer_field)
-            problem = Problem(str(row.get("id", f"{where}-{i}")), row[cfg.question_field],
+            answer = row.get(answer_field)
+            problem = Problem(str(row.get("id", f"{where}-{i}")), row[question_field],
                               None if answer is None else gold_answer(answer))
         if problem is None:
             if cfg.bad_rows == "error":
@@ -105,17 +121,28 @@ def _jsonl(cfg) -> Problems:
     return _rows_to_problems(rows(), cfg, str(path))
 
 
+def hub_dataset(cfg) -> HubDataset:
+    """The hub dataset a DataConfig names: a short name of HUB or any dataset id, with the config's overrides."""
+    known = HUB.get(cfg.name, HubDataset(cfg.name, None, "test", "question", "answer"))
+    return HubDataset(known.dataset_id, known.config, cfg.split or known.split, cfg.question_field or
+                      known.question_field, cfg.answer_field or known.answer_field)
+
+
 def _hub(cfg) -> Problems:
     import datasets
 
-    dataset_id, config = HUB.get(cfg.name, (cfg.name, None))
+    hub = hub_dataset(cfg)
+    source = cfg.path or hub.dataset_id  # a local copy in the hub layout (its README's configs), or the hub id
+    if cfg.path and not Path(cfg.path).is_dir():
+        raise DataError(f"data.path {cfg.path!r} is not a directory (a local copy of {hub.dataset_id!r})")
     try:
-        ds = datasets.load_dataset(dataset_id, config, split=cfg.split)
+        ds = datasets.load_dataset(source, hub.config, split=hub.split)
     except Exception as exc:
-        raise DataError(f"cannot load hub dataset {dataset_id!r} (split {cfg.split!r}): {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}. Without a reachable hub, export it to "
-                        "JSONL and use data.source=jsonl data.path=FILE") from None
-    return _rows_to_problems(enumerate(ds), cfg, dataset_id)
+        raise DataError(f"cannot load hub dataset {hub.dataset_id!r} (split {hub.split!r}"
+                        f"{', from ' + cfg.path if cfg.path else ''}): {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}. Without a reachable hub, give a local copy "
+                        "(data.path=DIR) or export it to JSONL and use data.source=jsonl data.path=FILE") from None
+    return _rows_to_problems(enumerate(ds), cfg, hub.dataset_id, (hub.question_field, hub.answer_field))
 
 
 def prompt_ids(tokenizer, problem: Problem, cfg) -> list[int]:

@@ -51,37 +51,49 @@ def moe_vs_dense(cfg: DemoConfig) -> dict:
     return out
 
 
-def plot(run_dir: Path, rows: list[dict], models: dict, aligned: list[dict] | None = None) -> Path:
+def plot(run_dir: Path, rows: list[dict], models: dict, quantized: list[dict], evaluation: dict,
+         aligned: list[dict] | None = None) -> Path:
+    """demo.png: perplexity of the dense target, the MoE and each quantized MoE; the collected step lengths; each
+    method's speedup and step accept rate (and the SAPO draft's beside the unaligned one)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 3 if aligned else 2, figsize=(15 if aligned else 10, 3.8))
-    ax1, ax2 = axes[0], axes[1]
-    names = [models["dense"]["model"], models["moe"]["model"]]
-    ax1.bar(names, [models["dense"]["ppl"], models["moe"]["ppl"]], color=["#4c72b0", "#dd8452"])
-    ax1.set_ylabel(f"perplexity (pydoc, {models['ppl_tokens']} tokens)")
-    ax1.set_title("dense target vs MoE built from it")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1.2, 1, 1.3]})
+    labels = ["dense\n32 bits", "MoE\n32 bits"] + [f"{q['method']}\n{q['bits_per_weight']:.2f} bits"
+                                                     for q in quantized]
+    values = [models["dense"]["ppl"], models["moe"]["ppl"]] + [q["ppl"] for q in quantized]
+    colors = ["#4c72b0", "#dd8452"] + ["#c44e52" if "baseline" in q["method"] else "#55a868" for q in quantized]
+    ax1.bar(range(len(values)), values, color=colors)
+    ax1.set_xticks(range(len(values)), labels, fontsize=7.5)
+    ax1.set_yscale("log")
+    ax1.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax1.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for i, v in enumerate(values):
+        ax1.text(i, v * 1.05, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax1.set_ylabel(f"perplexity (pydoc, {models['ppl_tokens']} tokens, log)")
+    ax1.set_title("dense target, the MoE built from it, quantized MoEs", fontsize=10)
     lengths = [len(t) for r in rows for t in r["step_token_ids"]]
     ax2.hist(lengths, bins=20, color="#55a868")
     ax2.set_xlabel("tokens per step")
     ax2.set_ylabel("steps")
-    ax2.set_title(f"step lengths of {len(rows)} collected answers")
-    if aligned:  # the same method with the unaligned and the SAPO draft
-        ax3 = axes[2]
-        labels = [f"{a['method']}\n{a['draft']}" for a in aligned]
-        x = range(len(aligned))
-        ax3.bar([i - 0.2 for i in x], [a["step_accept_rate"] for a in aligned], 0.4, label="step accept rate",
-                color="#55a868")
-        ax3.bar([i + 0.2 for i in x], [a["speedup"] for a in aligned], 0.4, label="speedup vs ar", color="#4c72b0")
-        ax3.axhline(1.0, color="gray", lw=0.8)
-        ax3.set_xticks(list(x), labels, fontsize=8)
-        ax3.set_title("unaligned vs SAPO draft")
-        ax3.legend(fontsize=8)
+    ax2.set_title(f"step lengths of {len(rows)} collected answers", fontsize=10)
+    bars = [(m, "unaligned", s) for m, s in evaluation["methods"].items() if m != "ar"]
+    bars += [(a["method"], "SAPO", a) for a in (aligned or []) if a["draft"] == "SAPO"]
+    x = range(len(bars))
+    ax3.bar([i - 0.2 for i in x], [b[2]["step_accept_rate"] for b in bars], 0.4, label="step accept rate",
+            color="#55a868")
+    ax3.bar([i + 0.2 for i in x], [b[2].get("speedup") or 0.0 for b in bars], 0.4, label="speedup vs ar",
+            color="#4c72b0")
+    ax3.axhline(1.0, color="gray", lw=0.8)
+    ax3.set_xticks(list(x), [f"{m}\n{d} draft" if m.split("+")[0] != "sd" else m for m, d, _ in bars], fontsize=7.5)
+    ax3.set_title(f"methods on {evaluation['num_problems']} held-out problems, same actors", fontsize=10)
+    ax3.legend(fontsize=8)
     fig.tight_layout()
     path = run_dir / "demo.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -277,7 +289,7 @@ def run(cfg: DemoConfig) -> Path:
         aligned = draft_comparison(evaluation, aligned_eval, list(cfg.sapo_methods))
         t = lap("evaluate_sapo_s", t)
     print("[6/6] writing the report")
-    figure = plot(run_dir, rows, models, aligned)
+    figure = plot(run_dir, rows, models, quantized, evaluation, aligned)
     path = report(run_dir, models, summary, rows, collect_dir, evaluation, quantized, sapo_summary, aligned)
     write_json(run_dir / "summary.json", {"models": models, "collect": summary, "evaluate": evaluation,
                                           "quantize": quantized, "sapo": sapo_summary,

@@ -41,7 +41,7 @@ def preflight(cfg: EvaluateConfig):
     problems = load_problems(cfg.data).items
     if cfg.accuracy and any(p.answer is None for p in problems):
         missing = next(p.id for p in problems if p.answer is None)
-        raise ConfigError(f"accuracy=true but problem {missing!r} has no answer (field {cfg.data.answer_field!r}); "
+        raise ConfigError(f"accuracy=true but problem {missing!r} has no answer (field {cfg.data.answer_field or 'answer'!r}); "
                           "set accuracy=false to time without grading")
     zoo.check_model(cfg.target.model.name)
     tok = zoo.load_tokenizer(cfg.target.model.name, cfg.target.model.trust_remote_code)

@@ -93,8 +93,12 @@ class ActorConfig:
     num_cpus: float = bounded(0.5, ge=0, help="Ray CPUs of the actor (fractions allowed)")
     num_gpus: float = bounded(0.0, ge=0, help="Ray GPUs of the actor")
     max_restarts: int = bounded(0, ge=-1, help="Ray restarts a dead actor this often (-1: always)")
+    max_task_retries: int = bounded(-1, ge=-1, help="a call that a dying actor drops is retried on the restarted "
+                                                    "actor this often (-1: while restarts last); generation is "
+                                                    "seeded, so a retried call returns the same tokens")
     max_concurrency: int = bounded(64, ge=1, help="concurrent calls into the actor (they share one batch)")
-    scheduling: str = choice("default", ["default", "spread", "pack"], help="Ray scheduling strategy of the actor")
+    scheduling: str = choice("default", ["default", "spread"], help="Ray scheduling strategy: default (Ray packs "
+                             "actors onto busy nodes first) or spread (across nodes)")
 
 
 @dataclass
@@ -134,13 +138,16 @@ class DataConfig:
                          "offline reasoning-gym generator, a local JSONL file, or a hub dataset through `datasets`")
     name: str = key("gsm_symbolic", help="reasoning_gym: the generator; hub: gsm8k, math500, aime24, aime25 or a "
                                          "dataset id")
-    path: Optional[str] = key(None, help="jsonl: the file (one problem per line)")
-    split: str = key("test", help="hub: the split")
+    path: Optional[str] = key(None, help="jsonl: the file (one problem per line); hub: a local copy of the dataset's "
+                                         "repository (else the hub or its cache)")
+    split: Optional[str] = key(None, help="hub: the split; null: the dataset's own (gsm8k, math500, aime25: test; "
+                                          "aime24: train)")
     num_problems: int = bounded(4, ge=1, help="problems to run")
     offset: int = bounded(0, ge=0, help="skip this many problems (held-out splits)")
     seed: int = key(42, help="reasoning_gym: the generator's seed")
-    question_field: str = key("question", help="jsonl, hub: the field holding the problem")
-    answer_field: str = key("answer", help="jsonl, hub: the field holding the gold answer")
+    question_field: Optional[str] = key(None, help="jsonl, hub: the field holding the problem; null: question "
+                                                   "(jsonl) or the hub dataset's own (math500, aime24/25: problem)")
+    answer_field: Optional[str] = key(None, help="jsonl, hub: the field holding the gold answer; null: answer")
     bad_rows: str = choice("error", ["error", "skip"], help="a malformed row stops the job (error) or is skipped "
                            "with a warning")
     system_prompt: str = key("Solve the problem step by step. Separate steps with a blank line. Put the final "

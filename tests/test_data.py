@@ -101,3 +101,50 @@ def test_jsonl_rows_cut_by_a_killed_run_are_redone_not_lost(tmp_path):
         read_jsonl(bad, strict=True)
     with pytest.warns(UserWarning, match="line 2 is not JSON"):
         assert read_jsonl(bad) == [{"id": 1}, {"id": 3}]
+
+
+# what each hub repository holds: (config, split, file path in the repository, rows); a README's `configs` header
+# maps splits to files as on the hub
+HUB_COPIES = {
+    "gsm8k": ("main", "test", "main/test-00000-of-00001.parquet",
+              [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"}]),
+    "math500": (None, "test", "test.jsonl",
+                [{"problem": "What is $\\frac{1}{2} + \\frac{1}{4}$?", "solution": "...", "answer": "\\frac{3}{4}",
+                  "subject": "Algebra", "level": 1, "unique_id": "test/algebra/1.json"}]),
+    "aime24": (None, "train", "data/train-00000-of-00001.parquet",
+               [{"id": 60, "problem": "Find the remainder when 2024 is divided by 1000.", "solution": "...",
+                 "answer": "024", "url": "", "year": "2024"}]),
+    "aime25": (None, "test", "test.jsonl", [{"problem": "Compute 17 + 25.", "answer": "42", "id": "0"}]),
+}
+
+
+def _hub_copy(root, name):
+    """A local copy of a hub dataset's repository: its data file(s) and a README whose configs name the split."""
+    import datasets
+
+    config, split, path, rows = HUB_COPIES[name]
+    repo = root / name
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    if path.endswith(".parquet"):
+        datasets.Dataset.from_list(rows).to_parquet(str(repo / path))
+    else:
+        (repo / path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (repo / "README.md").write_text(f"---\nconfigs:\n- config_name: {config or 'default'}\n  data_files:\n"
+                                    f"  - split: {split}\n    path: {path}\n---\n")
+    return repo
+
+
+@pytest.mark.parametrize("name, question, answer", [
+    ("gsm8k", "Tom has 3 apples", "7"), ("math500", "\\frac{1}{2}", "\\frac{3}{4}"),
+    ("aime24", "divided by 1000", "024"), ("aime25", "17 + 25", "42")])
+def test_hub_datasets_load_with_their_own_split_and_fields(tmp_path, name, question, answer):
+    """Each short name knows its dataset's config, split and fields (AIME 2024 has only a train split, MATH-500 and
+    AIME a `problem` field): no overrides needed, here on local copies in the hub layout."""
+    repo = _hub_copy(tmp_path, name)
+    [p] = load_problems(DataConfig(source="hub", name=name, path=str(repo), num_problems=5)).items
+    assert question in p.question and p.answer == answer
+    assert is_correct(answer, p.answer)
+    with pytest.raises(DataError, match=r"split 'validation'"):  # an override still wins, and a bad one is named
+        load_problems(DataConfig(source="hub", name=name, path=str(repo), split="validation"))
+    with pytest.raises(DataError, match="has no text field 'prompt'"):
+        load_problems(DataConfig(source="hub", name=name, path=str(repo), question_field="prompt"))

@@ -122,6 +122,39 @@ def test_seeded_sampling_is_reproducible(tiny_llama):
     assert all(sample(s, top_k=3).token_ids[0] in allowed for s in range(10))
 
 
+def _bare_model(device: str, seed: int):
+    """A random 2-layer Llama and a word-level tokenizer built in code: what a bare GPU machine can build (no model
+    package there)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", eos_token="w1")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, eos_token_id=1, bos_token_id=0)
+    return AutoModelForCausalLM.from_config(cfg).eval().to(device), tok
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sampling_draws_on_the_models_device(device):
+    """Sampled requests (temperature > 0: draft sampling, width > 1, GRPO rollouts) draw from a generator on the
+    logits' device: torch.multinomial refuses a CPU generator for CUDA probabilities. Token-level SD with a draft
+    model runs every sampling branch: the draft's draw, the accept test and the residual resample."""
+    model, tok = _bare_model(device, 0)
+    draft, _ = _bare_model(device, 1)
+    engine = Engine(model, tok, draft_model=draft, speculation=Speculation("draft", 3))
+    engine.eos_ids = set()
+    request = Request([5, 6, 7, 8], max_new_tokens=16, sampling=Sampling(0.9, 1.0, 0, 11))
+    live = engine._acquire(request)
+    assert live.generator.device.type == model.device.type == device
+    first, again = (engine.generate([Request([5, 6, 7, 8], max_new_tokens=16, sampling=Sampling(0.9, 1.0, 0, 11))])[0]
+                    for _ in range(2))
+    assert first.token_ids == again.token_ids and len(first.token_ids) == 16
+    assert 0 < first.counters.accepted_tokens < first.counters.drafted_tokens  # accepts and resamples both ran
+
+
 def _prompt_whose_lookups_are_plausible(model, prompt, k=3, tries=30):
     """Grow the prompt with pairs (t, u) until, for each of its k likeliest next tokens t, prompt lookup
     after t proposes a token among the k likeliest after prompt + [t]: whatever first token is sampled,

@@ -53,6 +53,19 @@ def test_concurrent_callers_are_batched_and_match_sequential(local_ray):
     ray.kill(host)
 
 
+def test_an_actor_without_torch_threads_uses_the_cpus_ray_gave_it(local_ray):
+    """engine.torch_threads=0 outside a job's split: the actor's CPU request, not every core of its node (a 4-CPU
+    actor on a 64-core node must not spin 64 threads); fractions round up to one thread."""
+    threads = {}
+    for cpus in (0.25, 2.0):
+        role = _tiny_role()
+        role.actor.num_cpus = cpus
+        host = start_host("target", role)
+        threads[cpus] = ray.get(host.info.remote())["torch_threads"]
+        ray.kill(host)
+    assert threads == {0.25: 1, 2.0: 2}
+
+
 def test_cancelling_a_call_cancels_its_requests(local_ray):
     host = start_host("target", _tiny_role())
     ray.get(host.info.remote())
@@ -104,6 +117,17 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+def _answers(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def test_ray_job_submit_against_a_real_head(tmp_path):
     ray.shutdown()
     bin_dir = Path(sys.executable).parent
@@ -111,20 +135,22 @@ def test_ray_job_submit_against_a_real_head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     env.pop("WANDB_SERVICE", None)  # the job must start its own W&B service, not attach to this process's
     ray_cli = shutil.which("ray", path=str(bin_dir)) or "ray"
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent = _free_port(), _free_port(), _free_port()
     temp = Path("/tmp") / f"ray-test-{os.getpid()}"
     # --block keeps the head in this process group: stopping it stops only this head, not the user's clusters
     head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}",
-                             "--include-dashboard=true"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                             f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}", "--num-cpus=2",
+                             f"--temp-dir={temp}", "--include-dashboard=true"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.time() + 180
-        while subprocess.run([ray_cli, "job", "list", "--address", address], env=env, capture_output=True,
-                             timeout=60).returncode != 0:
+        # ready to take a job: the head node's job agent is up (a submit before it registers fails with "No
+        # available agent to submit job" on a busy machine) and the head's job API answers (with the token)
+        deadline = time.time() + 300
+        while not (_answers(f"http://127.0.0.1:{agent}/api/healthz") and subprocess.run(
+                [ray_cli, "job", "list", "--address", address], env=env, capture_output=True, timeout=60).returncode == 0):
             assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
-            time.sleep(2)
+            time.sleep(1)
         out_dir = tmp_path / "runs"
         submit = subprocess.run(
             [ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
