@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from dataclasses import asdict, replace
 
@@ -47,9 +48,12 @@ def actor_threads() -> int:
     import ray
 
     if ray.is_initialized():
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        try:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        except AssertionError:  # the driver, not a Ray worker: no CPUs were assigned to it
+            cpus = None
         if cpus is not None:
-            return max(1, round(cpus))
+            return max(1, math.ceil(cpus - 1e-9))
     return os.cpu_count() or 1
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from actors.engine import Request
 from actors.hosts import EngineHost, init_ray, start_host
@@ -39,11 +40,12 @@ def _tiny_role(**engine):
 
 
 def test_concurrent_callers_are_batched_and_match_sequential(local_ray):
-    host = start_host("target", _tiny_role())
+    role = _tiny_role(torch_threads=1)  # the same threads in the actor and here: bit-identical probabilities
+    host = start_host("target", role)
     info = ray.get(host.info.remote())
-    assert info["role"] == "target" and info["model"] == "tiny-llama" and info["torch_threads"] >= 1
+    assert info["role"] == "target" and info["model"] == "tiny-llama" and info["torch_threads"] == 1
     prompts = [PROMPT, PROMPT[:6], PROMPT + [50, 51], PROMPT[:3]]
-    local = EngineHost("target", _tiny_role()).engine
+    local = EngineHost("target", role).engine
     want = [r.token_ids for r in local.generate([Request(p, max_new_tokens=10) for p in prompts])]
     refs = [host.generate.remote([Request(p, max_new_tokens=10)]) for p in prompts]  # four callers at once
     got = [ray.get(r)[0].token_ids for r in refs]
@@ -51,19 +53,27 @@ def test_concurrent_callers_are_batched_and_match_sequential(local_ray):
     probs = ray.get(host.next_token_probs.remote([PROMPT], [5, 6]))
     assert probs == local.next_token_probs([PROMPT], [5, 6])
     ray.kill(host)
+    torch.set_num_threads(os.cpu_count())  # the in-process engine set this process's threads
 
 
 def test_an_actor_without_torch_threads_uses_the_cpus_ray_gave_it(local_ray):
     """engine.torch_threads=0 outside a job's split: the actor's CPU request, not every core of its node (a 4-CPU
-    actor on a 64-core node must not spin 64 threads); fractions round up to one thread."""
-    threads = {}
-    for cpus in (0.25, 2.0):
-        role = _tiny_role()
-        role.actor.num_cpus = cpus
-        host = start_host("target", role)
-        threads[cpus] = ray.get(host.info.remote())["torch_threads"]
-        ray.kill(host)
-    assert threads == {0.25: 1, 2.0: 2}
+    actor on a 64-core node must not spin 64 threads); fractions round up to one thread. Its own instance with 8
+    logical CPUs, so that the other tests' actors leave room for a 3-CPU one."""
+    ray.shutdown()
+    init_ray(RayConfig(num_cpus=8))
+    try:
+        threads = {}
+        for cpus in (0.25, 3.0):
+            role = _tiny_role()
+            role.actor.num_cpus = cpus
+            host = start_host("target", role)
+            threads[cpus] = ray.get(host.info.remote(), timeout=300)["torch_threads"]
+            ray.kill(host)
+        assert threads == {0.25: 1, 3.0: 3}
+    finally:
+        ray.shutdown()
+        init_ray(RayConfig(num_cpus=2))  # the module's instance, for the tests after this one
 
 
 def test_cancelling_a_call_cancels_its_requests(local_ray):
