@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $(STAMP)
 
 demo: venv
-	$(OFFLINE) $(PY) -m pipelines.demo
+	$(OFFLINE) $(PY) -m pipelines.demo run.storage=$(CURDIR)/runs
 
 test: venv
 	$(OFFLINE) WANDB_MODE=offline $(PY) -X faulthandler -m pytest -q -x tests

@@ -157,7 +157,7 @@ def start_host(role_name: str, role, placement_group=None, bundle_index: int | N
     a = role.actor
     options = dict(num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_restarts=a.max_restarts,
                    max_task_retries=a.max_task_retries if a.max_restarts else 0, max_concurrency=a.max_concurrency,
-                   name=None)
+                   resources=dict(a.resources) or None, name=None)
     if placement_group is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=placement_group, placement_group_bundle_index=-1 if bundle_index is None else bundle_index)

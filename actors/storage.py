@@ -134,7 +134,8 @@ class NodeLock:
     """A lock directory on this node, so that parallel actors or workers fetch or build a thing once."""
 
     def __init__(self, path: Path, timeout_s: float = 1800):
-        self.path, self.timeout_s = Path(path).with_suffix(".lock"), timeout_s
+        path = Path(path)
+        self.path, self.timeout_s = path.with_name(path.name + ".lock"), timeout_s
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,9 +154,10 @@ class NodeLock:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def fetch(location: str) -> Path:
+def fetch(location: str, skip: tuple[str, ...] = ()) -> Path:
     """This node's copy of a location: a local path as it is; a remote directory (with a manifest) or file fetched
-    once into the node cache, keyed by content, and checked."""
+    once into the node cache, keyed by content, and checked. `skip`: file name endings a directory's copy leaves out
+    (a tokenizer or a config needs no weights); such a partial copy has a cache entry of its own."""
     if not is_uri(location) or str(location).startswith("file://"):
         path = Path(filesystem(location)[1])
         if not path.exists():
@@ -167,8 +169,12 @@ def fetch(location: str) -> Path:
         if raw is None:
             raise StorageError(f"{location} is a directory without {MANIFEST}: not an artifact a job wrote (a job "
                                "uploads directories with their manifest)")
+        manifest = json.loads(raw)
         key = hashlib.sha256(raw).hexdigest()
-        return _fetch_dir(fs, path, json.loads(raw), cache_root() / "fetched" / key, location)
+        if skip:
+            manifest = {**manifest, "files": {k: v for k, v in manifest["files"].items() if not k.endswith(skip)}}
+            key += "-without-" + hashlib.sha256("|".join(skip).encode()).hexdigest()[:8]
+        return _fetch_dir(fs, path, manifest, cache_root() / "fetched" / key, location)
     try:
         info = fs.info(path)
     except FileNotFoundError:

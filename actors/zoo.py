@@ -20,10 +20,11 @@ import importlib.util
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import torch
+
+from actors import storage
 
 SMOLLM2 = "smollm2-135m-instruct"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,35 +46,12 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-class _DirLock:
-    """A lock directory, so that parallel actors or test workers convert a model once."""
-
-    def __init__(self, path: Path, timeout_s: float = 600):
-        self.path, self.timeout_s = path.with_suffix(".lock"), timeout_s
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.time() + self.timeout_s
-        while True:
-            try:
-                self.path.mkdir()
-                return self
-            except FileExistsError:
-                if time.time() > deadline or time.time() - self.path.stat().st_mtime > self.timeout_s:
-                    shutil.rmtree(self.path, ignore_errors=True)  # a dead holder's lock
-                    continue
-                time.sleep(0.5)
-
-    def __exit__(self, *exc):
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
 def cached_build(name: str, build) -> Path:
     """Return cache_root()/models/name, building it once with `build(tmp_dir)` (atomic rename)."""
     final = cache_root() / "models" / name
     if (final / "config.json").is_file():
         return final
-    with _DirLock(final):
+    with storage.NodeLock(final):  # parallel actors or test workers convert a model once
         if (final / "config.json").is_file():
             return final
         tmp = final.with_name(final.name + f".tmp{os.getpid()}")
@@ -101,9 +79,20 @@ def smollm2_dir() -> Path:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """A model's tokenizer; for a model in run storage, only its small files are fetched (not the weights)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_dir(name)), trust_remote_code=trust_remote_code)
+    if storage.is_uri(name) and not name.startswith("file://"):
+        try:
+            path = storage.fetch(name, skip=WEIGHT_FILES)
+        except storage.StorageError as exc:
+            raise ModelNotFound(f"model {name!r}: {exc}") from None
+    else:
+        path = resolve_dir(name)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 TINY_CONFIGS = {
@@ -142,7 +131,13 @@ _DRAFT = re.compile(r"^(.+)-draft-l(\d+)$")
 
 
 def resolve_dir(name: str) -> Path | str:
-    """Directory (or hub id) that `from_pretrained` loads for a zoo name or path."""
+    """Directory (or hub id) that `from_pretrained` loads for a zoo name, a path, or a location in run storage
+    (fetched into this node's cache once, checked against its manifest)."""
+    if storage.is_uri(name):
+        try:
+            return storage.fetch(name)
+        except storage.StorageError as exc:
+            raise ModelNotFound(f"model {name!r}: {exc}") from None
     if name == SMOLLM2:
         return smollm2_dir()
     if name in TINY_CONFIGS:
@@ -174,10 +169,15 @@ def check_model(name: str) -> int:
     directory or a hub id), an early-exit draft asks for no more layers than its model has, and a quantized
     checkpoint's files are complete and match their hashes. Returns the model's number of decoder layers (0 for
     a hub id, whose config is not fetched here)."""
-    path = resolve_dir(name)
+    if storage.is_uri(name) and not name.startswith("file://"):  # in run storage: its manifest and config only
+        path = storage.fetch(name, skip=WEIGHT_FILES) if _fetchable(name) else None
+        if path is None:
+            raise ModelNotFound(f"model {name!r} does not exist in storage (no {storage.MANIFEST})")
+    else:
+        path = resolve_dir(name)
     if not isinstance(path, Path):
         return 0
-    if (path / "specmoe_quant.json").is_file():
+    if (path / "specmoe_quant.json").is_file() and not storage.is_uri(name):
         from quant.checkpoint import verify_files
 
         verify_files(path)
@@ -195,6 +195,13 @@ def check_model(name: str) -> int:
                                 f"{m.group(1)!r}, which has {total}")
         return layers
     return total
+
+
+def _fetchable(location: str) -> bool:
+    try:
+        return storage.exists(storage.join(location, storage.MANIFEST))
+    except (OSError, storage.StorageError):
+        return False
 
 
 def pick_device(device: str) -> torch.device:

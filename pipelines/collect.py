@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -25,13 +24,14 @@ from pipelines.cli import run_cli
 from pipelines.schema import CollectConfig
 from pipelines.evaluate import settings_for_generation
 from pipelines.data import load_problems, prompt_ids
-from pipelines.runs import append_jsonl, make_run_dir, read_jsonl, save_config, write_json
+from pipelines.runs import RunDir, append_jsonl, make_run_dir, read_jsonl, save_config, write_json
 from pipelines.tracking import Tracker
 from speculative.clients import HostClient
 from speculative.controllers import Controller
 
 
-async def _collect(cfg: CollectConfig, target, tokenizer, problems, out: Path, tracker: Tracker) -> list[dict]:
+async def _collect(cfg: CollectConfig, target, tokenizer, problems, run: RunDir, tracker: Tracker) -> list[dict]:
+    out = run / "trajectories.jsonl"
     controller = Controller(settings_for_generation("ar", cfg.generation), HostClient(target))
     done = {row["id"]: row for row in read_jsonl(out)}
     todo = [p for p in problems if p.id not in done]
@@ -55,6 +55,7 @@ async def _collect(cfg: CollectConfig, target, tokenizer, problems, out: Path, t
             "wall_s": wall_s, "prefill_tokens": answer.prefill_tokens, "forward_passes": answer.token_passes,
         }
         append_jsonl(out, row)
+        run.sync(every_s=cfg.run.sync_s)  # a resumed run, on any node, skips what storage holds
         done[problem.id] = row
         tracker.log({"problem/num_tokens": row["num_tokens"], "problem/num_steps": len(row["steps"]),
                      "problem/tokens_per_s": row["num_tokens"] / max(wall_s, 1e-9),
@@ -92,15 +93,16 @@ def preflight(cfg: CollectConfig):
     return problems, zoo.load_tokenizer(cfg.target.model.name, cfg.target.model.trust_remote_code)
 
 
-def run(cfg: CollectConfig, run_dir: Path | None = None) -> Path:
+def run(cfg: CollectConfig, run_dir: RunDir | None = None) -> RunDir:
+    """The run directory (`.location` in storage: `trajectories=<location>/trajectories.jsonl` for SAPO)."""
     problems, tokenizer = preflight(cfg)
     run_dir = run_dir or make_run_dir(cfg, "collect")
     resolved = save_config(cfg, run_dir, "collect")
-    tracker = Tracker(cfg.wandb, run_dir, "collect", resolved)
+    tracker = Tracker(cfg.wandb, run_dir.path, "collect", resolved)
     init_ray(cfg.ray)
     target = start_host("target", split_threads([cfg.target], cfg.ray)[0])
     t0 = time.perf_counter()
-    rows = asyncio.run(_collect(cfg, target, tokenizer, problems, run_dir / "trajectories.jsonl", tracker))
+    rows = asyncio.run(_collect(cfg, target, tokenizer, problems, run_dir, tracker))
     prompt_tokens = sum(len(r["prompt_ids"]) for r in rows)
     summary = summarize(rows, prompt_tokens, time.perf_counter() - t0)
     write_json(run_dir / "summary.json", summary)
@@ -108,8 +110,9 @@ def run(cfg: CollectConfig, run_dir: Path | None = None) -> Path:
     tracker.table("trajectories", ["id", "correct", "num_tokens", "num_steps", "response"],
                   [[r["id"], r["correct"], r["num_tokens"], len(r["steps"]), r["response"]] for r in rows])
     tracker.finish()
+    run_dir.sync()
     print(f"collect: {summary['num_problems']} problems, accuracy {summary['accuracy']}, "
-          f"{summary['tokens_per_s']:.1f} tokens/s -> {run_dir}")
+          f"{summary['tokens_per_s']:.1f} tokens/s -> {run_dir.location}")
     return run_dir
 
 

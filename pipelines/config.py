@@ -122,18 +122,27 @@ def saved_config(job: str, run_dir: str) -> dict:
     """The resolved config a run of `job` saved in its directory (without the job name)."""
     import yaml
 
-    saved = Path(run_dir) / "config.yaml"
-    if not Path(run_dir).is_dir():
-        raise ConfigError(f"config key 'run.resume': {run_dir} does not exist")
-    if not saved.is_file():
-        raise ConfigError(f"config key 'run.resume': {run_dir} is not a run directory (no config.yaml)")
+    from actors import storage
+
+    saved = storage.join(run_dir, "config.yaml")
     try:
-        config = yaml.safe_load(saved.read_text()) or {}
+        if not storage.exists(run_dir):
+            raise ConfigError(f"config key 'run.resume': {run_dir} does not exist")
+        if not storage.exists(saved):
+            raise ConfigError(f"config key 'run.resume': {run_dir} is not a run directory (no config.yaml)")
+        text = storage.read_text(saved)
+    except (OSError, storage.StorageError) as exc:
+        raise ConfigError(f"config key 'run.resume': cannot read {saved}: {exc}") from None
+    try:
+        config = yaml.safe_load(text) or {}
     except yaml.YAMLError:
         raise ConfigError(f"config key 'run.resume': {saved} is not valid YAML (a damaged run directory)") from None
     found = config.pop("job", None) if isinstance(config, dict) else None
     if found != job:
         raise ConfigError(f"config key 'run.resume': {run_dir} holds a {found!r} run, not {job}")
+    run = config.get("run")
+    if isinstance(run, dict) and "out_dir" in run:  # runs saved before run.storage: where they are is run.resume
+        run.pop("out_dir")
     return config
 
 

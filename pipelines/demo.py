@@ -16,19 +16,20 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from actors import zoo
+from actors import storage, zoo
 from pipelines import collect
 from pipelines.cli import run_cli
 from pipelines.schema import DemoConfig
 from pipelines.evaluate import evaluate
 from pipelines.report import method_table
-from pipelines.runs import make_run_dir, read_jsonl, save_config, write_json
+from pipelines.runs import RunDir, make_run_dir, read_jsonl, save_config, write_json
 from pipelines.tracking import Tracker
 from quant.perplexity import perplexity, pydoc_text
 
@@ -98,7 +99,7 @@ def plot(run_dir: Path, rows: list[dict], models: dict, quantized: list[dict], e
     return path
 
 
-def quantize_configs(cfg: DemoConfig, run_dir: Path) -> list:
+def quantize_configs(cfg: DemoConfig, run_location: str) -> list:
     """The quantize runs' configs (`cfg.quantize`: overrides of the quantize demo preset, one string per run)."""
     from pipelines.config import load_config
     from pipelines.schema import QuantizeConfig
@@ -106,21 +107,21 @@ def quantize_configs(cfg: DemoConfig, run_dir: Path) -> list:
     out = []
     for overrides in cfg.quantize:
         qcfg = load_config(QuantizeConfig, "quantize", [
-            "demo", f"model.name={cfg.moe_model}", f"run.out_dir={run_dir / 'quantize'}",
-            f"ppl_tokens={cfg.moe_ppl_tokens}", f"wandb.group={run_dir.name}"] + overrides.split())
+            "demo", f"model.name={cfg.moe_model}", f"run.storage={storage.join(run_location, 'quantize')}",
+            f"ppl_tokens={cfg.moe_ppl_tokens}", f"wandb.group={os.path.basename(run_location)}"] + overrides.split())
         qcfg.run.name = f"quantize-{qcfg.method}"
         out.append(qcfg)
     return out
 
 
-def sapo_config(cfg: DemoConfig, run_dir: Path, trajectories: Path):
+def sapo_config(cfg: DemoConfig, run_location: str, trajectories: str):
     """The SAPO stage's config: `cfg.sapo` (a sapo preset and overrides) on the collected trajectories."""
     from pipelines.config import load_config
     from pipelines.schema import SapoConfig
 
     preset, *overrides = cfg.sapo.split()
-    return load_config(SapoConfig, "sapo", [preset, f"trajectories={trajectories}", f"run.out_dir={run_dir}",
-                                            f"wandb.group={run_dir.name}"] + overrides)
+    return load_config(SapoConfig, "sapo", [preset, f"trajectories={trajectories}", f"run.storage={run_location}",
+                                            f"wandb.group={os.path.basename(run_location)}"] + overrides)
 
 
 def preflight(cfg: DemoConfig) -> None:
@@ -131,18 +132,18 @@ def preflight(cfg: DemoConfig) -> None:
     collect.preflight(cfg.collect)
     evaluate_preflight(cfg.evaluate)
     zoo.check_model(cfg.moe_model)
-    for qcfg in quantize_configs(cfg, Path(cfg.run.out_dir)):
+    for qcfg in quantize_configs(cfg, cfg.run.storage):
         spec_of(qcfg).check()
     if cfg.sapo:
-        zoo.check_model(sapo_config(cfg, Path(cfg.run.out_dir), Path("trajectories.jsonl")).draft.name)
+        zoo.check_model(sapo_config(cfg, cfg.run.storage, "trajectories.jsonl").draft.name)
 
 
-def quantize_moe(cfg: DemoConfig, run_dir: Path) -> list[dict]:
+def quantize_moe(cfg: DemoConfig, run_dir: RunDir) -> list[dict]:
     """Each quantize run on the demo MoE; its checkpoint, bits per weight and perplexity beside the source's."""
     from pipelines.quantize import run as quantize
 
     out = []
-    for overrides, qcfg in zip(cfg.quantize, quantize_configs(cfg, run_dir)):
+    for overrides, qcfg in zip(cfg.quantize, quantize_configs(cfg, run_dir.location)):
         _, s = quantize(qcfg)
         for method in qcfg.compare:  # baselines at the same bits, measured by that run (comparison.md)
             out.append({"run": overrides, "method": f"{method} (baseline)", "bits_per_weight": s[f"compare/{method}/bpw"],
@@ -154,11 +155,11 @@ def quantize_moe(cfg: DemoConfig, run_dir: Path) -> list[dict]:
     return out
 
 
-def train_draft(cfg: DemoConfig, run_dir: Path, trajectories: Path) -> tuple[str, dict]:
+def train_draft(cfg: DemoConfig, run_dir: RunDir, trajectories: str) -> tuple[str, dict]:
     """The SAPO stage: `cfg.sapo` (a sapo preset and overrides) trained on the collected trajectories."""
     from pipelines import sapo
 
-    draft_dir, summary = sapo.run(sapo_config(cfg, run_dir, trajectories))
+    draft_dir, summary = sapo.run(sapo_config(cfg, run_dir.location, trajectories))
     return str(draft_dir), summary
 
 
@@ -175,7 +176,7 @@ def draft_comparison(evaluation: dict, aligned_eval: dict, methods: list[str]) -
     return out
 
 
-def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect_dir: Path, evaluation: dict,
+def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect_location: str, evaluation: dict,
            quantized: list[dict], sapo: dict | None = None, aligned: list[dict] | None = None) -> Path:
     d, m = models["dense"], models["moe"]
     lines = [
@@ -199,7 +200,7 @@ def report(run_dir: Path, models: dict, summary: dict, rows: list[dict], collect
     first = rows[0]
     lines += ["", f"First answer, step by step (`{first['id']}`):", ""]
     lines += [f"{i + 1}. {json.dumps(s)}" for i, s in enumerate(first["steps"][:12])]
-    lines += ["", "![demo](demo.png)", "", f"Trajectories: `{collect_dir / 'trajectories.jsonl'}`", "",
+    lines += ["", "![demo](demo.png)", "", f"Trajectories: `{storage.join(collect_location, 'trajectories.jsonl')}`", "",
               "## The MoE, quantized", "", "| method | bits per weight | perplexity | delta vs fp | checkpoint |",
               "|---|---|---|---|---|", f"| fp32 | 32 | {models['moe']['ppl']:.2f} | +0.00 | |"]
     lines += [f"| {q['method']} | {q['bits_per_weight']:.2f} | {q['ppl']:.2f} | {q['ppl'] - models['moe']['ppl']:+.2f} "
@@ -238,7 +239,7 @@ def _num(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def run(cfg: DemoConfig) -> Path:
+def run(cfg: DemoConfig) -> RunDir:
     t0 = time.perf_counter()
     preflight(cfg)
     run_dir = make_run_dir(cfg, "demo")
@@ -257,8 +258,7 @@ def run(cfg: DemoConfig) -> Path:
     print(f"      dense ppl {models['dense']['ppl']:.2f}, MoE ppl {models['moe']['ppl']:.2f}")
     t = lap("models_s", t)
     print("[2/6] collecting step-by-step answers on a local Ray instance")
-    collect_dir = run_dir / "collect"
-    collect_dir.mkdir(exist_ok=True)
+    collect_dir = run_dir.child("collect")
     collect_cfg = replace(cfg.collect, wandb=replace(cfg.collect.wandb, group=run_dir.name))
     collect.run(collect_cfg, collect_dir)
     rows = read_jsonl(collect_dir / "trajectories.jsonl")
@@ -271,38 +271,38 @@ def run(cfg: DemoConfig) -> Path:
     if cfg.sapo:
         print("[4/6] training the draft with SAPO (warm start + GRPO) on the collected trajectories")
         t1 = time.perf_counter()
-        draft_dir, sapo_summary = train_draft(cfg, run_dir, collect_dir / "trajectories.jsonl")
+        trajectories = storage.join(collect_dir.location, "trajectories.jsonl")
+        draft_dir, sapo_summary = train_draft(cfg, run_dir, trajectories)
         sapo_summary["wall_s"] = time.perf_counter() - t1
         t = lap("sapo_s", t)
     print("[5/6] evaluating ar, sd and the step-level methods side by side (unaligned draft, then the SAPO draft)")
     eval_cfg = replace(cfg.evaluate, wandb=replace(cfg.evaluate.wandb, group=run_dir.name))
-    eval_dir = run_dir / "evaluate"
-    eval_dir.mkdir(exist_ok=True)
-    _, evaluation = evaluate(eval_cfg, eval_dir)
+    _, evaluation = evaluate(eval_cfg, run_dir.child("evaluate"))
     t = lap("evaluate_s", t)
     aligned = aligned_eval = None
     if draft_dir:
-        aligned_dir = run_dir / "evaluate-sapo"
-        aligned_dir.mkdir(exist_ok=True)
         _, aligned_eval = evaluate(replace(eval_cfg, methods=list(cfg.sapo_methods), draft=replace(
-            eval_cfg.draft, model=replace(eval_cfg.draft.model, name=draft_dir))), aligned_dir)
+            eval_cfg.draft, model=replace(eval_cfg.draft.model, name=draft_dir))), run_dir.child("evaluate-sapo"))
         aligned = draft_comparison(evaluation, aligned_eval, list(cfg.sapo_methods))
         t = lap("evaluate_sapo_s", t)
     print("[6/6] writing the report")
-    figure = plot(run_dir, rows, models, quantized, evaluation, aligned)
-    path = report(run_dir, models, summary, rows, collect_dir, evaluation, quantized, sapo_summary, aligned)
+    figure = plot(run_dir.path, rows, models, quantized, evaluation, aligned)
+    path = report(run_dir.path, models, summary, rows, collect_dir.location, evaluation, quantized, sapo_summary,
+                  aligned)
     write_json(run_dir / "summary.json", {"models": models, "collect": summary, "evaluate": evaluation,
                                           "quantize": quantized, "sapo": sapo_summary,
                                           "evaluate_sapo": aligned_eval, "draft_comparison": aligned,
                                           "stage_wall_s": stages, "wall_s": time.perf_counter() - t0})
-    tracker = Tracker(cfg.collect.wandb, run_dir, "demo", resolved)
+    tracker = Tracker(cfg.collect.wandb, run_dir.path, "demo", resolved)
     tracker.summary({"ppl_dense": models["dense"]["ppl"], "ppl_moe": models["moe"]["ppl"],
                      "accuracy": summary["accuracy"], "tokens_per_s": summary["tokens_per_s"]})
     tracker.image("demo", figure)
     tracker.finish()
+    run_dir.sync()
     print(path.read_text())
     print(f"demo finished in {time.perf_counter() - t0:.0f} s ("
-          + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in stages.items()) + f"); report: {path}")
+          + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in stages.items()) + "); report: "
+          + storage.join(run_dir.location, "report.md"))
     return run_dir
 
 

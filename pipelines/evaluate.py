@@ -16,18 +16,17 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from tqdm import tqdm
 
-from actors import zoo
+from actors import storage, zoo
 from actors.engine import Sampling, Speculation
 from actors.hosts import init_ray, split_threads, start_host
 from rewards.answers import extract_answer, is_correct
 from pipelines.cli import run_cli
 from pipelines.schema import ConfigError, EvaluateConfig, own_verifier_model
 from pipelines.data import load_problems, prompt_ids
-from pipelines.runs import append_jsonl, make_run_dir, read_jsonl, save_config, write_json
+from pipelines.runs import RunDir, append_jsonl, make_run_dir, read_jsonl, save_config, write_json
 from pipelines.tracking import Tracker
 from rewards import verifiers as V
 from speculative.clients import HostClient
@@ -147,8 +146,9 @@ def settings_for(cfg: EvaluateConfig, method: str) -> Settings:
     return settings_for_generation(method, cfg.generation, cfg.draft_sampling, cfg.lookahead, cfg.token_speculation)
 
 
-async def _evaluate_method(cfg, method, controller, problems, prompts, out: Path, hosts):
+async def _evaluate_method(cfg, method, controller, problems, prompts, run: RunDir, hosts):
     """Traces of every problem (finished ones are read back) and the (seconds, tokens) of what ran now."""
+    out = run / "traces" / f"{method}.jsonl"
     done = {row["problem_id"]: row for row in read_jsonl(out)}
     todo = [p for p in problems if p.id not in done]
     for h in hosts:  # no method reuses another's cached work
@@ -163,6 +163,7 @@ async def _evaluate_method(cfg, method, controller, problems, prompts, out: Path
         row["predicted"] = extract_answer(trace.text)
         row["correct"] = is_correct(row["predicted"], problem.answer) if cfg.accuracy else None
         append_jsonl(out, row)
+        run.sync(every_s=cfg.run.sync_s)  # a resumed run, on any node, skips what storage holds
         done[problem.id] = row
         bar.update()
 
@@ -173,12 +174,12 @@ async def _evaluate_method(cfg, method, controller, problems, prompts, out: Path
     return [done[p.id] for p in problems], (elapsed, sum(done[p.id]["num_tokens"] for p in todo))
 
 
-def evaluate(cfg: EvaluateConfig, run_dir: Path | None = None) -> tuple[Path, dict]:
+def evaluate(cfg: EvaluateConfig, run_dir: RunDir | None = None) -> tuple[RunDir, dict]:
     problems, tok = preflight(cfg)
     run_dir = run_dir or make_run_dir(cfg, "evaluate")
     resolved = save_config(cfg, run_dir, "evaluate")
     (run_dir / "traces").mkdir(exist_ok=True)
-    tracker = Tracker(cfg.wandb, run_dir, "evaluate", resolved)
+    tracker = Tracker(cfg.wandb, run_dir.path, "evaluate", resolved)
     init_ray(cfg.ray)
     methods = list(dict.fromkeys(["ar"] + list(cfg.methods)))  # ar is the baseline
     need_draft = any(m.split("+")[0] in STEP_METHODS for m in methods)
@@ -200,7 +201,7 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path | None = None) -> tuple[Path, di
             ctl = Controller(settings_for(cfg, method), target, draft if method != "ar" else None,
                              verifier if method.split("+")[0] in STEP_METHODS else None)
             rows[method], throughput[method] = await _evaluate_method(
-                cfg, method, ctl, problems, prompts, run_dir / "traces" / f"{method}.jsonl", hosts)
+                cfg, method, ctl, problems, prompts, run_dir, hosts)
         return rows
 
     t0 = time.perf_counter()
@@ -228,7 +229,7 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path | None = None) -> tuple[Path, di
     write_json(run_dir / "summary.json", summary)
     from pipelines.report import evaluation_report
 
-    report_path, figures = evaluation_report(run_dir, summary)
+    report_path, figures = evaluation_report(run_dir.path, summary)
     flat = {f"{m}/{k}": v for m, s in summaries.items() for k, v in s.items() if isinstance(v, (int, float))}
     tracker.summary(flat)
     tracker.table("methods", ["method", "speedup", "predicted_speedup", "step_accept_rate", "accuracy",
@@ -238,12 +239,13 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path | None = None) -> tuple[Path, di
     for fig in figures:
         tracker.image(fig.stem, fig)
     tracker.finish()
+    run_dir.sync()
     import ray
 
     for h in hosts:
         ray.kill(h)
     print(report_path.read_text())
-    print(f"evaluate: report {report_path}")
+    print(f"evaluate: report {storage.join(run_dir.location, report_path.name)}")
     return run_dir, summary
 
 

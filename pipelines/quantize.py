@@ -7,8 +7,10 @@
     python -m pipelines.evaluate target.model.name=runs/quantize/<dir>/model   # serve the result
 
 MiLo and HQQ are data-free: one Ray task per weight matrix (`num_workers` in flight). Each finished tensor is
-written at once to <out>/.parts/, so a killed job resumes without redoing it. The checkpoint (see
-`quant.checkpoint`) is assembled at the end, loaded back, and its perplexity is measured beside the source's.
+written at once to <run>/parts/ (and synced to run storage), so a killed job resumes, on any node, without redoing
+it. The checkpoint (see `quant.checkpoint`) is assembled at the end into <run>/model, published with a manifest
+(its location is the summary's `checkpoint`: what `target.model.name` takes), loaded back, and its perplexity is
+measured beside the source's; the parts are then removed.
 """
 
 from __future__ import annotations
@@ -98,19 +100,15 @@ def _part_path(parts: Path, name: str) -> Path:
     return parts / f"{name}.safetensors"
 
 
-def _check_out_dir(out: Path, source: str, spec_json: str) -> Path:
-    """Refuse a directory holding another model's checkpoint or parts of another config; nothing is deleted."""
-    parts = out / ".parts"
-    if (out / ckpt.MANIFEST).is_file():
-        manifest = ckpt.read_manifest(out)
-        if manifest.get("source_fingerprint") != source or manifest.get("spec") != json.loads(spec_json):
-            raise ConfigError(f"output directory {out} holds a checkpoint of another model or config; "
-                              "choose another `out`")
+def _check_parts(parts: Path, source: str, spec_json: str) -> Path:
+    """Refuse parts of another model or config (a resumed run whose source model changed on disk); nothing is
+    deleted."""
     meta = parts / "meta.json"
     if meta.is_file():
         saved = json.loads(meta.read_text())
         if saved != {"source_fingerprint": source, "spec": json.loads(spec_json)}:
-            raise ConfigError(f"{parts} holds partial work of another model or config; choose another `out`")
+            raise ConfigError(f"{parts} holds partial work of another model or config (the source model changed "
+                              "since the run started?); start a new run")
     parts.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps({"source_fingerprint": source, "spec": json.loads(spec_json)}))
     return parts
@@ -209,19 +207,19 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
             raise ConfigError(f"ppl_text={cfg.ppl_text}: {exc}") from None
     run_dir = make_run_dir(cfg, "quantize")
     resolved = save_config(cfg, run_dir, "quantize")
-    out = Path(cfg.out) if cfg.out else run_dir / "model"
+    out = run_dir / "model"
     source = ckpt.fingerprint(model)
     settings = {k: v for k, v in spec.__dict__.items() if k != "routing_frequency"}
     if cfg.method == "codequant":  # what else shapes its tensors: a resume must not mix parts made otherwise
         settings["codequant"] = {k: getattr(cfg, k) for k in CODEQUANT_KEYS}
     spec_json = json.dumps(settings, sort_keys=True)
-    parts = _check_out_dir(out, source, spec_json)
-    tracker = Tracker(cfg.wandb, run_dir, "quantize", resolved)
+    parts = _check_parts(run_dir / "parts", source, spec_json)
+    tracker = Tracker(cfg.wandb, run_dir.path, "quantize", resolved)
     todo = [(t, r) for t, r in items if not _part_path(parts, t.name).is_file()]
     if len(todo) < len(items):
         print(f"resuming: {len(items) - len(todo)} of {len(items)} tensors already quantized in {parts}")
     init_ray(cfg.ray)
-    remote = ray.remote(num_cpus=cfg.task_cpus)(_task)
+    remote = ray.remote(num_cpus=cfg.task_cpus, resources=dict(cfg.task_resources) or None)(_task)
     threads = max(1, int(cfg.task_cpus))
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"quantize {cfg.method}", unit="tensor")
     in_flight: dict = {}
@@ -241,6 +239,7 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
         tmp = _part_path(parts, name).with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"entry": json.dumps(entry)})
         os.replace(tmp, _part_path(parts, name))  # a part exists only when complete
+        run_dir.sync(every_s=cfg.run.sync_s)  # a resumed run, on any node, redoes nothing storage holds
         bar.update()
     bar.close()
     quantize_s = time.perf_counter() - t_quant
@@ -262,21 +261,25 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
     if cfg.method == "codequant":
         meta.update(block_finetune_steps=cfg.block_finetune_steps, router_kl_weight=cfg.router_kl_weight)
     ckpt.save(out, model, tok, results, meta)
-    summary = {"checkpoint": str(out), "tensors": len(items), "bits_per_weight": bpw, "quantize_s": quantize_s,
-               "task_s": task_s, "num_workers": cfg.num_workers, "method": cfg.method, **block_stats}
+    checkpoint = run_dir.publish("model")
+    run_dir.remove("parts")  # all in the checkpoint now
+    summary = {"checkpoint": checkpoint, "tensors": len(items), "tensors_resumed": len(items) - len(todo),
+               "tensors_quantized": len(todo), "bits_per_weight": bpw, "quantize_s": quantize_s, "task_s": task_s,
+               "num_workers": cfg.num_workers, "method": cfg.method, **block_stats}
     if ppl_ids is not None:
         ppl = {"window": cfg.ppl_window, "stride": cfg.ppl_stride or None, "protocol": cfg.ppl_protocol}
         summary["ppl_source"] = perplexity(model, ppl_ids, **ppl)  # (rotated, for codequant: same outputs)
         summary["ppl_quantized"] = perplexity(ckpt.load_quantized(out), ppl_ids, **ppl)
         summary.update(ppl_text=cfg.ppl_text, ppl_protocol=cfg.ppl_protocol, ppl_tokens=int(ppl_ids.numel()))
-        comparison_table(cfg, model, summary, ppl_ids, ppl, tracker, run_dir)
+        comparison_table(cfg, model, summary, ppl_ids, ppl, tracker, run_dir.path)
     summary["wall_s"] = time.perf_counter() - t_start
     write_json(run_dir / "summary.json", summary)
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     tracker.finish()
+    run_dir.sync()
     print(json.dumps(summary, indent=2))
-    print(f"quantize: checkpoint {out}")
-    return out, summary
+    print(f"quantize: checkpoint {checkpoint}")
+    return checkpoint, summary
 
 
 def main(argv: list[str] | None = None) -> None:

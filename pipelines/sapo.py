@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
-from actors import zoo
+from actors import storage, zoo
 from pipelines.cli import run_cli
-from pipelines.runs import JsonlError, make_run_dir, read_jsonl, save_config
+from pipelines.runs import JsonlError, RunDir, make_run_dir, read_jsonl, save_config
 from pipelines.sapo_train import step_rows, train
 from pipelines.schema import ConfigError, SapoConfig
 
@@ -54,9 +53,12 @@ def load_trajectories(cfg: SapoConfig, tok) -> list[dict]:
     """Rows of a collect run, checked against the draft's tokenizer before any training."""
     if not cfg.trajectories:
         raise ConfigError("config key 'trajectories': give the trajectories.jsonl of a pipelines.collect run")
-    path = Path(cfg.trajectories)
+    try:  # a location in run storage is fetched to this node first
+        path = storage.fetch(cfg.trajectories)
+    except storage.StorageError as exc:
+        raise ConfigError(f"config key 'trajectories': {exc}") from None
     if not path.is_file():
-        raise ConfigError(f"config key 'trajectories': {path} does not exist")
+        raise ConfigError(f"config key 'trajectories': {cfg.trajectories} is not a file")
     try:
         rows = read_jsonl(path, strict=True)
     except JsonlError as exc:
@@ -67,11 +69,11 @@ def load_trajectories(cfg: SapoConfig, tok) -> list[dict]:
         missing = {"prompt_ids", "steps", "response", "answer", "question", "num_tokens"} - set(row)
         if missing:
             raise ConfigError(f"{path} row {i} lacks {sorted(missing)}: not a pipelines.collect trajectory file")
-    collected = path.parent / "config.yaml"
-    if collected.is_file():
+    collected = storage.join(os.path.dirname(cfg.trajectories.rstrip("/")), "config.yaml")
+    if storage.exists(collected):
         import yaml
 
-        target = yaml.safe_load(collected.read_text())["target"]["model"]["name"]
+        target = yaml.safe_load(storage.read_text(collected))["target"]["model"]["name"]
         if zoo.load_tokenizer(target).get_vocab() != tok.get_vocab():
             raise ConfigError(f"{path} was written by {target!r}, whose tokenizer differs from the draft "
                               f"{cfg.draft.name!r}'s")
@@ -107,7 +109,12 @@ def _worker(config: dict) -> None:
     """One Ray Train worker: the process group and RANK/WORLD_SIZE are set up by Ray Train before this runs."""
     cfg = config["cfg"]
     torch.set_num_threads(max(1, int(cfg.distributed.worker_cpus)))  # Ray sets OMP_NUM_THREADS=1
-    train(cfg, Path(config["run_dir"]), config["rows"], config["hosts"])
+    run = RunDir(config["run"])  # this node's copy of the run in storage (a resumed run's checkpoints)
+    run.path.mkdir(parents=True, exist_ok=True)
+    with storage.NodeLock(run.path):  # ranks on one node share the copy: one pulls at a time
+        run.pull()
+    torch.distributed.barrier()
+    train(cfg, run, config["rows"], config["hosts"])
 
 
 def check_worker_resources(cfg: SapoConfig, per_worker: dict) -> None:
@@ -131,7 +138,7 @@ def check_worker_resources(cfg: SapoConfig, per_worker: dict) -> None:
     raise ConfigError(msg)
 
 
-def fit_on_ray(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None:
+def fit_on_ray(cfg: SapoConfig, run_dir: RunDir, rows: list[dict], hosts: dict) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -142,12 +149,12 @@ def fit_on_ray(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) ->
     backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
     resources = {"CPU": d.worker_cpus, **({"GPU": 1} if d.use_gpu else {})}
     check_worker_resources(cfg, resources)
-    TorchTrainer(_worker, train_loop_config={"cfg": cfg, "run_dir": str(run_dir.resolve()), "rows": rows,
-                                             "hosts": hosts},
+    TorchTrainer(_worker, train_loop_config={"cfg": cfg, "run": run_dir.location, "rows": rows, "hosts": hosts},
                  torch_config=TorchConfig(backend=backend),
                  scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
                                               resources_per_worker=resources),
-                 run_config=RunConfig(name="sapo", storage_path=str((run_dir / "ray_train").resolve()))).fit()
+                 run_config=RunConfig(name="sapo", storage_path=storage.join(run_dir.location, "ray_train"))).fit()
+    run_dir.pull()  # what rank 0 wrote, from wherever it ran
 
 
 def start_hosts(cfg: SapoConfig) -> dict:
@@ -187,7 +194,8 @@ def preflight(cfg: SapoConfig, tok, rows: list[dict]) -> None:
                               f"{cfg.draft.name!r} (it has {sorted(names)})")
 
 
-def run(cfg: SapoConfig) -> tuple[Path, dict]:
+def run(cfg: SapoConfig) -> tuple[str, dict]:
+    """The exported draft's location (what `draft.model.name` takes) and the summary."""
     zoo.check_model(cfg.draft.name)
     if cfg.rewards.align_source == "online":
         zoo.check_model(cfg.target.model.name)
@@ -212,7 +220,7 @@ def run(cfg: SapoConfig) -> tuple[Path, dict]:
                 ray.kill(handle)
     summary = json.loads((run_dir / "summary.json").read_text())
     print(json.dumps(summary, indent=2))
-    return run_dir / "draft", summary
+    return summary["draft"], summary
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from actors import zoo
-from pipelines.runs import write_json
+from actors import storage, zoo
+from pipelines.runs import RunDir, write_json
 from pipelines.schema import SapoConfig
 from pipelines.tracking import Tracker
 from rewards import sapo as R
@@ -226,13 +226,15 @@ def export(trainer, cfg: SapoConfig, base: str, out: Path, tok, rank: int) -> No
     _barrier()
 
 
-def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None:
-    """Warm start, GRPO and export: in this process, or as one Ray Train worker (rank 0 writes)."""
+def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict) -> None:
+    """Warm start, GRPO and export: in this process, or as one Ray Train worker. Rank 0 writes the run and syncs
+    it to run storage (warm start, every checkpoint, the draft); the other ranks read what they need from there."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
     dist = torch.distributed
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    run_dir = run.path
     tracker = Tracker(cfg.wandb, run_dir, "sapo", {"job": "sapo", **asdict(cfg)}) if rank == 0 else None
     stage = cfg.distributed.zero_stage
     common = {"use_cpu": not cfg.distributed.use_gpu, "logging_steps": 1, "seed": 0,
@@ -263,8 +265,11 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
         export(sft, cfg, base, warm_dir, tok, rank)
         if rank == 0:  # a run killed in GRPO resumes past the warm start: its loss is kept from here
             write_json(summary_file, summary)
-    if cfg.warm_start.enabled:
-        base = str(warm_dir)
+            run.publish("warm_start")
+        _barrier()
+    if cfg.warm_start.enabled:  # rank 0's export; a rank on another node fetches it from storage
+        base = str(warm_dir) if rank == 0 or not run.remote else str(
+            storage.fetch(storage.join(run.location, "warm_start")))
 
     model, _ = zoo.load_model(base, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
     g, w = cfg.grpo, cfg.rewards
@@ -285,6 +290,7 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
     trainer = GRPOTrainer(
         model=model, processing_class=tok, train_dataset=data, peft_config=_peft_config(cfg),
         reward_funcs=reward_functions(cfg, tok, _verifier(cfg, hosts), target, counter), rollout_func=rollout,
+        callbacks=[_SyncOnSave(run)] if rank == 0 else None,
         args=GRPOConfig(output_dir=str(out), max_steps=g.steps, per_device_train_batch_size=g.num_generations,
                         num_generations=g.num_generations, max_completion_length=g.max_completion_length,
                         learning_rate=g.learning_rate, beta=g.beta, temperature=g.temperature,
@@ -304,6 +310,7 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
     export(trainer, cfg, base, run_dir / "draft", tok, rank)
     if rank != 0:
         return
+    draft = run.publish("draft")
     history = [h for h in trainer.state.log_history if "reward" in h]
     summary.update(grpo_steps=trainer.state.global_step, grpo_loss=result.training_loss, grpo_world_size=world,
                    grpo_completions_per_rank=completions, grpo_wall_s=wall_s,
@@ -312,10 +319,25 @@ def train(cfg: SapoConfig, run_dir: Path, rows: list[dict], hosts: dict) -> None
                    **{key: {k: [_number(h.get(f"rewards/{k}/{stat}")) for h in history]
                             for k in ("r_align", "r_length", "r_outcome")}
                       for key, stat in (("rewards", "mean"), ("rewards_std", "std"))},
-                   draft=str(run_dir / "draft"))
+                   draft=draft)
     write_json(summary_file, summary)
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     tracker.finish()
+    run.sync()
+
+
+class _SyncOnSave:
+    """A Trainer callback: every checkpoint goes to run storage once written (a resumed run, on any node, starts
+    from the last one)."""
+
+    def __new__(cls, run: RunDir):
+        from transformers import TrainerCallback
+
+        class SyncOnSave(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                run.sync()
+
+        return SyncOnSave()
 
 
 def _prefixed_log(tracker, prefix: str):

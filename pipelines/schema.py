@@ -99,6 +99,8 @@ class ActorConfig:
     max_concurrency: int = bounded(64, ge=1, help="concurrent calls into the actor (they share one batch)")
     scheduling: str = choice("default", ["default", "spread"], help="Ray scheduling strategy: default (Ray packs "
                              "actors onto busy nodes first) or spread (across nodes)")
+    resources: dict[str, float] = key(factory=dict, help="custom Ray resources the actor asks for, e.g. {gpu_node: "
+                                                         "0.01} to place it on nodes started with that resource")
 
 
 @dataclass
@@ -182,10 +184,13 @@ class RayConfig:
 class RunConfig:
     """The run directory: its place, its name, and a run to continue."""
 
-    out_dir: str = key("runs", help="runs go to <out_dir>/<job>/<time>-<name>/")
+    storage: str = key("~/specmoe/runs", help="where runs go, <storage>/<job>/<time>-<name>/: a local directory, or a "
+                                              "URI every node reads (s3://bucket/runs, gs://..., file:///shared/...)")
     name: str = key("demo", help="the run directory's name after its time stamp")
-    resume: Optional[str] = key(None, help="a run directory of this job to continue (alone: with its saved "
-                                           "config)")
+    sync_s: float = bounded(10.0, ge=0, help="a run in remote storage is uploaded as it goes, at most this often "
+                                             "(and at the end)")
+    resume: Optional[str] = key(None, help="a run of this job to continue, by its location in storage (alone: "
+                                           "with its saved config)")
 
 
 # ---------------------------------------------------------------- jobs
@@ -324,7 +329,8 @@ class SweepConfig:
 class QuantizeConfig:
     """pipelines.quantize: quantize a (MoE) model into a checkpoint the zoo and the target actor load by path."""
 
-    RESUME: ClassVar[ResumeRule] = ResumeRule(free=("run.", "ray.", "wandb.", "num_workers", "task_cpus"))
+    RESUME: ClassVar[ResumeRule] = ResumeRule(free=("run.", "ray.", "wandb.", "num_workers", "task_cpus",
+                                                     "task_resources"))
 
     run: RunConfig = field(default_factory=lambda: RunConfig(name="quantize"))
     ray: RayConfig = field(default_factory=RayConfig)
@@ -343,9 +349,10 @@ class QuantizeConfig:
     rank_max: int = bounded(1024, ge=0, help="milo, kurtosis policy: cap on a tensor's rank")
     rounds: int = bounded(10, ge=1, help="MiLo alternations")
     seed: int = key(0, help="seed of the randomized SVD and k-means")
-    out: Optional[str] = key(None, help="checkpoint directory; null: <run_dir>/model")
     num_workers: int = bounded(2, ge=1, help="quantization tasks in flight")
     task_cpus: float = bounded(1.0, ge=0, help="Ray CPUs per task (torch threads = max(1, int(task_cpus)))")
+    task_resources: dict[str, float] = key(factory=dict, help="custom Ray resources each task asks for (to place "
+                                                              "tasks on some nodes)")
     routing_tokens: int = bounded(2048, ge=16, help="frequency policy: tokens of pydoc text for routing stats")
     ppl_tokens: int = bounded(4096, ge=0, help="perplexity of source and checkpoint on pydoc text; 0 = skip")
     ppl_window: int = bounded(512, ge=16, help="tokens per perplexity window")

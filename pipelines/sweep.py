@@ -18,14 +18,16 @@ from pathlib import Path
 from pipelines.cli import run_cli
 from pipelines.config import load_config
 from pipelines.schema import ConfigError, EvaluateConfig, SweepConfig, own_verifier_model
-from pipelines.runs import make_run_dir, save_config, write_json
+from actors import storage
+from pipelines.runs import RunDir, make_run_dir, save_config, write_json
 
 
-def trial_config(sweep: SweepConfig, params: dict, trials_dir: Path, group: str) -> EvaluateConfig:
+def trial_config(sweep: SweepConfig, params: dict, trials: str, group: str) -> EvaluateConfig:
+    """A trial's evaluate config: the sweep's base and overrides, its grid point, its run under `trials`."""
     overrides = list(sweep.overrides) + [f"{k}={_as_override(v)}" for k, v in params.items()]
     cfg = load_config(EvaluateConfig, "evaluate", [sweep.base] + overrides)
     name = "-".join(f"{k.split('.')[-1]}={_as_override(v)}" for k, v in params.items()) or "trial"
-    cfg.run.out_dir, cfg.run.name = str(trials_dir), name.replace("/", "_").replace(" ", "")
+    cfg.run.storage, cfg.run.name = trials, name.replace("/", "_").replace(" ", "")
     cfg.wandb.group = group
     return cfg
 
@@ -38,7 +40,7 @@ def bundles(cfg: EvaluateConfig, driver_cpus: float) -> list[dict]:
     out = [{"CPU": driver_cpus}]
     roles = [cfg.target, cfg.draft] + ([cfg.verifier_role] if own_verifier_model(cfg) else [])
     for role in roles:
-        b = {"CPU": role.actor.num_cpus}
+        b = {"CPU": role.actor.num_cpus, **role.actor.resources}
         if role.actor.num_gpus:
             b["GPU"] = role.actor.num_gpus
         out.append(b)
@@ -52,7 +54,7 @@ def flatten(summary: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run(sweep: SweepConfig) -> Path:
+def run(sweep: SweepConfig) -> RunDir:
     import ray
     from ray import tune
 
@@ -66,32 +68,31 @@ def run(sweep: SweepConfig) -> Path:
     keys = list(sweep.grid)
     combos = [dict(zip(keys, vals)) for vals in itertools.product(*(sweep.grid[k] for k in keys))]
     for params in combos:  # every trial config loads and passes evaluate's checks before anything is written
-        preflight(trial_config(sweep, params, Path("trials"), ""))
+        preflight(trial_config(sweep, params, "trials", ""))
     sweep_dir = make_run_dir(sweep, "sweep")
     save_config(sweep, sweep_dir, "sweep")
-    trials_dir = (sweep_dir / "trials").resolve()
-    first = trial_config(sweep, combos[0], trials_dir, sweep_dir.name)
+    trials = storage.join(sweep_dir.location, "trials")  # each trial's evaluate run, synced from its own node
+    first = trial_config(sweep, combos[0], trials, sweep_dir.name)
 
     def trainable(params: dict) -> None:
         from pipelines.evaluate import evaluate
 
-        cfg = trial_config(sweep, params, trials_dir, sweep_dir.name)
+        cfg = trial_config(sweep, params, trials, sweep_dir.name)
         run_dir, summary = evaluate(cfg)
-        tune.report({**flatten(summary), "run_dir": str(run_dir)})
+        tune.report({**flatten(summary), "run_dir": run_dir.location})
 
     init_ray(sweep.ray)
     resources = tune.PlacementGroupFactory(bundles(first, sweep.trial_cpus))
-    storage = str(sweep_dir.resolve())
     metric_mode = dict(metric=sweep.metric, mode=sweep.mode)
-    if sweep.run.resume and tune.Tuner.can_restore(str(Path(storage) / "tune")):
-        tuner = tune.Tuner.restore(str(Path(storage) / "tune"), tune.with_resources(trainable, resources),
-                                   resume_errored=True)
+    tune_location = storage.join(sweep_dir.location, "tune")  # Tune's experiment state, in run storage
+    if sweep.run.resume and tune.Tuner.can_restore(tune_location):
+        tuner = tune.Tuner.restore(tune_location, tune.with_resources(trainable, resources), resume_errored=True)
     else:
         tuner = tune.Tuner(tune.with_resources(trainable, resources),
                            param_space={k: tune.grid_search(v) for k, v in sweep.grid.items()},
                            tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials,
                                                        **metric_mode),
-                           run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=1))
+                           run_config=tune.RunConfig(name="tune", storage_path=sweep_dir.location, verbose=1))
     results = tuner.fit()
     rows = []
     for r in results:
@@ -100,7 +101,8 @@ def run(sweep: SweepConfig) -> Path:
         else:
             rows.append({**r.config, **{k: v for k, v in r.metrics.items() if "/" in k or k == "run_dir"}})
     write_json(sweep_dir / "summary.json", {"metric": sweep.metric, "mode": sweep.mode, "trials": rows})
-    _report(sweep_dir, sweep, keys, rows)
+    _report(sweep_dir.path, sweep, keys, rows)
+    sweep_dir.sync()
     ray.shutdown()
     print((sweep_dir / "report.md").read_text())
     return sweep_dir

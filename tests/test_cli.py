@@ -22,7 +22,7 @@ def inputs(tmp_path_factory):
     """Bad inputs on disk, and a runs tree holding runs of two jobs (their configs, as the jobs save them)."""
     from actors import zoo
     from pipelines.config import load_config
-    from pipelines.runs import save_config
+    from pipelines.runs import RunDir, save_config
     from pipelines.schema import EvaluateConfig, QuantizeConfig
     from quant.apply import QuantSpec, plan, quantize_tensor
     from quant.checkpoint import save
@@ -34,10 +34,10 @@ def inputs(tmp_path_factory):
     runs = d / "runs"
     rtn = runs / "quantize" / "20260101-000000-rtn"
     rtn.mkdir(parents=True)
-    save_config(load_config(QuantizeConfig, "quantize", ["tiny", "method=rtn"]), rtn, "quantize")
+    save_config(load_config(QuantizeConfig, "quantize", ["tiny", "method=rtn"]), RunDir(str(rtn)), "quantize")
     ev = runs / "evaluate" / "20260101-000000-ev"
     ev.mkdir(parents=True)
-    save_config(load_config(EvaluateConfig, "evaluate", ["tiny"]), ev, "evaluate")
+    save_config(load_config(EvaluateConfig, "evaluate", ["tiny"]), RunDir(str(ev)), "evaluate")
     model, tok = zoo.load_model("tiny-llama", device="cpu")  # a quantized checkpoint with a corrupt shard
     spec = QuantSpec("rtn", 4, 32)
     ckpt = save(d / "ckpt", model, tok, {t.name: quantize_tensor(t.get(), spec, r) for t, r in plan(model, spec)},
@@ -83,7 +83,7 @@ def test_a_refused_job_says_one_line_and_leaves_nothing_behind(job, args, phrase
 
     runs = inputs["runs"]
     args = [a.format(d=inputs["dir"], runs=runs, rtn=inputs["rtn"], ev=inputs["ev"]) for a in args]
-    args.append(f"run.out_dir={runs}")
+    args.append(f"run.storage={runs}")
     before = _tree(runs)
     main = importlib.import_module(f"pipelines.{job}").main
     with pytest.raises(SystemExit) as exit_:
@@ -99,7 +99,7 @@ def test_the_command_line_prints_one_line_and_debug_shows_the_traceback(tmp_path
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("SPECMOE_DEBUG", None)
     cmd = [sys.executable, "-m", "pipelines.collect", "tiny", "target.model.name=/no/such/dir",
-           f"run.out_dir={tmp_path}"]
+           f"run.storage={tmp_path}"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == "error: model path '/no/such/dir' does not exist", out.stderr

@@ -24,7 +24,7 @@ def local_ray():
 def test_evaluate_tiny_is_lossless_and_resumable(local_ray, tmp_path):
     from pipelines.evaluate import evaluate
 
-    cfg = load_config(EvaluateConfig, "evaluate", ["tiny", f"run.out_dir={tmp_path}"])
+    cfg = load_config(EvaluateConfig, "evaluate", ["tiny", f"run.storage={tmp_path}"])
     run_dir, summary = evaluate(cfg)
     methods = summary["methods"]
     assert set(methods) == {"ar", "sd", "lr_sync", "lr_async", "fpsr", "lr_async+sd"}
@@ -135,7 +135,7 @@ def test_sweep_runs_a_2x2_grid_under_ray_tune(tmp_path):
     from pipelines import sweep
 
     ray.shutdown()
-    cfg = load_config(SweepConfig, "sweep", ["tiny", f"run.out_dir={tmp_path}", "ray.num_cpus=2"])
+    cfg = load_config(SweepConfig, "sweep", ["tiny", f"run.storage={tmp_path}", "ray.num_cpus=2"])
     sweep_dir = sweep.run(cfg)
     summary = json.loads((sweep_dir / "summary.json").read_text())
     trials = summary["trials"]
@@ -162,11 +162,11 @@ def test_evaluate_serves_a_quantized_checkpoint_by_path(local_ray, tmp_path):
     from pipelines.quantize import run as quantize
 
     ckpt, summary = quantize(load_config(QuantizeConfig, "quantize", [
-        "tiny", "model.name=tiny-llama", f"run.out_dir={tmp_path}", "rounds=1", "ppl_tokens=0"]))
+        "tiny", "model.name=tiny-llama", f"run.storage={tmp_path}", "rounds=1", "ppl_tokens=0"]))
     assert summary["tensors"] == 14
     for runtime in ("dequantized", "packed"):
         cfg = load_config(EvaluateConfig, "evaluate", [
-            "tiny", f"run.out_dir={tmp_path}", f"target.model.name={ckpt}", f"target.model.quant_runtime={runtime}",
+            "tiny", f"run.storage={tmp_path}", f"target.model.name={ckpt}", f"target.model.quant_runtime={runtime}",
             f"draft.model.name={ckpt}", "methods=[ar,lr_sync]"])
         _, result = evaluate(cfg)
         assert result["methods"]["lr_sync"]["answer_agreement"] == 1.0

@@ -25,12 +25,12 @@ def _job(args, env_extra=None, **kw):
 
 @pytest.mark.slow
 def test_killed_quantize_job_resumes(tmp_path):
-    args = [f"run.out_dir={tmp_path}", "rounds=40", "ppl_tokens=0"]
+    args = [f"run.storage={tmp_path}", "rounds=40", "ppl_tokens=0"]
     job = _job(args)
     parts = None
     deadline = time.time() + 240
     while time.time() < deadline and job.poll() is None:
-        found = list(tmp_path.glob("quantize/*/model/.parts/*.safetensors"))
+        found = list(tmp_path.glob("quantize/*/parts/*.safetensors"))
         if len(found) >= 4:
             parts = found[0].parent
             break
@@ -40,52 +40,55 @@ def test_killed_quantize_job_resumes(tmp_path):
     job.wait()
     before = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.safetensors")}
     assert 4 <= len(before) < 24, "the job finished before it could be killed"
-    run_dir = parts.parent.parent
+    run_dir = parts.parent
     resumed = _job([f"run.resume={run_dir}", "rounds=40", "ppl_tokens=0"])
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
     assert f"resuming: {len(before)} of 24 tensors" in out
-    after = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.safetensors")}
-    assert all(after[name] == mtime for name, mtime in before.items())  # nothing redone
-    assert len(after) == 24
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tensors_resumed"] == len(before) and summary["tensors_quantized"] == 24 - len(before)  # none redone
+    assert not parts.exists()  # in the checkpoint now
     # the resumed checkpoint equals an uninterrupted run
-    fresh = _job([f"run.out_dir={tmp_path / 'fresh'}", "rounds=40", "ppl_tokens=0"])
+    fresh = _job([f"run.storage={tmp_path / 'fresh'}", "rounds=40", "ppl_tokens=0"])
     out2, _ = fresh.communicate(timeout=600)
     assert fresh.returncode == 0, out2[-3000:]
     [fresh_model] = list((tmp_path / "fresh").glob("quantize/*/model"))
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     a, b = load_quantized(run_dir / "model")(ids).logits, load_quantized(fresh_model)(ids).logits
     assert torch.equal(a, b)
-    summary = json.loads((run_dir / "summary.json").read_text())
     assert 3.5 < summary["bits_per_weight"] < 5.5
 
 
-def test_output_dir_of_another_model_is_refused(tmp_path):
-    first = _job([f"run.out_dir={tmp_path}", "rounds=1", "ppl_tokens=0", f"out={tmp_path / 'ckpt'}"])
+def test_a_resume_with_another_model_or_bad_settings_is_refused(tmp_path):
+    first = _job([f"run.storage={tmp_path}", "rounds=1", "ppl_tokens=0"])
     out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out[-3000:]
-    manifest = (tmp_path / "ckpt" / "specmoe_quant.json").read_text()
-    other = _job([f"run.out_dir={tmp_path}", "rounds=1", "ppl_tokens=0", f"out={tmp_path / 'ckpt'}",
-                  "model.name=tiny-qwen3-moe"])
+    [run_dir] = list(tmp_path.glob("quantize/*"))
+    manifest = (run_dir / "model" / "specmoe_quant.json").read_text()
+    assert not (run_dir / "parts").exists()  # all in the checkpoint now
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tensors_quantized"] == summary["tensors"] == 24 and summary["tensors_resumed"] == 0
+    assert summary["checkpoint"] == str(run_dir / "model")
+    other = _job([f"run.resume={run_dir}", "rounds=1", "ppl_tokens=0", "model.name=tiny-qwen3-moe"])
     out, _ = other.communicate(timeout=600)
-    assert other.returncode == 2 and "holds a checkpoint of another model" in out
-    assert (tmp_path / "ckpt" / "specmoe_quant.json").read_text() == manifest  # nothing lost
-    # the issue's other bad inputs, aimed at the same output directory: a clear error, no traceback, nothing lost
+    assert other.returncode == 2 and "['model.name']" in out and "Traceback" not in out, out[-2000:]
+    assert (run_dir / "model" / "specmoe_quant.json").read_text() == manifest  # nothing lost
+    # the issue's other bad inputs: a clear error, no traceback, no run directory
     for args, message in ((["bits=5"], "3-bit"), (["group_size=48"], "does not divide"),
                           (["model.name=tiny-llama", "rank_policy=frequency"], "needs a model with MoE")):
-        bad = _job([f"run.out_dir={tmp_path}", "rounds=1", f"out={tmp_path / 'ckpt'}", *args])
+        bad = _job([f"run.storage={tmp_path / 'bad'}", "rounds=1", *args])
         out, _ = bad.communicate(timeout=600)
         assert bad.returncode == 2 and message in out and "Traceback" not in out, (args, out[-2000:])
-        assert (tmp_path / "ckpt" / "specmoe_quant.json").read_text() == manifest
+        assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow
 def test_codequant_job_block_finetuning_with_router_kl(tmp_path):
     """method=codequant with block_finetune_steps: the block stage (layer output MSE + router KL) runs, lowers
     the last layer's loss, is recorded in the summary and the manifest, and the checkpoint loads."""
-    args = [f"run.out_dir={tmp_path}", "method=codequant", "bits=4", "rotation_steps=2", "finetune_steps=1",
+    args = [f"run.storage={tmp_path}", "method=codequant", "bits=4", "rotation_steps=2", "finetune_steps=1",
             "block_finetune_steps=2", "router_kl_weight=2.0", "calib_tokens=64", "ppl_tokens=128",
-            "ppl_window=64", "compare=[rtn,kmeans]", f"out={tmp_path / 'ckpt'}"]
+            "ppl_window=64", "compare=[rtn,kmeans]"]
     job = _job(args)
     out, _ = job.communicate(timeout=600)
     assert job.returncode == 0, out[-3000:]
@@ -94,9 +97,9 @@ def test_codequant_job_block_finetuning_with_router_kl(tmp_path):
     before = summary["block_mse_before"] + 2.0 * summary["block_kl_before"]
     after = summary["block_mse_after"] + 2.0 * summary["block_kl_after"]
     assert after < before
-    manifest = json.loads((tmp_path / "ckpt" / "specmoe_quant.json").read_text())
+    manifest = json.loads((run_dir / "model" / "specmoe_quant.json").read_text())
     assert manifest["block_finetune_steps"] == 2 and manifest["router_kl_weight"] == 2.0
-    model = load_quantized(tmp_path / "ckpt")
+    model = load_quantized(run_dir / "model")
     assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
     # the comparison table: fp, the two baselines and this checkpoint, in W&B and comparison.md
     from pipelines.tracking import offline_summary
@@ -109,21 +112,21 @@ def test_codequant_job_block_finetuning_with_router_kl(tmp_path):
     assert summary["compare/codequant/ppl"] == summary["ppl_quantized"]
     table = (run_dir / "comparison.md").read_text()
     assert all(f"| {m} |" in table for m in ("fp", "rtn", "kmeans", "codequant")) and "delta vs fp" in table
-    # CodeQuant's own settings are part of the checkpoint's identity: another expert calibration is refused
-    again = _job(args + ["expert_tokens=all"])
+    # CodeQuant's own settings are part of the run's identity: resuming it with another expert calibration is refused
+    again = _job(args + [f"run.resume={run_dir}", "expert_tokens=all"])
     out, _ = again.communicate(timeout=600)
-    assert again.returncode == 2 and "another model or config" in out, out[-2000:]
-    assert json.loads((tmp_path / "ckpt" / "specmoe_quant.json").read_text()) == manifest
+    assert again.returncode == 2 and "['expert_tokens']" in out, out[-2000:]
+    assert json.loads((run_dir / "model" / "specmoe_quant.json").read_text()) == manifest
 
 
 @pytest.mark.slow
 def test_hub_perplexity_text_offline_stops_before_work(tmp_path):
-    job = _job([f"run.out_dir={tmp_path}", "ppl_text=wikitext2", "ppl_protocol=sliding"],
+    job = _job([f"run.storage={tmp_path}", "ppl_text=wikitext2", "ppl_protocol=sliding"],
                env_extra={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     out, _ = job.communicate(timeout=600)
     assert job.returncode == 2, out[-3000:]
     assert "wikitext" in out and "HF_DATASETS_OFFLINE" in out and "Traceback" not in out
     assert not (tmp_path / "quantize").exists()  # no run directory, no work
-    job = _job([f"run.out_dir={tmp_path}", "compare=[gptq]"])
+    job = _job([f"run.storage={tmp_path}", "compare=[gptq]"])
     out, _ = job.communicate(timeout=600)
     assert job.returncode == 2 and "config key 'compare': unknown methods ['gptq']" in out

@@ -100,7 +100,7 @@ def test_collect_job_writes_a_datasets_loadable_run_and_resumes(local_ray, tmp_p
 
     from pipelines import collect
 
-    cfg = load_config(CollectConfig, "collect", ["tiny", f"run.out_dir={tmp_path}"])
+    cfg = load_config(CollectConfig, "collect", ["tiny", f"run.storage={tmp_path}"])
     run_dir = collect.run(cfg)
     rows = datasets.load_dataset("json", data_files=str(run_dir / "trajectories.jsonl"), split="train")
     assert len(rows) == 2 and set(rows.column_names) >= {"question", "answer", "steps", "step_token_ids", "correct"}
@@ -162,14 +162,28 @@ def test_ray_job_submit_against_a_real_head(tmp_path):
             assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
             time.sleep(1)
         out_dir = tmp_path / "runs"
-        submit = subprocess.run(
-            [ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-             "python", "-m", "pipelines.collect", "tiny", f"run.out_dir={out_dir}", "data.num_problems=1"],
-            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
-        assert "succeeded" in submit.stdout.lower()
+
+        def submit(*args):
+            return subprocess.run([ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                                   "python", "-m", "pipelines.collect", "tiny", "data.num_problems=1", *args],
+                                  env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+        done = submit(f"run.storage={out_dir}")
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        assert "succeeded" in done.stdout.lower()
         [run_dir] = list((out_dir / "collect").iterdir())
         assert json.loads((run_dir / "summary.json").read_text())["num_problems"] == 1
+        # a relative run.storage would land in Ray's copy of the working directory: refused, one line, nothing written
+        refused = submit("run.storage=runs")
+        assert refused.returncode != 0 and "run.storage='runs' is relative" in refused.stdout + refused.stderr
+        # the job wrote nothing into Ray's copy of the working directory (only what was uploaded is there)
+        shipped = set(subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                                     text=True, check=True).stdout.split())
+        copies = list(temp.glob("session_*/runtime_resources/working_dir_files/*"))
+        assert copies, "no working-dir copy found"
+        for copy in copies:
+            found = {str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+            assert found <= shipped, sorted(found - shipped)[:10]
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -183,7 +197,7 @@ def test_demo_tiny_end_to_end(local_ray, tmp_path):
     from pipelines import demo
     from pipelines.schema import DemoConfig
 
-    run_dir = demo.run(load_config(DemoConfig, "demo", ["tiny", f"run.out_dir={tmp_path}"]))
+    run_dir = demo.run(load_config(DemoConfig, "demo", ["tiny", f"run.storage={tmp_path}"]))
     text = (run_dir / "report.md").read_text()
     assert "## Models" in text and "## Collected trajectories" in text and "| lr_async+sd |" in text
     assert "| milo |" in text and "| codequant |" in text

@@ -25,7 +25,7 @@ def trajectories(tmp_path_factory):
     from pipelines import collect
 
     out = tmp_path_factory.mktemp("collect")
-    cfg = load_config(CollectConfig, "collect", ["tiny", f"run.out_dir={out}", "data.num_problems=2"])
+    cfg = load_config(CollectConfig, "collect", ["tiny", f"run.storage={out}", "data.num_problems=2"])
     init_ray(cfg.ray)
     run_dir = collect.run(cfg)
     ray.shutdown()
@@ -37,9 +37,9 @@ def trained(trajectories, tmp_path_factory):
     from pipelines import sapo
 
     out = tmp_path_factory.mktemp("sapo")
-    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={out}"])
+    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.storage={out}"])
     draft_dir, summary = sapo.run(cfg)
-    return draft_dir.parent, summary
+    return Path(draft_dir).parent, summary
 
 
 def _hashes(run_dir: Path) -> dict:
@@ -121,7 +121,7 @@ def test_sapo_bad_input(trajectories, tmp_path):
     from pipelines import sapo
 
     with pytest.raises(ConfigError, match="sum to zero"):  # at load time, before any work
-        load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={tmp_path}",
+        load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.storage={tmp_path}",
                                          "rewards.align=0", "rewards.length=0", "rewards.outcome=0"])
     assert not list(tmp_path.iterdir())
     with pytest.raises(ConfigError, match="does not exist"):
@@ -136,7 +136,7 @@ def test_sapo_bad_input(trajectories, tmp_path):
     cut.write_text("".join(json.dumps({**r, "steps": [r["response"]], "step_token_ids": None,
                                        "finish_reason": "length"}) + "\n" for r in rows))
     with pytest.raises(ConfigError, match="no trajectory in .* has a finished step"):
-        sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={cut}", f"run.out_dir={tmp_path / 'o'}"]))
+        sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={cut}", f"run.storage={tmp_path / 'o'}"]))
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match=r"'lora.target_modules': \['wq'\]"):
         sapo.run(load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", "lora.enabled=true",
@@ -181,10 +181,11 @@ def test_sapo_lora_exports_a_merged_draft_the_engine_loads(trajectories, tmp_pat
     from pipelines import sapo
     from pipelines.schema import ModelConfig, RoleConfig
 
-    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={tmp_path}",
+    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.storage={tmp_path}",
                                            "lora.enabled=true", "lora.r=4", "warm_start.learning_rate=0.01",
                                            "grpo.unit=answer"])  # whole-answer rollouts (no rollout_func)
     draft_dir, summary = sapo.run(cfg)
+    draft_dir = Path(draft_dir)  # local run storage: the location is a path
     assert summary["grpo_steps"] == 2 and "grpo_prompts" not in summary
     assert (draft_dir.parent / "draft-adapter" / "adapter_config.json").is_file()
     assert not (draft_dir / "adapter_config.json").exists()  # a plain model directory
@@ -242,7 +243,7 @@ def test_workers_that_do_not_fit_beside_the_shared_actors_are_a_clear_error(traj
 
     from pipelines import sapo
 
-    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={tmp_path}",
+    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.storage={tmp_path}",
                                            "distributed.workers=2", "distributed.worker_cpus=1.0",
                                            "rewards.verifier=embedding", "ray.num_cpus=2"])
     try:
@@ -261,7 +262,7 @@ def test_sapo_two_gloo_workers_under_ray_train_share_the_target(trajectories, tm
     from pipelines import sapo
     from pipelines.tracking import offline_summary
 
-    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.out_dir={tmp_path}",
+    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.storage={tmp_path}",
                                            "distributed.workers=2", "grpo.save_steps=2",
                                            "rewards.align_source=online"])
     try:
@@ -274,7 +275,7 @@ def test_sapo_two_gloo_workers_under_ray_train_share_the_target(trajectories, tm
     assert summary["warm_start_loss"] > 0
     # both asked the one target actor for its own steps from their rollouts' prefixes
     assert all(n >= 4 for n in summary["grpo_target_steps_per_rank"])
-    run_dir = draft_dir.parent
+    run_dir = Path(draft_dir).parent
     assert sorted(p.name for p in (run_dir / "grpo").glob("checkpoint-*")) == ["checkpoint-2"]
     assert sorted(p.name for p in (run_dir / "grpo/checkpoint-2").glob("rng_state*")) == ["rng_state_0.pth",
                                                                                            "rng_state_1.pth"]
@@ -368,7 +369,7 @@ def test_sapo_killed_run_resumes_step_optimizer_and_wandb_id(trajectories, tmp_p
     args = ["tiny", f"trajectories={trajectories}", f"grpo.steps={steps}", "grpo.save_steps=1"]
     # WANDB_SERVICE (set by an earlier in-process W&B run) would attach the job to this process's W&B service
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.sapo", *args, f"run.out_dir={tmp_path}"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.sapo", *args, f"run.storage={tmp_path}"], env=env,
                             cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -37,7 +37,8 @@ from tqdm import tqdm
 KEYS = ("cpu", "gpu")  # each a dict (cpu: None with --skip-cpu; gpu: None without CUDA); CPU_KEYS inside cpu
 CPU_KEYS = ("isa", "threads", "build_or_load_s",
             *(f"{f}_matvec_{k}{hot}" for f in ("fp32", "milo3", "affine3", "codebook4")
-              for k in (("us", "gb_per_s") if f == "fp32" else ("us", "speedup_vs_fp32")) for hot in ("", "_cache_hot")),
+              for k in (("us", "gb_per_s") if f == "fp32" else ("us", "speedup_vs_fp32"))
+              for hot in ("", "_cache_hot")),
             "torch_compile_compile_s", "torch_compile_milo3_matvec_us", "torch_compile_milo3_matvec_speedup_vs_fp32",
             "expert_shapes", "moe_model", "moe_checkpoints", "moe_decode_tokens_per_s", "moe_decode_tokens_per_s_ratio",
             "moe_decode_tokens_per_s_ratio_codequant", "moe_decode_first_tokens")
@@ -149,7 +150,7 @@ def _checkpoint(args, method: str) -> str:
 
     overrides = ["method=codequant", "bits=4"] if method == "codequant" else []
     cfg = load_config(QuantizeConfig, "quantize", [
-        "demo", f"run.out_dir={args.run_dir}", f"run.name=bench-kernels-{method}", "ppl_tokens=0",
+        "demo", f"run.storage={args.run_dir}", f"run.name=bench-kernels-{method}", "ppl_tokens=0",
         f"model.name={args.moe}", *overrides])
     path, _ = quantize_run(cfg)
     return str(path)

@@ -115,7 +115,7 @@ def run(args) -> dict:
         out["hqq_ours_vs_package_error_ratio"] = None  # pip install hqq to measure it
     for workers in (1, 2):
         cfg = load_config(QuantizeConfig, "quantize", [
-            "demo", f"run.out_dir={args.run_dir}", f"run.name=bench-quant-{workers}w", f"num_workers={workers}",
+            "demo", f"run.storage={args.run_dir}", f"run.name=bench-quant-{workers}w", f"num_workers={workers}",
             f"rounds={args.rounds}", "ppl_tokens=0", f"model.name={args.moe}"])
         _, summary = quantize_run(cfg)
         out[f"quantize_s_{workers}_worker" + ("s" if workers > 1 else "")] = summary["quantize_s"]

@@ -74,7 +74,7 @@ def _evaluate(args, draft: str, tag: str) -> dict:
     from pipelines.evaluate import evaluate
 
     cfg = load_config(EvaluateConfig, "evaluate", [
-        args.preset, f"run.out_dir={args.run_dir}", f"run.name=bench-sapo-{tag}", f"draft.model.name={draft}",
+        args.preset, f"run.storage={args.run_dir}", f"run.name=bench-sapo-{tag}", f"draft.model.name={draft}",
         f"data.num_problems={args.num_problems}", f"data.offset={args.offset}",
         f"generation.max_new_tokens={args.max_new_tokens}", f"generation.step_max_tokens={args.step_max_tokens}",
         f"methods=[ar,{LR_METHOD}]", f"verifier.kind={args.verifier}", f"verifier.threshold={args.threshold}",
@@ -117,7 +117,7 @@ def _collect(args) -> tuple[str, dict]:
     from pipelines.schema import CollectConfig
 
     cfg = load_config(CollectConfig, "collect", [
-        args.collect_preset, f"run.out_dir={args.run_dir}", "run.name=bench-sapo-train",
+        args.collect_preset, f"run.storage={args.run_dir}", "run.name=bench-sapo-train",
         f"data.num_problems={args.train_problems}", f"data.offset={args.train_offset}", "wandb.mode=disabled"])
     run_dir = collect.run(cfg)
     ray.shutdown()
@@ -129,7 +129,7 @@ def _sapo(args, trajectories: str, tag: str, extra: list[str]) -> tuple[str, dic
     from pipelines.config import load_config
     from pipelines.schema import SapoConfig
 
-    cfg = load_config(SapoConfig, "sapo", [args.sapo_preset, f"run.out_dir={args.run_dir}",
+    cfg = load_config(SapoConfig, "sapo", [args.sapo_preset, f"run.storage={args.run_dir}",
                                            f"run.name=bench-sapo-{tag}", f"trajectories={trajectories}",
                                            "wandb.mode=disabled"] + extra)
     draft_dir, summary = sapo.run(cfg)

@@ -35,7 +35,7 @@ def run(args) -> dict:
     out: dict = {"methods": {}}
     for in_flight in (1, 4):
         cfg = load_config(EvaluateConfig, "evaluate", [
-            args.preset, f"run.out_dir={args.run_dir}", f"run.name=bench-spec-{in_flight}",
+            args.preset, f"run.storage={args.run_dir}", f"run.name=bench-spec-{in_flight}",
             f"data.num_problems={args.num_problems}", f"data.offset={args.offset}",
             f"generation.max_new_tokens={args.max_new_tokens}", f"problems_in_flight={in_flight}",
             "methods=[" + ",".join(SPEC_METHODS) + "]"])
@@ -57,7 +57,7 @@ def run(args) -> dict:
                    gamma=summary["gamma"], num_problems=summary["num_problems"])
     if args.theory_problems:  # the theory at a known accept rate: a random verifier accepts half the drafts
         cfg = load_config(EvaluateConfig, "evaluate", [
-            args.preset, f"run.out_dir={args.run_dir}", "run.name=bench-spec-theory",
+            args.preset, f"run.storage={args.run_dir}", "run.name=bench-spec-theory",
             f"data.num_problems={args.theory_problems}", f"data.offset={args.offset}",
             f"generation.max_new_tokens={args.max_new_tokens}", "problems_in_flight=1", "verifier.kind=random",
             "verifier.p=0.5", "methods=[ar,sd,lr_sync,lr_async,fpsr,lr_async+sd]"])
