@@ -180,5 +180,7 @@ def init_ray(ray_cfg) -> None:
         env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "SPECMOE_", "TRITON_"))
                and not any(s in k for s in ("TOKEN", "KEY", "SECRET"))}
         runtime_env = {"env_vars": env} if env else None
-        ray.init(num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, namespace=ray_cfg.namespace,
+        # address "local": a new instance even when another one runs on this machine (a bare ray.init() would
+        # join the last one `ray start` or a test cluster left in /tmp/ray)
+        ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, namespace=ray_cfg.namespace,
                  include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)

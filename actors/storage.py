@@ -100,10 +100,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def manifest_of(local_dir: Path) -> dict:
+def manifest_of(local_dir: Path, known: dict | None = None) -> dict:
+    """Every file below a directory with its size and sha256; `known` ({file: {size, sha256}}) are files written
+    into storage by others (tasks on other nodes), taken as given and not hashed again."""
+    known = dict(known or {})
     files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {"files": {str(p.relative_to(local_dir)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                      for p in files}}
+    out = {str(p.relative_to(local_dir)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+           for p in files if str(p.relative_to(local_dir)) not in known and ".tmp" not in p.name}
+    return {"files": dict(sorted({**out, **known}.items()))}
 
 
 def upload(local: Path, location: str) -> None:

@@ -164,6 +164,22 @@ def resolve_dir(name: str) -> Path | str:
                         f"smollm2-moe-<E>x, tiny-llama, tiny-mixtral, tiny-qwen3-moe), a directory or a hub id")
 
 
+def local_dir(name: str) -> Path:
+    """This node's directory of a model's files: `resolve_dir`, with a hub id downloaded into the node's HF cache
+    (config, tokenizer and safetensors only)."""
+    path = resolve_dir(name)
+    if isinstance(path, Path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                            "*.jinja", "*.tiktoken"]))
+    except Exception as exc:  # noqa: BLE001 (offline, gated, missing: one line naming the model)
+        raise ModelNotFound(f"model {name!r}: cannot download it here ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]})") from None
+
+
 def check_model(name: str) -> int:
     """What a job checks of a model before it starts anything: the name resolves (a zoo name, an existing model
     directory or a hub id), an early-exit draft asks for no more layers than its model has, and a quantized

@@ -1,41 +1,52 @@
-"""Quantize a model (MoE-aware) into a checkpoint, as Ray tasks, resumably.
+"""Quantize a model (MoE-aware) into a checkpoint, as Ray tasks, resumably, without holding the model.
 
     python -m pipelines.quantize                      # demo: MiLo 3-bit g64 on the demo MoE (smollm2-moe-8x)
     python -m pipelines.quantize method=hqq           # plain HQQ 3-bit g64
     python -m pipelines.quantize tiny                 # a random tiny Mixtral, seconds
-    python -m pipelines.quantize run.resume=runs/quantize/<dir>   # finish a killed run
-    python -m pipelines.evaluate target.model.name=runs/quantize/<dir>/model   # serve the result
+    python -m pipelines.quantize run.resume=<run>     # finish a killed run (on any node)
+    python -m pipelines.evaluate target.model.name=<run>/model   # serve the result
 
-MiLo and HQQ are data-free: one Ray task per weight matrix (`num_workers` in flight). Each finished tensor is
-written at once to <run>/parts/ (and synced to run storage), so a killed job resumes, on any node, without redoing
-it. The checkpoint (see `quant.checkpoint`) is assembled at the end into <run>/model, published with a manifest
-(its location is the summary's `checkpoint`: what `target.model.name` takes), loaded back, and its perplexity is
-measured beside the source's; the parts are then removed.
+Stages, each a Ray task where the model's files are (never the driver):
+1. plan: the targets from the model's config on the meta device and its shard headers (settings checked here,
+   before a run directory exists);
+2. quantize: one task per weight matrix (`num_workers` in flight, `task_cpus`/`task_gpus` each) reads its tensor
+   from the safetensors shards on its node, quantizes it and writes it into the checkpoint in run storage
+   (`<run>/model/tensors/<name>.safetensors`); the driver records the small result in `<run>/tensors.jsonl`, so a
+   killed job, or one that lost a node, resumes without redoing a stored tensor;
+3. the rest of the model (embeddings, norms, routers, head), config and tokenizer; the manifest; publish;
+4. perplexity of source, `compare` baselines and checkpoint, one model at a time in a task (`ppl_cpus`).
+MiLo, HQQ and RTN are data-free. CodeQuant's rotation and the frequency rank policy's routing statistics need the
+whole model: those two load it in the driver first.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
+import struct
 import time
+import uuid
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from tqdm import tqdm
 
-from actors import zoo
-from actors.hosts import init_ray
+from actors import storage, zoo
+from actors.hosts import actor_threads, init_ray
 from pipelines.cli import run_cli
+from pipelines.runs import append_jsonl, make_run_dir, read_jsonl, save_config, write_json
 from pipelines.schema import ConfigError, QuantizeConfig
-from pipelines.runs import make_run_dir, save_config, write_json
 from pipelines.tracking import Tracker
 from quant import checkpoint as ckpt
-from quant.apply import QuantSpec, plan, quantize_tensor, storage_bits
+from quant.apply import QuantSpec, quantize_tensor, rank_of, storage_bits
 from quant.base import QuantConfigError
 from quant.perplexity import TextSourceError, eval_text, perplexity, pydoc_text
+from quant.source import Shards, read_target
+from quant.targets import quant_targets
 
 
 CODEQUANT_KEYS = ("calib_tokens", "rotation_steps", "rotation_lr", "rotation_batch", "codebook_weighting",
@@ -62,8 +73,6 @@ def rotate_for_codequant(cfg: QuantizeConfig, model, tok):
     fuse_rotation(model, r)
     inputs = _linear_inputs(model, ids)
     print(f"rotation: 4-bit activation error {losses[0]:.3g} -> {losses[-1]:.3g}")
-    from quant.targets import quant_targets
-
     routed = cfg.expert_tokens == "routed"
     return {t.name: _target_input(t, inputs, model, routed).detach() for t in quant_targets(model)}
 
@@ -96,33 +105,169 @@ def routing_frequency(model, tokenizer, num_tokens: int) -> dict[int, list[float
     return {li: (c.float() / c.sum()).tolist() for li, c in counts.items()}
 
 
-def _part_path(parts: Path, name: str) -> Path:
-    return parts / f"{name}.safetensors"
+TENSORS = "tensors"  # the checkpoint's folder of quantized tensors, one file each, written by the tasks
 
 
-def _check_parts(parts: Path, source: str, spec_json: str) -> Path:
-    """Refuse parts of another model or config (a resumed run whose source model changed on disk); nothing is
-    deleted."""
-    meta = parts / "meta.json"
-    if meta.is_file():
-        saved = json.loads(meta.read_text())
-        if saved != {"source_fingerprint": source, "spec": json.loads(spec_json)}:
-            raise ConfigError(f"{parts} holds partial work of another model or config (the source model changed "
-                              "since the run started?); start a new run")
-    parts.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps({"source_fingerprint": source, "spec": json.loads(spec_json)}))
-    return parts
+def _tensor_file(name: str) -> str:
+    return f"{TENSORS}/{name}.safetensors"
 
 
-def _task(w: torch.Tensor, spec: QuantSpec, rank: int, name: str, threads: int, calib=None, finetune=(0, 0.0)):
-    torch.set_num_threads(threads)
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> int:
+    """This process's RSS now, with its peak (VmHWM) reset to it where Linux allows; 0 off Linux."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    try:
+        return _rss("VmRSS")
+    except OSError:
+        return 0
+
+
+def plan_source(model_name: str, spec: QuantSpec, trust_remote_code: bool) -> dict:
+    """The quantization plan of a model, made from its config on the meta device and its shard headers, on the node
+    that runs it (a Ray task: the driver never holds the model): targets with their stored tensors and ranks (None:
+    decided from the weights, in the task), the rest of the model by stored name, a fingerprint, sizes. Bad settings
+    and unreadable models come back as {"error": message}."""
+    from quant.apply import check_targets
+    from quant.source import SourceError, disk_keys, meta_model, rest_keys
+    from quant.targets import is_moe
+
+    try:
+        path = zoo.local_dir(model_name)
+        if (path / ckpt.MANIFEST).is_file():
+            raise SourceError(f"{model_name} is already a quantized checkpoint; quantize its source model")
+        shards = Shards(path)
+        model = meta_model(path, trust_remote_code)
+        targets = quant_targets(model)
+        check_targets(targets, spec, is_moe(model))
+        plan, quantized = [], set()
+        for t in targets:
+            shape = tuple(t.get().shape)
+            keys = disk_keys(t.name, shape, t.index is not None, shards)
+            weights_needed = spec.method == "milo" and spec.rank_policy == "kurtosis"
+            rank = None if weights_needed else rank_of(spec, t.kind, t.layer, t.expert, t.get())
+            stored = sum((shards.index[k].end - shards.index[k].start) // (shards.index[k].shape[0] if i is not None
+                                                                            else 1) for k, i in keys)
+            plan.append({"name": t.name, "kind": t.kind, "layer": t.layer, "expert": t.expert, "shape": shape,
+                         "keys": keys, "rank": rank, "bytes": stored})
+            quantized.add(t.name if t.index is None else t.name.rsplit(".", 1)[0])
+        return {"targets": plan, "rest": rest_keys(model, quantized, shards), "fingerprint": shards.fingerprint(),
+                "source_bytes": shards.bytes}
+    except (SourceError, QuantConfigError, zoo.ModelNotFound, OSError) as exc:
+        return {"error": str(exc)}
+
+
+def write_model_files(model_name: str, rest: dict, out: str, tensors: dict | None = None) -> dict:
+    """The checkpoint's unquantized part into storage: rest.safetensors (`rest`: name -> stored name in the source's
+    shards, read here; or `tensors`, given) and the source's config and tokenizer files. Returns {file: {size,
+    sha256}} of what it wrote."""
+    src = zoo.local_dir(model_name)
+    if tensors is None:
+        shards = Shards(src)
+        tensors = {name: shards.read(key) for name, key in rest.items()}
+    files = {"rest.safetensors": save({k: v.contiguous() for k, v in tensors.items()})}
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.name.endswith(zoo.WEIGHT_FILES) and f.name not in (
+                "model.safetensors.index.json", storage.MANIFEST, ckpt.MANIFEST) and not f.name.startswith("."):
+            files[f.name] = f.read_bytes()
+    written = {}
+    for name, data in files.items():
+        storage.write_bytes(storage.join(out, name), data)
+        written[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return written
+
+
+def quantize_one(item: dict, spec: QuantSpec, model_name: str, out: str, device: str = "cpu", w=None, calib=None,
+                 finetune=(0, 0.0)) -> dict:
+    """One target, in a Ray task: read from the source's shards on this node (or `w`, given), quantized, written
+    into the checkpoint at `out` in storage. Returns its ledger row (small: no tensors)."""
+    import ray
+
+    torch.set_num_threads(actor_threads())
+    idle = _reset_peak_rss()
     t0 = time.perf_counter()
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    file = storage.join(out, _tensor_file(item["name"]))
+    if w is None and storage.exists(file):  # a retry of a task whose node died after it wrote: nothing redone
+        data = storage.read_bytes(file)
+        entry = json.loads(read_metadata(data)["entry"])
+        return {"name": item["name"], "file": _tensor_file(item["name"]), "entry": entry, "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(), "bits": storage_bits(_from_bytes(data, item["name"], entry)),
+                "weights": math.prod(item["shape"]), "rank": entry["rank"], "seconds": 0.0, "peak_rss_bytes": 0,
+                "node": node, "reused": True}
+    if w is None:
+        w = read_target(Shards(zoo.local_dir(model_name)), item["keys"])
+    w = w.to(device)
+    rank = item["rank"]
+    if rank is None:
+        rank = rank_of(spec, item["kind"], item["layer"], item["expert"], w)
     result = quantize_tensor(w, spec, rank, calib)
     if calib is not None and finetune[0]:  # CodeQuant: fine-tune the centroids against the fp output
         from quant.codequant import finetune_centroids
 
-        result = finetune_centroids(result, w, calib.float(), finetune[0], finetune[1])
-    return ckpt.tensors_of(name, result), ckpt.manifest_entry(result, ""), time.perf_counter() - t0
+        result = finetune_centroids(result, w, calib.float().to(device), finetune[0], finetune[1])
+    weights = w.numel()
+    del w
+    row = _write_tensor(item["name"], result, out)
+    if os.environ.get("SPECMOE_QUANT_WRITE_LOG"):  # the cluster benchmark counts tensors written twice
+        log = Path(os.environ["SPECMOE_QUANT_WRITE_LOG"])
+        log.mkdir(parents=True, exist_ok=True)
+        (log / f"{item['name']}.{uuid.uuid4().hex}").touch()
+    peak = _rss("VmHWM") - idle if idle else 0
+    return {**row, "weights": weights, "rank": rank, "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak,
+            "node": node, "reused": False}
+
+
+def read_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's bytes (its header only)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]).get("__metadata__", {})
+
+
+def _from_bytes(data: bytes, name: str, entry: dict):
+    return ckpt.result_from(load(data), name, entry)
+
+
+def _write_tensor(name: str, result, out: str) -> dict:
+    file = _tensor_file(name)
+    entry = ckpt.manifest_entry(result, file)
+    data = save({k: v.detach().cpu().contiguous() for k, v in ckpt.tensors_of(name, result).items()},
+                metadata={"entry": json.dumps(entry)})
+    storage.write_bytes(storage.join(out, file), data)
+    return {"name": name, "file": file, "entry": entry, "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), "bits": storage_bits(result)}
+
+
+def _read_tensor(row: dict, out: str):
+    return _from_bytes(storage.read_bytes(storage.join(out, row["file"])), row["name"], row["entry"])
+
+
+def _done(run_dir, out: str, planned: set[str]) -> dict[str, dict]:
+    """Ledger rows of tensors whose file is in storage (a resumed run, on any node, redoes none of them)."""
+    stored = set(storage.listdir(storage.join(out, TENSORS)))
+    rows = {}
+    for row in read_jsonl(run_dir / "tensors.jsonl"):
+        if row["name"] in planned and row["file"].split("/", 1)[1] in stored:
+            rows[row["name"]] = row
+    return rows
+
+
+def _check_plan(run_dir, source: str, spec_json: str) -> None:
+    """Refuse partial work of another model or config (a resumed run whose source changed); nothing is deleted."""
+    meta = run_dir / "plan.json"
+    record = {"source_fingerprint": source, "spec": json.loads(spec_json)}
+    if meta.is_file() and json.loads(meta.read_text()) != record:
+        raise ConfigError(f"{run_dir} holds partial work of another model or config (the source model changed "
+                          "since the run started?); start a new run")
+    meta.write_text(json.dumps(record))
 
 
 def block_finetune(cfg: QuantizeConfig, model, tok, items, results: dict) -> tuple[dict, dict]:
@@ -145,26 +290,40 @@ def block_finetune(cfg: QuantizeConfig, model, tok, items, results: dict) -> tup
     return results, last
 
 
-def comparison_table(cfg: QuantizeConfig, model, summary: dict, ids, ppl: dict, tracker, run_dir: Path) -> None:
-    """fp, the `compare` baselines (fake-quantized copies of the source at the same bits and group) and this job's
-    checkpoint: perplexity, bits per weight and delta vs fp, as a W&B table, summary keys and comparison.md."""
-    import copy
-
-    from pipelines.report import QUANT_COLUMNS, quant_comparison
+def ppl_stage(cfg: QuantizeConfig, checkpoint: str, ids: torch.Tensor) -> dict:
+    """Perplexity of the source, each `compare` baseline (the source fake-quantized at the same bits and group) and
+    the checkpoint, in a Ray task (on a GPU with task_gpus): one model at a time, each loaded there."""
     from quant.apply import fake_quantize
 
-    rows = []
+    torch.set_num_threads(actor_threads())
+    device = "cuda" if cfg.task_gpus and torch.cuda.is_available() else "cpu"
+    ppl = {"window": cfg.ppl_window, "stride": cfg.ppl_stride or None, "protocol": cfg.ppl_protocol}
+
+    def source():
+        return zoo.load_model(cfg.model.name, cfg.model.dtype, device, cfg.model.trust_remote_code)[0]
+
+    out = {"ppl_source": perplexity(source(), ids, **ppl), "rows": []}
     for method in cfg.compare:
         bits = 4 if method == "kmeans" else cfg.bits
         spec = spec_of(dataclasses.replace(cfg, method=method, bits=bits))
-        m = copy.deepcopy(model)
+        m = source()
         acc = fake_quantize(m, spec)
-        rows.append({"method": method, "bits": f"{bits}" + (f" g{spec.group_size}" if spec.group_size else ""),
-                     "bits_per_weight": acc["bits_per_weight"], "ppl": perplexity(m, ids, **ppl)})
+        out["rows"].append({"method": method, "bits": f"{bits}" + (f" g{spec.group_size}" if spec.group_size else ""),
+                            "bits_per_weight": acc["bits_per_weight"], "ppl": perplexity(m, ids, **ppl)})
         del m
+    model = zoo.load_model(checkpoint, "float32", device, quant_runtime="dequantized")[0]
+    out["ppl_quantized"] = perplexity(model, ids, **ppl)
+    return out
+
+
+def comparison_table(cfg: QuantizeConfig, summary: dict, rows: list[dict], ids, tracker, run_dir: Path) -> None:
+    """fp, the `compare` baselines and this job's checkpoint: perplexity, bits per weight and delta vs fp, as a W&B
+    table, summary keys and comparison.md."""
+    from pipelines.report import QUANT_COLUMNS, quant_comparison
+
     group = "" if cfg.method == "codequant" else f" g{cfg.group_size}"
-    rows.append({"method": cfg.method, "bits": f"{cfg.bits}{group}", "bits_per_weight": summary["bits_per_weight"],
-                 "ppl": summary["ppl_quantized"]})
+    rows = rows + [{"method": cfg.method, "bits": f"{cfg.bits}{group}", "bits_per_weight": summary["bits_per_weight"],
+                    "ppl": summary["ppl_quantized"]}]
     data, lines = quant_comparison(rows, summary["ppl_source"])
     tracker.table("quant_comparison", QUANT_COLUMNS, data)
     for method, _, bpw, p, delta, _ in data[1:]:
@@ -176,102 +335,132 @@ def comparison_table(cfg: QuantizeConfig, model, summary: dict, ids, ppl: dict, 
     print("\n".join(lines))
 
 
-def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
-    import ray
-
-    t_start = time.perf_counter()
+def _checks(cfg: QuantizeConfig) -> tuple[QuantSpec, torch.Tensor | None]:
+    """Everything the driver can check before Ray starts: method, bits and rank policy agree, the model resolves,
+    the evaluation text loads."""
     bad = [m for m in cfg.compare if m not in ("rtn", "hqq", "milo", "kmeans")]
     if bad:
         raise ConfigError(f"config key 'compare': unknown methods {bad}; use rtn, hqq, milo or kmeans")
     if cfg.compare and not cfg.ppl_tokens:
         raise ConfigError("config key 'compare': the comparison is by perplexity, and ppl_tokens=0 skips it")
     spec = spec_of(cfg)
-    try:  # method, bits and rank policy agree, before the model loads
+    try:
         spec.check()
     except QuantConfigError as exc:
         raise ConfigError(f"config key 'method': {cfg.method} with bits={cfg.bits}: {exc}") from None
     zoo.check_model(cfg.model.name)
-    model, tok = zoo.load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
-    calib = rotate_for_codequant(cfg, model, tok) if cfg.method == "codequant" else {}
-    try:
-        if cfg.rank_policy == "frequency" and cfg.method == "milo":  # a dense model has no routers: stop here
-            spec.routing_frequency = routing_frequency(model, tok, cfg.routing_tokens)
-        items = plan(model, spec)  # every setting checked before any work
-    except QuantConfigError as exc:
-        raise ConfigError(str(exc)) from None
     ppl_ids = None
     if cfg.ppl_tokens:  # the evaluation text is resolved before any work (a hub text offline stops here)
+        tok = zoo.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
         try:
             ppl_ids = tok(eval_text(cfg.ppl_text), return_tensors="pt").input_ids[0, -cfg.ppl_tokens:]
         except TextSourceError as exc:
             raise ConfigError(f"ppl_text={cfg.ppl_text}: {exc}") from None
+    return spec, ppl_ids
+
+
+def run(cfg: QuantizeConfig) -> tuple[str, dict]:
+    import ray
+
+    t_start = time.perf_counter()
+    spec, ppl_ids = _checks(cfg)
+    init_ray(cfg.ray)
+    resources = dict(cfg.task_resources) or None
+    planner = ray.remote(num_cpus=min(cfg.task_cpus, 1), resources=resources)(plan_source)
+    plan = ray.get(planner.remote(cfg.model.name, spec, cfg.model.trust_remote_code))
+    if "error" in plan:
+        raise ConfigError(f"model {cfg.model.name!r}: {plan['error']}")
+    model = tok = None
+    calib: dict = {}
+    if cfg.method == "codequant" or spec.rank_policy == "frequency" and spec.method == "milo":
+        # the two steps that need the whole model, in the driver: CodeQuant's rotation, the routing statistics
+        model, tok = zoo.load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
+        if cfg.method == "codequant":
+            calib = rotate_for_codequant(cfg, model, tok)
+        else:
+            try:
+                spec.routing_frequency = routing_frequency(model, tok, cfg.routing_tokens)
+            except QuantConfigError as exc:
+                raise ConfigError(str(exc)) from None
+            model = tok = None  # the weights stream from the shards like any other run
     run_dir = make_run_dir(cfg, "quantize")
     resolved = save_config(cfg, run_dir, "quantize")
-    out = run_dir / "model"
-    source = ckpt.fingerprint(model)
     settings = {k: v for k, v in spec.__dict__.items() if k != "routing_frequency"}
     if cfg.method == "codequant":  # what else shapes its tensors: a resume must not mix parts made otherwise
         settings["codequant"] = {k: getattr(cfg, k) for k in CODEQUANT_KEYS}
     spec_json = json.dumps(settings, sort_keys=True)
-    parts = _check_parts(run_dir / "parts", source, spec_json)
+    _check_plan(run_dir, plan["fingerprint"], spec_json)
     tracker = Tracker(cfg.wandb, run_dir.path, "quantize", resolved)
-    todo = [(t, r) for t, r in items if not _part_path(parts, t.name).is_file()]
-    if len(todo) < len(items):
-        print(f"resuming: {len(items) - len(todo)} of {len(items)} tensors already quantized in {parts}")
-    init_ray(cfg.ray)
-    remote = ray.remote(num_cpus=cfg.task_cpus, resources=dict(cfg.task_resources) or None)(_task)
-    threads = max(1, int(cfg.task_cpus))
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"quantize {cfg.method}", unit="tensor")
-    in_flight: dict = {}
-    task_s = 0.0
-    t_quant = time.perf_counter()
+    out = storage.join(run_dir.location, "model")
+    items = plan["targets"]
+    done = _done(run_dir, out, {t["name"] for t in items})
+    todo = [t for t in items if t["name"] not in done]
+    if done:
+        print(f"resuming: {len(done)} of {len(items)} tensors already quantized in {out}")
+    local = {t.name: t for t in quant_targets(model)} if model is not None else {}
+    device = "cuda" if cfg.task_gpus else "cpu"
+    task = ray.remote(num_cpus=cfg.task_cpus, num_gpus=cfg.task_gpus, resources=resources)(quantize_one)
+    bar = tqdm(total=len(items), initial=len(done), desc=f"quantize {cfg.method}", unit="tensor")
+    rows, in_flight, t_quant = dict(done), {}, time.perf_counter()
     queue = list(todo)
     while queue or in_flight:
         while queue and len(in_flight) < cfg.num_workers:
-            target, rank = queue.pop(0)
-            ref = remote.remote(target.get().detach().float().clone(), spec, rank, target.name, threads,
-                                calib.get(target.name), (cfg.finetune_steps, cfg.finetune_lr))
-            in_flight[ref] = target.name
+            item = queue.pop(0)
+            w = local[item["name"]].get().detach().float().clone() if local else None  # CodeQuant: rotated
+            ref = task.remote(item, spec, cfg.model.name, out, device, w, calib.get(item["name"]),
+                              (cfg.finetune_steps, cfg.finetune_lr))
+            in_flight[ref] = item["name"]
         [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        name = in_flight.pop(ref)
-        tensors, entry, seconds = ray.get(ref)
-        task_s += seconds
-        tmp = _part_path(parts, name).with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"entry": json.dumps(entry)})
-        os.replace(tmp, _part_path(parts, name))  # a part exists only when complete
+        in_flight.pop(ref)
+        row = ray.get(ref)
+        rows[row["name"]] = row
+        append_jsonl(run_dir / "tensors.jsonl", row)
         run_dir.sync(every_s=cfg.run.sync_s)  # a resumed run, on any node, redoes nothing storage holds
         bar.update()
     bar.close()
     quantize_s = time.perf_counter() - t_quant
-
-    results = {}
-    for target, _ in items:
-        path = _part_path(parts, target.name)
-        with safe_open(str(path), "pt") as f:
-            entry = json.loads(f.metadata()["entry"])
-        results[target.name] = ckpt.result_from(load_file(str(path)), target.name, entry)
     block_stats: dict = {}
     if cfg.method == "codequant" and cfg.block_finetune_steps:
-        results, block_stats = block_finetune(cfg, model, tok, items, results)
-    weights = sum(t.get().numel() for t, _ in items)
-    bpw = sum(storage_bits(r) for r in results.values()) / weights
+        targets = [(local[t["name"]], rows[t["name"]]["rank"]) for t in items]
+        results = {name: _read_tensor(row, out) for name, row in rows.items()}
+        results, block_stats = block_finetune(cfg, model, tok, targets, results)
+        for name, result in results.items():
+            rows[name] = {**rows[name], **_write_tensor(name, result, out)}
+            append_jsonl(run_dir / "tensors.jsonl", rows[name])
+    if model is not None:  # CodeQuant: the rest of the model is the rotated one (norms folded)
+        quantized = {t.name if t.index is None else t.name.rsplit(".", 1)[0] for t in local.values()}
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        rest = {k: v for k, v in model.state_dict().items() if k not in quantized
+                and not (tied and k == "lm_head.weight")}
+        written = write_model_files(cfg.model.name, {}, out, tensors=rest)
+    else:
+        writer = ray.remote(num_cpus=min(cfg.task_cpus, 1), resources=resources)(write_model_files)
+        written = ray.get(writer.remote(cfg.model.name, plan["rest"], out))
+    written.update({r["file"]: {"size": r["size"], "sha256": r["sha256"]} for r in rows.values()})
+    weights = sum(r["weights"] for r in rows.values())
+    bpw = sum(r["bits"] for r in rows.values()) / weights
     meta = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "rank_policy": cfg.rank_policy,
-            "spec": json.loads(spec_json), "source_model": cfg.model.name, "source_fingerprint": source,
+            "spec": json.loads(spec_json), "source_model": cfg.model.name, "source_fingerprint": plan["fingerprint"],
             "bits_per_weight": bpw}
     if cfg.method == "codequant":
         meta.update(block_finetune_steps=cfg.block_finetune_steps, router_kl_weight=cfg.router_kl_weight)
-    ckpt.save(out, model, tok, results, meta)
-    checkpoint = run_dir.publish("model")
-    run_dir.remove("parts")  # all in the checkpoint now
-    summary = {"checkpoint": checkpoint, "tensors": len(items), "tensors_resumed": len(items) - len(todo),
-               "tensors_quantized": len(todo), "bits_per_weight": bpw, "quantize_s": quantize_s, "task_s": task_s,
-               "num_workers": cfg.num_workers, "method": cfg.method, **block_stats}
+    ckpt.write_manifest(run_dir.path / "model", meta, {n: rows[n]["entry"] for n in sorted(rows)},
+                        {f: v["sha256"] for f, v in written.items() if f == "rest.safetensors" or f.startswith(TENSORS)})
+    checkpoint = run_dir.publish("model", written=written)
+    fresh = [r for r in rows.values() if r["name"] not in done]
+    summary = {"checkpoint": checkpoint, "tensors": len(items), "tensors_resumed": len(done),
+               "tensors_quantized": len(todo), "bits_per_weight": bpw, "quantize_s": quantize_s,
+               "task_s": sum(r["seconds"] for r in fresh), "num_workers": cfg.num_workers, "method": cfg.method,
+               "source_bytes": plan["source_bytes"], "largest_tensor_bytes": max(t["bytes"] for t in items),
+               "task_peak_rss_bytes": max((r["peak_rss_bytes"] for r in fresh), default=0),
+               "task_nodes": len({r["node"] for r in fresh}), **block_stats}
+    model = tok = local = calib = None
     if ppl_ids is not None:
-        ppl = {"window": cfg.ppl_window, "stride": cfg.ppl_stride or None, "protocol": cfg.ppl_protocol}
-        summary["ppl_source"] = perplexity(model, ppl_ids, **ppl)  # (rotated, for codequant: same outputs)
-        summary["ppl_quantized"] = perplexity(ckpt.load_quantized(out), ppl_ids, **ppl)
-        summary.update(ppl_text=cfg.ppl_text, ppl_protocol=cfg.ppl_protocol, ppl_tokens=int(ppl_ids.numel()))
-        comparison_table(cfg, model, summary, ppl_ids, ppl, tracker, run_dir.path)
+        stage = ray.remote(num_cpus=_ppl_cpus(cfg), num_gpus=cfg.task_gpus, resources=resources)(ppl_stage)
+        ppl = ray.get(stage.remote(cfg, checkpoint, ppl_ids))
+        summary.update(ppl_source=ppl["ppl_source"], ppl_quantized=ppl["ppl_quantized"], ppl_text=cfg.ppl_text,
+                       ppl_protocol=cfg.ppl_protocol, ppl_tokens=int(ppl_ids.numel()))
+        comparison_table(cfg, summary, ppl["rows"], ppl_ids, tracker, run_dir.path)
     summary["wall_s"] = time.perf_counter() - t_start
     write_json(run_dir / "summary.json", summary)
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -280,6 +469,14 @@ def run(cfg: QuantizeConfig) -> tuple[Path, dict]:
     print(json.dumps(summary, indent=2))
     print(f"quantize: checkpoint {checkpoint}")
     return checkpoint, summary
+
+
+def _ppl_cpus(cfg: QuantizeConfig) -> float:
+    """The perplexity stage's CPUs: `ppl_cpus`, at most what the largest node has (so it can be placed)."""
+    import ray
+
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    return max(min(cfg.ppl_cpus, largest), 0)
 
 
 def main(argv: list[str] | None = None) -> None:

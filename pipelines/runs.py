@@ -98,7 +98,8 @@ class RunDir:
         if not self.remote or time.time() - self._last_sync < every_s:
             return
         fs, root = storage.filesystem(self.location)
-        for file in sorted(p for p in self.path.rglob("*") if p.is_file()):
+        # manifests last: a reader that finds one finds every file it lists
+        for file in sorted((p for p in self.path.rglob("*") if p.is_file()), key=lambda p: (p.name == storage.MANIFEST, p)):
             rel = str(file.relative_to(self.path))
             if rel.endswith(".lock") or "/.lock" in rel:
                 continue
@@ -110,11 +111,13 @@ class RunDir:
             self._synced[rel] = (st.st_size, st.st_mtime_ns)
         self._last_sync = time.time()
 
-    def publish(self, *parts: str) -> str:
+    def publish(self, *parts: str, written: dict | None = None) -> str:
         """Write an artifact directory's manifest (files with sizes and sha256), sync, and return its location: what
-        another job or actor loads (`target.model.name=<location>`)."""
+        another job or actor loads (`target.model.name=<location>`). `written`: files that tasks wrote into the
+        artifact's storage directly ({file: {size, sha256}})."""
         local = self.path.joinpath(*parts)
-        (local / storage.MANIFEST).write_text(json.dumps(storage.manifest_of(local), indent=1))
+        local.mkdir(parents=True, exist_ok=True)
+        (local / storage.MANIFEST).write_text(json.dumps(storage.manifest_of(local, written), indent=1))
         self.sync()
         return storage.join(self.location, *parts) if self.remote else str(local)
 

@@ -311,7 +311,8 @@ class EvaluateConfig:
 class SweepConfig:
     """pipelines.sweep: a Ray Tune grid of evaluations."""
 
-    RESUME: ClassVar[ResumeRule] = ResumeRule(free=("run.", "ray.", "max_concurrent_trials", "trial_cpus"))
+    RESUME: ClassVar[ResumeRule] = ResumeRule(free=("run.", "ray.", "max_concurrent_trials", "trial_cpus",
+                                                     "max_failures"))
 
     run: RunConfig = field(default_factory=lambda: RunConfig(name="sweep"))
     ray: RayConfig = field(default_factory=RayConfig)
@@ -323,6 +324,8 @@ class SweepConfig:
     mode: str = choice("max", ["max", "min"], help="whether a larger metric is better")
     max_concurrent_trials: int = bounded(1, ge=1, help="trials running at once")
     trial_cpus: float = bounded(1.0, ge=0, help="CPUs of a trial's driver bundle")
+    max_failures: int = bounded(2, ge=-1, help="times Tune restarts a failed trial (its node died, say); the restart "
+                                "continues the trial's evaluate run, keeping its finished problems (-1: always)")
 
 
 @dataclass
@@ -330,7 +333,7 @@ class QuantizeConfig:
     """pipelines.quantize: quantize a (MoE) model into a checkpoint the zoo and the target actor load by path."""
 
     RESUME: ClassVar[ResumeRule] = ResumeRule(free=("run.", "ray.", "wandb.", "num_workers", "task_cpus",
-                                                     "task_resources"))
+                                                     "task_gpus", "task_resources", "ppl_cpus"))
 
     run: RunConfig = field(default_factory=lambda: RunConfig(name="quantize"))
     ray: RayConfig = field(default_factory=RayConfig)
@@ -351,8 +354,11 @@ class QuantizeConfig:
     seed: int = key(0, help="seed of the randomized SVD and k-means")
     num_workers: int = bounded(2, ge=1, help="quantization tasks in flight")
     task_cpus: float = bounded(1.0, ge=0, help="Ray CPUs per task (torch threads = max(1, int(task_cpus)))")
+    task_gpus: float = bounded(0.0, ge=0, help="Ray GPUs per task: quantization and perplexity run on the GPU")
     task_resources: dict[str, float] = key(factory=dict, help="custom Ray resources each task asks for (to place "
                                                               "tasks on some nodes)")
+    ppl_cpus: float = bounded(2.0, ge=0, help="CPUs of the perplexity stage's task (torch threads; at most the "
+                              "largest node's)")
     routing_tokens: int = bounded(2048, ge=16, help="frequency policy: tokens of pydoc text for routing stats")
     ppl_tokens: int = bounded(4096, ge=0, help="perplexity of source and checkpoint on pydoc text; 0 = skip")
     ppl_window: int = bounded(512, ge=16, help="tokens per perplexity window")

@@ -49,6 +49,16 @@ def bundles(cfg: EvaluateConfig, driver_cpus: float) -> list[dict]:
     return out
 
 
+def earlier_run(trials: str, name: str) -> str | None:
+    """The evaluate run an earlier attempt of this trial left in storage (`<trials>/evaluate/<time>-<name>`), if any."""
+    runs = [r for r in storage.listdir(storage.join(trials, "evaluate")) if r.split("-", 2)[-1] == name]
+    for run in sorted(runs, reverse=True):
+        location = storage.join(trials, "evaluate", run)
+        if storage.exists(storage.join(location, "config.yaml")):
+            return location
+    return None
+
+
 def flatten(summary: dict) -> dict:
     return {f"{m}/{k}": v for m, s in summary["methods"].items() for k, v in s.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -68,7 +78,12 @@ def run(sweep: SweepConfig) -> RunDir:
     keys = list(sweep.grid)
     combos = [dict(zip(keys, vals)) for vals in itertools.product(*(sweep.grid[k] for k in keys))]
     for params in combos:  # every trial config loads and passes evaluate's checks before anything is written
-        preflight(trial_config(sweep, params, "trials", ""))
+        trial = trial_config(sweep, params, "trials", "")
+        preflight(trial)
+        method = sweep.metric.split("/", 1)[0]
+        if "/" not in sweep.metric or method not in trial.methods:
+            raise ConfigError(f"config key 'metric': {sweep.metric!r} is not <method>/<metric> for a method every "
+                              f"trial runs (this one runs {trial.methods})")
     sweep_dir = make_run_dir(sweep, "sweep")
     save_config(sweep, sweep_dir, "sweep")
     trials = storage.join(sweep_dir.location, "trials")  # each trial's evaluate run, synced from its own node
@@ -78,6 +93,7 @@ def run(sweep: SweepConfig) -> RunDir:
         from pipelines.evaluate import evaluate
 
         cfg = trial_config(sweep, params, trials, sweep_dir.name)
+        cfg.run.resume = earlier_run(trials, cfg.run.name)  # a restarted trial keeps its finished problems
         run_dir, summary = evaluate(cfg)
         tune.report({**flatten(summary), "run_dir": run_dir.location})
 
@@ -92,7 +108,8 @@ def run(sweep: SweepConfig) -> RunDir:
                            param_space={k: tune.grid_search(v) for k, v in sweep.grid.items()},
                            tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials,
                                                        **metric_mode),
-                           run_config=tune.RunConfig(name="tune", storage_path=sweep_dir.location, verbose=1))
+                           run_config=tune.RunConfig(name="tune", storage_path=sweep_dir.location, verbose=1,
+                                                     failure_config=tune.FailureConfig(max_failures=sweep.max_failures)))
     results = tuner.fit()
     rows = []
     for r in results:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+PACK_CHUNK = 1 << 20  # values packed at a time
 
 
 def packed_words(n: int, bits: int) -> int:
@@ -22,6 +23,9 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"{bits}-bit packing is not supported; use one of {SUPPORTED_BITS}")
     *lead, n = q.shape
+    if q.dim() == 2 and q.shape[0] * n > PACK_CHUNK:  # row chunks: int64 temporaries stay O(chunk), not O(tensor)
+        rows = max(1, PACK_CHUNK // n)
+        return torch.cat([pack(q[r:r + rows], bits) for r in range(0, q.shape[0], rows)])
     blocks = -(-n // 32)
     v = torch.zeros(*lead, blocks * 32, dtype=torch.int64, device=q.device)
     v[..., :n] = q.to(torch.int64)

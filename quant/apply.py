@@ -60,36 +60,46 @@ def excess_kurtosis(w: torch.Tensor) -> float:
 
 
 def rank_for(target: Target, spec: QuantSpec) -> int:
+    return rank_of(spec, target.kind, target.layer, target.expert, target.get())
+
+
+def rank_of(spec: QuantSpec, kind: str, layer: int, expert: int | None, w: torch.Tensor) -> int:
+    """A target's compensator rank (0 unless MiLo) from its kind, place and, for the kurtosis policy, weights."""
     if spec.method != "milo":
         return 0
-    w = target.get()
     if spec.rank_policy == "kurtosis":
         k = excess_kurtosis(w)
         rank = 0 if k < 1 else (spec.rank_max if k > 9 else 2 ** (int(-(-k // 1)) + 2))
-    elif spec.rank_policy == "frequency" and target.kind == "expert":
-        shares = spec.routing_frequency.get(target.layer)
+    elif spec.rank_policy == "frequency" and kind == "expert":
+        shares = spec.routing_frequency.get(layer)
         if shares is None:
-            raise QuantConfigError(f"frequency rank policy: no routing statistics for layer {target.layer}")
-        rank = round(spec.rank_expert * len(shares) * shares[target.expert])
+            raise QuantConfigError(f"frequency rank policy: no routing statistics for layer {layer}")
+        rank = round(spec.rank_expert * len(shares) * shares[expert])
     else:
-        rank = spec.rank_expert if target.kind == "expert" else spec.rank_dense
+        rank = spec.rank_expert if kind == "expert" else spec.rank_dense
     return int(max(0, min(rank, spec.rank_max, *w.shape)))
+
+
+def check_targets(targets: list, spec: QuantSpec, moe: bool) -> None:
+    """Every setting against every target's shape, before any work starts."""
+    spec.check()
+    if not targets:
+        raise QuantConfigError("the model has no decoder layers with linear weights to quantize")
+    if spec.rank_policy == "frequency" and spec.method == "milo" and not moe:
+        raise QuantConfigError("the frequency rank policy needs a model with MoE blocks; this one has none")
+    for t in targets:
+        n = t.get().shape[1]
+        if spec.method == "kmeans":  # group_size 0: one codebook per output row
+            if spec.group_size and n % spec.group_size:
+                raise QuantConfigError(f"codebook group {spec.group_size} does not divide {n}")
+            continue
+        check_settings(spec.bits, spec.group_size, n, spec.pad_groups)
 
 
 def plan(model, spec: QuantSpec) -> list[tuple[Target, int]]:
     """Targets and their ranks; checks every setting before any work starts."""
-    spec.check()
     targets = quant_targets(model)
-    if not targets:
-        raise QuantConfigError("the model has no decoder layers with linear weights to quantize")
-    if spec.rank_policy == "frequency" and spec.method == "milo" and not is_moe(model):
-        raise QuantConfigError("the frequency rank policy needs a model with MoE blocks; this one has none")
-    for t in targets:
-        if spec.method == "kmeans":  # group_size 0: one codebook per output row
-            if spec.group_size and t.get().shape[1] % spec.group_size:
-                raise QuantConfigError(f"codebook group {spec.group_size} does not divide {t.get().shape[1]}")
-            continue
-        check_settings(spec.bits, spec.group_size, t.get().shape[1], spec.pad_groups)
+    check_targets(targets, spec, is_moe(model))
     return [(t, rank_for(t, spec)) for t in targets]
 
 

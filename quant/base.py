@@ -112,6 +112,9 @@ def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * x.abs().clamp_min(1e-12).pow(p - 1))
 
 
+ROW_CHUNK = 1 << 16  # HQQ works on this many weights' groups at a time: temporaries stay in cache, not O(tensor)
+
+
 @torch.no_grad()
 def quantize_hqq(w: torch.Tensor, bits: int, group_size: int, pad: bool = False, p: float = 0.7,
                  beta: float = 10.0, kappa: float = 1.01, iters: int = 20) -> QTensor:
@@ -119,20 +122,31 @@ def quantize_hqq(w: torch.Tensor, bits: int, group_size: int, pad: bool = False,
     wg = _groups(w, group_size)
     scale, zero = _minmax(wg, bits)
     s, z = scale[..., None], zero[..., None]
+    qmax = (1 << bits) - 1
+    rows = max(1, ROW_CHUNK // wg[0].numel())
+    chunks = [slice(r, r + rows) for r in range(0, wg.shape[0], rows)]
     best_err, best_z = float("inf"), z.clone()
-    for _ in range(iters):
-        q = torch.clamp(torch.round(wg / s + z), 0, (1 << bits) - 1)
-        deq = (q - z) * s
-        err = (wg - deq).abs().mean().item()
+    for _ in range(iters):  # each round over row chunks: the error is the whole tensor's, as in one pass
+        err_sum, z_new = 0.0, torch.empty_like(z)
+        for c in chunks:
+            wc, sc, zc = wg[c], s[c], z[c]
+            q = torch.clamp(torch.round(wc / sc + zc), 0, qmax)
+            diff = wc - (q - zc) * sc
+            err_sum += diff.abs().sum().item()
+            e = _shrink_lp(diff, beta, p)
+            z_new[c] = (q - (wc - e) / sc).mean(-1, keepdim=True)
+        err = err_sum / wg.numel()
         if err < best_err:
             best_err, best_z = err, z.clone()
         elif err > best_err * 1.0001:
             break  # early stop: the error grew
-        e = _shrink_lp(wg - deq, beta, p)
-        z = (q - (wg - e) / s).mean(-1, keepdim=True)
+        z = z_new
         beta *= kappa
     zero = best_z[..., 0].half().float()
-    return _pack_result(_codes(wg, scale, zero, bits), scale, zero, bits, group_size, w.shape)
+    codes = torch.empty(wg.shape, dtype=torch.uint8)
+    for c in chunks:
+        codes[c] = _codes(wg[c], scale[c], zero[c], bits)
+    return _pack_result(codes, scale, zero, bits, group_size, w.shape)
 
 
 def quantize(w: torch.Tensor, method: str, bits: int, group_size: int, pad: bool = False) -> QTensor:

@@ -136,9 +136,16 @@ def save(out_dir: Path, model, tokenizer, results: dict[str, object], meta: dict
     model.config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    manifest = {"format": FORMAT, **meta, "tensors": entries, "files": shards}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_manifest(out_dir, meta, entries, shards)
     return out_dir
+
+
+def write_manifest(out_dir: Path, meta: dict, entries: dict, files: dict[str, str]) -> None:
+    """The checkpoint's manifest: `meta`, every quantized tensor's entry (shape, bits, rank, file) and the sha256 of
+    every weight file."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    manifest = {"format": FORMAT, **meta, "tensors": entries, "files": files}
+    (Path(out_dir) / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def read_manifest(path: Path) -> dict:

@@ -70,6 +70,7 @@ REFUSALS = [
     ("quantize", ["tiny", "bits=5"], "MiLo is 3-bit"),
     ("quantize", ["tiny", "compare=[rtn]", "ppl_tokens=0"], "config key 'compare'"),
     ("sweep", ["tiny", "base=no_such_base"], "unknown preset 'no_such_base'"),
+    ("sweep", ["tiny", "metric=lr_async/speedup"], "config key 'metric': 'lr_async/speedup' is not"),
     ("sweep", ["tiny", "grid={{draft.model.name: [tiny-llama-draft-l1, tiny-llama-draft-l7]}}"], "first 7 layers"),
     ("sapo", ["tiny", "trajectories={d}/missing.jsonl"], "does not exist"),
     ("sapo", ["tiny", "trajectories={d}/rows.jsonl", "draft.name=/no/such/draft"], "does not exist"),

@@ -30,7 +30,7 @@ def test_killed_quantize_job_resumes(tmp_path):
     parts = None
     deadline = time.time() + 240
     while time.time() < deadline and job.poll() is None:
-        found = list(tmp_path.glob("quantize/*/parts/*.safetensors"))
+        found = list(tmp_path.glob("quantize/*/model/tensors/*.safetensors"))
         if len(found) >= 4:
             parts = found[0].parent
             break
@@ -38,16 +38,17 @@ def test_killed_quantize_job_resumes(tmp_path):
     assert parts is not None, job.communicate()[0][-3000:]
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    before = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.safetensors")}
+    run_dir = parts.parent.parent
+    recorded = [json.loads(line)["file"] for line in (run_dir / "tensors.jsonl").read_text().splitlines()]
+    before = {f: (run_dir / "model" / f).stat().st_mtime_ns for f in recorded}
     assert 4 <= len(before) < 24, "the job finished before it could be killed"
-    run_dir = parts.parent
     resumed = _job([f"run.resume={run_dir}", "rounds=40", "ppl_tokens=0"])
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
     assert f"resuming: {len(before)} of 24 tensors" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["tensors_resumed"] == len(before) and summary["tensors_quantized"] == 24 - len(before)  # none redone
-    assert not parts.exists()  # in the checkpoint now
+    assert {f: (run_dir / "model" / f).stat().st_mtime_ns for f in before} == before  # not rewritten
     # the resumed checkpoint equals an uninterrupted run
     fresh = _job([f"run.storage={tmp_path / 'fresh'}", "rounds=40", "ppl_tokens=0"])
     out2, _ = fresh.communicate(timeout=600)
@@ -65,7 +66,7 @@ def test_a_resume_with_another_model_or_bad_settings_is_refused(tmp_path):
     assert first.returncode == 0, out[-3000:]
     [run_dir] = list(tmp_path.glob("quantize/*"))
     manifest = (run_dir / "model" / "specmoe_quant.json").read_text()
-    assert not (run_dir / "parts").exists()  # all in the checkpoint now
+    assert len(list((run_dir / "model" / "tensors").glob("*.safetensors"))) == 24  # the checkpoint's, one each
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["tensors_quantized"] == summary["tensors"] == 24 and summary["tensors_resumed"] == 0
     assert summary["checkpoint"] == str(run_dir / "model")

@@ -142,6 +142,9 @@ def test_ray_job_submit_against_a_real_head(tmp_path):
     ray.shutdown()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    # secrets live in the node's environment (set before `ray start`); a job names them, never holds them
+    secrets = {"HF_TOKEN": "hf_specmoeTestSecret0123456789", "WANDB_API_KEY": "specmoe0test0wandb0key0abcdef"}
+    env.update(secrets)
     env.pop("RAY_ADDRESS", None)
     env.pop("WANDB_SERVICE", None)  # the job must start its own W&B service, not attach to this process's
     ray_cli = shutil.which("ray", path=str(bin_dir)) or "ray"
@@ -163,16 +166,28 @@ def test_ray_job_submit_against_a_real_head(tmp_path):
             time.sleep(1)
         out_dir = tmp_path / "runs"
 
-        def submit(*args):
-            return subprocess.run([ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-                                   "python", "-m", "pipelines.collect", "tiny", "data.num_problems=1", *args],
+        runtime_env = json.dumps({"env_vars": {k: "${" + k + "}" for k in secrets}})  # references, expanded per node
+        probe = ("import os, sys; sys.exit(0 if all(os.environ.get(k) == v for k, v in "
+                 + repr(secrets) + ".items()) else 3)")
+
+        def submit(*args, entry=None):
+            command = entry or ["python", "-m", "pipelines.collect", "tiny", "data.num_problems=1", *args]
+            return subprocess.run([ray_cli, "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                                   "--runtime-env-json", runtime_env, "--", *command],
                                   env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
-        done = submit(f"run.storage={out_dir}")
+        seen = submit(entry=["python", "-c", probe])  # the job's processes do get the secrets
+        assert seen.returncode == 0, (seen.stdout + seen.stderr)[-2000:]
+        done = submit(f"run.storage={out_dir}", "wandb.mode=offline")
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         assert "succeeded" in done.stdout.lower()
         [run_dir] = list((out_dir / "collect").iterdir())
         assert json.loads((run_dir / "summary.json").read_text())["num_problems"] == 1
+        assert any(run_dir.rglob("*.wandb"))  # the W&B run is there, and holds no secret either
+        for f in [p for p in run_dir.rglob("*") if p.is_file()]:
+            data = f.read_bytes()
+            assert not any(v.encode() in data for v in secrets.values()), f"a secret is in {f}"
+        assert not any(v in done.stdout + done.stderr for v in secrets.values())  # nor in the job's log
         # a relative run.storage would land in Ray's copy of the working directory: refused, one line, nothing written
         refused = submit("run.storage=runs")
         assert refused.returncode != 0 and "run.storage='runs' is relative" in refused.stdout + refused.stderr

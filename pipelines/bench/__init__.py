@@ -5,12 +5,14 @@
     python -m pipelines.bench quant --out bench-quant.json
     python -m pipelines.bench sapo --out bench-sapo.json [--num-problems 12] [--train-problems 128]
     python -m pipelines.bench kernels --out bench-kernels.json [--skip-moe] [--milo-checkpoint DIR]
+    python -m pipelines.bench cluster --out bench-cluster.json [--cluster-layers 2] [--cluster-dir DIR]
     python -m pipelines.bench.agreement HELD_OUT/trajectories.jsonl DRAFT [DRAFT ...] --out FILE.json
 
 One module per suite (`pipelines.bench.<module>`, its docstring lists the keys it writes, `KEYS` names them): engine
 (our engine vs transformers, token-level SD), spec (every speculative method side by side), quant (perplexity and
 bits per weight of every quantization method), sapo (the draft before and after SAPO), kernels (the quantized
-matmul kernels vs dense). Every JSON also records `suite`, `machine` (CPU model and vector extensions, cores, GPU)
+matmul kernels vs dense), cluster (the quantize job on a multi-node Ray: driver and task memory, spreading,
+a node lost mid-run). Every JSON also records `suite`, `machine` (CPU model and vector extensions, cores, GPU)
 and `wall_s`. docs/results/ has one page per suite with its numbers.
 """
 
@@ -27,7 +29,7 @@ import torch
 from actors import zoo
 from pipelines.bench.common import machine
 
-SUITES = {"engine": "engine", "spec": "spec", "quant": "quant", "sapo": "sapo", "kernels": "kernels"}
+SUITES = {"engine": "engine", "spec": "spec", "quant": "quant", "sapo": "sapo", "kernels": "kernels", "cluster": "cluster"}
 
 
 def main(argv=None) -> None:
@@ -74,6 +76,12 @@ def main(argv=None) -> None:
                         help="kernels: only the gpu figures (needs CUDA; builds no CPU extension)")
     parser.add_argument("--milo-checkpoint", default=None, help="kernels: a MiLo checkpoint of --moe (else made)")
     parser.add_argument("--codequant-checkpoint", default=None, help="kernels: a CodeQuant one (else made)")
+    parser.add_argument("--cluster-layers", type=int, default=2, help="cluster: decoder layers of the synthetic MoE "
+                        "(2: ~3.7 GB of bf16 shards)")
+    parser.add_argument("--cluster-experts", type=int, default=128, help="cluster: experts per layer (a quick "
+                        "check: fewer)")
+    parser.add_argument("--cluster-dir", default=None, help="cluster: where the synthetic model and runs go (kept; "
+                        "default a new temporary directory)")
     args = parser.parse_args(argv)
     if args.num_problems is None:
         args.num_problems = 20 if args.suite == "spec" else 12
