@@ -9,6 +9,7 @@ target pass" of Lookahead Reasoning. A caller that cancels its Ray call (`ray.ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -182,5 +183,23 @@ def init_ray(ray_cfg) -> None:
         runtime_env = {"env_vars": env} if env else None
         # address "local": a new instance even when another one runs on this machine (a bare ray.init() would
         # join the last one `ray start` or a test cluster left in /tmp/ray)
-        ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, namespace=ray_cfg.namespace,
-                 include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        with without_env(*PROCESS_ENV):
+            ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus,
+                     namespace=ray_cfg.namespace, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+
+
+# what belongs to this process, not to the Ray workers a local instance starts (they inherit its environment):
+# W&B's service address would attach every worker to this process's W&B service, where a run a dead worker left open
+# stays "in use" and its restarted worker cannot open it again
+PROCESS_ENV = ("WANDB_SERVICE",)
+
+
+@contextlib.contextmanager
+def without_env(*names: str):
+    """This process's environment without `names` while the block runs (processes started in it do not inherit
+    them)."""
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)

@@ -149,11 +149,12 @@ def plan_source(model_name: str, spec: QuantSpec, trust_remote_code: bool) -> di
         targets = quant_targets(model)
         check_targets(targets, spec, is_moe(model))
         plan, quantized = [], set()
+        # kurtosis ranks come from the weights, frequency ranks from routing statistics the driver adds to the spec
+        in_task = spec.method == "milo" and spec.rank_policy in ("kurtosis", "frequency")
         for t in targets:
             shape = tuple(t.get().shape)
             keys = disk_keys(t.name, shape, t.index is not None, shards)
-            weights_needed = spec.method == "milo" and spec.rank_policy == "kurtosis"
-            rank = None if weights_needed else rank_of(spec, t.kind, t.layer, t.expert, t.get())
+            rank = None if in_task else rank_of(spec, t.kind, t.layer, t.expert, t.get())
             stored = sum((shards.index[k].end - shards.index[k].start) // (shards.index[k].shape[0] if i is not None
                                                                             else 1) for k, i in keys)
             plan.append({"name": t.name, "kind": t.kind, "layer": t.layer, "expert": t.expert, "shape": shape,
@@ -200,7 +201,8 @@ def quantize_one(item: dict, spec: QuantSpec, model_name: str, out: str, device:
         data = storage.read_bytes(file)
         entry = json.loads(read_metadata(data)["entry"])
         return {"name": item["name"], "file": _tensor_file(item["name"]), "entry": entry, "size": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(), "bits": storage_bits(_from_bytes(data, item["name"], entry)),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "bits": storage_bits(_from_bytes(data, item["name"], entry)),
                 "weights": math.prod(item["shape"]), "rank": entry["rank"], "seconds": 0.0, "peak_rss_bytes": 0,
                 "node": node, "reused": True}
     if w is None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -113,8 +114,29 @@ def _worker(config: dict) -> None:
     run.path.mkdir(parents=True, exist_ok=True)
     with storage.NodeLock(run.path):  # ranks on one node share the copy: one pulls at a time
         run.pull()
+        restore_reported_checkpoint(run.path / "grpo")
     torch.distributed.barrier()
-    train(cfg, run, config["rows"], config["hosts"])
+    train(cfg, run, config["rows"], config["hosts"], ray_train=True)
+
+
+def restore_reported_checkpoint(out: Path) -> None:
+    """The last checkpoint reported to Ray Train (after Ray Train restarted the worker group, or for a run it
+    continues), brought into `out` on this node unless it is there already."""
+    import shutil
+
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    name = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else ""
+    target = out / name
+    if not name.startswith("checkpoint-") or (target / "trainer_state.json").is_file():
+        return  # none, the finished run's summary, or here already
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with checkpoint.as_directory() as local:
+        shutil.copytree(local, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
 
 
 def check_worker_resources(cfg: SapoConfig, per_worker: dict) -> None:
@@ -138,8 +160,11 @@ def check_worker_resources(cfg: SapoConfig, per_worker: dict) -> None:
     raise ConfigError(msg)
 
 
-def fit_on_ray(cfg: SapoConfig, run_dir: RunDir, rows: list[dict], hosts: dict) -> None:
-    from ray.train import RunConfig, ScalingConfig
+def fit_on_ray(cfg: SapoConfig, run_dir: RunDir, rows: list[dict], hosts: dict) -> dict:
+    """N Ray Train workers; every GRPO checkpoint is reported to Ray Train (kept in `<run>/ray_train`), which
+    restarts the group from the last one when a worker or its node dies (`distributed.max_failures`). Returns the
+    summary rank 0 reported."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Ray Train's print patch bypasses the stdout capture dill uses to hash `datasets.map` functions, and every
@@ -149,12 +174,14 @@ def fit_on_ray(cfg: SapoConfig, run_dir: RunDir, rows: list[dict], hosts: dict) 
     backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
     resources = {"CPU": d.worker_cpus, **({"GPU": 1} if d.use_gpu else {})}
     check_worker_resources(cfg, resources)
-    TorchTrainer(_worker, train_loop_config={"cfg": cfg, "run": run_dir.location, "rows": rows, "hosts": hosts},
-                 torch_config=TorchConfig(backend=backend),
-                 scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
-                                              resources_per_worker=resources),
-                 run_config=RunConfig(name="sapo", storage_path=storage.join(run_dir.location, "ray_train"))).fit()
+    result = TorchTrainer(
+        _worker, train_loop_config={"cfg": cfg, "run": run_dir.location, "rows": rows, "hosts": hosts},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name="sapo", storage_path=storage.join(run_dir.location, "ray_train"),
+                             failure_config=FailureConfig(max_failures=d.max_failures))).fit()
     run_dir.pull()  # what rank 0 wrote, from wherever it ran
+    return result.metrics["summary"]
 
 
 def start_hosts(cfg: SapoConfig) -> dict:
@@ -210,15 +237,15 @@ def run(cfg: SapoConfig) -> tuple[str, dict]:
     try:
         if in_process:
             train(cfg, run_dir, rows, hosts)
+            summary = json.loads((run_dir / "summary.json").read_text())
         else:
-            fit_on_ray(cfg, run_dir, rows, hosts)
+            summary = fit_on_ray(cfg, run_dir, rows, hosts)
     finally:
         if hosts:
             import ray
 
             for handle in hosts.values():
                 ray.kill(handle)
-    summary = json.loads((run_dir / "summary.json").read_text())
     print(json.dumps(summary, indent=2))
     return summary["draft"], summary
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -226,9 +227,10 @@ def export(trainer, cfg: SapoConfig, base: str, out: Path, tok, rank: int) -> No
     _barrier()
 
 
-def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict) -> None:
+def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict, ray_train: bool = False) -> None:
     """Warm start, GRPO and export: in this process, or as one Ray Train worker. Rank 0 writes the run and syncs
-    it to run storage (warm start, every checkpoint, the draft); the other ranks read what they need from there."""
+    it to run storage (warm start, every checkpoint, the draft); the other ranks read what they need from there.
+    Under Ray Train every checkpoint is also reported to it, and so is the summary at the end."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
@@ -290,7 +292,7 @@ def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict) -> None:
     trainer = GRPOTrainer(
         model=model, processing_class=tok, train_dataset=data, peft_config=_peft_config(cfg),
         reward_funcs=reward_functions(cfg, tok, _verifier(cfg, hosts), target, counter), rollout_func=rollout,
-        callbacks=[_SyncOnSave(run)] if rank == 0 else None,
+        callbacks=[_ReportToRayTrain(run, rank)] if ray_train else [_SyncOnSave(run)] if rank == 0 else None,
         args=GRPOConfig(output_dir=str(out), max_steps=g.steps, per_device_train_batch_size=g.num_generations,
                         num_generations=g.num_generations, max_completion_length=g.max_completion_length,
                         learning_rate=g.learning_rate, beta=g.beta, temperature=g.temperature,
@@ -298,6 +300,7 @@ def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict) -> None:
     resume = _last_checkpoint(out)
     if resume and rank == 0:
         print(f"resuming GRPO from {resume}")
+    summary["grpo_resumed_from_step"] = int(resume.rsplit("-", 1)[1]) if resume else 0
     _barrier()
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -309,6 +312,10 @@ def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict) -> None:
     completions = [c.get("completions", 0) for c in per_rank]
     export(trainer, cfg, base, run_dir / "draft", tok, rank)
     if rank != 0:
+        if ray_train:
+            import ray.train
+
+            ray.train.report({})  # every worker reports as often as rank 0
         return
     draft = run.publish("draft")
     history = [h for h in trainer.state.log_history if "reward" in h]
@@ -324,6 +331,13 @@ def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict) -> None:
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     tracker.finish()
     run.sync()
+    if ray_train:  # the driver takes the summary from the result's metrics (those of the last checkpoint reported)
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as final:
+            write_json(Path(final) / "summary.json", summary)
+            ray.train.report({"summary": summary}, checkpoint=ray.train.Checkpoint.from_directory(final),
+                             checkpoint_dir_name="summary")
 
 
 class _SyncOnSave:
@@ -338,6 +352,29 @@ class _SyncOnSave:
                 run.sync()
 
         return SyncOnSave()
+
+
+class _ReportToRayTrain:
+    """A Trainer callback (every rank) under Ray Train: each checkpoint, once written, is synced to run storage and
+    reported to Ray Train (rank 0's directory; `ray.train.report` is also the ranks' barrier), which restarts a
+    failed worker group from the last one."""
+
+    def __new__(cls, run: RunDir, rank: int):
+        from transformers import TrainerCallback
+
+        class ReportToRayTrain(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                import ray.train
+
+                directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                checkpoint = None
+                if rank == 0:
+                    run.sync()
+                    checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+                ray.train.report({"grpo_step": state.global_step}, checkpoint=checkpoint,
+                                 checkpoint_dir_name=directory.name)
+
+        return ReportToRayTrain()
 
 
 def _prefixed_log(tracker, prefix: str):

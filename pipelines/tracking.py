@@ -28,6 +28,8 @@ class Tracker:
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self.mode = wandb_mode(cfg)
+        if wandb.run is not None:  # an attempt that failed in this process (a Tune actor reused for the retry) left
+            wandb.run.finish(exit_code=1)  # its run open: W&B refuses to open that id again while it is
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group or job, job_type=job,
                               tags=list(cfg.tags), name=self.run_dir.name, id=run_id, resume="allow",
                               dir=str(self.run_dir), mode=self.mode, config=config,

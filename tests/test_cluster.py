@@ -70,11 +70,14 @@ def cluster(s3, tmp_path_factory):
         cache = tmp_path_factory.mktemp(f"cache-{name}")
         (cache / "models").symlink_to(shared_models, target_is_directory=True)
         caches[name] = cache
+    from actors.hosts import PROCESS_ENV, without_env
+
     ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "resources": {"head": 1}, "env_vars": {"SPECMOE_CACHE": str(caches["head"])}})
-    for name in ("w1", "w2"):
-        c.add_node(num_cpus=1, resources={"worker": 1, name: 1}, env_vars={"SPECMOE_CACHE": str(caches[name])})
+    with without_env(*PROCESS_ENV):  # the nodes' processes must not attach to this process's W&B service
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "resources": {"head": 1}, "env_vars": {"SPECMOE_CACHE": str(caches["head"])}})
+        for name in ("w1", "w2"):
+            c.add_node(num_cpus=1, resources={"worker": 1, name: 1}, env_vars={"SPECMOE_CACHE": str(caches[name])})
     c.wait_for_nodes()
     ray.init(address=c.address, namespace="specmoe")
     yield c, caches

@@ -22,10 +22,13 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    from actors.hosts import PROCESS_ENV, without_env
+
     ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
-    for name in ("w1", "w2"):
-        c.add_node(num_cpus=1, resources={"worker": 1, name: 1})
+    with without_env(*PROCESS_ENV):  # the nodes' processes must not attach to this process's W&B service
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
+        for name in ("w1", "w2"):
+            c.add_node(num_cpus=1, resources={"worker": 1, name: 1})
     c.wait_for_nodes()
     ray.init(address=c.address, namespace="specmoe")
     yield c
@@ -64,13 +67,20 @@ def _finish(thread, box, timeout=600):
     return box["result"]
 
 
+def _actors(class_name: str, detail: bool = False) -> list[dict]:
+    """The actors of a class on this test's cluster (named by its address: other Ray instances may run here)."""
+    import ray
+    from ray.util.state import list_actors
+
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", class_name)],
+                       detail=detail)
+
+
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def test_a_model_actor_killed_mid_evaluate_restarts_and_every_problem_is_done_once(cluster, tmp_path):
-    from ray.util.state import list_actors
-
     from pipelines.evaluate import evaluate
 
     cfg = load_config(EvaluateConfig, "evaluate", [
@@ -80,15 +90,13 @@ def test_a_model_actor_killed_mid_evaluate_restarts_and_every_problem_is_done_on
     thread, box = _in_thread(evaluate, cfg)
     traces = lambda: next(iter(tmp_path.glob("evaluate/*/traces/ar.jsonl")), Path("/nonexistent"))  # noqa: E731
     assert _wait_for(lambda: len(_rows(traces())) >= 1, thread), box
-    [victim] = [a for a in list_actors(filters=[("class_name", "=", "EngineHost"), ("state", "=", "ALIVE")])
-                if a["name"] == "" and a.get("pid")][:1]
+    [victim] = [a for a in _actors("EngineHost") if a["state"] == "ALIVE" and a.get("pid")][:1]
     os.kill(victim["pid"], signal.SIGKILL)  # the process dies as on an OOM kill or a crash
     run_dir, summary = _finish(thread, box)
     for method in ("ar", "lr_sync"):
         ids = [r["problem_id"] for r in _rows(Path(run_dir.path) / "traces" / f"{method}.jsonl")]
         assert sorted(ids) == sorted(set(ids)) and len(ids) == 6, (method, ids)
-    restarted = [a for a in list_actors(filters=[("class_name", "=", "EngineHost")], detail=True)
-                 if a["actor_id"] == victim["actor_id"]]
+    restarted = [a for a in _actors("EngineHost", detail=True) if a["actor_id"] == victim["actor_id"]]
     assert restarted and restarted[0].get("num_restarts", 1) >= 1
     assert summary["methods"]["ar"]["num_problems"] == 6
 
@@ -116,7 +124,10 @@ def test_a_worker_node_removed_mid_quantize_loses_and_redoes_nothing(cluster, tm
     import torch
 
     assert torch.isfinite(load_quantized(checkpoint)(torch.tensor([[1, 2, 3]])).logits).all()
-    cluster.add_node(num_cpus=1, resources={"worker": 1, "w2": 1})  # for the next test
+    from actors.hosts import PROCESS_ENV, without_env
+
+    with without_env(*PROCESS_ENV):
+        cluster.add_node(num_cpus=1, resources={"worker": 1, "w2": 1})  # for the next test
     cluster.wait_for_nodes()
 
 
@@ -132,9 +143,8 @@ def test_a_worker_node_removed_mid_sweep_finishes_every_trial_keeping_finished_p
     assert _wait_for(lambda: any(len(_rows(t)) >= 1 for t in traces()), thread), box
     [first] = [t for t in traces() if _rows(t)]
     before = _rows(first)
-    from ray.util.state import list_actors
 
-    hosts = [a for a in list_actors(filters=[("class_name", "=", "EngineHost"), ("state", "=", "ALIVE")])]
+    hosts = [a for a in _actors("EngineHost") if a["state"] == "ALIVE"]
     node_ids = {a["node_id"] for a in hosts}
     victim = [n for n in cluster.worker_nodes if n.node_id in node_ids][0]
     cluster.remove_node(victim)

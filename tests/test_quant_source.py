@@ -4,6 +4,7 @@ memory stays a small multiple of its tensor."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,28 @@ def test_hqq_and_packing_in_chunks_equal_one_pass(monkeypatch):
     whole = packing.pack(codes, 3)
     monkeypatch.setattr(packing, "PACK_CHUNK", 4096)
     assert torch.equal(packing.pack(codes, 3), whole)
+
+
+def test_frequency_and_kurtosis_ranks_are_decided_in_the_tasks(tmp_path):
+    """Ranks that need the weights (kurtosis) or routing statistics (frequency) are left to the tasks: the streamed
+    job gives experts of one layer different ranks, with the frequency policy's mean expert rank kept."""
+    import ray
+
+    from pipelines import quantize
+    from pipelines.config import load_config
+    from pipelines.schema import QuantizeConfig
+
+    ray.shutdown()
+    try:
+        for policy in ("frequency", "kurtosis"):
+            cfg = load_config(QuantizeConfig, "quantize", ["tiny", f"run.storage={tmp_path / policy}", "rounds=1",
+                                                           "ppl_tokens=0", f"rank_policy={policy}", "rank_expert=4",
+                                                           "ray.num_cpus=2", "wandb.mode=disabled"])
+            checkpoint, summary = quantize.run(cfg)
+            manifest = json.loads((Path(checkpoint) / "specmoe_quant.json").read_text())
+            experts = [e["rank"] for n, e in manifest["tensors"].items() if ".experts." in n]
+            assert summary["tensors"] == 24 and len(experts) == 16
+            if policy == "frequency":
+                assert len(set(experts)) > 1 and abs(sum(experts) / len(experts) - 4) < 1.0, experts
+    finally:
+        ray.shutdown()

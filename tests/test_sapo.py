@@ -289,6 +289,46 @@ def test_sapo_two_gloo_workers_under_ray_train_share_the_target(trajectories, tm
     assert all(f"train/rewards/{k}/{stat}" in logged for k in ("r_align", "r_length") for stat in ("mean", "std"))
 
 
+def test_a_ray_train_worker_killed_mid_grpo_restarts_the_group_from_the_last_checkpoint(trajectories, tmp_path):
+    """Ray Train as Ray intends: each GRPO checkpoint is reported to it; a worker killed after the first one makes it
+    restart the group, which resumes from that checkpoint (not from the start) and finishes; the summary comes back
+    through the result's metrics."""
+    import signal
+    import threading
+
+    import psutil
+    import ray
+
+    from pipelines import sapo
+
+    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.storage={tmp_path}",
+                                           "distributed.workers=2", "grpo.steps=6", "grpo.save_steps=1",
+                                           "rewards.align_source=offline", "distributed.max_failures=1"])
+    box, started = {}, time.time()
+    thread = threading.Thread(target=lambda: box.update(result=sapo.run(cfg)), daemon=True)
+    try:
+        thread.start()
+        deadline = time.time() + 600
+        reported = lambda: list(tmp_path.glob("sapo/*/ray_train/sapo/checkpoint-*"))  # noqa: E731
+        while not reported() and thread.is_alive() and time.time() < deadline:
+            time.sleep(0.05)
+        assert reported(), "no checkpoint was reported to Ray Train"
+        # the workers' processes (this instance has no dashboard, so no state API): Ray titles them by class
+        workers = [p for p in psutil.process_iter(["cmdline", "create_time"])
+                   if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.info["create_time"] > started]
+        assert len(workers) == 2, [p.info["cmdline"] for p in workers]
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        thread.join(900)
+    finally:
+        ray.shutdown()
+    assert "result" in box, "the run did not finish"
+    draft_dir, summary = box["result"]
+    assert summary["grpo_steps"] == 6 and summary["grpo_world_size"] == 2
+    assert summary["grpo_resumed_from_step"] >= 1  # the restarted group went on from a reported checkpoint
+    run_dir = Path(draft_dir).parent
+    assert json.loads((run_dir / "summary.json").read_text())["grpo_steps"] == 6
+
+
 def test_length_reward_forms_on_rollouts_cut_at_the_completion_cap(trajectories, smollm):
     """Rollouts cut far below the target's answer: the answer form scores them all 1 (no signal for GRPO), the
     step form tells short steps from one long step, against the trajectory's own tokens per step."""
