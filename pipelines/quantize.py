@@ -113,9 +113,12 @@ def _tensor_file(name: str) -> str:
 
 
 def _rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 
@@ -464,6 +467,7 @@ def run(cfg: QuantizeConfig) -> tuple[str, dict]:
                        ppl_protocol=cfg.ppl_protocol, ppl_tokens=int(ppl_ids.numel()))
         comparison_table(cfg, summary, ppl["rows"], ppl_ids, tracker, run_dir.path)
     summary["wall_s"] = time.perf_counter() - t_start
+    summary["driver_peak_rss_bytes"] = _rss("VmHWM")  # this process's peak (0 off Linux)
     write_json(run_dir / "summary.json", summary)
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     tracker.finish()

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ALWAYS = {"suite", "machine", "wall_s"}  # every suite's JSON
 
 
-@pytest.mark.parametrize("suite", ["engine", "spec", "quant", "sapo", "kernels"])
+@pytest.mark.parametrize("suite", ["engine", "spec", "quant", "sapo", "kernels", "cluster"])
 def test_each_suite_writes_the_keys_its_recorded_json_has(suite):
     """Every key a suite declares is in its recorded JSON (a renamed or dropped key fails here)."""
     from pipelines.bench import SUITES

@@ -5,7 +5,7 @@
     python -m pipelines.bench quant --out bench-quant.json
     python -m pipelines.bench sapo --out bench-sapo.json [--num-problems 12] [--train-problems 128]
     python -m pipelines.bench kernels --out bench-kernels.json [--skip-moe] [--milo-checkpoint DIR]
-    python -m pipelines.bench cluster --out bench-cluster.json [--cluster-layers 2] [--cluster-dir DIR]
+    python -m pipelines.bench cluster --out bench-cluster.json [--cluster-layers 2] [--cluster-experts 96]
     python -m pipelines.bench.agreement HELD_OUT/trajectories.jsonl DRAFT [DRAFT ...] --out FILE.json
 
 One module per suite (`pipelines.bench.<module>`, its docstring lists the keys it writes, `KEYS` names them): engine
@@ -77,9 +77,9 @@ def main(argv=None) -> None:
     parser.add_argument("--milo-checkpoint", default=None, help="kernels: a MiLo checkpoint of --moe (else made)")
     parser.add_argument("--codequant-checkpoint", default=None, help="kernels: a CodeQuant one (else made)")
     parser.add_argument("--cluster-layers", type=int, default=2, help="cluster: decoder layers of the synthetic MoE "
-                        "(2: ~3.7 GB of bf16 shards)")
-    parser.add_argument("--cluster-experts", type=int, default=128, help="cluster: experts per layer (a quick "
-                        "check: fewer)")
+                        "(2 with 96 experts: 3.1 GB of bf16 shards)")
+    parser.add_argument("--cluster-experts", type=int, default=96, help="cluster: experts per layer (Qwen3-30B-A3B "
+                        "has 128; fewer for a quick check)")
     parser.add_argument("--cluster-dir", default=None, help="cluster: where the synthetic model and runs go (kept; "
                         "default a new temporary directory)")
     args = parser.parse_args(argv)

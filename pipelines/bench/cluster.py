@@ -1,10 +1,11 @@
 """`python -m pipelines.bench cluster`: the quantize job on a multi-node Ray, on a model bigger than its driver.
 
-A synthetic MoE checkpoint (`--cluster-gb`, default ~3.7 GB of bf16 safetensors shards, random weights) from a real
-config scaled down in depth: Qwen3-30B-A3B's (hidden 2048, 128 experts of 768, 32 heads / 4 KV heads of 128, vocab
-151,936, untied head), `--cluster-layers` layers. Quantized with `method=hqq bits=3` (group 64), the driver as its own
+A synthetic MoE checkpoint (3.1 GB of bf16 safetensors shards by default, random weights) from a real config scaled
+down: Qwen3-30B-A3B's (hidden 2048, experts of 768, top-8, 32 heads / 4 KV heads of 128, vocab 151,936, untied head)
+with `--cluster-layers` layers (2) of `--cluster-experts` experts (96 of its 128). Quantized with `method=hqq bits=3` (group 64), the driver as its own
 process (`python -m pipelines.quantize`, so its peak RSS is its own), on `ray.cluster_utils.Cluster`:
-- `quantize_driver_peak_rss_over_model_bytes`: the driver's peak RSS (ru_maxrss) over the checkpoint's bytes;
+- `quantize_driver_peak_rss_over_model_bytes`: the driver's peak RSS (its VmHWM, which it writes into its summary)
+  over the checkpoint's bytes;
 - `quantize_task_peak_rss_over_largest_tensor_bytes`: the largest peak RSS a task reached above its idle RSS, over
   the largest stored tensor's bytes (the job's summary: `task_peak_rss_bytes`, `largest_tensor_bytes`);
 - `quantize_s_3_nodes_vs_1_node`: the job's wall time with its tasks on a 3-node cluster (head + 2 workers, one CPU
@@ -95,14 +96,13 @@ def _driver(model: Path, storage: Path, address: str, extra: list[str]) -> subpr
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _wait(proc: subprocess.Popen) -> tuple[str, int]:
-    """The driver's output and its peak RSS in bytes (ru_maxrss of that process alone)."""
+def _wait(proc: subprocess.Popen) -> str:
+    """The driver's output. (Its peak RSS is in its summary, `driver_peak_rss_bytes`, read by the driver itself:
+    the ru_maxrss that wait4 reports counts this process's pages at the fork, the synthetic model's among them.)"""
     out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
+    if proc.wait():
         raise RuntimeError(f"quantize driver failed ({proc.returncode}):\n{out[-3000:]}")
-    return out, usage.ru_maxrss * 1024
+    return out
 
 
 def _summary(storage: Path) -> dict:
@@ -139,13 +139,14 @@ def run(args) -> dict:
         shutil.rmtree(storage, ignore_errors=True)
         c = _cluster(nodes)
         try:
-            text, rss = _wait(_driver(model, storage, c.address, []))
+            text = _wait(_driver(model, storage, c.address, []))
         finally:
             c.shutdown()
         s = _summary(storage)
         print(text[-600:])
         times[nodes] = s["quantize_s"]
         if nodes == 1:
+            rss = s["driver_peak_rss_bytes"]
             out.update(tensors=s["tensors"], largest_tensor_bytes=s["largest_tensor_bytes"],
                        driver_peak_rss_bytes=rss, quantize_driver_peak_rss_over_model_bytes=rss / model_bytes,
                        task_peak_rss_bytes=s["task_peak_rss_bytes"],
@@ -184,7 +185,7 @@ def _node_loss(model: Path, work: Path) -> dict:
                 print(f"removed a worker node with {stored} of ~{total} tensors stored", flush=True)
                 break
             time.sleep(0.5)
-        text, _ = _wait(proc)
+        _wait(proc)
     finally:
         os.environ.pop("SPECMOE_QUANT_WRITE_LOG", None)
         c.shutdown()
