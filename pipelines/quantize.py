@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import struct
 import time
 import uuid
 from pathlib import Path
@@ -45,7 +44,7 @@ from quant import checkpoint as ckpt
 from quant.apply import QuantSpec, quantize_tensor, rank_of, storage_bits
 from quant.base import QuantConfigError
 from quant.perplexity import TextSourceError, eval_text, perplexity, pydoc_text
-from quant.source import Shards, read_target
+from quant.source import Shards, header_of, read_target
 from quant.targets import quant_targets
 
 
@@ -202,7 +201,7 @@ def quantize_one(item: dict, spec: QuantSpec, model_name: str, out: str, device:
     file = storage.join(out, _tensor_file(item["name"]))
     if w is None and storage.exists(file):  # a retry of a task whose node died after it wrote: nothing redone
         data = storage.read_bytes(file)
-        entry = json.loads(read_metadata(data)["entry"])
+        entry = json.loads(header_of(data)["__metadata__"]["entry"])
         return {"name": item["name"], "file": _tensor_file(item["name"]), "entry": entry, "size": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "bits": storage_bits(_from_bytes(data, item["name"], entry)),
@@ -229,12 +228,6 @@ def quantize_one(item: dict, spec: QuantSpec, model_name: str, out: str, device:
     peak = _rss("VmHWM") - idle if idle else 0
     return {**row, "weights": weights, "rank": rank, "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak,
             "node": node, "reused": False}
-
-
-def read_metadata(data: bytes) -> dict:
-    """The `__metadata__` of a safetensors file's bytes (its header only)."""
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]).get("__metadata__", {})
 
 
 def _from_bytes(data: bytes, name: str, entry: dict):

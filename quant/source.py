@@ -44,17 +44,24 @@ class Stored:
 
 
 def read_header(path: Path) -> tuple[int, dict]:
+    """(byte offset of the data, header) of a safetensors file, reading the header only."""
     with open(path, "rb") as f:
         raw = f.read(8)
-        if len(raw) != 8:
-            raise SourceError(f"{path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
         if n > 100 << 20:
             raise SourceError(f"{path} is not a safetensors file (header of {n} bytes)")
-        try:
-            return 8 + n, json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise SourceError(f"{path} is not a safetensors file (corrupt header)") from None
+        return 8 + n, header_of(raw + f.read(n), path)
+
+
+def header_of(data: bytes, where="data") -> dict:
+    """The header of a safetensors file's bytes (those of the header suffice)."""
+    if len(data) < 8:
+        raise SourceError(f"{where} is not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        return json.loads(data[8:8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SourceError(f"{where} is not a safetensors file (corrupt header)") from None
 
 
 class Shards:
