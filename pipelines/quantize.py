@@ -15,8 +15,12 @@ Stages, each a Ray task where the model's files are (never the driver):
    killed job, or one that lost a node, resumes without redoing a stored tensor;
 3. the rest of the model (embeddings, norms, routers, head), config and tokenizer; the manifest; publish;
 4. perplexity of source, `compare` baselines and checkpoint, one model at a time in a task (`ppl_cpus`).
-MiLo, HQQ and RTN are data-free. CodeQuant's rotation and the frequency rank policy's routing statistics need the
-whole model: those two load it in the driver first.
+MiLo, HQQ and RTN are data-free. The stages that need the whole model run as tasks too, on a node with room for
+it (`task_resources`; a GPU with `task_gpus`): the frequency rank policy's routing statistics (before the run
+directory exists, so a model without routers is a config error), CodeQuant's global stage (fold the norms, learn
+and fuse the rotation; each target's rotated weight and calibration input go to `<run>/prepared/` in storage, where
+its quantize task reads them, and the rotated rest of the model into the checkpoint) and CodeQuant's block-level
+fine-tuning (the same rotation, read back, then layer by layer against the stored quantized tensors).
 """
 
 from __future__ import annotations
@@ -37,7 +41,13 @@ from tqdm import tqdm
 from actors import storage, zoo
 from actors.hosts import actor_threads, init_ray
 from pipelines.cli import run_cli
-from pipelines.runs import append_jsonl, make_run_dir, read_jsonl, save_config, write_json
+from pipelines.runs import (
+    append_jsonl,
+    make_run_dir,
+    read_jsonl,
+    save_config,
+    write_json,
+)
 from pipelines.schema import ConfigError, QuantizeConfig
 from pipelines.tracking import Tracker
 from quant import checkpoint as ckpt
@@ -46,7 +56,6 @@ from quant.base import QuantConfigError
 from quant.perplexity import TextSourceError, eval_text, perplexity, pydoc_text
 from quant.source import Shards, header_of, read_target
 from quant.targets import quant_targets
-
 
 CODEQUANT_KEYS = ("calib_tokens", "rotation_steps", "rotation_lr", "rotation_batch", "codebook_weighting",
                   "expert_tokens", "finetune_steps", "finetune_lr")
@@ -60,10 +69,17 @@ def spec_of(cfg: QuantizeConfig) -> QuantSpec:
                      activation_weighted=cfg.method == "codequant" and cfg.codebook_weighting == "activation")
 
 
-def rotate_for_codequant(cfg: QuantizeConfig, model, tok):
-    """CodeQuant's global part, in the driver: fold norms, learn and fuse the rotation; returns each target's
+def rotate_for_codequant(cfg: QuantizeConfig, model, tok) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CodeQuant's global part: fold norms, learn and fuse the rotation; returns the rotation and each target's
     calibration input (what its codebook is fine-tuned against)."""
-    from quant.codequant import _linear_inputs, _target_input, fold_norms, fuse_rotation, learn_rotation, norm_outputs
+    from quant.codequant import (
+        _linear_inputs,
+        _target_input,
+        fold_norms,
+        fuse_rotation,
+        learn_rotation,
+        norm_outputs,
+    )
 
     ids = tok(pydoc_text(), return_tensors="pt").input_ids[0, :cfg.calib_tokens]
     fold_norms(model)
@@ -73,7 +89,61 @@ def rotate_for_codequant(cfg: QuantizeConfig, model, tok):
     inputs = _linear_inputs(model, ids)
     print(f"rotation: 4-bit activation error {losses[0]:.3g} -> {losses[-1]:.3g}")
     routed = cfg.expert_tokens == "routed"
-    return {t.name: _target_input(t, inputs, model, routed).detach() for t in quant_targets(model)}
+    return r.detach(), {t.name: _target_input(t, inputs, model, routed).detach() for t in quant_targets(model)}
+
+
+PREPARED = "prepared"  # <run>/prepared/: CodeQuant's rotated targets with their calibration inputs, and the rotation
+
+
+def _rotated_model(cfg: QuantizeConfig, prepared: str):
+    """The source model with norms folded and the stored rotation fused (what the quantized tensors approximate)."""
+    from quant.codequant import fold_norms, fuse_rotation
+
+    model, tok = zoo.load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
+    fold_norms(model)
+    fuse_rotation(model, load(storage.read_bytes(storage.join(prepared, "rotation.safetensors")))["r"])
+    return model, tok
+
+
+def codequant_stage(cfg: QuantizeConfig, prepared: str, out: str) -> dict:
+    """CodeQuant's global stage, in a Ray task: the rotation, each target's rotated weight and calibration input
+    into `prepared`, the rotated rest of the model into the checkpoint at `out`. `done.json` is written last (with
+    what went into the checkpoint): a resumed run skips the stage. Returns that record."""
+    torch.set_num_threads(actor_threads())
+    model, tok = zoo.load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
+    r, calib = rotate_for_codequant(cfg, model, tok)
+    storage.write_bytes(storage.join(prepared, "rotation.safetensors"), save({"r": r.contiguous()}))
+    targets = quant_targets(model)
+    for t in targets:
+        storage.write_bytes(storage.join(prepared, f"{t.name}.safetensors"), save(
+            {"w": t.get().detach().float().contiguous(), "x": calib.pop(t.name).float().contiguous()}))
+    quantized = {t.name if t.index is None else t.name.rsplit(".", 1)[0] for t in targets}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    rest = {k: v for k, v in model.state_dict().items() if k not in quantized and not (tied and k == "lm_head.weight")}
+    record = {"written": write_model_files(cfg.model.name, {}, out, tensors=rest)}
+    storage.write_text(storage.join(prepared, "done.json"), json.dumps(record))
+    return record
+
+
+def block_stage(cfg: QuantizeConfig, prepared: str, out: str, rows: dict) -> tuple[dict, dict]:
+    """CodeQuant's block-level fine-tuning, in a Ray task: the rotated model, the stored quantized tensors
+    fine-tuned layer by layer and written back. Returns the updated ledger rows and the stage's statistics."""
+    torch.set_num_threads(actor_threads())
+    model, tok = _rotated_model(cfg, prepared)
+    targets = [(t, rows[t.name]["rank"]) for t in quant_targets(model)]
+    results = {name: _read_tensor(row, out) for name, row in rows.items()}
+    results, stats = block_finetune(cfg, model, tok, targets, results)
+    return {name: {**rows[name], **_write_tensor(name, result, out)} for name, result in results.items()}, stats
+
+
+def frequency_stage(cfg: QuantizeConfig) -> dict:
+    """The frequency rank policy's routing statistics, in a Ray task: {layer: [E] shares}, or {"error": message}."""
+    torch.set_num_threads(actor_threads())
+    model, tok = zoo.load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
+    try:
+        return {"shares": routing_frequency(model, tok, cfg.routing_tokens)}
+    except QuantConfigError as exc:
+        return {"error": str(exc)}
 
 
 @torch.inference_mode()
@@ -188,10 +258,11 @@ def write_model_files(model_name: str, rest: dict, out: str, tensors: dict | Non
     return written
 
 
-def quantize_one(item: dict, spec: QuantSpec, model_name: str, out: str, device: str = "cpu", w=None, calib=None,
-                 finetune=(0, 0.0)) -> dict:
-    """One target, in a Ray task: read from the source's shards on this node (or `w`, given), quantized, written
-    into the checkpoint at `out` in storage. Returns its ledger row (small: no tensors)."""
+def quantize_one(item: dict, spec: QuantSpec, model_name: str, out: str, device: str = "cpu",
+                 prepared: str | None = None, finetune=(0, 0.0)) -> dict:
+    """One target, in a Ray task: read from the source's shards on this node (CodeQuant: its rotated weight and
+    calibration input from `prepared` in storage), quantized, written into the checkpoint at `out` in storage.
+    Returns its ledger row (small: no tensors)."""
     import ray
 
     torch.set_num_threads(actor_threads())
@@ -199,7 +270,7 @@ def quantize_one(item: dict, spec: QuantSpec, model_name: str, out: str, device:
     t0 = time.perf_counter()
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     file = storage.join(out, _tensor_file(item["name"]))
-    if w is None and storage.exists(file):  # a retry of a task whose node died after it wrote: nothing redone
+    if storage.exists(file):  # a retry of a task whose node died after it wrote: nothing redone
         data = storage.read_bytes(file)
         entry = json.loads(header_of(data)["__metadata__"]["entry"])
         return {"name": item["name"], "file": _tensor_file(item["name"]), "entry": entry, "size": len(data),
@@ -207,8 +278,12 @@ def quantize_one(item: dict, spec: QuantSpec, model_name: str, out: str, device:
                 "bits": storage_bits(_from_bytes(data, item["name"], entry)),
                 "weights": math.prod(item["shape"]), "rank": entry["rank"], "seconds": 0.0, "peak_rss_bytes": 0,
                 "node": node, "reused": True}
-    if w is None:
+    calib = None
+    if prepared is None:
         w = read_target(Shards(zoo.local_dir(model_name)), item["keys"])
+    else:
+        parts = load(storage.read_bytes(storage.join(prepared, f"{item['name']}.safetensors")))
+        w, calib = parts["w"], parts["x"]
     w = w.to(device)
     rank = item["rank"]
     if rank is None:
@@ -217,7 +292,7 @@ def quantize_one(item: dict, spec: QuantSpec, model_name: str, out: str, device:
     if calib is not None and finetune[0]:  # CodeQuant: fine-tune the centroids against the fp output
         from quant.codequant import finetune_centroids
 
-        result = finetune_centroids(result, w, calib.float().to(device), finetune[0], finetune[1])
+        result = finetune_centroids(result, w, calib.to(device), finetune[0], finetune[1])
     weights = w.numel()
     del w
     row = _write_tensor(item["name"], result, out)
@@ -269,7 +344,7 @@ def _check_plan(run_dir, source: str, spec_json: str) -> None:
 
 
 def block_finetune(cfg: QuantizeConfig, model, tok, items, results: dict) -> tuple[dict, dict]:
-    """CodeQuant's block-level centroid fine-tuning in the driver (layer by layer: each layer sees the quantized
+    """CodeQuant's block-level centroid fine-tuning (layer by layer: each layer sees the quantized
     layers before it): layer output MSE + `router_kl_weight` x router KL. The model keeps its fp weights.
     Returns the updated results and the last layer's {mse,kl}_{before,after}."""
     from quant.codequant import finetune_blocks
@@ -368,19 +443,12 @@ def run(cfg: QuantizeConfig) -> tuple[str, dict]:
     plan = ray.get(planner.remote(cfg.model.name, spec, cfg.model.trust_remote_code))
     if "error" in plan:
         raise ConfigError(f"model {cfg.model.name!r}: {plan['error']}")
-    model = tok = None
-    calib: dict = {}
-    if cfg.method == "codequant" or spec.rank_policy == "frequency" and spec.method == "milo":
-        # the two steps that need the whole model, in the driver: CodeQuant's rotation, the routing statistics
-        model, tok = zoo.load_model(cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
-        if cfg.method == "codequant":
-            calib = rotate_for_codequant(cfg, model, tok)
-        else:
-            try:
-                spec.routing_frequency = routing_frequency(model, tok, cfg.routing_tokens)
-            except QuantConfigError as exc:
-                raise ConfigError(str(exc)) from None
-            model = tok = None  # the weights stream from the shards like any other run
+    if spec.rank_policy == "frequency" and spec.method == "milo":  # a model without routers is a config error
+        stage = ray.remote(num_cpus=min(cfg.task_cpus, 1), num_gpus=cfg.task_gpus, resources=resources)
+        freq = ray.get(stage(frequency_stage).remote(cfg))
+        if "error" in freq:
+            raise ConfigError(f"model {cfg.model.name!r}: {freq['error']}")
+        spec.routing_frequency = freq["shares"]
     run_dir = make_run_dir(cfg, "quantize")
     resolved = save_config(cfg, run_dir, "quantize")
     settings = {k: v for k, v in spec.__dict__.items() if k != "routing_frequency"}
@@ -395,7 +463,15 @@ def run(cfg: QuantizeConfig) -> tuple[str, dict]:
     todo = [t for t in items if t["name"] not in done]
     if done:
         print(f"resuming: {len(done)} of {len(items)} tensors already quantized in {out}")
-    local = {t.name: t for t in quant_targets(model)} if model is not None else {}
+    prepared = storage.join(run_dir.location, PREPARED) if cfg.method == "codequant" else None
+    rest_written = None
+    if prepared is not None:  # the rotation first: every CodeQuant task reads its rotated weight
+        done_file = storage.join(prepared, "done.json")
+        if storage.exists(done_file):
+            rest_written = json.loads(storage.read_text(done_file))["written"]
+        else:
+            stage = ray.remote(num_cpus=_ppl_cpus(cfg), num_gpus=cfg.task_gpus, resources=resources)(codequant_stage)
+            rest_written = ray.get(stage.remote(cfg, prepared, out))["written"]
     device = "cuda" if cfg.task_gpus else "cpu"
     task = ray.remote(num_cpus=cfg.task_cpus, num_gpus=cfg.task_gpus, resources=resources)(quantize_one)
     bar = tqdm(total=len(items), initial=len(done), desc=f"quantize {cfg.method}", unit="tensor")
@@ -404,9 +480,7 @@ def run(cfg: QuantizeConfig) -> tuple[str, dict]:
     while queue or in_flight:
         while queue and len(in_flight) < cfg.num_workers:
             item = queue.pop(0)
-            w = local[item["name"]].get().detach().float().clone() if local else None  # CodeQuant: rotated
-            ref = task.remote(item, spec, cfg.model.name, out, device, w, calib.get(item["name"]),
-                              (cfg.finetune_steps, cfg.finetune_lr))
+            ref = task.remote(item, spec, cfg.model.name, out, device, prepared, (cfg.finetune_steps, cfg.finetune_lr))
             in_flight[ref] = item["name"]
         [ref], _ = ray.wait(list(in_flight), num_returns=1)
         in_flight.pop(ref)
@@ -419,18 +493,13 @@ def run(cfg: QuantizeConfig) -> tuple[str, dict]:
     quantize_s = time.perf_counter() - t_quant
     block_stats: dict = {}
     if cfg.method == "codequant" and cfg.block_finetune_steps:
-        targets = [(local[t["name"]], rows[t["name"]]["rank"]) for t in items]
-        results = {name: _read_tensor(row, out) for name, row in rows.items()}
-        results, block_stats = block_finetune(cfg, model, tok, targets, results)
-        for name, result in results.items():
-            rows[name] = {**rows[name], **_write_tensor(name, result, out)}
-            append_jsonl(run_dir / "tensors.jsonl", rows[name])
-    if model is not None:  # CodeQuant: the rest of the model is the rotated one (norms folded)
-        quantized = {t.name if t.index is None else t.name.rsplit(".", 1)[0] for t in local.values()}
-        tied = getattr(model.config, "tie_word_embeddings", False)
-        rest = {k: v for k, v in model.state_dict().items() if k not in quantized
-                and not (tied and k == "lm_head.weight")}
-        written = write_model_files(cfg.model.name, {}, out, tensors=rest)
+        stage = ray.remote(num_cpus=_ppl_cpus(cfg), num_gpus=cfg.task_gpus, resources=resources)(block_stage)
+        updated, block_stats = ray.get(stage.remote(cfg, prepared, out, rows))
+        for name, row in updated.items():
+            rows[name] = row
+            append_jsonl(run_dir / "tensors.jsonl", row)
+    if rest_written is not None:  # CodeQuant: the rotated rest (norms folded), written by its global stage
+        written = dict(rest_written)
     else:
         writer = ray.remote(num_cpus=min(cfg.task_cpus, 1), resources=resources)(write_model_files)
         written = ray.get(writer.remote(cfg.model.name, plan["rest"], out))
@@ -445,6 +514,8 @@ def run(cfg: QuantizeConfig) -> tuple[str, dict]:
     ckpt.write_manifest(run_dir.path / "model", meta, {n: rows[n]["entry"] for n in sorted(rows)},
                         {f: v["sha256"] for f, v in written.items() if f == "rest.safetensors" or f.startswith(TENSORS)})
     checkpoint = run_dir.publish("model", written=written)
+    for t in items if prepared is not None else ():  # the rotated fp32 copies; the rotation and record stay
+        run_dir.remove(PREPARED, f"{t['name']}.safetensors")
     fresh = [r for r in rows.values() if r["name"] not in done]
     summary = {"checkpoint": checkpoint, "tensors": len(items), "tensors_resumed": len(done),
                "tensors_quantized": len(todo), "bits_per_weight": bpw, "quantize_s": quantize_s,
@@ -452,7 +523,6 @@ def run(cfg: QuantizeConfig) -> tuple[str, dict]:
                "source_bytes": plan["source_bytes"], "largest_tensor_bytes": max(t["bytes"] for t in items),
                "task_peak_rss_bytes": max((r["peak_rss_bytes"] for r in fresh), default=0),
                "task_nodes": len({r["node"] for r in fresh}), **block_stats}
-    model = tok = local = calib = None
     if ppl_ids is not None:
         stage = ray.remote(num_cpus=_ppl_cpus(cfg), num_gpus=cfg.task_gpus, resources=resources)(ppl_stage)
         ppl = ray.get(stage.remote(cfg, checkpoint, ppl_ids))

@@ -150,26 +150,38 @@ def test_hqq_and_packing_in_chunks_equal_one_pass(monkeypatch):
     assert torch.equal(packing.pack(codes, 3), whole)
 
 
-def test_frequency_and_kurtosis_ranks_are_decided_in_the_tasks(tmp_path):
+def test_frequency_and_kurtosis_ranks_are_decided_in_the_tasks(tmp_path, monkeypatch):
     """Ranks that need the weights (kurtosis) or routing statistics (frequency) are left to the tasks: the streamed
-    job gives experts of one layer different ranks, with the frequency policy's mean expert rank kept."""
+    job gives experts of one layer different ranks, with the frequency policy's mean expert rank kept. Neither they
+    nor CodeQuant (rotation, calibration, block fine-tuning) load the model in the driver."""
     import ray
 
+    from actors import zoo
     from pipelines import quantize
     from pipelines.config import load_config
     from pipelines.schema import QuantizeConfig
 
+    def no_model_here(*args, **kwargs):
+        raise AssertionError("the driver loaded the whole model")
+
+    monkeypatch.setattr(zoo, "load_model", no_model_here)  # this process only: the tasks run in Ray's workers
     ray.shutdown()
     try:
-        for policy in ("frequency", "kurtosis"):
+        for policy in ("frequency", "kurtosis", "codequant"):
+            method = ["method=codequant", "bits=4", "rotation_steps=2", "finetune_steps=1", "block_finetune_steps=1",
+                      "calib_tokens=32"] if policy == "codequant" else [f"rank_policy={policy}", "rank_expert=4"]
             cfg = load_config(QuantizeConfig, "quantize", ["tiny", f"run.storage={tmp_path / policy}", "rounds=1",
-                                                           "ppl_tokens=0", f"rank_policy={policy}", "rank_expert=4",
-                                                           "ray.num_cpus=2", "wandb.mode=disabled"])
+                                                           "ppl_tokens=0", *method, "ray.num_cpus=2",
+                                                           "wandb.mode=disabled"])
             checkpoint, summary = quantize.run(cfg)
             manifest = json.loads((Path(checkpoint) / "specmoe_quant.json").read_text())
             experts = [e["rank"] for n, e in manifest["tensors"].items() if ".experts." in n]
             assert summary["tensors"] == 24 and len(experts) == 16
             if policy == "frequency":
                 assert len(set(experts)) > 1 and abs(sum(experts) / len(experts) - 4) < 1.0, experts
+            if policy == "codequant":  # the rotated fp32 copies are gone once the checkpoint is published
+                assert summary["block_finetune_s"] > 0
+                prepared = Path(checkpoint).parent / quantize.PREPARED
+                assert sorted(p.name for p in prepared.iterdir()) == ["done.json", "rotation.safetensors"]
     finally:
         ray.shutdown()
