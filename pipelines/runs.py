@@ -79,13 +79,19 @@ class RunDir:
         sub.path.mkdir(parents=True, exist_ok=True)
         return sub
 
-    def pull(self) -> None:
-        """Bring the stored run into `path` (a resumed run on any node starts from what storage holds)."""
+    def pull(self, skip: tuple[str, ...] = ()) -> None:
+        """Bring the stored run into `path` (a resumed run on any node starts from what storage holds), but for the
+        top-level entries named in `skip`."""
         if not self.remote:
             return
         fs, root = storage.filesystem(self.location)
-        for remote_file in fs.find(root):
+        found = fs.find(root, detail=True)
+        # object stores may hold a directory's marker (an empty key; pyarrow writes them) beside its files
+        parents = {os.path.dirname(p) for p in found}
+        for remote_file, info in sorted(found.items()):
             rel = os.path.relpath(remote_file, root)
+            if rel.split("/", 1)[0] in skip or info.get("type") == "directory" or remote_file in parents:
+                continue
             target = self.path / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(remote_file, str(target))

@@ -21,18 +21,21 @@
 3. the trained draft is saved as a plain model directory (<run_dir>/draft; LoRA adapters merged in) that
    `pipelines.evaluate` loads by path.
 
-`distributed.workers=1` trains in this process. With N > 1 (or DeepSpeed), warm start, GRPO and export run inside a Ray Train
-`TorchTrainer` with N workers (gloo on CPU, nccl on GPU); HF/TRL's accelerate picks up the process group and the
-RANK/WORLD_SIZE variables Ray Train sets, and rank 0 writes checkpoints, the export, summary.json and W&B (the run
-directory must be on storage all workers see). DeepSpeed ZeRO (`distributed.deepspeed_stage`, 2 by default with
-GPUs) is refused on CPU. The target and the embedding verifier run as Ray actors shared by every worker.
-Checkpoints every `grpo.save_steps` into <run_dir>/grpo; a resumed run continues from the last complete one (step
-counter, optimizer and scheduler state) with the same W&B run id, and refuses a config that differs in a key that
-changes training. summary.json records `grpo_samples_per_s` (completions scored over the wall time of GRPO's
-`train()` on rank 0) and `grpo_wall_s`.
-Not yet run here: the GPU path (nccl, DeepSpeed) and multi-node runs; this machine has no GPU, and the lent GPU
-machine has no Ray, TRL or DeepSpeed. Ray Train's own checkpoint reporting (RayTrainReportCallback) is not used:
-resume reads <run_dir>/grpo, so checkpoints are not copied twice.
+`distributed.workers=1` trains in this process. With N > 1 (or DeepSpeed), training runs as Ray Train `TorchTrainer`
+fits with N workers (gloo on CPU, nccl on GPU; `distributed.worker_resources` and `placement` place them): first
+the warm start, then GRPO, to which the warm start is handed as a Ray Train checkpoint. HF/TRL's accelerate picks up
+the process group and the RANK/WORLD_SIZE variables Ray Train sets; rank 0 writes the run (the export, summary.json,
+W&B) and syncs it to run storage. Every GRPO checkpoint (`grpo.save_steps`) is reported to Ray Train, each rank with
+its own files (per-rank RNG state, ZeRO shards), so ranks on nodes without a shared disk report a whole checkpoint;
+a worker or node that dies makes Ray Train restart the group from the last one (`distributed.max_failures`), and
+the summary comes back through the result's metrics. DeepSpeed ZeRO (`distributed.deepspeed_stage`, 2 by default
+with GPUs) is refused on CPU. The target and the embedding verifier run as Ray actors shared by every worker.
+A resumed run (`run.resume`, any node) continues from the last complete checkpoint (step counter, optimizer and
+scheduler state) with the same W&B run id, and refuses a config that differs in a key that changes training.
+summary.json records `grpo_samples_per_s` (completions scored over the wall time of GRPO's `train()` on rank 0) and
+`grpo_wall_s`.
+Not yet run here: the GPU path (nccl, DeepSpeed); this machine has no GPU, and the lent GPU machine has no Ray,
+TRL or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -112,11 +115,26 @@ def _worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.distributed.worker_cpus)))  # Ray sets OMP_NUM_THREADS=1
     run = RunDir(config["run"])  # this node's copy of the run in storage (a resumed run's checkpoints)
     run.path.mkdir(parents=True, exist_ok=True)
-    with storage.NodeLock(run.path):  # ranks on one node share the copy: one pulls at a time
-        run.pull()
+    with storage.NodeLock(run.path):  # ranks on one node share the copy: one brings each thing here
+        run.pull(skip=("ray_train", "warm_start"))
         restore_reported_checkpoint(run.path / "grpo")
+        if config.get("warm_start") is not None:
+            restore_warm_start(config["warm_start"], run.path / "warm_start")
     torch.distributed.barrier()
-    train(cfg, run, config["rows"], config["hosts"], ray_train=True)
+    train(cfg, run, config["rows"], config["hosts"], ray_train=True, stage=config["stage"])
+
+
+def restore_warm_start(checkpoint, target: Path) -> None:
+    """The warm start, handed to the GRPO workers as a Ray Train checkpoint, brought to this node (once)."""
+    import shutil
+
+    if (target / "config.json").is_file():
+        return
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.to_directory(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
 
 
 def restore_reported_checkpoint(out: Path) -> None:
@@ -161,27 +179,43 @@ def check_worker_resources(cfg: SapoConfig, per_worker: dict) -> None:
 
 
 def fit_on_ray(cfg: SapoConfig, run_dir: RunDir, rows: list[dict], hosts: dict) -> dict:
-    """N Ray Train workers; every GRPO checkpoint is reported to Ray Train (kept in `<run>/ray_train`), which
-    restarts the group from the last one when a worker or its node dies (`distributed.max_failures`). Returns the
-    summary rank 0 reported."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    """N Ray Train workers, two fits: the warm start (unless storage holds it), then GRPO, to which the warm start
+    is handed as a Ray Train checkpoint (each worker brings it to its node). Every GRPO checkpoint is reported to
+    Ray Train (kept in `<run>/ray_train`), each rank with its own files, and Ray Train restarts the group from the
+    last one when a worker or its node dies (`distributed.max_failures`). Returns the summary rank 0 reported."""
+    import ray.train
 
     # Ray Train's print patch bypasses the stdout capture dill uses to hash `datasets.map` functions, and every
     # worker would print disassembled bytecode; Ray Train passes this variable on to its workers
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     d = cfg.distributed
-    backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
-    resources = {"CPU": d.worker_cpus, **({"GPU": 1} if d.use_gpu else {})}
+    resources = {"CPU": d.worker_cpus, **({"GPU": 1} if d.use_gpu else {}), **d.worker_resources}
     check_worker_resources(cfg, resources)
-    result = TorchTrainer(
-        _worker, train_loop_config={"cfg": cfg, "run": run_dir.location, "rows": rows, "hosts": hosts},
-        torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name="sapo", storage_path=storage.join(run_dir.location, "ray_train"),
-                             failure_config=FailureConfig(max_failures=d.max_failures))).fit()
-    run_dir.pull()  # what rank 0 wrote, from wherever it ran
+    loop = {"cfg": cfg, "run": run_dir.location, "rows": rows, "hosts": hosts}
+    warm = None
+    if cfg.warm_start.enabled:
+        location = storage.join(run_dir.location, "warm_start")
+        if not storage.exists(storage.join(location, storage.MANIFEST)):  # published last: a whole warm start
+            _fit(cfg, "sapo-warm-start", {**loop, "stage": "warm_start"}, resources, run_dir)
+        warm = ray.train.Checkpoint(location)
+    result = _fit(cfg, "sapo", {**loop, "stage": "grpo", "warm_start": warm}, resources, run_dir)
     return result.metrics["summary"]
+
+
+def _fit(cfg: SapoConfig, name: str, loop: dict, resources: dict, run_dir: RunDir):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    d = cfg.distributed
+    backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
+    result = TorchTrainer(
+        _worker, train_loop_config=loop, torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=d.placement.upper()),
+        run_config=RunConfig(name=name, storage_path=storage.join(run_dir.location, "ray_train"),
+                             failure_config=FailureConfig(max_failures=d.max_failures))).fit()
+    run_dir.pull(skip=("ray_train",))  # what rank 0 wrote, from wherever it ran (Ray Train's own files stay)
+    return result
 
 
 def start_hosts(cfg: SapoConfig) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -227,10 +228,13 @@ def export(trainer, cfg: SapoConfig, base: str, out: Path, tok, rank: int) -> No
     _barrier()
 
 
-def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict, ray_train: bool = False) -> None:
-    """Warm start, GRPO and export: in this process, or as one Ray Train worker. Rank 0 writes the run and syncs
-    it to run storage (warm start, every checkpoint, the draft); the other ranks read what they need from there.
-    Under Ray Train every checkpoint is also reported to it, and so is the summary at the end."""
+def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict, ray_train: bool = False,
+          stage: str = "all") -> None:
+    """Warm start, GRPO and export (`stage`: all, or warm_start / grpo alone): in this process, or as one Ray Train
+    worker. Rank 0 writes the run and syncs it to run storage (warm start, every checkpoint, the draft). Under Ray
+    Train the two stages are two fits: the GRPO workers find the warm start on their node (`pipelines.sapo` hands
+    it to them as a Ray Train checkpoint), every rank reports its own files of each GRPO checkpoint, and rank 0
+    reports the summary at the end."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
@@ -238,11 +242,11 @@ def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict, ray_train
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     run_dir = run.path
     tracker = Tracker(cfg.wandb, run_dir, "sapo", {"job": "sapo", **asdict(cfg)}) if rank == 0 else None
-    stage = cfg.distributed.zero_stage
+    zero = cfg.distributed.zero_stage
     common = {"use_cpu": not cfg.distributed.use_gpu, "logging_steps": 1, "seed": 0,
               "bf16": cfg.distributed.use_gpu and cfg.draft.dtype == "bfloat16",
               "report_to": "wandb" if tracker and tracker.mode != "disabled" else "none",
-              "deepspeed": deepspeed_config(stage) if stage is not None else None}
+              "deepspeed": deepspeed_config(zero) if zero is not None else None}
     tok = zoo.load_tokenizer(cfg.draft.name, cfg.draft.trust_remote_code)
     prompts = [tok.decode(r["prompt_ids"]) for r in rows]
     summary_file = run_dir / "summary.json"
@@ -250,7 +254,7 @@ def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict, ray_train
     summary["trajectories"] = len(rows)
 
     base, warm_dir = cfg.draft.name, run_dir / "warm_start"
-    if cfg.warm_start.enabled and not (warm_dir / "config.json").is_file():
+    if stage != "grpo" and cfg.warm_start.enabled and not (warm_dir / "config.json").is_file():
         ws = cfg.warm_start
         model, _ = zoo.load_model(base, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
         data = Dataset.from_list([{"prompt": p, "completion": r["response"] + (tok.eos_token or "")}
@@ -269,9 +273,12 @@ def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict, ray_train
             write_json(summary_file, summary)
             run.publish("warm_start")
         _barrier()
-    if cfg.warm_start.enabled:  # rank 0's export; a rank on another node fetches it from storage
-        base = str(warm_dir) if rank == 0 or not run.remote else str(
-            storage.fetch(storage.join(run.location, "warm_start")))
+    if stage == "warm_start":
+        if tracker:
+            tracker.finish()
+        return
+    if cfg.warm_start.enabled:  # rank 0's export, on this node (brought here from its checkpoint under Ray Train)
+        base = str(warm_dir)
 
     model, _ = zoo.load_model(base, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
     g, w = cfg.grpo, cfg.rewards
@@ -354,10 +361,34 @@ class _SyncOnSave:
         return SyncOnSave()
 
 
+def file_owner(name: str) -> int | None:
+    """The rank that writes a checkpoint file of its own (HF's `rng_state_<rank>.pth`, DeepSpeed's ZeRO shards
+    `*zero_pp_rank_<rank>_*`); None for the files rank 0 writes for all."""
+    m = re.fullmatch(r"rng_state_(\d+)\.pth", name) or re.search(r"zero_pp_rank_(\d+)_", name)
+    return int(m.group(1)) if m else None
+
+
+def rank_files(directory: Path, rank: int, dest: Path) -> Path:
+    """`dest` holding links to the files of a checkpoint directory that `rank` reports: its own (file_owner), and
+    for rank 0 every file no other rank owns. Each file is reported by exactly one rank, so ranks whose nodes do not
+    share a disk together report the whole checkpoint, and ranks that do never write one file twice."""
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        owner = file_owner(file.name)
+        if owner == rank or (rank == 0 and owner is None):
+            target = dest / file.relative_to(directory)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(file, target)
+            except OSError:
+                shutil.copy2(file, target)
+    return dest
+
+
 class _ReportToRayTrain:
-    """A Trainer callback (every rank) under Ray Train: each checkpoint, once written, is synced to run storage and
-    reported to Ray Train (rank 0's directory; `ray.train.report` is also the ranks' barrier), which restarts a
-    failed worker group from the last one."""
+    """A Trainer callback (every rank) under Ray Train: each checkpoint, once written, is synced to run storage by
+    rank 0 and reported to Ray Train by every rank, each with its own files (`rank_files`; Ray Train puts them in
+    one directory; `ray.train.report` is also the ranks' barrier). Ray Train restarts a failed worker group from
+    the last one."""
 
     def __new__(cls, run: RunDir, rank: int):
         from transformers import TrainerCallback
@@ -367,12 +398,16 @@ class _ReportToRayTrain:
                 import ray.train
 
                 directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                checkpoint = None
+                _barrier()  # every rank's files are written (HF saves each rank's RNG state after rank 0's model)
                 if rank == 0:
                     run.sync()
-                    checkpoint = ray.train.Checkpoint.from_directory(str(directory))
-                ray.train.report({"grpo_step": state.global_step}, checkpoint=checkpoint,
-                                 checkpoint_dir_name=directory.name)
+                scratch = storage.cache_root() / "reports"  # outside the run (rank 0 syncs it); on the same disk
+                scratch.mkdir(parents=True, exist_ok=True)  # as a remote run's staging copy, so links, not copies
+                with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+                    files = rank_files(directory, rank, Path(tmp))
+                    checkpoint = ray.train.Checkpoint.from_directory(str(files)) if any(files.iterdir()) else None
+                    ray.train.report({"grpo_step": state.global_step}, checkpoint=checkpoint,
+                                     checkpoint_dir_name=directory.name)
 
         return ReportToRayTrain()
 

@@ -471,6 +471,10 @@ class DistributedConfig:
     deepspeed_stage: str = choice("auto", DEEPSPEED_STAGES, help="ZeRO stage; auto: 2 with GPUs, none on CPU")
     use_gpu: bool = key(False, help="one GPU per worker (the draft trains on it)")
     worker_cpus: float = bounded(1.0, ge=0, help="Ray CPUs per worker; torch threads = max(1, int(worker_cpus))")
+    worker_resources: dict[str, float] = key(factory=dict, help="custom Ray resources each worker asks for, e.g. "
+                                             "{trainer_node: 1} (to place them on those nodes)")
+    placement: str = choice("pack", ["pack", "spread"], help="workers on as few nodes as fit (pack) or one per node "
+                            "where possible (spread): Ray Train's placement strategy")
     max_failures: int = bounded(2, ge=-1, help="N workers: times Ray Train restarts the worker group after a worker "
                                 "or its node dies, from the last reported GRPO checkpoint (-1: always)")
 
@@ -497,7 +501,8 @@ class SapoConfig:
     # runs saved before grpo.unit existed trained whole answers
     RESUME: ClassVar[ResumeRule] = ResumeRule(
         free=("run.", "ray.", "wandb.", "grpo.steps", "grpo.save_steps", "distributed.worker_cpus",
-              "distributed.backend", "distributed.max_failures", "target.actor.", "target.engine."),
+              "distributed.backend", "distributed.max_failures", "distributed.worker_resources",
+              "distributed.placement", "target.actor.", "target.engine."),
         saved_before={"grpo.unit": "answer"},
         switched={"lora.": ("lora.enabled", True), "target.": ("rewards.align_source", "online"),
                   "rewards.step_max_tokens": ("rewards.align_source", "online")})

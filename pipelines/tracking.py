@@ -84,14 +84,17 @@ def _offline_records(path: Path):
 
 
 def offline_summary(run_dir: Path) -> dict:
-    """Read back the summary of the latest offline W&B run under a run directory (from its `.wandb` file)."""
+    """Read back the summary of the latest offline W&B run under a run directory (from its `.wandb` files): every
+    segment written under that run's id (a resumed run, a job whose stages each opened it), in order, as W&B shows
+    the run once synced: summary keys from the last segment that set them, history keys from the first."""
     import json
 
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise FileNotFoundError(f"no offline W&B run under {run_dir}/wandb")
+    segments = [f for f in files if f.name == files[-1].name]
     summary: dict = {}
-    for record in _offline_records(files[-1]):
+    for record in (r for f in segments for r in _offline_records(f)):
         if record.WhichOneof("record_type") == "summary":
             for item in record.summary.update:
                 key = "/".join(item.nested_key) if item.nested_key else item.key

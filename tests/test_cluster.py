@@ -153,12 +153,22 @@ def test_collect_quantize_evaluate_sapo_pass_artifacts_through_object_storage(cl
     assert fetched, "the checkpoint was fetched on a worker node"
     _forget_local_copies(caches)
 
-    # sapo: trained from the trajectories in storage; the draft published there
-    scfg = load_config(SapoConfig, "sapo", ["tiny", *common, f"trajectories={trajectories}",
-                                            "rewards.align_source=offline"])
+    # sapo: two Ray Train workers, one on each worker node (no shared disk: each reports its own checkpoint files),
+    # the warm start handed to them as a checkpoint, both asking one target actor for its steps (online alignment)
+    scfg = load_config(SapoConfig, "sapo", [
+        "tiny", *common, f"trajectories={trajectories}", "rewards.align_source=online", "grpo.save_steps=2",
+        "distributed.workers=2", "distributed.worker_cpus=0.5", "distributed.worker_resources={worker: 0.01}",
+        "distributed.placement=spread", "target.actor.resources={head: 0.01}"])
     draft, ssummary = sapo.run(scfg)
     assert draft.startswith(f"{s3}/sapo/") and storage.exists(storage.join(draft, storage.MANIFEST))
-    assert ssummary["grpo_steps"] == scfg.grpo.steps
+    assert ssummary["grpo_steps"] == scfg.grpo.steps and ssummary["grpo_world_size"] == 2
+    # both ranks scored their share of every step's completions and asked the target from their rollouts' prefixes
+    assert ssummary["grpo_completions_per_rank"] == [4, 4] and all(n >= 4 for n in ssummary["grpo_target_steps_per_rank"])
+    assert ssummary["warm_start_loss"] > 0
+    assert len(_actor_nodes("RayTrainWorker")) == 2 and _actor_nodes("RayTrainWorker") <= _worker_nodes()
+    srun = os.path.dirname(draft)
+    reported = storage.listdir(storage.join(srun, "ray_train", "sapo", "checkpoint-2"))
+    assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= set(reported), reported
     _forget_local_copies(caches)
 
     # evaluate with that draft, on the workers

@@ -255,38 +255,27 @@ def test_workers_that_do_not_fit_beside_the_shared_actors_are_a_clear_error(traj
     assert not list(tmp_path.rglob("checkpoint-*")) and not list(tmp_path.rglob("warm_start"))
 
 
-def test_sapo_two_gloo_workers_under_ray_train_share_the_target(trajectories, tmp_path):
-    import ray
+def test_each_rank_reports_its_own_checkpoint_files_and_rank_0_the_shared_ones(tmp_path):
+    """Ranks on nodes without a shared disk each hold part of a checkpoint (HF's per-rank RNG state, DeepSpeed's ZeRO
+    shards): every file is reported by exactly one rank, so the reported checkpoint is whole and no file is written
+    twice."""
+    from pipelines.sapo_train import rank_files
 
-    from actors import zoo
-    from pipelines import sapo
-    from pipelines.tracking import offline_summary
-
-    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.storage={tmp_path}",
-                                           "distributed.workers=2", "grpo.save_steps=2",
-                                           "rewards.align_source=online"])
-    try:
-        draft_dir, summary = sapo.run(cfg)
-    finally:
-        ray.shutdown()
-    # both ranks scored their share of every step's completions: 2 steps x 2 generations on each
-    assert summary["grpo_world_size"] == 2 and summary["grpo_completions_per_rank"] == [4, 4]
-    assert summary["grpo_steps"] == 2 and summary["grpo_samples_per_s"] == pytest.approx(8 / summary["grpo_wall_s"])
-    assert summary["warm_start_loss"] > 0
-    # both asked the one target actor for its own steps from their rollouts' prefixes
-    assert all(n >= 4 for n in summary["grpo_target_steps_per_rank"])
-    run_dir = Path(draft_dir).parent
-    assert sorted(p.name for p in (run_dir / "grpo").glob("checkpoint-*")) == ["checkpoint-2"]
-    assert sorted(p.name for p in (run_dir / "grpo/checkpoint-2").glob("rng_state*")) == ["rng_state_0.pth",
-                                                                                           "rng_state_1.pth"]
-    model, _ = zoo.load_model(str(draft_dir))
-    assert model.config.num_hidden_layers == 1
-    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1  # rank 0 alone logs, under the run's id
-    logged = offline_summary(run_dir)
-    assert logged["grpo_world_size"] == 2
-    # the warm start under its own keys (its loss is not mixed into GRPO's train/loss), then GRPO's components
-    assert logged["warm_start/loss"] > 0 and logged["warm_start/step"] >= 1
-    assert all(f"train/rewards/{k}/{stat}" in logged for k in ("r_align", "r_length") for stat in ("mean", "std"))
+    files = ["model.safetensors", "trainer_state.json", "rng_state_0.pth", "rng_state_1.pth", "rng_state_12.pth",
+             "global_step2/mp_rank_00_model_states.pt", "global_step2/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "global_step2/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest"]
+    ckpt = tmp_path / "checkpoint-2"
+    for f in files:
+        (ckpt / f).parent.mkdir(parents=True, exist_ok=True)
+        (ckpt / f).write_text(f)
+    got = {}
+    for rank in (0, 1, 12):
+        out = rank_files(ckpt, rank, tmp_path / f"r{rank}")
+        got[rank] = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+        assert all((out / f).read_text() == f for f in got[rank])
+    assert got[1] == {"rng_state_1.pth", "global_step2/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert got[12] == {"rng_state_12.pth"}
+    assert got[0] | got[1] | got[12] == set(files) and not (got[0] & got[1]) and not (got[0] & got[12])
 
 
 def test_a_ray_train_worker_killed_mid_grpo_restarts_the_group_from_the_last_checkpoint(trajectories, tmp_path):
@@ -300,6 +289,7 @@ def test_a_ray_train_worker_killed_mid_grpo_restarts_the_group_from_the_last_che
     import ray
 
     from pipelines import sapo
+    from pipelines.tracking import offline_summary
 
     cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", f"run.storage={tmp_path}",
                                            "distributed.workers=2", "grpo.steps=6", "grpo.save_steps=1",
@@ -327,6 +317,14 @@ def test_a_ray_train_worker_killed_mid_grpo_restarts_the_group_from_the_last_che
     assert summary["grpo_resumed_from_step"] >= 1  # the restarted group went on from a reported checkpoint
     run_dir = Path(draft_dir).parent
     assert json.loads((run_dir / "summary.json").read_text())["grpo_steps"] == 6
+    assert summary["warm_start_loss"] > 0 and (run_dir / "ray_train" / "sapo-warm-start").is_dir()  # its own fit
+    # rank 0 alone logs, under the run's id: one W&B segment per fit (warm start, GRPO) and per restart
+    assert len({p.name for p in run_dir.glob("wandb/offline-run-*/run-*.wandb")}) == 1
+    logged = offline_summary(run_dir)
+    assert logged["grpo_world_size"] == 2
+    # the warm start under its own keys (its loss is not mixed into GRPO's train/loss), then GRPO's components
+    assert logged["warm_start/loss"] > 0 and logged["warm_start/step"] >= 1
+    assert all(f"train/rewards/{k}/{stat}" in logged for k in ("r_align", "r_length") for stat in ("mean", "std"))
 
 
 def test_length_reward_forms_on_rollouts_cut_at_the_completion_cap(trajectories, smollm):
