@@ -1,7 +1,8 @@
 """The CPU kernels (qkernels/csrc/qmatmul_cpu.cpp): a C++ extension built with torch's extension tools at first
-use (about a minute, once; `-O3 -march=native`: AVX-512 VBMI or AVX2/FMA/F16C paths when the CPU has them, a
-scalar path elsewhere, e.g. on ARM) and cached under
-`$SPECMOE_CACHE/torch_extensions` (default `~/.cache/specmoe`). Chosen over `torch.compile` by measurement
+use (about a minute on 2 cores, once) and cached under `$SPECMOE_CACHE/torch_extensions` (default `~/.cache/specmoe`). Every code
+path is compiled in (AVX-512 VBMI, AVX2 + FMA + F16C, scalar) and the best one this CPU has is chosen at run time,
+by its flags, not the build machine's; `SPECMOE_CPU_ISA=avx512|avx2|scalar` forces one (an error where the CPU
+lacks it), and `use_isa` switches in-process (the benchmark measures every path the machine supports). Chosen over `torch.compile` by measurement
 (`python -m pipelines.bench kernels`: both are timed side by side).
 
 `available()` is False, after one warning, when the build fails (no compiler): callers then use the reference.
@@ -27,22 +28,20 @@ _ext = None
 _failed: str | None = None
 
 
-# SPECMOE_CPU_ISA picks the code path compiled in: native (the build machine's best: AVX-512 VBMI, else AVX2+FMA,
-# else scalar), avx2 (no AVX-512) or scalar (no SIMD intrinsics); the latter two exist to test those paths here.
-ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-march=native", "-mno-avx512f"], "scalar": []}
+ISAS = ("native", "avx512", "avx2", "scalar")  # native: the best path this CPU runs
 
 
 def _isa() -> str:
     isa = os.environ.get("SPECMOE_CPU_ISA", "native")
-    if isa not in ISA_FLAGS:
-        raise ValueError(f"SPECMOE_CPU_ISA={isa!r}: use one of {sorted(ISA_FLAGS)}")
+    if isa not in ISAS:
+        raise ValueError(f"SPECMOE_CPU_ISA={isa!r}: use one of {list(ISAS)}")
     return isa
 
 
 def build_dir() -> Path:
     root = Path(os.environ.get("SPECMOE_CACHE", Path.home() / ".cache" / "specmoe"))
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _isa().encode()).hexdigest()[:12]
-    return root / "torch_extensions" / f"qmatmul_cpu_{_isa()}_{digest}"
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return root / "torch_extensions" / f"qmatmul_cpu_{digest}"
 
 
 def load():
@@ -57,17 +56,35 @@ def load():
             out = build_dir()
             out.mkdir(parents=True, exist_ok=True)
             if not any(out.glob("*.so")):
-                print(f"building the CPU kernels (once, about 20 s) in {out}", file=sys.stderr, flush=True)
+                print(f"building the CPU kernels (once, about a minute) in {out}", file=sys.stderr, flush=True)
             try:
-                _ext = cpp_extension.load(
-                    name=f"specmoe_qmatmul_cpu_{_isa()}", sources=[str(SOURCE)], build_directory=str(out),
-                    extra_cflags=["-O3", *ISA_FLAGS[_isa()], "-fopenmp"], extra_ldflags=["-fopenmp"],
-                    verbose=False)
+                ext = cpp_extension.load(
+                    name="specmoe_qmatmul_cpu", sources=[str(SOURCE)], build_directory=str(out),
+                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
             except (RuntimeError, OSError, ImportError) as exc:  # no compiler or headers: the reference
                 _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                 warnings.warn(f"the CPU kernels could not be built ({_failed}); using the torch reference",
                               stacklevel=2)
+                return None
+            try:
+                ext.set_isa(_isa())
+            except RuntimeError as exc:  # a forced path this CPU lacks: the user's setting, said in one line
+                raise ValueError(f"SPECMOE_CPU_ISA={_isa()}: {str(exc).splitlines()[0]}") from None
+            _ext = ext
     return _ext
+
+
+def use_isa(name: str) -> str:
+    """Switch the kernels' code path in this process (`native`: the best this CPU has); returns the path now used.
+    A path the CPU lacks is a ValueError."""
+    ext = load()
+    if ext is None:
+        raise RuntimeError("the CPU kernels are not available here")
+    try:
+        ext.set_isa(name)
+    except RuntimeError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
+    return ext.isa()
 
 
 def available() -> bool:

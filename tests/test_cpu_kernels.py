@@ -199,38 +199,64 @@ def test_layouts_the_cpu_kernel_does_not_take_fall_back_with_one_warning():
     assert len(messages) == 2 and "48" in messages[0]
 
 
-@pytest.mark.parametrize("isa", ["avx2", "scalar"])
-def test_other_instruction_set_paths_match_the_reference(isa):
-    """The AVX2 and scalar paths (what CPUs without AVX-512 VBMI, e.g. ARM laptops, run), built separately."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+@pytest.fixture
+def isa_paths():
+    """Every code path this CPU runs (scalar, avx2, avx512 as it has them), switched in-process; native after."""
+    yield cpu.load().supported_isas()
+    cpu.use_isa("native")
 
-    code = r"""
-import torch
-from qkernels import cpu, reference as ref
-from quant.base import quantize_rtn
-from quant.codebook import quantize_codebook
-from quant.milo import quantize_milo
-assert cpu.load().isa() == "{isa}", cpu.load().isa()
-torch.manual_seed(0)
-for m, n, k, group in [(1, 40, 96, 32), (9, 33, 200, 64), (3, 17, 576, 128)]:
-    mt = quantize_milo(torch.randn(n, k) * 0.05, rank=3, rounds=1, group_size=group, pad=True)
-    b = mt.base
-    x = torch.randn(m, k)
-    got = cpu.affine3_grouped(x, cpu.dense_offsets(m), b.packed[None].contiguous(), b.scale[None].contiguous(),
-                              b.zero[None].contiguous(), group, mt.u.dequantize()[None].contiguous(),
-                              mt.v.dequantize()[None].contiguous())
-    want = x @ mt.dequantize().T
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (m, n, k)
-    if k % 32 == 0:
-        cb = quantize_codebook(torch.randn(n, k) * 0.05, 32)
-        got = cpu.codebook4_grouped(x, cpu.dense_offsets(m), cb.packed[None].contiguous(),
-                                    cb.centroids[None].contiguous())
-        assert torch.allclose(got, ref.codebook_matmul(x, cb.packed, cb.centroids, k), rtol=1e-4, atol=1e-4)
-print("ok")
-""".replace("{isa}", isa)
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
-                         env={**os.environ, "SPECMOE_CPU_ISA": isa}, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0 and "ok" in out.stdout, (out.stdout + out.stderr)[-3000:]
+
+# K not a multiple of the group (padded groups), odd N (tiles of 1-4 weight rows), 1-16 x rows (tiles of 1-4 x
+# rows), rank-1 and rank-64 compensators, and the tensor's last row (read with a spare byte on the AVX2 path)
+AFFINE_CASES = [(1, 40, 96, 32, 0), (5, 70, 128, 64, 3), (16, 33, 200, 64, 1), (3, 67, 576, 128, 64),
+                (9, 17, 4096, 64, 0), (1, 7, 64, 64, 1), (2, 21, 4096, 64, 16), (4, 9, 100, 32, 0), (13, 5, 96, 96, 2)]
+
+
+def test_every_instruction_set_path_matches_the_reference(isa_paths):
+    """Each path the machine supports, against the torch reference: affine 3-bit with and without MiLo's
+    compensator, per-row and per-group codebooks, grouped experts with empty ones."""
+    assert "scalar" in isa_paths and cpu.load().isa() == isa_paths[-1]  # native is the best the CPU has
+    for isa in isa_paths:
+        assert cpu.use_isa(isa) == isa
+        torch.manual_seed(0)
+        for m, n, k, group, rank in AFFINE_CASES:
+            w = torch.randn(n, k) * 0.05
+            if rank:
+                mt = quantize_milo(w, rank=rank, rounds=1, group_size=group, pad=True)
+                b, u, v, want_w = mt.base, mt.u.dequantize()[None].contiguous(), mt.v.dequantize()[None].contiguous(), \
+                    mt.dequantize()
+            else:
+                b, u, v = quantize_rtn(w, 3, group, pad=True), None, None
+                want_w = ref.dequant_affine(b.packed, b.scale, b.zero, 3, k, group)
+            x = torch.randn(m, k)
+            got = cpu.affine3_grouped(x, cpu.dense_offsets(m), *_stack(b.packed, b.scale, b.zero), group, u, v)
+            want = x @ want_w.T
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * want.abs().max().item(),
+                                       msg=lambda text, case=(isa, m, n, k, group, rank): f"{case}: {text}")
+        for group in (None, 64, 32, 8):
+            for m, n in ((1, 37), (2, 4), (3, 1), (7, 6), (16, 5)):
+                cb = quantize_codebook(torch.randn(n, 256) * 0.05, group)
+                x = torch.randn(m, 256)
+                got = cpu.codebook4_grouped(x, cpu.dense_offsets(m), *_stack(cb.packed, cb.centroids))
+                want = ref.codebook_matmul(x, cb.packed, cb.centroids, 256)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * want.abs().max().item(),
+                                           msg=lambda text, case=(isa, group, m, n): f"{case}: {text}")
+        e, n, k, group = 4, 48, 128, 64
+        qs = [quantize_rtn(torch.randn(n, k) * 0.05, 3, group) for _ in range(e)]
+        packed, scale, zero = (torch.stack([getattr(q, a) for q in qs]) for a in ("packed", "scale", "zero"))
+        counts = [3, 0, 17, 1]
+        offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+        x = torch.randn(sum(counts), k)
+        torch.testing.assert_close(cpu.affine3_grouped(x, offsets, packed, scale, zero, group),
+                                   ref.grouped_affine_matmul(x, offsets, packed, scale, zero, 3, k, group),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_path_the_cpu_lacks_is_a_clear_error(isa_paths):
+    missing = [isa for isa in ("avx2", "avx512") if isa not in isa_paths]
+    with pytest.raises(ValueError, match="unknown ISA 'sse9'"):
+        cpu.use_isa("sse9")
+    for isa in missing:  # on this CPU; a CPU with every path has none to refuse
+        with pytest.raises(ValueError, match=f"this CPU has no {isa}"):
+            cpu.use_isa(isa)
+    assert cpu.use_isa("native") == isa_paths[-1]

@@ -72,6 +72,8 @@ def main(argv=None) -> None:
     parser.add_argument("--throughput-steps", type=int, default=2, help="sapo: GRPO steps per throughput run")
     parser.add_argument("--reps", type=int, default=20, help="kernels: timed calls per figure (median)")
     parser.add_argument("--skip-moe", action="store_true", help="kernels: skip the MoE decode comparison")
+    parser.add_argument("--kernel-runs", type=int, default=3,
+                        help="kernels: runs of each headline figure (the JSON keeps the median and every run)")
     parser.add_argument("--skip-cpu", action="store_true",
                         help="kernels: only the gpu figures (needs CUDA; builds no CPU extension)")
     parser.add_argument("--milo-checkpoint", default=None, help="kernels: a MiLo checkpoint of --moe (else made)")

@@ -1,6 +1,9 @@
 """`python -m pipelines.bench kernels`: the quantized matmul kernels against dense matmuls, side by side in one run.
 
-cpu (the C++ kernels of qkernels/cpu.py, all torch threads):
+cpu (the C++ kernels of qkernels/cpu.py, all torch threads): every figure below for the code path this CPU runs by
+  default (`isa`), and again under `by_isa.<isa>` for every path it supports (`supported_isas`: scalar, avx2,
+  avx512), switched in-process; the matvec figures and the MoE decode ratio are medians of `--kernel-runs` runs
+  (default 3), every run kept under `runs`.
   milo3_matvec_speedup_vs_fp32      batch 1, a 4096 x 4096 weight: 3-bit g64 + a rank-16 compensator (MiLo's
                                     dense setting) over a dense fp32 `F.linear`, weights streamed from memory
                                     (the caches are flushed before every call, as when a model larger than the
@@ -35,13 +38,13 @@ import torch
 from tqdm import tqdm
 
 KEYS = ("cpu", "gpu")  # each a dict (cpu: None with --skip-cpu; gpu: None without CUDA); CPU_KEYS inside cpu
-CPU_KEYS = ("isa", "threads", "build_or_load_s",
+CPU_KEYS = ("isa", "supported_isas", "by_isa", "runs", "cpu_model", "threads", "build_or_load_s",
             *(f"{f}_matvec_{k}{hot}" for f in ("fp32", "milo3", "affine3", "codebook4")
               for k in (("us", "gb_per_s") if f == "fp32" else ("us", "speedup_vs_fp32"))
               for hot in ("", "_cache_hot")),
             "torch_compile_compile_s", "torch_compile_milo3_matvec_us", "torch_compile_milo3_matvec_speedup_vs_fp32",
             "expert_shapes", "moe_model", "moe_checkpoints", "moe_decode_tokens_per_s", "moe_decode_tokens_per_s_ratio",
-            "moe_decode_tokens_per_s_ratio_codequant", "moe_decode_first_tokens")
+            "moe_decode_tokens_per_s_ratio_codequant", "moe_decode_runs", "moe_decode_first_tokens")
 
 from qkernels import cpu
 from qkernels import reference as ref
@@ -93,7 +96,7 @@ def _formats(n: int, k: int, rank: int):
     }, (mt, cb)
 
 
-def _cpu_matvec(timer: _Timer) -> dict:
+def _cpu_matvec(timer: _Timer, compare_compile: bool = True) -> dict:
     out: dict = {}
     n = k = 4096
     w, fns, (mt, _) = _formats(n, k, 16)
@@ -108,6 +111,8 @@ def _cpu_matvec(timer: _Timer) -> dict:
             t = timer(lambda fn=fn: fn(x, off), cold)
             out[f"{name}_matvec_us{suffix}"] = t * 1e6
             out[f"{name}_matvec_speedup_vs_fp32{suffix}"] = fp32 / t
+    if not compare_compile:
+        return out
     try:  # the alternative: torch.compile of the reference (dequantize + matmul), compiled once, then timed
         b = mt.base
         u, v = mt.u.dequantize(), mt.v.dequantize()
@@ -121,6 +126,13 @@ def _cpu_matvec(timer: _Timer) -> dict:
     except Exception as exc:  # noqa: BLE001 - a failed compile is a measured outcome, not a benchmark failure
         out["torch_compile_milo3_matvec_speedup_vs_fp32"] = None
         out["torch_compile_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return out
+
+
+def _median_runs(runs: list[dict]) -> dict:
+    """Each figure's median over runs, and every run's figures under `runs`."""
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out["runs"] = runs
     return out
 
 
@@ -171,25 +183,31 @@ def _moe_decode(args) -> dict:
     prompts = gsm_prompts(tok, args.num_prompts)
     for eng in engines.values():  # warm up (and build the kernels)
         eng.generate([Request(prompts[0], max_new_tokens=4)])
-    tokens = dict.fromkeys(engines, 0)
-    decode_s = dict.fromkeys(engines, 0.0)
     first: dict = {}
-    for p in tqdm(prompts, desc="moe decode", unit="prompt"):
-        for label, eng in engines.items():  # interleaved, so drift in machine load hits every model alike
-            t0 = time.perf_counter()
-            eng.generate([Request(p, max_new_tokens=1)])  # prefill + one token: subtracted below
-            prefill = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            [res] = eng.generate([Request(p, max_new_tokens=args.max_new_tokens)])
-            total = time.perf_counter() - t0
-            tokens[label] += len(res.token_ids) - 1
-            decode_s[label] += max(total - prefill, 1e-9)
-            first.setdefault(label, res.token_ids[:16])
-    tps = {label: tokens[label] / decode_s[label] for label in engines}
+    runs = []
+    for _ in tqdm(range(args.kernel_runs), desc="moe decode runs", unit="run"):
+        tokens = dict.fromkeys(engines, 0)
+        decode_s = dict.fromkeys(engines, 0.0)
+        for p in prompts:
+            for label, eng in engines.items():  # interleaved, so drift in machine load hits every model alike
+                t0 = time.perf_counter()
+                eng.generate([Request(p, max_new_tokens=1)])  # prefill + one token: subtracted below
+                prefill = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                [res] = eng.generate([Request(p, max_new_tokens=args.max_new_tokens)])
+                total = time.perf_counter() - t0
+                tokens[label] += len(res.token_ids) - 1
+                decode_s[label] += max(total - prefill, 1e-9)
+                first.setdefault(label, res.token_ids[:16])
+        tps = {label: tokens[label] / decode_s[label] for label in engines}
+        runs.append({"tokens_per_s": tps, "ratio": tps["milo"] / tps["fp32"],
+                     "ratio_codequant": tps["codequant"] / tps["fp32"]})
+    middle = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
     return {"moe_model": args.moe, "moe_checkpoints": {k: v[0] for k, v in models.items() if k != "fp32"},
-            "moe_decode_tokens_per_s": tps,
-            "moe_decode_tokens_per_s_ratio": tps["milo"] / tps["fp32"],
-            "moe_decode_tokens_per_s_ratio_codequant": tps["codequant"] / tps["fp32"],
+            "moe_decode_tokens_per_s": middle["tokens_per_s"],
+            "moe_decode_tokens_per_s_ratio": statistics.median(r["ratio"] for r in runs),
+            "moe_decode_tokens_per_s_ratio_codequant": statistics.median(r["ratio_codequant"] for r in runs),
+            "moe_decode_runs": runs,
             "moe_decode_first_tokens": first}
 
 
@@ -280,11 +298,26 @@ def run(args) -> dict:
         return {"cpu": None, "gpu": _gpu(args.reps)}
     if not cpu.available():
         raise RuntimeError("the CPU kernels could not be built (see the warning above); nothing to measure")
-    out: dict = {"cpu": {"isa": cpu.load().isa(), "threads": torch.get_num_threads(),
-                         "build_or_load_s": time.perf_counter() - t0}}
+    from pipelines.bench.common import cpu_model
+
+    ext = cpu.load()
+    native = ext.isa()
+    out: dict = {"cpu": {"isa": native, "supported_isas": ext.supported_isas(), "cpu_model": cpu_model(),
+                         "threads": torch.get_num_threads(), "build_or_load_s": time.perf_counter() - t0}}
     timer = _Timer(args.reps)
-    out["cpu"].update(_cpu_matvec(timer))
-    out["cpu"]["expert_shapes"] = _expert_shapes(timer)
+    by_isa = {}
+    try:
+        for isa in ext.supported_isas():
+            cpu.use_isa(isa)
+            by_isa[isa] = _median_runs([_cpu_matvec(timer, compare_compile=False) for _ in
+                                        tqdm(range(args.kernel_runs), desc=f"kernels {isa}", unit="run")])
+            by_isa[isa]["expert_shapes"] = _expert_shapes(timer)
+    finally:
+        cpu.use_isa("native")
+    out["cpu"]["by_isa"] = by_isa
+    out["cpu"].update({k: v for k, v in by_isa[native].items()})  # the default path's figures at the top level
+    compiled = _cpu_matvec(timer)
+    out["cpu"].update({k: v for k, v in compiled.items() if k.startswith("torch_compile")})
     if not args.skip_moe:
         out["cpu"].update(_moe_decode(args))
     out["gpu"] = _gpu(args.reps) if torch.cuda.is_available() else None

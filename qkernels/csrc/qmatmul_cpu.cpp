@@ -1,41 +1,71 @@
-// CPU kernels for the packed quantized formats (see kernels/packing.py and kernels/reference.py).
+// CPU kernels for the packed quantized formats (see qkernels/packing.py and qkernels/reference.py).
 //
 // Both kernels are grouped (the MoE form): x_sorted [R, K] fp32 holds the rows of every expert, expert e owning
 // rows offsets[e]..offsets[e+1]; a dense layer is the case E = 1. Weights are [E, N, ...]; y [R, N] fp32.
 //
 // affine3: 3-bit codes, 32 per three int32 words (a code may straddle two words), fp16 scale/zero per group:
 //   y[r, n] = sum_g s[n,g] * sum_{k in g} q[n,k] x[r,k]  -  sum_g s[n,g] z[n,g] * xsum[r,g]
-//   so the inner loop is an FMA of unpacked-and-scaled codes with x, shared by all rows of the expert; the zero
-//   point costs one scalar per group. An optional low-rank compensator adds U_e (V_e x).
+//   so the inner loop is an FMA of unpacked codes with x, shared by all rows of the expert; the scale costs one
+//   FMA per group and the zero point one scalar per group. An optional low-rank compensator adds U_e (V_e x).
 // codebook4: 4-bit indices, 8 per int32 word, into a 16-entry fp16 codebook per (row, group):
 //   y[r, n] = sum_k c[n, g(k), idx[n,k]] x[r,k]; the lookup is two in-register permutes and a blend.
 //
 // Decode is memory-bound: each weight word is read once and used for every row of its expert (up to R rows;
-// callers send prefill-sized batches to dequantize + matmul instead). Work is split over (expert, block of N).
-// With AVX2+FMA+F16C the inner loops are vectorised; elsewhere a scalar path computes the same sums.
+// callers send prefill-sized batches to dequantize + matmul instead). Work is split over (expert, block of N)
+// between torch's threads.
+//
+// Code paths, chosen at run time by the CPU's flags (not the build machine's), or forced with set_isa:
+//   avx512: AVX-512 F/BW/VBMI (vpermb + vpmultishiftqb unpack 64 codes at a time);
+//   avx2:   AVX2 + FMA + F16C. 3-bit: the 8 codes of a 24-bit chunk start at byte 3k/8, so one broadcast load,
+//           one variable shift and a mask give 8 codes; several output rows (or x rows) per pass share each x
+//           load and keep independent accumulators. 4-bit codebook: permutes of the 16-entry table;
+//   scalar: plain loops (any CPU, e.g. ARM); the reference for the others.
+// Every path is compiled into the one extension (GCC target pragmas), so one build serves every node.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SPECMOE_X86 1
 #include <immintrin.h>
-#define SPECMOE_AVX2 1
 #else
-#define SPECMOE_AVX2 0
-#endif
-#if SPECMOE_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
-#define SPECMOE_AVX512 1
-#else
-#define SPECMOE_AVX512 0
+#define SPECMOE_X86 0
 #endif
 
 namespace {
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+int best_isa() {
+#if SPECMOE_X86
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // F16C comes with both
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vbmi"))
+    return kAvx512;
+  if (avx2) return kAvx2;
+#endif
+  return kScalar;
+}
+
+std::atomic<int> g_isa{-1};
+
+int active_isa() {
+  int isa = g_isa.load();
+  if (isa < 0) {
+    isa = best_isa();
+    g_isa.store(isa);
+  }
+  return isa;
+}
 
 constexpr int64_t kBlockN = 16;
 constexpr int64_t kCodesPerTask = 1 << 16;  // below this much work per task a second thread costs more than it saves
@@ -46,6 +76,40 @@ int64_t grain(int64_t N, int64_t K, int64_t rows_per_expert) {
 }
 
 inline float half_to_float(at::Half h) { return static_cast<float>(h); }
+
+// Asks for `bytes` from p into the cache ahead of use (the weights stream from memory once per call).
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
+
+// What a block of output rows needs: x padded to Kp with its group sums (affine3), V x per row (compensator).
+struct Affine3Args {
+  const float* xpad;  // [R, Kp]
+  const float* xsum;  // [R, G]
+  const float* t;     // [R, rank] (V_e x)
+  const float* u;     // [E, N, rank] or null
+  const uint32_t* packed;  // [E, N, W]
+  const at::Half* scale;   // [E, N, G]
+  const at::Half* zero;
+  float* y;  // [R, N]
+  int64_t E, N, W, G, group, Kp, rank;
+};
+
+struct Codebook4Args {
+  const float* x;  // [R, K]
+  const float* xperm;  // [R, K]: x in the order the AVX2 byte-plane path decodes (null when it does not run)
+  const uint32_t* packed;  // [E, N, W]
+  const at::Half* cent;    // [E, N, G, 16]
+  float* y;
+  int64_t E, N, W, G, group, K;
+};
+
+using Affine3Block = void (*)(const Affine3Args&, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi);
+using Codebook4Block = void (*)(const Codebook4Args&, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi);
+
+// ------------------------------------------------------------------------------------------------ scalar
+namespace scalar {
 
 // The four 24-bit chunks (8 codes each) of a 32-code block of 3-bit codes.
 inline void chunks3(const uint32_t* w, uint32_t c[4]) {
@@ -60,53 +124,326 @@ inline void unpack3(const uint32_t* words, int64_t len, float* out) {
   for (int64_t b = 0; b < len / 32; ++b) {
     uint32_t c[4];
     chunks3(words + 3 * b, c);
-#if SPECMOE_AVX2
-    const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
-    const __m256i seven = _mm256_set1_epi32(7);
-    for (int j = 0; j < 4; ++j) {
-      __m256i v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)c[j]), shifts), seven);
-      _mm256_storeu_ps(out + 32 * b + 8 * j, _mm256_cvtepi32_ps(v));
-    }
-#else
     for (int j = 0; j < 4; ++j)
       for (int i = 0; i < 8; ++i) out[32 * b + 8 * j + i] = (float)((c[j] >> (3 * i)) & 7u);
-#endif
   }
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
-#if SPECMOE_AVX2
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  alignas(32) float t[8];
-  _mm256_store_ps(t, acc);
-  float s = t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-#else
   float s = 0.f;
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
-#endif
 }
 
-// Asks for `bytes` from p into the cache ahead of use (the weights stream from memory once per call).
-inline void prefetch(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+void affine3_block(const Affine3Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
+  std::vector<float> wq(a.group);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t row_id = e * a.N + n;
+    const uint32_t* row = a.packed + row_id * a.W;
+    const at::Half* srow = a.scale + row_id * a.G;
+    const at::Half* zrow = a.zero + row_id * a.G;
+    for (int64_t r = lo; r < hi; ++r) {
+      float acc = 0.f, corr = 0.f;
+      for (int64_t g = 0; g < a.G; ++g) {
+        const float s = half_to_float(srow[g]);
+        unpack3(row + g * a.group / 32 * 3, a.group, wq.data());
+        acc += s * dot(wq.data(), a.xpad + r * a.Kp + g * a.group, a.group);
+        corr += s * half_to_float(zrow[g]) * a.xsum[r * a.G + g];
+      }
+      float out = acc - corr;
+      if (a.u) out += dot(a.u + row_id * a.rank, a.t + r * a.rank, a.rank);
+      a.y[r * a.N + n] = out;
+    }
+  }
 }
 
-#if SPECMOE_AVX2
+void codebook4_block(const Codebook4Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t row_id = e * a.N + n;
+    const uint32_t* row = a.packed + row_id * a.W;
+    for (int64_t r = lo; r < hi; ++r) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < a.G; ++g) {
+        float table[16];
+        for (int j = 0; j < 16; ++j) table[j] = half_to_float(a.cent[(row_id * a.G + g) * 16 + j]);
+        for (int64_t k = g * a.group; k < (g + 1) * a.group; ++k)
+          acc += table[(row[k / 8] >> (4 * (k % 8))) & 15u] * a.x[r * a.K + k];
+      }
+      a.y[r * a.N + n] = acc;
+    }
+  }
+}
+
+}  // namespace scalar
+
+#if SPECMOE_X86
+// ------------------------------------------------------------------------------------------------ avx2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+
+inline float h2f(at::Half h) { return _cvtsh_ss(h.x); }  // F16C, not the generic bit twiddling
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
 }
-#endif
 
-#if SPECMOE_AVX512
+float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// The 8 codes k..k+7 (k % 8 == 0) of a 3-bit row as floats: their 24-bit chunk starts at byte 3k/8. Reads 4
+// bytes, so the caller gives the tensor's last row a copy with a spare byte.
+inline __m256 codes8(const uint8_t* bytes, int64_t k, __m256i shifts, __m256i seven) {
+  int32_t v;
+  std::memcpy(&v, bytes + k / 8 * 3, 4);
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(v), shifts), seven));
+}
+
+// out[b][i] = weight row b . x row i for RB weight rows and RN x rows (x padded to Kp), zero point via group sums.
+template <int RB, int RN>
+void affine3_tile(const uint8_t* const* rows, const at::Half* const* srow, const at::Half* const* zrow, int64_t G,
+                  int64_t group, const float* x, int64_t Kp, const float* xsum, float* out) {
+  const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  const __m256i seven = _mm256_set1_epi32(7);
+  __m256 acc[RB][RN];
+  float corr[RB][RN];
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < RN; ++i) acc[b][i] = _mm256_setzero_ps(), corr[b][i] = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 ag[RB][RN];
+    for (int b = 0; b < RB; ++b)
+      for (int i = 0; i < RN; ++i) ag[b][i] = _mm256_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+      __m256 xv[RN];
+      for (int i = 0; i < RN; ++i) xv[i] = _mm256_loadu_ps(x + i * Kp + k);
+      for (int b = 0; b < RB; ++b) {
+        const __m256 q = codes8(rows[b], k, shifts, seven);
+        for (int i = 0; i < RN; ++i) ag[b][i] = _mm256_fmadd_ps(q, xv[i], ag[b][i]);
+      }
+    }
+    for (int b = 0; b < RB; ++b) {
+      const float s = h2f(srow[b][g]), sz = s * h2f(zrow[b][g]);
+      const __m256 vs = _mm256_set1_ps(s);
+      for (int i = 0; i < RN; ++i) {
+        acc[b][i] = _mm256_fmadd_ps(ag[b][i], vs, acc[b][i]);
+        corr[b][i] += sz * xsum[i * G + g];
+      }
+    }
+  }
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < RN; ++i) out[b * RN + i] = hsum(acc[b][i]) - corr[b][i];
+}
+
+#define A3TILE(RB, RN) affine3_tile<RB, RN>(rows, srow, zrow, a.G, a.group, x, a.Kp, xs, out)
+
+// Tiles of up to 4 accumulator pairs (16 ymm registers): 4 weight rows for one x row (decode), 2 x 2, or 1 x 3/4.
+void affine3_block(const Affine3Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
+  thread_local std::vector<uint32_t> last;  // the tensor's last row, with a spare word (codes8 reads 4 bytes)
+  const uint8_t* rows[4];
+  const at::Half* srow[4];
+  const at::Half* zrow[4];
+  float out[4];
+  for (int64_t r0 = lo; r0 < hi;) {
+    const int rn = (int)std::min<int64_t>(hi - r0, 4);
+    const int rb_max = rn == 1 ? 4 : (rn == 2 ? 2 : 1);
+    for (int64_t n = n0; n < n1;) {
+      const int rb = (int)std::min<int64_t>(rb_max, n1 - n);
+      for (int b = 0; b < rb; ++b) {
+        const int64_t row_id = e * a.N + n + b;
+        const uint32_t* row = a.packed + row_id * a.W;
+        if (row_id == a.E * a.N - 1) {
+          last.assign(row, row + a.W);
+          last.push_back(0);
+          row = last.data();
+        }
+        rows[b] = reinterpret_cast<const uint8_t*>(row);
+        srow[b] = a.scale + row_id * a.G;
+        zrow[b] = a.zero + row_id * a.G;
+      }
+      if (e * a.N + n + 2 * rb <= a.E * a.N) prefetch(a.packed + (e * a.N + n + rb) * a.W, rb * a.W * 4);
+      const float* x = a.xpad + r0 * a.Kp;
+      const float* xs = a.xsum + r0 * a.G;
+      switch (rb * 10 + rn) {
+        case 41: A3TILE(4, 1); break;
+        case 31: A3TILE(3, 1); break;
+        case 21: A3TILE(2, 1); break;
+        case 11: A3TILE(1, 1); break;
+        case 22: A3TILE(2, 2); break;
+        case 12: A3TILE(1, 2); break;
+        case 13: A3TILE(1, 3); break;
+        default: A3TILE(1, 4); break;
+      }
+      for (int b = 0; b < rb; ++b)
+        for (int i = 0; i < rn; ++i) {
+          const int64_t row_id = e * a.N + n + b;
+          float v = out[b * rn + i];
+          if (a.u) v += dot(a.u + row_id * a.rank, a.t + (r0 + i) * a.rank, a.rank);
+          a.y[(r0 + i) * a.N + n + b] = v;
+        }
+      n += rb;
+    }
+    r0 += rn;
+  }
+}
+
+// out[b][i] = codebook weight row b . x row i: 8 codes a step, looked up in the row's fp32 table of its group (two
+// permutes of 8 entries and a blend on the index's bit 3).
+template <int RB, int RN>
+void codebook4_tile(const uint32_t* const* rows, const at::Half* const* cent, int64_t G, int64_t group,
+                    const float* x, int64_t K, float* out) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  __m256 acc[RB][RN];
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < RN; ++i) acc[b][i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 tlo[RB], thi[RB];
+    for (int b = 0; b < RB; ++b) {
+      const at::Half* c = cent[b] + g * 16;
+      tlo[b] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+      thi[b] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 8)));
+    }
+    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+      __m256 xv[RN];
+      for (int i = 0; i < RN; ++i) xv[i] = _mm256_loadu_ps(x + i * K + k);
+      for (int b = 0; b < RB; ++b) {
+        const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32((int)rows[b][k / 8]), shifts);  // low 3 bits used
+        const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo[b], idx), _mm256_permutevar8x32_ps(thi[b], idx),
+                                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 -> sign
+        for (int i = 0; i < RN; ++i) acc[b][i] = _mm256_fmadd_ps(w, xv[i], acc[b][i]);
+      }
+    }
+  }
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < RN; ++i) out[b * RN + i] = hsum(acc[b][i]);
+}
+
+// The byte-plane path (groups of a multiple of 32): a 16-entry fp32 table as 4 planes of 16 bytes (plane p holds
+// byte p of every entry), so 16 lookups are one in-lane vpshufb per plane, and 4 unpack steps rebuild the floats.
+// 16 packed bytes hold 32 codes, byte b codes 2b (low nibble) and 2b + 1 (high nibble): the low nibbles' floats
+// come out in order b, then the high nibbles', so x is read permuted the same way (`xperm`, made once per call).
+inline void planes16(const at::Half* c, __m128i p[4]) {
+  const __m256 t0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+  const __m256 t1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 8)));
+  const __m128i m = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  // dword j: byte j of each
+  __m128 a0 = _mm_castsi128_ps(_mm_shuffle_epi8(_mm_castps_si128(_mm256_castps256_ps128(t0)), m));
+  __m128 a1 = _mm_castsi128_ps(_mm_shuffle_epi8(_mm_castps_si128(_mm256_extractf128_ps(t0, 1)), m));
+  __m128 a2 = _mm_castsi128_ps(_mm_shuffle_epi8(_mm_castps_si128(_mm256_castps256_ps128(t1)), m));
+  __m128 a3 = _mm_castsi128_ps(_mm_shuffle_epi8(_mm_castps_si128(_mm256_extractf128_ps(t1, 1)), m));
+  _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
+  p[0] = _mm_castps_si128(a0), p[1] = _mm_castps_si128(a1), p[2] = _mm_castps_si128(a2), p[3] = _mm_castps_si128(a3);
+}
+
+template <int RN>
+inline void planes_fma(__m128i idx, const __m128i p[4], const float* x, int64_t K, __m128 (*acc)[2]) {
+  const __m128i l0 = _mm_shuffle_epi8(p[0], idx), l1 = _mm_shuffle_epi8(p[1], idx);
+  const __m128i l2 = _mm_shuffle_epi8(p[2], idx), l3 = _mm_shuffle_epi8(p[3], idx);
+  __m128i a = _mm_unpacklo_epi8(l0, l1), b = _mm_unpacklo_epi8(l2, l3);
+  const __m128 f0 = _mm_castsi128_ps(_mm_unpacklo_epi16(a, b)), f1 = _mm_castsi128_ps(_mm_unpackhi_epi16(a, b));
+  a = _mm_unpackhi_epi8(l0, l1), b = _mm_unpackhi_epi8(l2, l3);
+  const __m128 f2 = _mm_castsi128_ps(_mm_unpacklo_epi16(a, b)), f3 = _mm_castsi128_ps(_mm_unpackhi_epi16(a, b));
+  for (int i = 0; i < RN; ++i) {
+    acc[i][0] = _mm_fmadd_ps(f0, _mm_loadu_ps(x + i * K), acc[i][0]);
+    acc[i][1] = _mm_fmadd_ps(f1, _mm_loadu_ps(x + i * K + 4), acc[i][1]);
+    acc[i][0] = _mm_fmadd_ps(f2, _mm_loadu_ps(x + i * K + 8), acc[i][0]);
+    acc[i][1] = _mm_fmadd_ps(f3, _mm_loadu_ps(x + i * K + 12), acc[i][1]);
+  }
+}
+
+template <int RN>
+void codebook4_row_planes(const uint32_t* row, const at::Half* cent, int64_t G, int64_t group, const float* xperm,
+                          int64_t K, float* out) {
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  __m128 acc[RN][2];
+  for (int i = 0; i < RN; ++i) acc[i][0] = acc[i][1] = _mm_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m128i p[4];
+    planes16(cent + g * 16, p);
+    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 8));
+      planes_fma<RN>(_mm_and_si128(v, nib), p, xperm + k, K, acc);
+      planes_fma<RN>(_mm_and_si128(_mm_srli_epi16(v, 4), nib), p, xperm + k + 16, K, acc);
+    }
+  }
+  for (int i = 0; i < RN; ++i) {
+    __m128 s = _mm_add_ps(acc[i][0], acc[i][1]);
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    out[i] = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+  }
+}
+
+void codebook4_block(const Codebook4Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
+  if (a.xperm != nullptr) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t row_id = e * a.N + n;
+      const uint32_t* row = a.packed + row_id * a.W;
+      const at::Half* cent = a.cent + row_id * a.G * 16;
+      float out[4];
+      for (int64_t r0 = lo; r0 < hi;) {
+        const int rn = (int)std::min<int64_t>(hi - r0, 4);
+        const float* xp = a.xperm + r0 * a.K;
+        switch (rn) {
+          case 1: codebook4_row_planes<1>(row, cent, a.G, a.group, xp, a.K, out); break;
+          case 2: codebook4_row_planes<2>(row, cent, a.G, a.group, xp, a.K, out); break;
+          case 3: codebook4_row_planes<3>(row, cent, a.G, a.group, xp, a.K, out); break;
+          default: codebook4_row_planes<4>(row, cent, a.G, a.group, xp, a.K, out); break;
+        }
+        for (int i = 0; i < rn; ++i) a.y[(r0 + i) * a.N + n] = out[i];
+        r0 += rn;
+      }
+    }
+    return;
+  }
+  const uint32_t* rows[4];
+  const at::Half* cent[4];
+  float out[4];
+  for (int64_t r0 = lo; r0 < hi;) {
+    const int rn = (int)std::min<int64_t>(hi - r0, 2);
+    const int rb_max = rn == 1 ? 4 : 2;
+    for (int64_t n = n0; n < n1;) {
+      const int rb = (int)std::min<int64_t>(rb_max, n1 - n);
+      for (int b = 0; b < rb; ++b) {
+        const int64_t row_id = e * a.N + n + b;
+        rows[b] = a.packed + row_id * a.W;
+        cent[b] = a.cent + row_id * a.G * 16;
+      }
+      if (e * a.N + n + 2 * rb <= a.E * a.N) prefetch(a.packed + (e * a.N + n + rb) * a.W, rb * a.W * 4);
+      const float* x = a.x + r0 * a.K;
+      switch (rb * 10 + rn) {
+        case 41: codebook4_tile<4, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
+        case 31: codebook4_tile<3, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
+        case 21: codebook4_tile<2, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
+        case 11: codebook4_tile<1, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
+        case 22: codebook4_tile<2, 2>(rows, cent, a.G, a.group, x, a.K, out); break;
+        default: codebook4_tile<1, 2>(rows, cent, a.G, a.group, x, a.K, out); break;
+      }
+      for (int b = 0; b < rb; ++b)
+        for (int i = 0; i < rn; ++i) a.y[(r0 + i) * a.N + n + b] = out[b * rn + i];
+      n += rb;
+    }
+    r0 += rn;
+  }
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------------------------------------ avx512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vbmi,avx2,fma,f16c")
+namespace avx512 {
 // 64 3-bit codes (24 bytes at p, or 12 bytes for 32 codes) as bytes 0..63 of a zmm: vpermb gives qword lane L the
 // stream bytes 3L..3L+7 (its 8 codes start at bit 24L), vpmultishiftqb pulls the 8 codes at bit offsets 3b.
 alignas(64) const uint8_t kSpread[64] = {
@@ -195,18 +532,82 @@ void codebook4_rows_avx512(const uint32_t* row, const at::Half* cent, int64_t G,
     case 5: F<5>(__VA_ARGS__); break; case 6: F<6>(__VA_ARGS__); break;       \
     case 7: F<7>(__VA_ARGS__); break; default: F<8>(__VA_ARGS__); break;      \
   }
-#endif
 
-// Calls fn(e, n, lo, hi) for output row n of every expert e that has rows lo..hi, in blocks of kBlockN output
-// rows split over torch's threads (one task when the work is small).
+void affine3_block(const Affine3Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t row_id = e * a.N + n;
+    const uint32_t* row = a.packed + row_id * a.W;
+    if (row_id + 1 < a.E * a.N) prefetch(row + a.W, a.W * 4);  // the next row streams in while this one computes
+    for (int64_t r0 = lo; r0 < hi; r0 += 8) {  // up to 8 rows share each unpacked group
+      const int64_t rn = std::min<int64_t>(8, hi - r0);
+      float res[8];
+      SPECMOE_DISPATCH_RN(rn, affine3_rows_avx512, row, a.scale + row_id * a.G, a.zero + row_id * a.G, a.G, a.group,
+                          a.xpad + r0 * a.Kp, a.Kp, a.xsum + r0 * a.G, res)
+      for (int64_t i = 0; i < rn; ++i) {
+        float out = res[i];
+        if (a.u) out += avx2::dot(a.u + row_id * a.rank, a.t + (r0 + i) * a.rank, a.rank);
+        a.y[(r0 + i) * a.N + n] = out;
+      }
+    }
+  }
+}
+
+void codebook4_block(const Codebook4Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
+  if (a.group % 16 != 0) return avx2::codebook4_block(a, e, n0, n1, lo, hi);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t row_id = e * a.N + n;
+    const uint32_t* row = a.packed + row_id * a.W;
+    if (row_id + 1 < a.E * a.N) prefetch(row + a.W, a.W * 4);
+    for (int64_t r0 = lo; r0 < hi; r0 += 8) {
+      const int64_t rn = std::min<int64_t>(8, hi - r0);
+      float res[8];
+      SPECMOE_DISPATCH_RN(rn, codebook4_rows_avx512, row, a.cent + row_id * a.G * 16, a.G, a.group,
+                          a.x + r0 * a.K, a.K, res)
+      for (int64_t i = 0; i < rn; ++i) a.y[(r0 + i) * a.N + n] = res[i];
+    }
+  }
+}
+
+}  // namespace avx512
+#pragma GCC pop_options
+#endif  // SPECMOE_X86
+
+Affine3Block affine3_impl() {
+#if SPECMOE_X86
+  switch (active_isa()) {
+    case kAvx512: return avx512::affine3_block;
+    case kAvx2: return avx2::affine3_block;
+  }
+#endif
+  return scalar::affine3_block;
+}
+
+Codebook4Block codebook4_impl() {
+#if SPECMOE_X86
+  switch (active_isa()) {
+    case kAvx512: return avx512::codebook4_block;
+    case kAvx2: return avx2::codebook4_block;
+  }
+#endif
+  return scalar::codebook4_block;
+}
+
+float dot_any(const float* a, const float* b, int64_t n) {
+#if SPECMOE_X86
+  if (active_isa() >= kAvx2) return avx2::dot(a, b, n);
+#endif
+  return scalar::dot(a, b, n);
+}
+
+// Calls fn(e, n0, n1, lo, hi) for every block of kBlockN output rows of every expert e that has rows lo..hi,
+// split over torch's threads (one task when the work is small).
 template <typename F>
-void for_each_weight_row(int64_t E, int64_t N, int64_t K, int64_t R, const int64_t* off, const F& fn) {
+void for_each_block(int64_t E, int64_t N, int64_t K, int64_t R, const int64_t* off, const F& fn) {
   const int64_t nblocks = (N + kBlockN - 1) / kBlockN;
   at::parallel_for(0, E * nblocks, grain(N, K, (R + E - 1) / E), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t e = b / nblocks, n0 = (b % nblocks) * kBlockN, n1 = std::min(N, n0 + kBlockN);
-      if (off[e + 1] == off[e]) continue;
-      for (int64_t n = n0; n < n1; ++n) fn(e, n, off[e], off[e + 1]);
+      if (off[e + 1] > off[e]) fn(e, n0, n1, off[e], off[e + 1]);
     }
   });
 }
@@ -252,10 +653,6 @@ torch::Tensor affine3_grouped(torch::Tensor x, torch::Tensor offsets, torch::Ten
   if (R == 0 || N == 0) return y;
   const float* xp = x.data_ptr<float>();
   const int64_t* off = offsets.data_ptr<int64_t>();
-  const uint32_t* pw = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
-  const at::Half* sp = scale.data_ptr<at::Half>();
-  const at::Half* zp = zero.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
 
   // x zero-padded to Kp, its per-group sums, and the compensator's V x.
   std::vector<float> xpad(R * Kp, 0.f), xsum(R * G, 0.f), t(R * (rank > 0 ? rank : 1), 0.f);
@@ -271,61 +668,14 @@ torch::Tensor affine3_grouped(torch::Tensor x, torch::Tensor offsets, torch::Ten
     const float* vp = v.data_ptr<float>();
     for (int64_t e = 0; e < E; ++e)
       for (int64_t r = off[e]; r < off[e + 1]; ++r)
-        for (int64_t j = 0; j < rank; ++j) t[r * rank + j] = dot(vp + (e * rank + j) * K, xp + r * K, K);
+        for (int64_t j = 0; j < rank; ++j) t[r * rank + j] = dot_any(vp + (e * rank + j) * K, xp + r * K, K);
   }
-  const float* up = comp ? u.data_ptr<float>() : nullptr;
-  for_each_weight_row(E, N, K, R, off, [&](int64_t e, int64_t n, int64_t lo, int64_t hi) {
-    thread_local std::vector<float> wq;
-    wq.resize(group);
-    const uint32_t* row = pw + (e * N + n) * W;
-    if (e * N + n + 1 < E * N) prefetch(row + W, W * 4);  // the next row streams in while this one computes
-    const at::Half* srow = sp + (e * N + n) * G;
-    const at::Half* zrow = zp + (e * N + n) * G;
-    for (int64_t r0 = lo; r0 < hi; r0 += 8) {  // up to 8 rows share each unpacked group
-      const int64_t rn = std::min<int64_t>(8, hi - r0);
-#if SPECMOE_AVX512
-      float res[8];
-      SPECMOE_DISPATCH_RN(rn, affine3_rows_avx512, row, srow, zrow, G, group, &xpad[r0 * Kp], Kp,
-                          &xsum[r0 * G], res)
-      for (int64_t i = 0; i < rn; ++i) {
-        float out = res[i];
-        if (comp) out += dot(up + (e * N + n) * rank, &t[(r0 + i) * rank], rank);
-        yp[(r0 + i) * N + n] = out;
-      }
-      continue;
-#endif
-#if SPECMOE_AVX2
-      __m256 acc[8];
-      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-#else
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#endif
-      float corr[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int64_t g = 0; g < G; ++g) {
-        const float s = half_to_float(srow[g]), sz = s * half_to_float(zrow[g]);
-        unpack3(row + g * group / 32 * 3, group, wq.data());
-#if SPECMOE_AVX2
-        const __m256 vs = _mm256_set1_ps(s);
-        for (int64_t k = 0; k < group; k += 8) {
-          const __m256 w8 = _mm256_mul_ps(_mm256_loadu_ps(&wq[k]), vs);
-          for (int64_t i = 0; i < rn; ++i)
-            acc[i] = _mm256_fmadd_ps(w8, _mm256_loadu_ps(&xpad[(r0 + i) * Kp + g * group + k]), acc[i]);
-        }
-#else
-        for (int64_t i = 0; i < rn; ++i) acc[i] += s * dot(wq.data(), &xpad[(r0 + i) * Kp + g * group], group);
-#endif
-        for (int64_t i = 0; i < rn; ++i) corr[i] += sz * xsum[(r0 + i) * G + g];
-      }
-      for (int64_t i = 0; i < rn; ++i) {
-#if SPECMOE_AVX2
-        float out = hsum(acc[i]) - corr[i];
-#else
-        float out = acc[i] - corr[i];
-#endif
-        if (comp) out += dot(up + (e * N + n) * rank, &t[(r0 + i) * rank], rank);
-        yp[(r0 + i) * N + n] = out;
-      }
-    }
+  const Affine3Args args{xpad.data(), xsum.data(), t.data(), comp ? u.data_ptr<float>() : nullptr,
+                         reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()), scale.data_ptr<at::Half>(),
+                         zero.data_ptr<at::Half>(), y.data_ptr<float>(), E, N, W, G, group, Kp, rank};
+  const Affine3Block block = affine3_impl();
+  for_each_block(E, N, K, R, off, [&](int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
+    block(args, e, n0, n1, lo, hi);
   });
   return y;
 }
@@ -342,62 +692,26 @@ torch::Tensor codebook4_grouped(torch::Tensor x, torch::Tensor offsets, torch::T
   TORCH_CHECK(K % G == 0 && (K / G) % 8 == 0, "K = ", K, " must split into ", G, " groups of a multiple of 8");
   TORCH_CHECK(W == (K + 31) / 32 * 4, "packed has ", W, " words per row, but ", K, " 4-bit codes need ",
               (K + 31) / 32 * 4);
-  const int64_t group = K / G;
   auto y = torch::empty({R, N}, x.options());  // every row belongs to one expert
   if (R == 0 || N == 0) return y;
+  const int64_t group = K / G;
+  std::vector<float> xperm;
   const float* xp = x.data_ptr<float>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  const uint32_t* pw = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
-  const at::Half* cp = centroids.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
-  for_each_weight_row(E, N, K, R, off, [&](int64_t e, int64_t n, int64_t lo, int64_t hi) {
-    const uint32_t* row = pw + (e * N + n) * W;
-    if (e * N + n + 1 < E * N) prefetch(row + W, W * 4);  // the next row streams in while this one computes
-    for (int64_t r0 = lo; r0 < hi; r0 += 8) {
-      const int64_t rn = std::min<int64_t>(8, hi - r0);
-#if SPECMOE_AVX512
-      if (group % 16 == 0) {
-        float res[8];
-        SPECMOE_DISPATCH_RN(rn, codebook4_rows_avx512, row, cp + (e * N + n) * G * 16, G, group, xp + r0 * K,
-                            K, res)
-        for (int64_t i = 0; i < rn; ++i) yp[(r0 + i) * N + n] = res[i];
-        continue;
-      }
-#endif
-#if SPECMOE_AVX2
-      __m256 acc[8];
-      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-      const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-      const __m256i fifteen = _mm256_set1_epi32(15);
-      for (int64_t g = 0; g < G; ++g) {
-        const at::Half* c = cp + ((e * N + n) * G + g) * 16;
-        const __m256 tlo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-        const __m256 thi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 8)));
-        for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
-          const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)row[k / 8]), shifts),
-                                               fifteen);
-          const __m256 w8 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx),
-                                             _mm256_permutevar8x32_ps(thi, idx),
-                                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-          for (int64_t i = 0; i < rn; ++i)
-            acc[i] = _mm256_fmadd_ps(w8, _mm256_loadu_ps(xp + (r0 + i) * K + k), acc[i]);
+  if (active_isa() == kAvx2 && group % 32 == 0) {  // the byte-plane path reads x in its decode order
+    xperm.resize(R * K);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t k0 = 0; k0 < K; k0 += 32)
+        for (int64_t b = 0; b < 16; ++b) {
+          xperm[r * K + k0 + b] = xp[r * K + k0 + 2 * b];
+          xperm[r * K + k0 + 16 + b] = xp[r * K + k0 + 2 * b + 1];
         }
-      }
-      for (int64_t i = 0; i < rn; ++i) yp[(r0 + i) * N + n] = hsum(acc[i]);
-#else
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int64_t g = 0; g < G; ++g) {
-        float table[16];
-        for (int j = 0; j < 16; ++j) table[j] = half_to_float(cp[((e * N + n) * G + g) * 16 + j]);
-        for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-          const float w = table[(row[k / 8] >> (4 * (k % 8))) & 15u];
-          for (int64_t i = 0; i < rn; ++i) acc[i] += w * xp[(r0 + i) * K + k];
-        }
-      }
-      for (int64_t i = 0; i < rn; ++i) yp[(r0 + i) * N + n] = acc[i];
-#endif
-    }
-  });
+  }
+  const Codebook4Args args{xp, xperm.empty() ? nullptr : xperm.data(),
+                           reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()),
+                           centroids.data_ptr<at::Half>(), y.data_ptr<float>(), E, N, W, G, group, K};
+  const Codebook4Block block = codebook4_impl();
+  for_each_block(E, N, K, R, offsets.data_ptr<int64_t>(),
+                 [&](int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) { block(args, e, n0, n1, lo, hi); });
   return y;
 }
 
@@ -419,7 +733,7 @@ torch::Tensor affine3_dequant(torch::Tensor packed, torch::Tensor scale, torch::
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> q(Kp);
     for (int64_t n = n0; n < n1; ++n) {
-      unpack3(pw + n * W, Kp, q.data());
+      scalar::unpack3(pw + n * W, Kp, q.data());
       for (int64_t k = 0; k < K; ++k) {
         const int64_t g = k / group;
         op[n * K + k] = (q[k] - half_to_float(zp[n * G + g])) * half_to_float(sp[n * G + g]);
@@ -429,11 +743,34 @@ torch::Tensor affine3_dequant(torch::Tensor packed, torch::Tensor scale, torch::
   return out;
 }
 
-std::string isa() { return SPECMOE_AVX512 ? "avx512" : (SPECMOE_AVX2 ? "avx2" : "scalar"); }
+std::string isa() { return kIsaNames[active_isa()]; }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (int i = 0; i <= best_isa(); ++i) out.push_back(kIsaNames[i]);
+  return out;
+}
+
+// Forces a code path ("native": the best this CPU has); refuses one the CPU lacks.
+void set_isa(const std::string& name) {
+  if (name == "native") {
+    g_isa.store(best_isa());
+    return;
+  }
+  for (int i = 0; i <= kAvx512; ++i)
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(i <= best_isa(), "this CPU has no ", name, " (it supports up to ", kIsaNames[best_isa()], ")");
+      g_isa.store(i);
+      return;
+    }
+  TORCH_CHECK(false, "unknown ISA '", name, "': use native, avx512, avx2 or scalar");
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine3_grouped", &affine3_grouped, "grouped 3-bit affine matmul (CPU)");
   m.def("codebook4_grouped", &codebook4_grouped, "grouped 4-bit codebook matmul (CPU)");
   m.def("affine3_dequant", &affine3_dequant, "3-bit affine dequantization (CPU)");
-  m.def("isa", &isa, "the instruction set the kernels were compiled for");
+  m.def("isa", &isa, "the code path the kernels run (avx512, avx2 or scalar)");
+  m.def("supported_isas", &supported_isas, "the code paths this CPU can run, scalar first");
+  m.def("set_isa", &set_isa, "force a code path: native, avx512, avx2 or scalar");
 }
