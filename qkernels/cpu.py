@@ -1,9 +1,10 @@
 """The CPU kernels (qkernels/csrc/qmatmul_cpu.cpp): a C++ extension built with torch's extension tools at first
-use (about a minute on 2 cores, once) and cached under `$SPECMOE_CACHE/torch_extensions` (default `~/.cache/specmoe`). Every code
-path is compiled in (AVX-512 VBMI, AVX2 + FMA + F16C, scalar) and the best one this CPU has is chosen at run time,
-by its flags, not the build machine's; `SPECMOE_CPU_ISA=avx512|avx2|scalar` forces one (an error where the CPU
-lacks it), and `use_isa` switches in-process (the benchmark measures every path the machine supports). Chosen over `torch.compile` by measurement
-(`python -m pipelines.bench kernels`: both are timed side by side).
+use (about a minute on 2 cores, once) and cached under `$SPECMOE_CACHE/torch_extensions` (default
+`~/.cache/specmoe`). Every code path is compiled in (AVX-512 VBMI, AVX2 + FMA + F16C, scalar) and the best one this
+CPU has is chosen at run time, by its flags, not the build machine's; `SPECMOE_CPU_ISA=avx512|avx2|scalar` forces
+one (an error where the CPU lacks it), and `use_isa` switches in-process (the benchmark measures every path the
+machine supports). Chosen over `torch.compile` by measurement (`python -m pipelines.bench kernels`: both are timed
+side by side).
 
 `available()` is False, after one warning, when the build fails (no compiler): callers then use the reference.
 Decode-sized batches (up to `MAX_KERNEL_ROWS` rows per expert) run the fused kernels; larger ones dequantize with
