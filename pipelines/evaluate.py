@@ -118,7 +118,7 @@ def build_verifier(cfg: EvaluateConfig, target: HostClient, tok, role=None):
         elif vc.kind == "tbvm":
             inner = V.TBVM(client, vtok, vc.alpha, tuple(vc.positive_words), tuple(vc.negative_words))
         else:
-            inner = V.Score(client, vtok, int(vc.threshold))
+            inner = V.Score(client, vtok, vc.min_score)
     return V.ShortCircuit(inner) if vc.short_circuit else inner
 
 

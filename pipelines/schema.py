@@ -229,7 +229,7 @@ class VerifierConfig:
     """Judges a draft step against the target's step from the same prefix."""
 
     kind: str = choice("tbvm", VERIFIERS, help="exact: same text; embedding: MiniLM cosine > threshold; judge: an LM "
-                       "says yes/no; tbvm: p(yes)/(p(yes)+p(no)) > alpha; score: an LM's 0-9 score >= threshold; "
+                       "says yes/no; tbvm: p(yes)/(p(yes)+p(no)) > alpha; score: an LM's 0-9 score >= min_score; "
                        "random: accept with probability p; always: accept every step")
     model: str = field(default="target", metadata={"help": "'target' asks the target actor; else a model name "
                                                            "hosted by a verifier actor (see verifier_role)"})
@@ -239,7 +239,8 @@ class VerifierConfig:
     alpha: float = bounded(0.7, ge=0, le=1, help="tbvm: accept iff p_pos / (p_pos + p_neg) > alpha")
     positive_words: list[str] = key(factory=lambda: ["yes", "Yes"], help="tbvm, judge: tokens that mean yes")
     negative_words: list[str] = key(factory=lambda: ["no", "No"], help="tbvm, judge: tokens that mean no")
-    threshold: float = bounded(0.85, help="embedding: cosine threshold in [-1, 1]; score: minimum score 0-9")
+    threshold: float = bounded(0.85, help="embedding: cosine threshold in [-1, 1)")
+    min_score: int = bounded(7, ge=0, le=9, help="score: the lowest 0-9 score that accepts (SpecReason: 7)")
     p: float = bounded(0.5, ge=0, le=1, help="random: accept probability")
     seed: int = key(0, help="random: seed of the accept draws")
 
@@ -247,9 +248,6 @@ class VerifierConfig:
         if self.kind == "embedding" and not -1 <= self.threshold < 1:
             raise ConfigError(f"config key 'verifier.threshold': {self.threshold} with verifier.kind=embedding: a "
                               "cosine is in [-1, 1], so a threshold outside [-1, 1) accepts every step or none")
-        if self.kind == "score" and not 0 <= self.threshold <= 9:
-            raise ConfigError(f"config key 'verifier.threshold': {self.threshold} with verifier.kind=score: scores "
-                              "are 0-9")
 
 
 @dataclass
@@ -275,8 +273,9 @@ class EvaluateConfig:
     """pipelines.evaluate: methods side by side on the same actors and problems."""
 
     # speedups are the results: only where the actors run may change
+    # runs saved before verifier.min_score existed judged score steps with int(threshold): 0 at the default
     RESUME: ClassVar[ResumeRule] = ResumeRule(free=("run.", "ray.", "wandb.", "target.actor.", "draft.actor.",
-                                                     "verifier_role.actor."))
+                                                     "verifier_role.actor."), saved_before={"verifier.min_score": 0})
 
     run: RunConfig = field(default_factory=lambda: RunConfig(name="evaluate"))
     ray: RayConfig = field(default_factory=RayConfig)

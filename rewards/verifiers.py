@@ -8,7 +8,7 @@ An item holds the problem, the committed answer so far (context), the target's o
   accept iff p("aligned") > p("unaligned") (one prefill, one token);
 - `tbvm`: DREAM-R's threshold test: ask whether the draft step is a correct next step; accept iff
   p_pos / (p_pos + p_neg) > alpha (default 0.7); needs no target step, so it runs beside the target;
-- `score`: SpecReason: the model scores the draft step 0-9; accept iff the most likely digit >= threshold;
+- `score`: SpecReason: the model scores the draft step 0-9; accept iff the most likely digit >= min_score (7);
 - `random`: accept with probability p (seeded); `always`: accept everything.
 Every model verifier is wrapped so that a normalised exact match accepts without a model call.
 """
