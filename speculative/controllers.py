@@ -219,6 +219,12 @@ class _Run:
         rejected at that depth (the caller commits the target's step and cancels them)."""
         self.trace.verifications += [Verification(self.cycle, depth, False, 0.0, "late") for _ in range(drafts)]
 
+    def off_path(self, which) -> None:
+        """Mark the recorded verdicts `which` selects as judged off the accepted path (raw count only)."""
+        for v in self.trace.verifications:
+            if which(v):
+                v.on_path = False
+
     def commit(self, step: StepOut, origin: str, depth: int) -> None:
         self.committed += step.token_ids
         wait = max(0.0, time.perf_counter() - step.ended_at) if step.ended_at else 0.0
@@ -264,8 +270,8 @@ class _Run:
             verdicts = await self.verify(0, [(paths[j], texts[j], targets[j], drafts[j]) for j in range(len(drafts))])
             j_star = next((j for j, v in enumerate(verdicts) if not v.accept), len(drafts))
             beyond = len(verdicts) - j_star - 1
-            if beyond > 0:  # judged in the same batch, but past the first rejection: not part of the cycle
-                del self.trace.verifications[-beyond:]
+            for v in self.trace.verifications[len(self.trace.verifications) - beyond:] if beyond > 0 else []:
+                v.on_path = False  # judged in the same batch, but past the first rejection
             for j in range(j_star):
                 self.commit(drafts[j], "draft", j)
             self.waste(drafts[j_star:], "draft")
@@ -332,6 +338,7 @@ class _Run:
                 while j >= len(verdict_tasks) and not draft_task.done():
                     if lose and target_tasks[j].done():  # t_j returned before d_j exists: the draft lost
                         self.late(j, 1)
+                        self.off_path(lambda v, j=j: v.cycle == self.cycle and v.depth > j)
                         for k in range(j):
                             self.commit(drafts[k], "draft", k)
                         self.commit(target_tasks[j].result(), "target", j)
@@ -348,6 +355,7 @@ class _Run:
                     return
                 verdict = await verdict_tasks[j]
                 if not verdict.accept:
+                    self.off_path(lambda v, j=j: v.cycle == self.cycle and v.depth > j)
                     for k in range(j):
                         self.commit(drafts[k], "draft", k)
                     fallback = await target_tasks[j]  # clean fallback: usually computed already
@@ -393,6 +401,7 @@ class _Run:
                     self.trace.cycles += 1
         finally:
             await self._cancel(tree.tasks)
+            tree.off_path_below(root)
 
 
 class _Node:
@@ -403,6 +412,7 @@ class _Node:
         self.drafts: list[asyncio.Task] = []
         self.children: list[_Node] = []
         self.verdicts: dict[int, asyncio.Task] = {}  # child index -> verification task
+        self.record = None  # this node's draft step's Verification in the trace, once judged
 
 
 class _Tree:
@@ -444,7 +454,9 @@ class _Tree:
 
     async def _verify(self, parent: _Node, child: _Node) -> Verdict:
         t = await parent.target if (parent.target is not None and self.run.ctl.verifier.needs_target_step) else None
-        return (await self.run.verify(parent.level, [(parent.path, parent.text, t, child.step)]))[0]
+        verdict = (await self.run.verify(parent.level, [(parent.path, parent.text, t, child.step)]))[0]
+        child.record = self.run.trace.verifications[-1]  # appended by verify, with no await in between
+        return verdict
 
     async def decide(self, root: _Node) -> Optional[_Node]:
         """The first child of the root whose draft step is accepted, or None when all are rejected (or, with
@@ -482,11 +494,23 @@ class _Tree:
                     task.cancel()
                     self.run.trace.cancelled_requests += 1
             for i, child in enumerate(n.children):
+                if n is not node and child.record is not None:  # its parent was never committed
+                    child.record.on_path = False
                 if child is not keep:
                     self.run.waste([child.step], "draft")
                 v = n.verdicts.get(i)
                 if v is not None and not v.done():
                     v.cancel()
+                stack.append(child)
+
+    def off_path_below(self, root: _Node) -> None:
+        """At the end: the verdicts on drafts whose parent below `root` was never committed are off the path."""
+        stack = list(root.children)
+        while stack:
+            n = stack.pop()
+            for child in n.children:
+                if child.record is not None:
+                    child.record.on_path = False
                 stack.append(child)
 
     def rebase(self, winner: _Node) -> _Node:

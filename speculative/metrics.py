@@ -1,7 +1,8 @@
 """Metrics of one method over many problems, computed from traces only.
 
-Names follow the papers and vLLM: step_accept_rate (accepted draft steps / verified draft steps, a cut draft counts
-as rejected), acceptance by depth (conditional: a depth is judged only while every earlier draft in the window
+Names follow the papers and vLLM: step_accept_rate (accepted draft steps / verified draft steps on the accepted
+path, i.e. those whose earlier drafts in the window were all accepted, as the theory's alpha; a cut draft counts as
+rejected; `step_accept_rate_raw` counts every verdict that finished), acceptance by depth (conditional: a depth is judged only while every earlier draft in the window
 passed), token-level acceptance_rate (accepted / drafted tokens) and mean_acceptance_length (1 + accepted tokens
 per target verification pass).
 """
@@ -18,7 +19,8 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
     n = len(traces)
     tokens = sum(len(t.token_ids) for t in traces)
     wall = sum(t.wall_s for t in traces)
-    verifs = [v for t in traces for v in t.verifications]
+    judged = [v for t in traces for v in t.verifications]
+    verifs = [v for v in judged if v.on_path]  # the conditional acceptance the theory's alpha is
     by_depth: dict[int, list[bool]] = defaultdict(list)
     for v in verifs:
         by_depth[v.depth].append(v.accepted)
@@ -57,6 +59,10 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         "accepted_steps_per_cycle": draft_steps / cycles if cycles else 0.0,
         "step_accept_rate": sum(v.accepted for v in verifs) / len(verifs) if verifs else 0.0,
         "verifications": len(verifs),
+        # every verdict that finished, also on drafts after one that was rejected (lr_async, fpsr judge those
+        # concurrently; lr_sync judges its window in one batch)
+        "step_accept_rate_raw": sum(v.accepted for v in judged) / len(judged) if judged else 0.0,
+        "verifications_raw": len(judged),
         "accept_rate_by_depth": {d: sum(a) / len(a) for d, a in sorted(by_depth.items())},
         "verifier_calls": calls,
         "target_requests": target_req,

@@ -26,6 +26,10 @@ class Verification:
     # verified | exact | cut (draft hit the step cap) | eos-mismatch | late (late_drafts="lose": the target's step
     # from the same prefix returned before the draft step existed)
     reason: str = "verified"
+    # whether every draft step before it in its window was accepted: the verdicts the theory's alpha counts. lr_async
+    # and fpsr also judge drafts that follow a draft still being judged; once that one is rejected, theirs are off
+    # the path (kept for the raw count)
+    on_path: bool = True
 
 
 @dataclass

@@ -175,9 +175,11 @@ def test_sync_bookkeeping_on_scripted_hosts():
     # cycle 3: d6 ok, d7 wrong -> t7; cycle 4: d8 ok, d9 (eos) ok
     assert [s.origin for s in trace.steps] == ["draft", "draft", "target", "draft", "draft", "draft", "draft",
                                                "target", "draft", "draft"]
-    assert [(v.cycle, v.depth, v.accepted) for v in trace.verifications] == [
+    assert [(v.cycle, v.depth, v.accepted) for v in trace.verifications if v.on_path] == [
         (0, 0, True), (0, 1, True), (0, 2, False), (1, 0, True), (1, 1, True), (1, 2, True),
         (2, 0, True), (2, 1, False), (3, 0, True), (3, 1, True)]
+    # d8, judged in cycle 3's batch after d7's rejection: off the path (raw count only)
+    assert [(v.cycle, v.depth, v.accepted) for v in trace.verifications if not v.on_path] == [(2, 2, True)]
     assert trace.cycles == 4 and trace.finish_reason == "eos"
     # costs: one batched target call per cycle, one verifier call per cycle, every request counted, every
     # committed step with the latency of the call that wrote it
@@ -277,3 +279,35 @@ def test_late_drafts_lose_to_the_root_target_step(verifier, method):
         (c, 0, False, "late") for c in range(4)]
     assert trace.cancelled_requests >= 3 and draft.running == 0 and target.running == 0
     assert trace.wall_s < 0.05 * 4 + 0.1  # the target's pace, not the draft's
+
+
+class SlowOnWrongVerifier(WrongStepVerifier):
+    """Judges a wrong step slowly, the rest at once: drafts after a wrong one are judged before it is rejected."""
+
+    async def verify(self, items):
+        if any(it.draft_ids[0] >= 150 for it in items):
+            await asyncio.sleep(0.3)
+        return await super().verify(items)
+
+
+@pytest.mark.parametrize("method", ["fpsr", "lr_async", "lr_sync"])
+def test_step_acceptance_counts_only_verdicts_on_the_accepted_path(method):
+    """The theory's alpha is conditional: a verdict counts only when every earlier draft of its window was accepted.
+    fpsr and lr_async judge d2, d3 (accepted) while the wrong d1 is still being judged; those verdicts stay in the
+    raw count only. Here every on-path verdict passes but the one on d1."""
+    target, draft = ScriptedHost(len(PROMPT), delay_s=0.02), ScriptedHost(len(PROMPT), wrong_at={1}, delay_s=0.01)
+    ctl = Controller(settings(method, max_new_tokens=100, gamma=4), HostClient(target), HostClient(draft),
+                     SlowOnWrongVerifier())
+    trace = run(ctl)
+    assert trace.token_ids == [t for i in range(10) for t in (100 + i, 100 + i)]
+    on = [v for v in trace.verifications if v.on_path]
+    off = [v for v in trace.verifications if not v.on_path]
+    assert [v.accepted for v in on].count(False) == 1 and not on[1].accepted  # d1, the second draft
+    if method != "lr_sync":  # lr_sync judges its window in one batch: its d2, d3 are judged and off the path too
+        assert off and all(v.accepted for v in off)
+    s = summarize([trace])
+    assert s["step_accept_rate"] == pytest.approx((len(on) - 1) / len(on))
+    assert s["verifications"] == len(on) and s["verifications_raw"] == len(trace.verifications)
+    assert s["step_accept_rate_raw"] == pytest.approx(sum(v.accepted for v in trace.verifications)
+                                                      / len(trace.verifications))
+    assert s["step_accept_rate_raw"] > s["step_accept_rate"]
