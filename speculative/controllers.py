@@ -4,8 +4,8 @@ Methods (any step method takes `+sd`: token-level SD inside every target step):
 - `ar`: the target alone, one step request at a time; `sd`: the same with token-level SD in the target engine.
 - `lr_sync` (Lookahead Reasoning, Algorithm 1): the draft writes gamma steps one after another; the target writes
   t_0..t_gamma in one batched call (t_j from the prefix plus d_<j); j* = first rejected draft; commit d_<j* and
-  t_j*. When all drafts pass, they are committed and t_gamma (the target's step from the new prefix) becomes the
-  next cycle's t_0, so always-accept is draft-only decoding and never-accept is `ar`.
+  t_j*. When all drafts pass, they and t_gamma (the target's step from the new prefix) are committed: 1 to
+  gamma + 1 steps a cycle (`speculative.theory.f_sync`); never-accept is `ar`.
 - `lr_async` (the asynchronous tree): every node of the lookahead window (depth <= gamma from the accepted root)
   has its target step launched as soon as its prefix exists, and nodes at depth < gamma launch W draft children.
   The first accepted child of the root wins and becomes the root (siblings cancelled, its subtree kept); all
@@ -251,7 +251,6 @@ class _Run:
     # ------------------------------------------------------------ Lookahead Reasoning, synchronous
 
     async def lr_sync(self) -> None:
-        t0_ready: Optional[StepOut] = None
         while not self.done:
             self.trace.cycles += 1
             drafts: list[StepOut] = []
@@ -264,9 +263,7 @@ class _Run:
                     break
             paths = [sum((d.token_ids for d in drafts[:j]), []) for j in range(len(drafts) + 1)]
             texts = ["".join(d.text for d in drafts[:j]) for j in range(len(drafts) + 1)]
-            todo = paths[1:] if t0_ready is not None else paths
-            computed = await self.target_steps(todo)  # one call: the engine batches these
-            targets = ([t0_ready] if t0_ready is not None else []) + computed
+            targets = await self.target_steps(paths)  # one call: the engine batches these
             verdicts = await self.verify(0, [(paths[j], texts[j], targets[j], drafts[j]) for j in range(len(drafts))])
             j_star = next((j for j, v in enumerate(verdicts) if not v.accept), len(drafts))
             beyond = len(verdicts) - j_star - 1
@@ -275,13 +272,11 @@ class _Run:
             for j in range(j_star):
                 self.commit(drafts[j], "draft", j)
             self.waste(drafts[j_star:], "draft")
-            if j_star < len(drafts):
+            if not self.done:  # t_j*: the fallback, or t_gamma when every draft passed
                 self.commit(targets[j_star], "target", j_star)
                 self.waste(targets[:j_star] + targets[j_star + 1:], "target")
-                t0_ready = None
             else:
-                self.waste(targets[:-1], "target")
-                t0_ready = targets[-1]  # the target's step from the new prefix: the next cycle's t_0
+                self.waste(targets, "target")
             self.cycle += 1
 
     # ------------------------------------------------------------ FPSR

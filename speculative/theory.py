@@ -28,7 +28,18 @@ def g_token(a: float, c: float, k: int) -> float:
 
 
 def f_sync(a: float, c: float, gamma: int) -> float:
-    """Synchronous LR: (1 - a^g) / ((1 - a)(1 - c + c g)); expected committed steps over the cycle's cost."""
+    """Synchronous LR as `lr_sync` runs it (Algorithm 1): gamma draft steps one after another (cost gamma c), then
+    one batched target call (cost 1) for t_0..t_gamma; it commits the accepted drafts and the target's step at the
+    first rejection, or all gamma drafts and t_gamma: 1 to gamma + 1 steps a cycle.
+    (1 - a^(g+1)) / ((1 - a)(1 + c g))."""
+    _check(a, c)
+    steps = gamma + 1 if a == 1 else (1 - a ** (gamma + 1)) / (1 - a)
+    return steps / (1 + c * gamma)
+
+
+def f_sync_paper(a: float, c: float, gamma: int) -> float:
+    """The Lookahead Reasoning paper's synchronous model: (1 - a^g) / ((1 - a)(1 - c + c g)) (its fixtures are in
+    tests/test_theory.py); it counts gamma - 1 sequential drafts a cycle, where `lr_sync` drafts gamma."""
     _check(a, c)
     steps = gamma if a == 1 else (1 - a ** gamma) / (1 - a)
     return steps / (1 - c + c * gamma)
