@@ -126,22 +126,13 @@ def _worker(config: dict) -> None:
 
 def restore_warm_start(checkpoint, target: Path) -> None:
     """The warm start, handed to the GRPO workers as a Ray Train checkpoint, brought to this node (once)."""
-    import shutil
-
-    if (target / "config.json").is_file():
-        return
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint.to_directory(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    if not (target / "config.json").is_file():
+        _bring(checkpoint, target)
 
 
 def restore_reported_checkpoint(out: Path) -> None:
     """The last checkpoint reported to Ray Train (after Ray Train restarted the worker group, or for a run it
     continues), brought into `out` on this node unless it is there already."""
-    import shutil
-
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -149,10 +140,17 @@ def restore_reported_checkpoint(out: Path) -> None:
     target = out / name
     if not name.startswith("checkpoint-") or (target / "trainer_state.json").is_file():
         return  # none, the finished run's summary, or here already
+    _bring(checkpoint, target)
+
+
+def _bring(checkpoint, target: Path) -> None:
+    """A Ray Train checkpoint's files into `target` on this node: written beside it, then renamed, so a worker
+    killed mid-copy leaves no half directory where resume looks."""
+    import shutil
+
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with checkpoint.as_directory() as local:
-        shutil.copytree(local, tmp)
+    checkpoint.to_directory(str(tmp))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
