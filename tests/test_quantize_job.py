@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelines.runs import read_jsonl
 from quant.checkpoint import load_quantized
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,21 +28,21 @@ def _job(args, env_extra=None, **kw):
 def test_killed_quantize_job_resumes(tmp_path):
     args = [f"run.storage={tmp_path}", "rounds=40", "ppl_tokens=0"]
     job = _job(args)
-    parts = None
+    run_dir = None
     deadline = time.time() + 240
     while time.time() < deadline and job.poll() is None:
-        found = list(tmp_path.glob("quantize/*/model/tensors/*.safetensors"))
-        if len(found) >= 4:
-            parts = found[0].parent
+        # a tensor is done when its line is in tensors.jsonl (its file is written before that line)
+        found = [r for r in tmp_path.glob("quantize/*/tensors.jsonl") if len(r.read_text().splitlines()) >= 4]
+        if found:
+            run_dir = found[0].parent
             break
         time.sleep(0.01)
-    assert parts is not None, job.communicate()[0][-3000:]
+    assert run_dir is not None, job.communicate()[0][-3000:]
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    run_dir = parts.parent.parent
-    recorded = [json.loads(line)["file"] for line in (run_dir / "tensors.jsonl").read_text().splitlines()]
+    recorded = [row["file"] for row in read_jsonl(run_dir / "tensors.jsonl")]  # as the resume reads it
     before = {f: (run_dir / "model" / f).stat().st_mtime_ns for f in recorded}
-    assert 4 <= len(before) < 24, "the job finished before it could be killed"
+    assert 4 <= len(before) < 24, f"{len(before)} of 24 tensors recorded when the job was killed"
     resumed = _job([f"run.resume={run_dir}", "rounds=40", "ppl_tokens=0"])
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
