@@ -10,6 +10,12 @@ continuously (continuous batching: a request joins the running batch after its p
    token-identical to plain greedy. Sampling: standard speculative sampling (accept with min(1, p/q), else
    resample from max(p - q, 0)), which leaves the target's distribution unchanged.
 Counters per result follow vLLM's names: drafted and accepted tokens (acceptance rate = accepted / drafted).
+
+Memory: with `kv_budget_bytes`, each model's KV buffers (running sequences and the prefix cache, counted from the
+allocated buffers) stay within the budget: a pending request is admitted, in order, once its buffer fits (finished
+sequences are evicted from the prefix cache first), so requests wait instead of running the host out of memory; a
+request that could never fit is refused at `submit` with an EngineError naming the budget. A request's buffer is
+sized at admission for its prompt, its max_new_tokens and one speculation pass, so it does not grow while it runs.
 """
 
 from __future__ import annotations
@@ -100,10 +106,12 @@ PREFILL_BATCH_MAX_TOKENS = 32  # uncached prompt tokens up to which requests sha
 
 class Engine:
     def __init__(self, model, tokenizer, draft_model=None, speculation: Speculation | None = None,
-                 prefix_cache_tokens: int = 32768, max_batch: int = 16):
+                 prefix_cache_tokens: int = 32768, max_batch: int = 16, kv_budget_bytes: int = 0):
         self.tokenizer = tokenizer
-        self.target = ModelRunner(model, prefix_cache_tokens)
-        self.draft = ModelRunner(draft_model, prefix_cache_tokens) if draft_model is not None else None
+        self.target = ModelRunner(model, prefix_cache_tokens, kv_budget_bytes)
+        self.draft = (ModelRunner(draft_model, prefix_cache_tokens, kv_budget_bytes) if draft_model is not None
+                      else None)
+        self.kv_waits = 0  # steps in which a pending request waited for KV memory
         self.speculation = speculation or Speculation()
         self.max_batch = max_batch
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -135,8 +143,25 @@ class Engine:
         if not request.prompt_ids:
             raise EngineError("a request needs at least one prompt token")
         self._check_speculation(request.speculation or self.speculation)
+        for runner, need in self._kv_needs(request):
+            if runner.kv_budget_bytes and need > runner.kv_budget_bytes:
+                raise EngineError(f"a request of {len(request.prompt_ids)} prompt + {request.max_new_tokens} new "
+                                  f"tokens needs {need / 2**20:.2f} MiB of KV, over the engine's budget of "
+                                  f"{runner.kv_budget_bytes / 2**20:.2f} MiB (engine.kv_budget_mb)")
         self.pending.append(request)
         return request.request_id
+
+    def _kv_needs(self, req: Request) -> list[tuple[ModelRunner, int]]:
+        """(runner, bytes) of the KV buffers admitting `req` allocates."""
+        spec = req.speculation or self.speculation
+        reserve = req.max_new_tokens + spec.num_tokens + 2
+        needs = [(self.target, self.target.bytes_for(len(req.prompt_ids), reserve))]
+        if spec.method == "draft":
+            needs.append((self.draft, self.draft.bytes_for(len(req.prompt_ids), reserve)))
+        return needs
+
+    def _fits(self, req: Request) -> bool:
+        return all(runner.make_room(need) for runner, need in self._kv_needs(req))
 
     def cancel(self, request_id: str) -> None:
         self.cancelled.add(request_id)
@@ -176,6 +201,9 @@ class Engine:
         self._apply_cancellations(finished)
         admitted = []
         while self.pending and len(self.live) < self.max_batch:
+            if not self._fits(self.pending[0]):  # waits (in order) until running requests free their KV
+                self.kv_waits += 1
+                break
             admitted.append(self._acquire(self.pending.popleft()))
             self.live.append(admitted[-1])  # live at once: abort_all releases it if a forward fails
         self._prefill(admitted)

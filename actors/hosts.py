@@ -39,7 +39,8 @@ def build_engine(role) -> Engine:
                              "token-level SD needs the same tokenizer")
     spec = Speculation(spec_cfg.method, spec_cfg.num_tokens, spec_cfg.ngram_max, spec_cfg.ngram_min)
     return Engine(model, tok, draft_model=draft, speculation=spec,
-                  prefix_cache_tokens=engine_cfg.prefix_cache_tokens, max_batch=engine_cfg.max_batch)
+                  prefix_cache_tokens=engine_cfg.prefix_cache_tokens, max_batch=engine_cfg.max_batch,
+                  kv_budget_bytes=int(engine_cfg.kv_budget_mb * 2**20))
 
 
 def actor_threads() -> int:
@@ -100,6 +101,12 @@ class EngineHost:
                 self.engine.cancel(rid)
             raise
 
+    async def settle(self) -> None:
+        """Return once the engine has dropped the requests its callers cancelled. An actor's loop outlives a call;
+        in-process (tests, notebooks) the caller's event loop may end first and leave them pending."""
+        while self.engine.cancelled and self._loop_task is not None and not self._loop_task.done():
+            await asyncio.sleep(0.001)
+
     async def next_token_probs(self, prefixes: list[list[int]], candidate_ids: list[int]) -> list[list[float]]:
         results = await self.generate([Request(prompt_ids=p, candidate_ids=list(candidate_ids), max_new_tokens=0)
                                        for p in prefixes])
@@ -114,6 +121,8 @@ class EngineHost:
     async def stats(self) -> dict:
         eng = self.engine
         return {"live": len(eng.live), "pending": len(eng.pending), "waiting": len(self._futures),
+                "kv_bytes": eng.target.kv_bytes(), "kv_budget_bytes": eng.target.kv_budget_bytes,
+                "kv_waits": eng.kv_waits,
                 "cached_sequences": len(eng.target.cache),
                 "cached_tokens": sum(s.length for s in eng.target.cache.values())}
 

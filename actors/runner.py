@@ -45,7 +45,7 @@ def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model, prefix_cache_tokens: int = 32768):
+    def __init__(self, model, prefix_cache_tokens: int = 32768, kv_budget_bytes: int = 0):
         cfg = model.config
         if cfg.model_type not in SUPPORTED:
             raise ValueError(f"model type {cfg.model_type!r} is not supported by the engine; supported: "
@@ -63,13 +63,39 @@ class ModelRunner:
         self.param = next(model.parameters())
         self.device, self.dtype = self.param.device, self.param.dtype
         self.prefix_cache_tokens = prefix_cache_tokens
+        self.kv_budget_bytes = kv_budget_bytes  # 0: no budget
         self.cache: OrderedDict[int, KVSeq] = OrderedDict()  # finished sequences, LRU order
         self.active: set[KVSeq] = set()
+        self.bytes_per_token = (len(self.layers) * 2 * self.num_kv_heads * self.head_dim
+                                * torch.empty((), dtype=self.dtype).element_size())
 
     # ------------------------------------------------------------ sequences and the prefix cache
 
+    @staticmethod
+    def _rounded(capacity: int) -> int:
+        return max(64, -(-capacity // 64) * 64)
+
+    def kv_bytes(self) -> int:
+        """Bytes of the KV buffers allocated now: running sequences and the prefix cache."""
+        return sum(s.kv.numel() * s.kv.element_size() for s in list(self.active) + list(self.cache.values()))
+
+    def bytes_for(self, tokens: int, reserve: int) -> int:
+        """Bytes of the buffer `acquire(tokens, reserve)` allocates."""
+        return self.bytes_per_token * self._rounded(tokens + reserve)
+
+    def make_room(self, need: int) -> bool:
+        """Whether `need` more bytes fit the budget, evicting finished sequences from the prefix cache (oldest first)
+        to make them fit; running sequences are never evicted."""
+        if self.kv_budget_bytes <= 0:
+            return True
+        used = self.kv_bytes()
+        while used + need > self.kv_budget_bytes and self.cache:
+            _, old = self.cache.popitem(last=False)
+            used -= old.kv.numel() * old.kv.element_size()
+        return used + need <= self.kv_budget_bytes
+
     def _alloc(self, capacity: int) -> torch.Tensor:
-        capacity = max(64, -(-capacity // 64) * 64)
+        capacity = self._rounded(capacity)
         return torch.empty(len(self.layers), 2, self.num_kv_heads, capacity, self.head_dim,
                            device=self.device, dtype=self.dtype)
 

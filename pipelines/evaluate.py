@@ -116,13 +116,15 @@ def build_verifier(cfg: EvaluateConfig, target: HostClient, tok, role=None):
         if vc.kind == "judge":
             inner = V.Judge(client, vtok)
         elif vc.kind == "tbvm":
-            inner = V.TBVM(client, vtok, vc.alpha, tuple(vc.positive_words), tuple(vc.negative_words))
+            inner = V.TBVM(client, vtok, vc.alpha, tuple(vc.positive_words), tuple(vc.negative_words),
+                           ratio=vc.tbvm_ratio)
         else:
             inner = V.Score(client, vtok, vc.min_score)
     return V.ShortCircuit(inner) if vc.short_circuit else inner
 
 
-def settings_for_generation(method: str, gen, draft_sampling=None, lookahead=None, token_spec=None) -> Settings:
+def settings_for_generation(method: str, gen, draft_sampling=None, lookahead=None, token_spec=None,
+                            fpsr=None) -> Settings:
     """Controller settings from the config sections (collect uses the generation part only)."""
     s = gen.sampling
     settings = Settings(method=method, max_new_tokens=gen.max_new_tokens, step_max_tokens=gen.step_max_tokens,
@@ -133,6 +135,8 @@ def settings_for_generation(method: str, gen, draft_sampling=None, lookahead=Non
     if lookahead is not None:
         settings.gamma, settings.width, settings.cut_drafts = lookahead.gamma, lookahead.width, lookahead.cut_drafts
         settings.late_drafts = lookahead.late_drafts
+    if fpsr is not None:
+        settings.early_stop = fpsr.early_stop
     if token_spec is not None:
         settings.token_speculation = Speculation(token_spec.method, token_spec.num_tokens, token_spec.ngram_max,
                                                  token_spec.ngram_min)
@@ -143,7 +147,8 @@ def settings_for_generation(method: str, gen, draft_sampling=None, lookahead=Non
 
 
 def settings_for(cfg: EvaluateConfig, method: str) -> Settings:
-    return settings_for_generation(method, cfg.generation, cfg.draft_sampling, cfg.lookahead, cfg.token_speculation)
+    return settings_for_generation(method, cfg.generation, cfg.draft_sampling, cfg.lookahead, cfg.token_speculation,
+                                   cfg.fpsr)
 
 
 async def _evaluate_method(cfg, method, controller, problems, prompts, run: RunDir, hosts):

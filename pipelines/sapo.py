@@ -50,7 +50,7 @@ from actors import storage, zoo
 from pipelines.cli import run_cli
 from pipelines.runs import JsonlError, RunDir, make_run_dir, read_jsonl, save_config
 from pipelines.sapo_train import step_rows, train
-from pipelines.schema import ConfigError, SapoConfig
+from pipelines.schema import MODEL_VERIFIERS, ConfigError, SapoConfig
 
 
 def load_trajectories(cfg: SapoConfig, tok) -> list[dict]:
@@ -216,8 +216,14 @@ def _fit(cfg: SapoConfig, name: str, loop: dict, resources: dict, run_dir: RunDi
     return result
 
 
+def needs_target(cfg: SapoConfig) -> bool:
+    """The target actor runs beside the workers: online alignment asks it for its steps, a model verifier (judge,
+    tbvm, score) for its verdicts."""
+    return cfg.rewards.align_source == "online" or cfg.rewards.verifier in MODEL_VERIFIERS
+
+
 def start_hosts(cfg: SapoConfig) -> dict:
-    """Ray actors every worker shares: the target (online alignment) and the embedding verifier's encoder."""
+    """Ray actors every worker shares: the target (online alignment, model verifiers) and the embedding verifier's encoder."""
     import ray
 
     from actors.encoder import EncoderHost
@@ -225,7 +231,7 @@ def start_hosts(cfg: SapoConfig) -> dict:
 
     init_ray(cfg.ray)
     hosts = {}
-    if cfg.rewards.align_source == "online":
+    if needs_target(cfg):
         hosts["target"] = start_host("target", cfg.target)
     if cfg.rewards.verifier == "embedding":
         hosts["encoder"] = ray.remote(EncoderHost).options(num_cpus=0.1).remote(1)
@@ -256,7 +262,7 @@ def preflight(cfg: SapoConfig, tok, rows: list[dict]) -> None:
 def run(cfg: SapoConfig) -> tuple[str, dict]:
     """The exported draft's location (what `draft.model.name` takes) and the summary."""
     zoo.check_model(cfg.draft.name)
-    if cfg.rewards.align_source == "online":
+    if needs_target(cfg):
         zoo.check_model(cfg.target.model.name)
     tok = zoo.load_tokenizer(cfg.draft.name, cfg.draft.trust_remote_code)
     rows = load_trajectories(cfg, tok)
@@ -265,7 +271,7 @@ def run(cfg: SapoConfig) -> tuple[str, dict]:
     save_config(cfg, run_dir, "sapo")
     # DeepSpeed needs a process group even for one process: Ray Train sets it up, so it always runs there
     in_process = cfg.distributed.workers == 1 and cfg.distributed.zero_stage is None
-    hosts = start_hosts(cfg) if not in_process or cfg.rewards.align_source == "online" else {}
+    hosts = start_hosts(cfg) if not in_process or needs_target(cfg) else {}
     try:
         if in_process:
             train(cfg, run_dir, rows, hosts)

@@ -22,7 +22,7 @@ import torch
 
 from actors import storage, zoo
 from pipelines.runs import RunDir, write_json
-from pipelines.schema import SapoConfig
+from pipelines.schema import MODEL_VERIFIERS, SapoConfig
 from pipelines.tracking import Tracker
 from rewards import sapo as R
 from rewards.verifiers import Exact
@@ -170,8 +170,18 @@ def _tokens_per_step(tok, steps: list[str]) -> float:
 
 
 def _verifier(cfg: SapoConfig, hosts: dict):
-    if cfg.rewards.verifier == "exact":
+    rw = cfg.rewards
+    if rw.verifier == "exact":
         return Exact("normalized")
+    if rw.verifier in MODEL_VERIFIERS:  # evaluation's model verifiers, asked through the target actor
+        from rewards import verifiers as V
+        from speculative.clients import HostClient
+
+        client, t = HostClient(hosts["target"]), cfg.target.model
+        vtok = zoo.load_tokenizer(t.name, t.trust_remote_code)
+        inner = {"judge": lambda: V.Judge(client, vtok), "tbvm": lambda: V.TBVM(client, vtok, rw.alpha),
+                 "score": lambda: V.Score(client, vtok, rw.min_score)}[rw.verifier]()
+        return V.ShortCircuit(inner)
     from rewards.verifiers import Embedding
 
     if "encoder" in hosts:

@@ -80,6 +80,11 @@ class EngineConfig:
 
     prefix_cache_tokens: int = bounded(32768, ge=0, help="KV budget for finished sequences kept for reuse")
     max_batch: int = bounded(16, ge=1, help="sequences decoded together in one forward pass")
+    kv_budget_mb: float = bounded(0.0, ge=0, help="bytes of KV buffers (running sequences + prefix cache, measured "
+                                                  "from the allocated buffers) each model of the engine may hold, "
+                                                  "in MiB; a request waits until it fits (the prefix cache is "
+                                                  "evicted first) and one that can never fit fails at once; 0: no "
+                                                  "budget")
     torch_threads: int = bounded(0, ge=0, help="torch.set_num_threads in the engine's process; 0: auto (evaluate "
                                                "on a local Ray instance splits the cores among its model actors; "
                                                "else all the node's cores)")
@@ -239,6 +244,8 @@ class VerifierConfig:
     alpha: float = bounded(0.7, ge=0, le=1, help="tbvm: accept iff p_pos / (p_pos + p_neg) > alpha")
     positive_words: list[str] = key(factory=lambda: ["yes", "Yes"], help="tbvm, judge: tokens that mean yes")
     negative_words: list[str] = key(factory=lambda: ["no", "No"], help="tbvm, judge: tokens that mean no")
+    tbvm_ratio: bool = key(True, help="tbvm: test p(yes) / (p(yes) + p(no)) against alpha (DREAM-R); false: the "
+                                      "raw p(yes) (the paper's ablation)")
     threshold: float = bounded(0.85, help="embedding: cosine threshold in [-1, 1)")
     min_score: int = bounded(7, ge=0, le=9, help="score: the lowest 0-9 score that accepts (SpecReason: 7)")
     p: float = bounded(0.5, ge=0, le=1, help="random: accept probability")
@@ -269,13 +276,23 @@ class LookaheadConfig:
 
 
 @dataclass
+class FpsrConfig:
+    """DREAM-R's fully parallel speculative reasoning (method fpsr)."""
+
+    early_stop: bool = key(True, help="cancel the work past the first rejected draft step (false: DREAM-R's "
+                                      "ablation: it runs to the end of its window, then is discarded)")
+
+
+@dataclass
 class EvaluateConfig:
     """pipelines.evaluate: methods side by side on the same actors and problems."""
 
     # speedups are the results: only where the actors run may change
     # runs saved before verifier.min_score existed judged score steps with int(threshold): 0 at the default
     RESUME: ClassVar[ResumeRule] = ResumeRule(free=("run.", "ray.", "wandb.", "target.actor.", "draft.actor.",
-                                                     "verifier_role.actor."), saved_before={"verifier.min_score": 0})
+                                                     "verifier_role.actor."),
+                                              saved_before={"verifier.min_score": 0, "fpsr.early_stop": True,
+                                                            "verifier.tbvm_ratio": True})
 
     run: RunConfig = field(default_factory=lambda: RunConfig(name="evaluate"))
     ray: RayConfig = field(default_factory=RayConfig)
@@ -288,6 +305,7 @@ class EvaluateConfig:
     methods: list[str] = key(factory=lambda: ["ar", "sd", "lr_async", "lr_async+sd", "fpsr"],
                              help="methods run side by side (ar always runs first: the baseline); " + ", ".join(METHODS))
     lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
+    fpsr: FpsrConfig = field(default_factory=FpsrConfig)
     token_speculation: SpeculationConfig = field(default_factory=lambda: SpeculationConfig(method="ngram"))
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     draft_sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -434,8 +452,14 @@ class RewardsConfig:
                               help="step: mean tokens per step against the target trajectory's; answer: whole "
                                    "rollout against the target's answer (a signal only when rollouts are not cut "
                                    "shorter than answers)")
-    verifier: str = choice("exact", ["exact", "embedding"], help="judges a rollout step against the target's")
+    verifier: str = choice("exact", ["exact", "embedding", *MODEL_VERIFIERS],
+                           help="judges a rollout step against the target's, as evaluation's verifier.kind does "
+                                "(train against the test that will judge the draft); judge, tbvm and score ask the "
+                                "target actor, one batched call per group of rollouts, an exact match accepting "
+                                "without asking")
     threshold: float = bounded(0.85, ge=-1, le=1, help="embedding verifier: cosine threshold")
+    alpha: float = bounded(0.7, ge=0, le=1, help="tbvm verifier: accept iff p(yes) / (p(yes) + p(no)) > alpha")
+    min_score: int = bounded(7, ge=0, le=9, help="score verifier: the lowest 0-9 score that accepts")
     align_source: str = choice("offline", ["offline", "online"],
                                help="offline: the cached trajectory's steps; online: the target actor's own step "
                                     "from each rollout prefix (one batched call per group)")

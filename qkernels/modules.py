@@ -214,9 +214,9 @@ class _ExpertProjection(_Packed):
             from qkernels import triton_kernels as tk
 
             if self.is_codebook:
-                return tk.grouped_codebook4_matmul(x_sorted, offsets.to(x_sorted.device), self.packed,
+                return tk.grouped_codebook4_matmul(x_sorted, offsets, self.packed,
                                                    self.centroids, self.k, max(counts))
-            return tk.grouped_affine3_matmul(x_sorted, offsets.to(x_sorted.device), self.packed, self.scale,
+            return tk.grouped_affine3_matmul(x_sorted, offsets, self.packed, self.scale,
                                              self.zero, self.k, self.group, max(counts), self.u, self.v)
         out = torch.empty(x_sorted.shape[0], self.n, dtype=x_sorted.dtype, device=x_sorted.device)
         lo = 0

@@ -293,18 +293,30 @@ def codebook4_matmul(x: torch.Tensor, packed, centroids, k: int, block_n: int | 
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def _grouped_inputs(x_sorted, expert_offsets, num_experts: int, n: int, max_rows_per_expert: int):
-    """(x as contiguous fp32, int32 offsets, rows per expert for the grid, a zeroed fp32 y [T, n]) of a grouped
-    call; offsets must have one entry per expert plus one."""
+def _grouped_inputs(x_sorted, expert_offsets, num_experts: int, n: int, max_rows_per_expert: int | None):
+    """(x as contiguous fp32, int32 offsets on x's device, rows per expert for the grid, a zeroed fp32 y [T, n]) of a
+    grouped call. Offsets must have one entry per expert plus one, from 0 to T, non-decreasing. The grid covers
+    `max_rows_per_expert` rows of each expert: it is checked against the offsets (rows past it would be left zero)
+    and taken from them when None. Offsets on the GPU cost one copy to the host; pass them on the CPU."""
     if tuple(expert_offsets.shape) != (num_experts + 1,):
         raise ValueError(f"expert_offsets has shape {list(expert_offsets.shape)}, expected [{num_experts + 1}]")
+    off = expert_offsets.tolist()
+    counts = [b - a for a, b in zip(off, off[1:])]
+    if off[0] != 0 or off[-1] != x_sorted.shape[0] or min(counts, default=0) < 0:
+        raise ValueError(f"expert_offsets {off} must rise from 0 to the {x_sorted.shape[0]} rows of x_sorted")
+    most = max(counts, default=0)
+    if max_rows_per_expert is None:
+        max_rows_per_expert = most
+    elif max_rows_per_expert < most:
+        raise ValueError(f"max_rows_per_expert={max_rows_per_expert} is below the {most} rows of the largest expert "
+                         "in expert_offsets: its other rows would stay zero")
     x2 = x_sorted.float().contiguous()
     y = torch.zeros(x2.shape[0], n, device=x2.device, dtype=torch.float32)
-    return x2, expert_offsets.to(torch.int32).contiguous(), max(max_rows_per_expert, 1), y
+    return x2, expert_offsets.to(x2.device, torch.int32).contiguous(), max(max_rows_per_expert, 1), y
 
 
 def grouped_affine3_matmul(x_sorted, expert_offsets, packed, scale, zero, k: int, group: int,
-                           max_rows_per_expert: int, u=None, v=None, block_n: int | None = None,
+                           max_rows_per_expert: int | None = None, u=None, v=None, block_n: int | None = None,
                            block_k: int | None = None):
     """MoE: x_sorted [T, K] grouped by expert (offsets [E+1]), packed [E, N, words] (+ a compensator per expert,
     u [E, N, r], v [E, r, K], zero-padded to one rank r) -> y [T, N]."""
@@ -327,7 +339,8 @@ def grouped_affine3_matmul(x_sorted, expert_offsets, packed, scale, zero, k: int
     return y.to(x_sorted.dtype)
 
 
-def grouped_codebook4_matmul(x_sorted, expert_offsets, packed, centroids, k: int, max_rows_per_expert: int,
+def grouped_codebook4_matmul(x_sorted, expert_offsets, packed, centroids, k: int,
+                             max_rows_per_expert: int | None = None,
                              block_n: int | None = None, block_k: int | None = None):
     """MoE: x_sorted [T, K] grouped by expert (offsets [E+1]), packed [E, N, words] 4-bit indices, centroids
     [E, N, groups, 16] (per row: groups = 1) -> y [T, N], every expert in one launch."""

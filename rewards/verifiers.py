@@ -196,13 +196,13 @@ class TBVM(_PromptVerifier):
     needs_target_step = False
 
     def __init__(self, client, tokenizer, alpha: float = 0.7, positive=("yes", "Yes"), negative=("no", "No"),
-                 system: str = TBVM_SYSTEM,
+                 system: str = TBVM_SYSTEM, ratio: bool = True,
                  question: str = "Problem: {question}\n\nSolution so far:\n{context}\n\nProposed next step:\n{step}\n\n"
                                  "Is the proposed next step correct and a sensible continuation? Answer yes or no."):
         if not 0 < alpha < 1:
             raise VerifierError(f"tbvm alpha={alpha} must be in (0, 1)")
         super().__init__(client, tokenizer, system)
-        self.alpha, self.question = alpha, question
+        self.alpha, self.question, self.ratio = alpha, question, ratio
         self.groups = [self._word_ids(list(positive)), self._word_ids(list(negative))]
         if set(self.groups[0]) & set(self.groups[1]):
             raise VerifierError("tbvm positive and negative words share a first token")
@@ -212,8 +212,9 @@ class TBVM(_PromptVerifier):
                                                   step=it.draft_text.strip()), "") for it in items]
         out = []
         for pos, neg in await self._mass(prompts, self.groups):
-            ratio = pos / max(pos + neg, 1e-30)  # contrastive normalisation: only the two answers count
-            out.append(Verdict(ratio > self.alpha, ratio))
+            # contrastive normalisation: only the two answers count (ratio=False: the raw p(yes), the ablation)
+            score = pos / max(pos + neg, 1e-30) if self.ratio else pos
+            out.append(Verdict(score > self.alpha, score))
         return out
 
 

@@ -28,6 +28,11 @@ class HostClient:
             ray.cancel(ref)
             raise
 
+    async def settle(self) -> None:
+        """In-process hosts: wait until the requests cancelled by a finished run are dropped (see EngineHost.settle)."""
+        if not self.is_actor and hasattr(self.host, "settle"):
+            await self.host.settle()
+
     async def one(self, request: Request) -> tuple[Result, float]:
         t0 = time.perf_counter()
         [res] = await self.generate([request])

@@ -14,11 +14,13 @@ Methods (any step method takes `+sd`: token-level SD inside every target step):
   later, with nothing of its subtree started: `late_drafts="lose"` commits the target step at once and counts the
   late drafts as rejected (reason "late"). The default, "wait", judges them first: the output then depends on the
   verdicts alone, not on which model ran faster (always-accept stays draft-only decoding).
-- `fpsr` (DREAM-R): per window position j, the target's own step t_j and the verification of draft d_j are
-  launched together as soon as d_j exists (a verifier that needs t_j waits for it); at the first rejection j*
-  everything beyond j* is cancelled (early stop) and t_j*, usually already computed, is committed (clean
-  fallback); all accepted -> slide the window, t_gamma becoming the next window's t_0.
-  With `late_drafts="lose"`, a t_j that returns before d_j exists is committed at once (after the accepted d_<j).
+- `fpsr` (DREAM-R's fully parallel speculative reasoning): one pipeline along the reasoning chain. The draft
+  writes steps without pause while fewer than gamma of them wait for a verdict; the target's step t_j starts as
+  soon as the prefix before draft step d_j exists, d_j's verification as soon as d_j does (a verifier that needs
+  t_j waits for it). An accepted d_j is committed at once and the window slides by one step (no stop at a window
+  boundary); at the first rejection j* everything past it is cancelled (early stop; `early_stop=False` runs it to
+  the end of its window and discards it) and t_j*, usually already computed, is committed (clean fallback); the
+  pipeline restarts from there. With `late_drafts="lose"`, a t_j that returns before d_j exists is committed.
 A draft step cut at the step cap (no delimiter, no EOS) is rejected without asking the verifier, unless
 `cut_drafts="verify"`.
 """
@@ -56,6 +58,7 @@ class Settings:
     token_speculation: Speculation = field(default_factory=lambda: Speculation("ngram", 4))
     cut_drafts: str = "reject"  # reject | verify
     late_drafts: str = "wait"  # lr_async, fpsr: wait | lose (commit the target's step once it returns first)
+    early_stop: bool = True  # fpsr: cancel the work past the first rejection (False: run it to completion, discard)
     # token-level speculation inside the draft's own steps (n-gram lookup over its prefix: lossless, the same
     # steps from fewer draft passes); "none" decodes them token by token
     draft_speculation: Speculation = field(default_factory=lambda: Speculation("none"))
@@ -109,10 +112,13 @@ class Controller:
 
     async def run(self, problem_id: str, question: str, prompt_ids: list[int]) -> Trace:
         run = _Run(self, problem_id, question, prompt_ids)
+        run.trace.verifier_waits = self.verifier is not None and self.verifier.needs_target_step
         t0 = time.perf_counter()
         await {"ar": run.autoregressive, "sd": run.autoregressive, "lr_sync": run.lr_sync,
                "lr_async": run.lr_async, "fpsr": run.fpsr}[self.s.base]()
         run.trace.wall_s = time.perf_counter() - t0
+        for host in {id(h): h for h in (self.target, self.draft) if h is not None}.values():
+            await host.settle()
         run.trace.finish_reason = "eos" if run.trace.steps and run.trace.steps[-1].finish_reason == "eos" else "length"
         return run.trace
 
@@ -282,84 +288,10 @@ class _Run:
     # ------------------------------------------------------------ FPSR
 
     async def fpsr(self) -> None:
-        t0_ready: Optional[StepOut] = None
         while not self.done:
             self.trace.cycles += 1
-            await self._fpsr_window(t0_ready)
-            t0_ready = self._next_t0
+            await _Chain(self).drive()
             self.cycle += 1
-
-    async def _fpsr_window(self, t0_ready: Optional[StepOut]) -> None:
-        self._next_t0 = None
-        tasks: list[asyncio.Task] = []
-
-        def spawn(coro) -> asyncio.Task:
-            task = asyncio.ensure_future(coro)
-            tasks.append(task)
-            return task
-
-        async def ready(value):
-            return value
-
-        paths: list[list[int]] = [[]]
-        texts: list[str] = [""]
-        target_tasks = [spawn(ready(t0_ready)) if t0_ready is not None else spawn(self.target_step([]))]
-        drafts: list[StepOut] = []
-        verdict_tasks: list[asyncio.Task] = []
-
-        async def verify_at(j, d):
-            t = await target_tasks[j] if self.ctl.verifier.needs_target_step else None
-            return (await self.verify(j, [(paths[j], texts[j], t, d)]))[0]
-
-        async def drafting():
-            path: list[int] = []
-            while len(drafts) < self.s.gamma and self.room(path):
-                d = await self.draft_step(path)
-                j = len(drafts)
-                drafts.append(d)
-                path = path + d.token_ids
-                paths.append(path)
-                texts.append(texts[-1] + d.text)
-                verdict_tasks.append(spawn(verify_at(j, d)))  # launched together with t_{j+1}
-                target_tasks.append(spawn(self.target_step(path)))
-                if d.ends_answer or not d.token_ids:
-                    break
-
-        draft_task = spawn(drafting())
-        lose = self.s.late_drafts == "lose"
-        try:
-            j = 0
-            while True:
-                while j >= len(verdict_tasks) and not draft_task.done():
-                    if lose and target_tasks[j].done():  # t_j returned before d_j exists: the draft lost
-                        self.late(j, 1)
-                        self.off_path(lambda v, j=j: v.cycle == self.cycle and v.depth > j)
-                        for k in range(j):
-                            self.commit(drafts[k], "draft", k)
-                        self.commit(target_tasks[j].result(), "target", j)
-                        return
-                    await asyncio.wait([draft_task] + verdict_tasks[j:] + ([target_tasks[j]] if lose else []),
-                                       return_when=asyncio.FIRST_COMPLETED)
-                if j >= len(verdict_tasks):  # every draft accepted: slide the window
-                    draft_task.result()
-                    for k in range(len(drafts)):
-                        self.commit(drafts[k], "draft", k)
-                    self._next_t0 = await target_tasks[-1]
-                    self.waste([t.result() for t in target_tasks[:-1] if t.done() and not t.cancelled()
-                                and t.exception() is None], "target")
-                    return
-                verdict = await verdict_tasks[j]
-                if not verdict.accept:
-                    self.off_path(lambda v, j=j: v.cycle == self.cycle and v.depth > j)
-                    for k in range(j):
-                        self.commit(drafts[k], "draft", k)
-                    fallback = await target_tasks[j]  # clean fallback: usually computed already
-                    self.commit(fallback, "target", j)
-                    self.waste(drafts[j:], "draft")
-                    return
-                j += 1
-        finally:
-            await self._cancel(tasks)
 
     async def _cancel(self, tasks: list[asyncio.Task]) -> None:
         """Early stop: cancel unfinished work and count it; finished but unused steps were counted as waste."""
@@ -397,6 +329,132 @@ class _Run:
         finally:
             await self._cancel(tree.tasks)
             tree.off_path_below(root)
+
+
+class _Chain:
+    """FPSR's pipeline from one committed prefix to its first rejection (one cycle). The draft writes d_0, d_1, ...
+    without pause while fewer than gamma of its steps wait for a verdict; the target's step t_j starts as soon as
+    the prefix before d_j exists, and d_j's verification as soon as d_j does (waiting for t_j when the verifier
+    needs it). Verdicts are taken in order: an accepted d_j is committed at once (its t_j, no longer needed, is
+    cancelled) and the window slides by one step; at the first rejection t_j is committed (clean fallback) and the
+    work past it is cancelled (early stop) or, with `early_stop=False`, run to the end of its window and discarded.
+
+    Paths and texts are kept from the chain's start; a call takes them relative to the committed prefix of the
+    moment it is made (drafts are committed while later ones are still running)."""
+
+    def __init__(self, run: _Run):
+        self.run, self.s = run, run.s
+        self.base_tokens, self.base_chars = len(run.committed), len(run.trace.text)
+        self.paths: list[list[int]] = [[]]  # the draft path before d_j, from the chain's start
+        self.texts: list[str] = [""]
+        self.drafts: list[StepOut] = []
+        self.targets: list[asyncio.Task] = []  # t_j: the target's step from paths[j]
+        self.verdicts: list[asyncio.Task] = []  # d_j's verdict
+        self.tasks: list[asyncio.Task] = []
+        self.frontier = 0  # drafts accepted (and committed) so far
+        self.frozen = False  # the chain stopped: drafting ends instead of waiting for the window to slide
+        self.moved = asyncio.Event()  # the frontier moved or the chain stopped (drafting waits on it)
+        self.grew = asyncio.Event()  # a draft step was added (the main loop waits on it)
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.append(task)
+        return task
+
+    def _rel(self, j: int) -> tuple[list[int], str]:
+        """paths[j] and texts[j] relative to the committed prefix now (the accepted drafts are a prefix of both)."""
+        run = self.run
+        return (self.paths[j][len(run.committed) - self.base_tokens:],
+                self.texts[j][len(run.trace.text) - self.base_chars:])
+
+    def _target(self, j: int) -> None:
+        self.targets.append(self.spawn(self.run.target_step(self._rel(j)[0])))
+
+    async def _drafting(self) -> None:
+        run = self.run
+        while True:
+            j = len(self.drafts)
+            while j - self.frontier >= self.s.gamma:  # the window is full: wait for a verdict to move it
+                if self.frozen:
+                    return
+                self.moved.clear()
+                await self.moved.wait()
+            if self.frozen and self.s.early_stop:
+                return
+            path = self._rel(j)[0]
+            if not run.room(path):
+                return
+            d = await run.draft_step(path)
+            self.drafts.append(d)
+            self.paths.append(self.paths[j] + d.token_ids)
+            self.texts.append(self.texts[j] + d.text)
+            self.verdicts.append(self.spawn(self._verify(j)))  # launched together with t_{j+1}
+            ended = d.ends_answer or not d.token_ids
+            if not ended and run.room(self._rel(j + 1)[0]):
+                self._target(j + 1)
+            self.grew.set()
+            if ended:
+                return
+
+    async def _verify(self, j: int) -> Verdict:
+        t = await self.targets[j] if self.run.ctl.verifier.needs_target_step else None
+        path, text = self._rel(j)
+        return (await self.run.verify(j, [(path, text, t, self.drafts[j])]))[0]
+
+    def _retire(self, task: asyncio.Task) -> None:
+        """A target step that is no longer needed: cancelled, or counted as waste when it already finished."""
+        if not task.done():
+            task.cancel()
+            self.run.trace.cancelled_requests += 1
+        elif not task.cancelled() and task.exception() is None:
+            self.run.waste([task.result()], "target")
+
+    async def drive(self) -> None:
+        run, lose = self.run, self.s.late_drafts == "lose"
+        self._target(0)
+        drafting = self.spawn(self._drafting())
+        j, fell_back = 0, False
+        try:
+            while not run.done:
+                j = self.frontier
+                if j < len(self.verdicts):
+                    if not (await self.verdicts[j]).accept:
+                        break
+                    run.commit(self.drafts[j], "draft", j)
+                    self._retire(self.targets[j])
+                    self.frontier += 1
+                    self.moved.set()
+                    continue
+                if drafting.done():  # no d_j will come (drafting failed, or a path with no room left)
+                    drafting.result()
+                    break
+                if lose and self.targets[j].done():  # t_j returned before d_j exists: the draft lost
+                    run.late(j, 1)
+                    break
+                self.grew.clear()
+                grew = asyncio.ensure_future(self.grew.wait())
+                await asyncio.wait([drafting, grew] + ([self.targets[j]] if lose else []),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                grew.cancel()
+            if not run.done:  # the first rejection (or a lost draft): t_j, usually computed already
+                fallback = self.targets[j]
+                self.frozen = True
+                self.moved.set()
+                if self.s.early_stop:
+                    await run._cancel([t for t in self.tasks if t is not fallback])
+                else:  # the ablation: what was started runs to the end of its window, then is discarded
+                    while live := [t for t in self.tasks if not t.done() and t is not fallback]:
+                        await asyncio.gather(*live, return_exceptions=True)
+                run.commit(await fallback, "target", j)
+                fell_back = True
+        finally:
+            self.frozen = True
+            self.moved.set()
+            await run._cancel(self.tasks)
+            for k in range(j + fell_back, len(self.targets)):  # before j: retired when their draft passed
+                self._retire(self.targets[k])
+            run.waste(self.drafts[self.frontier:], "draft")
+            run.off_path(lambda v: v.cycle == run.cycle and v.depth > j)
 
 
 class _Node:

@@ -92,6 +92,8 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         "token_acceptance_rate": accepted / drafted if drafted else 0.0,
         "token_mean_acceptance_length": 1 + accepted / passes if passes and drafted else 1.0,
         "gamma": gamma,
+        # the theory's schedule for lr_async and fpsr: a verdict also waits for the target's step it compares with
+        "verifier_waits_for_target": any(t.verifier_waits for t in traces),
     }
 
 
@@ -181,7 +183,8 @@ def add_speedups(summaries: dict[str, dict]) -> None:
     ar_token_s = _token_latency(ar)
     for method, s in summaries.items():
         s["speedup"] = s["tokens_per_s"] / ar["tokens_per_s"]
-        ideal = predicted_speedup(method, s["step_accept_rate"], s["step_cost_ratio"], s["gamma"], token_speedup)
+        ideal = predicted_speedup(method, s["step_accept_rate"], s["step_cost_ratio"], s["gamma"], token_speedup,
+                                  s.get("verifier_waits_for_target", True))
         alone = summaries["sd"] if "+sd" in method and "sd" in summaries else ar  # the same kind of target step
         slowdown = 1.0 if method.split("+")[0] in ("ar", "sd") else target_slowdown(s, alone)
         s["predicted_speedup_ideal"] = ideal

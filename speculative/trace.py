@@ -63,6 +63,7 @@ class Trace:
     draft_token_accepted: int = 0  # n-gram proposals the draft kept inside its steps
     wall_s: float = 0.0
     finish_reason: str = ""
+    verifier_waits: bool = True  # the verifier compares a draft step with the target's (waits for it)
 
     @property
     def token_ids(self) -> list[int]:

@@ -54,6 +54,9 @@ def test_spec_suite_on_tiny_models(tmp_path):
     assert got["methods"]["ar"]["speedup"] == 1.0 and got["best_speedup"][0] >= 1.0
     assert {"speedup", "step_accept_rate", "predicted_speedup", "tokens_per_s_1", "tokens_per_s_4",
             "within_20pct_of_predicted"} <= set(got["methods"]["lr_async"])
+    # the scripted hosts' checks (their bounds are tests/test_controllers.py's)
+    assert 0 <= got["scripted_theory_max_rel_error"] < 0.2 and 0.8 < got["fpsr_vs_lr_async_all_accept"] < 1.2
+    assert len(got["scripted"]["theory"]["runs"]) == 18 and len(got["scripted"]["all_accept_runs"]) == 3
 
 
 @pytest.mark.slow

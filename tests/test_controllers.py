@@ -322,3 +322,108 @@ def test_step_acceptance_counts_only_verdicts_on_the_accepted_path(method):
     assert s["step_accept_rate_raw"] == pytest.approx(sum(v.accepted for v in trace.verifications)
                                                       / len(trace.verifications))
     assert s["step_accept_rate_raw"] > s["step_accept_rate"]
+
+
+# ---------------------------------------------------------------- against the theory (speculative.scripted)
+
+
+def test_controllers_reach_the_theory_on_scripted_hosts():
+    """Scripted hosts with fixed latencies (draft c = 0.3, target 1, a batched call costs one step, verification
+    free) and a verifier that accepts with probability alpha: for every step method, alpha in {0.3, 0.6, 0.9} and
+    gamma in {2, 4}, the speedup of the run's wall time over `ar`'s is within 5% of what the summary predicts
+    from the run's measured rates. Also with a verifier that does not wait for the target's step. (An FPSR that
+    stopped at every window boundary, or an lr_sync theory that counted gamma - 1 drafts, was 10-50% off.)"""
+    from speculative.scripted import theory_grid
+
+    waits = asyncio.run(theory_grid())
+    free = asyncio.run(theory_grid(("lr_async", "fpsr"), gammas=(2,), waits=False, seed=100))
+    runs = waits["runs"] | {k + "/free": v for k, v in free["runs"].items()}
+    assert len(runs) == 24 and all(r["steps"] == 120 and r["left_running"] == 0 for r in runs.values())
+    off = {k: round(r["rel_error"], 3) for k, r in runs.items() if abs(r["rel_error"]) > 0.05}
+    assert not off, off
+    # the runs span the regimes: window-bound gamma 2 below fpsr's gamma 4, lr_sync below both
+    assert runs["fpsr/alpha=0.9/gamma=2"]["speedup"] < runs["fpsr/alpha=0.9/gamma=4"]["speedup"]
+    assert runs["lr_sync/alpha=0.9/gamma=4"]["speedup"] < runs["fpsr/alpha=0.9/gamma=4"]["speedup"]
+
+
+@pytest.mark.parametrize("method", ["fpsr", "lr_async"])
+def test_all_accept_runs_overlap_drafting_target_and_verification(method):
+    """Every draft passes, the verifier waits for the target's step: drafting runs ahead while the target's steps
+    and the verdicts follow, so the run takes the draft's chain plus one target step (d_k's verdict comes when t_k,
+    started when d_{k-1} ended, returns; the window of gamma steps can hold the draft back), as the theory's
+    schedule gives it, far below the sum of its calls' latencies. fpsr does not stop at window
+    boundaries: its wall time is lr_async's."""
+    from speculative.scripted import scripted_run
+    from speculative.theory import chain_times
+
+    steps = 12
+    trace, target, draft = asyncio.run(scripted_run(method, 1.0, 4, 0.2, 0.1, steps))
+    assert [s.origin for s in trace.steps] == ["draft"] * steps and trace.draft_requests == steps
+    unit = trace.target_step_s / trace.target_requests
+    verdicts, _ = chain_times(trace.draft_step_s / trace.draft_requests / unit, 4, steps - 1)
+    assert trace.wall_s == pytest.approx(verdicts[-1] * unit, rel=0.1)  # the last step is committed at its verdict
+    # gamma 4, c 0.2: the window holds the draft back, one step every (1 + c) / (1 + gamma) target steps
+    assert chain_times(0.2, 4, steps - 1)[0][-1] == pytest.approx(1 + 11 * 0.2 + 2 * 0.2)  # two stalls of c
+    assert trace.wall_s < 0.5 * (trace.draft_step_s + trace.target_step_s)
+    assert target.running == 0 and draft.running == 0
+
+
+def test_fpsr_without_early_stop_runs_the_window_past_a_rejection_and_discards_it():
+    """DREAM-R's ablation (fpsr.early_stop=false): past the first rejection nothing is cancelled, the window's
+    drafts, target steps and verdicts run to completion and are thrown away: the same text, more waste, later."""
+    def once(early_stop):
+        target, draft = ScriptedHost(len(PROMPT), delay_s=0.05), ScriptedHost(len(PROMPT), wrong_at={1}, delay_s=0.01)
+        ctl = Controller(settings("fpsr", max_new_tokens=100, gamma=4, early_stop=early_stop), HostClient(target),
+                         HostClient(draft), Exact("tokens"))
+        trace = run(ctl)
+        assert target.running == 0 and draft.running == 0
+        return trace
+
+    stop, full = once(True), once(False)
+    assert full.token_ids == stop.token_ids == [t for i in range(10) for t in (100 + i, 100 + i)]
+    assert [s.origin for s in full.steps] == [s.origin for s in stop.steps]
+    assert stop.cancelled_requests > 0 and full.cancelled_requests == 0
+    assert full.wasted_draft_tokens >= stop.wasted_draft_tokens and full.wasted_target_tokens > stop.wasted_target_tokens
+    assert full.wall_s > stop.wall_s
+    # past the rejection at depth 1, the window's verdicts were judged and are off the accepted path
+    assert [v for v in full.verifications if not v.on_path and v.cycle == 0]
+
+
+class SiblingHost(ScriptedHost):
+    """A sampling draft: a request's seed picks its step. Even seeds write the right step after 0.01 s, odd seeds
+    a wrong one (token + 50) after 0.08 s; sibling w of a node is seeded with offset w, so siblings differ."""
+
+    def __init__(self, prompt_len):
+        super().__init__(prompt_len)
+        self.seeds = []
+
+    async def generate(self, requests):
+        [r] = requests
+        self.seeds.append(r.sampling.seed)
+        wrong = r.sampling.seed % 2 == 1
+        self.running += 1
+        try:
+            await asyncio.sleep(0.08 if wrong else 0.01)
+        finally:
+            self.running -= 1
+        pos = (len(r.prompt_ids) - self.prompt_len) // 2
+        tok = 100 + pos + (50 if wrong else 0)
+        return [Result("", [tok, tok], f"s{tok}\n\n", "eos" if pos == 9 else "stop", Counters())]
+
+
+def test_width_two_siblings_differ_the_first_accepted_wins_the_others_are_cancelled():
+    """lookahead.width = 2 with draft sampling: every node launches two sibling draft steps from differently seeded
+    requests (they write different steps); the first one accepted is committed and its slower sibling cancelled."""
+    from actors.engine import Sampling
+
+    target, draft = ScriptedHost(len(PROMPT), delay_s=0.03), SiblingHost(len(PROMPT))
+    ctl = Controller(settings("lr_async", max_new_tokens=100, gamma=2, width=2,
+                              draft_sampling=Sampling(temperature=1.0, seed=3)),
+                     HostClient(target), HostClient(draft), WrongStepVerifier())
+    trace = run(ctl)
+    assert trace.token_ids == [t for i in range(10) for t in (100 + i, 100 + i)]
+    assert all(s.origin == "draft" for s in trace.steps)  # a right sibling always passes
+    assert len(draft.seeds) >= 2 * len(trace.steps) and len(set(draft.seeds)) == len(draft.seeds)  # two a node
+    assert trace.draft_requests == len(trace.steps)  # the wrong, slower siblings never finished:
+    assert trace.cancelled_requests >= len(trace.steps)  # each was cancelled when its sibling won
+    assert draft.running == 0 and target.running == 0

@@ -234,6 +234,37 @@ def test_cancel_leaves_nothing_running(tiny_llama):
     assert not engine.live and not engine.pending and not engine.target.active
 
 
+def test_kv_budget_makes_requests_wait_and_refuses_one_that_cannot_fit(tiny_llama):
+    """engine.kv_budget_mb: with room for two requests' KV buffers (measured from the allocated buffers), six
+    requests never hold more than the budget, wait their turn (the prefix cache evicted first) and finish with
+    the tokens an unbounded engine writes; a request bigger than the budget is refused at submit with the
+    budget named, and the requests already in the engine are not lost."""
+    model, tok = tiny_llama
+    prompts = [PROMPT, PROMPT[:5], PROMPT + [77, 78], [9, 8, 7, 6], PROMPT[:7], [5, 6, 7]]
+    free = Engine(model, tok)
+    free.eos_ids = set()
+    want = [r.token_ids for r in free.generate([Request(p, max_new_tokens=20) for p in prompts])]
+    one = free.target.bytes_for(len(PROMPT) + 2, 20 + free.speculation.num_tokens + 2)  # the largest buffer
+    engine = Engine(model, tok, kv_budget_bytes=2 * one + one // 2)
+    engine.eos_ids = set()
+    ids = [engine.submit(Request(p, max_new_tokens=20)) for p in prompts]
+    done, most_live = {}, 0
+    while engine.busy:
+        done.update({r.request_id: r for r in engine.step()})
+        most_live = max(most_live, len(engine.live))
+        assert engine.target.kv_bytes() <= engine.target.kv_budget_bytes
+    assert [done[i].token_ids for i in ids] == want
+    assert most_live == 2 and engine.kv_waits > 0
+    assert engine.target.cache  # finished sequences kept while they fit
+    queued = engine.submit(Request(PROMPT, max_new_tokens=5))
+    with pytest.raises(EngineError, match=r"needs .* MiB of KV, over the engine's budget .*engine.kv_budget_mb"):
+        engine.submit(Request(PROMPT * 20, max_new_tokens=500))
+    rest = {}
+    while engine.busy:
+        rest.update({r.request_id: r for r in engine.step()})
+    assert len(rest[queued].token_ids) == 5
+
+
 def test_a_failed_step_can_be_aborted_cleanly(tiny_llama):
     model, tok = tiny_llama
     engine = Engine(model, tok)

@@ -457,7 +457,17 @@ cases = {"x has shape [4, 64], expected [..., 128]": lambda: tk.affine3_matmul(t
          "centroids has shape [1, 40, 1, 16], expected [1, 48, 1, 16]": lambda: tk.grouped_codebook4_matmul(
              torch.randn(4, 128), off, cb.packed[None], cb.centroids[None, :40], 128, 4),
          "expert_offsets has shape [4], expected [2]": lambda: tk.grouped_codebook4_matmul(
-             torch.randn(4, 128), torch.tensor([0, 1, 2, 4]), cb.packed[None], cb.centroids[None], 128, 2)}
+             torch.randn(4, 128), torch.tensor([0, 1, 2, 4]), cb.packed[None], cb.centroids[None], 128, 2),
+         # a grid of fewer rows than an expert has would leave its other rows zero
+         "max_rows_per_expert=3 is below the 4 rows": lambda: tk.grouped_codebook4_matmul(
+             torch.randn(4, 128), off, cb.packed[None], cb.centroids[None], 128, 3),
+         "max_rows_per_expert=2 is below the 4 rows": lambda: tk.grouped_affine3_matmul(
+             torch.randn(4, 128), off, q.packed[None], q.scale[None], q.zero[None], 128, 64, 2),
+         "must rise from 0 to the 5 rows": lambda: tk.grouped_affine3_matmul(
+             torch.randn(5, 128), off, q.packed[None], q.scale[None], q.zero[None], 128, 64)}
+# left out, the grid's rows come from the offsets
+y = tk.grouped_codebook4_matmul(torch.ones(4, 128), off, cb.packed[None], cb.centroids[None], 128)
+assert torch.allclose(y, tk.codebook4_matmul(torch.ones(4, 128), cb.packed, cb.centroids, 128))
 for message, call in cases.items():
     try:
         call()

@@ -424,6 +424,46 @@ def test_online_align_asks_the_target_from_each_rollout_prefix(trajectories, smo
     assert counter["target_steps"] == 4  # one target step per rollout step, asked in one batch
 
 
+def test_model_verifiers_judge_rollout_steps_through_the_target(trajectories, smollm):
+    """rewards.verifier=tbvm (evaluation's default verifier): r_align asks the target actor's model, one batched
+    call per group of rollouts, with evaluation's decision rule (the same verdicts as TBVM asked directly); a step
+    equal to the trajectory's is accepted without asking (short circuit)."""
+    import asyncio
+
+    from actors import zoo
+    from actors.engine import Engine
+    from actors.hosts import EngineHost
+    from rewards.verifiers import TBVM, Item
+
+    row = json.loads(trajectories.read_text().splitlines()[0])
+    cfg = load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", "rewards.verifier=tbvm",
+                                           "rewards.alpha=0.4", f"target.model.name={zoo.SMOLLM2}"])
+    model, tok = smollm
+    host = EngineHost.from_engine(Engine(model, tok))
+    verifier = sapo_train._verifier(cfg, {"target": host})
+    align = sapo_train.reward_functions(cfg, tok, verifier)[0]
+    delim, steps = cfg.step_delimiter, row["steps"]
+    rollouts = [steps[0] + "Let me think." + delim, "So x = 2." + delim + "Done." + delim]
+    calls = []
+    generate = host.generate
+
+    async def counted(requests):
+        calls.append(len(requests))
+        return await generate(requests)
+
+    host.generate = counted
+    got = asyncio.run(align(prompts=["p", "p"], completions=rollouts, target_steps=[steps] * 2,
+                            question=[row["question"]] * 2, prompt_ids=[row["prompt_ids"]] * 2))
+    assert calls == [3]  # one batch: the three rollout steps that are not the trajectory's own
+    direct = asyncio.run(TBVM(host, tok, 0.4).verify([
+        Item(row["question"], steps[0], "Let me think." + delim, [], steps[1], []),
+        Item(row["question"], "", "So x = 2." + delim, [], steps[0], []),
+        Item(row["question"], "So x = 2." + delim, "Done." + delim, [], steps[1], [])]))
+    assert got == [(1 + direct[0].accept) / 2, (direct[1].accept + direct[2].accept) / 2]
+    with pytest.raises(ConfigError, match="rewards.verifier"):
+        load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", "rewards.verifier=always"])
+
+
 def test_sapo_killed_run_resumes_step_optimizer_and_wandb_id(trajectories, tmp_path, capsys):
     import torch
 

@@ -4,7 +4,8 @@ import random
 import pytest
 
 from speculative.metrics import summarize
-from speculative.theory import device_adjusted, f_async, f_sync, f_sync_paper, g_token, predicted_speedup
+from speculative.theory import (device_adjusted, f_async, f_async_paper, f_sync, f_sync_paper, g_token,
+                                predicted_speedup)
 from speculative.trace import Committed, Trace, Verification
 
 
@@ -13,14 +14,14 @@ from speculative.trace import Committed, Trace, Verification
 ])
 def test_reference_fixtures(a, c, g, want_sync, want_async):
     assert f_sync_paper(a, c, g) == pytest.approx(want_sync, abs=1e-3)
-    assert f_async(a, c, g) == pytest.approx(want_async, abs=1e-3)
+    assert f_async_paper(a, c, g) == pytest.approx(want_async, abs=1e-3)
 
 
 def test_async_branches_agree_at_one_over_c():
     a, c = 0.55, 0.25
     below = (1 - a ** 4) / ((1 - a) + c * (a - a ** 5 - 4 * (1 - a) * a ** 4))
     assert below == pytest.approx(1 / (c + (1 - c) * (1 - a)), rel=1e-9)
-    assert f_async(a, c, 4) == pytest.approx(below)
+    assert f_async_paper(a, c, 4) == pytest.approx(below)
 
 
 def test_sync_model_matches_a_monte_carlo_of_the_controllers_cycle():
@@ -41,11 +42,27 @@ def test_sync_model_matches_a_monte_carlo_of_the_controllers_cycle():
     assert f_sync_paper(0.6, 0.3, 3) / ((1 - 0.6 ** 3) / (0.4 * (1 + 0.3 * 3))) == pytest.approx(1.19, abs=0.01)
 
 
+def test_async_model_of_the_pipelined_chain():
+    """f_async is the controllers' schedule: without a stalled draft (gamma >= 1/c, or a verifier that does not
+    wait for the target's step) every accepted step costs c and a rejected one 1: 1 / (1 - a + a c), the paper's
+    bound; below 1/c the window stalls the draft: at a = 1, (1 + gamma) / (1 + c) steps per target step (d_k
+    waits for d_{k-gamma}'s verdict, which comes one target step after d_{k-gamma-1})."""
+    for a in (0.0, 0.3, 0.9):
+        assert f_async(a, 0.25, 4) == pytest.approx(1 / (1 - a + a * 0.25), rel=1e-6)
+        assert f_async(a, 0.25, 1, waits_for_target=False) == pytest.approx(1 / (1 - a + a * 0.25), rel=1e-6)
+    for gamma in (1, 2, 3):
+        assert f_async(1.0, 0.25, gamma) == pytest.approx((1 + gamma) / 1.25, rel=2e-3)
+    assert f_async(0.9, 0.3, 2) < f_async(0.9, 0.3, 3) < f_async(0.9, 0.3, 4) == pytest.approx(1 / 0.37, rel=1e-6)
+    assert f_async(0.6, 0.3, 2) != pytest.approx(f_async_paper(0.6, 0.3, 2), rel=0.05)  # another schedule
+    with pytest.raises(ValueError, match="gamma"):
+        f_async(0.5, 0.3, 0)
+
+
 def test_token_sd_bounds_and_combination():
     assert g_token(0.0, 0.1, 4) == pytest.approx(1 / 1.4)
     assert g_token(0.8, 0.0, 1000) == pytest.approx(1 / (1 - 0.8), rel=1e-6)
     assert g_token(1.0, 0.0, 4) == 5
-    assert predicted_speedup("lr_async+sd", 0.5, 0.1, 6, token_speedup=1.5) == pytest.approx(1.808 * 1.5, abs=2e-3)
+    assert predicted_speedup("lr_async+sd", 0.5, 0.1, 6, token_speedup=1.5) == pytest.approx(f_async(0.5, 0.1, 6) * 1.5)
     assert predicted_speedup("ar", 0.3, 0.1, 6) == 1.0
     assert math.isinf(f_async(1.0, 0.0, 3))
     with pytest.raises(ValueError):

@@ -63,6 +63,10 @@ def test_tbvm_tests_the_ratio_of_yes_to_yes_plus_no_against_alpha(tok):
         model = ScriptedModel({yes: p_yes, no: p_no})
         [v] = _verify(V.TBVM(model, tok, alpha=0.7), [_item()])
         assert v.accept is accept and v.score == pytest.approx(p_yes / max(p_yes + p_no, 1e-30))
+    # the ablation: the raw p(yes) against alpha (0.3 fails at 0.7 where its ratio passes; 0.75 passes)
+    for p_yes, p_no, accept in ((0.3, 0.1, False), (0.75, 0.2, True)):
+        [v] = _verify(V.TBVM(ScriptedModel({yes: p_yes, no: p_no}), tok, alpha=0.7, ratio=False), [_item()])
+        assert v.accept is accept and v.score == pytest.approx(p_yes)
     prompt = tok.decode(model.prompts[0])
     assert "What is x?" in prompt and "We solve." in prompt and "x = 3" in prompt  # problem, context, the step
     with pytest.raises(V.VerifierError, match="alpha"):

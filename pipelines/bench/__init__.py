@@ -1,7 +1,7 @@
 """Benchmarks: scripts that measure side by side in one run and write JSON (never timed tests).
 
     python -m pipelines.bench engine --out bench-engine.json
-    python -m pipelines.bench spec --out bench-spec.json [--num-problems 20] [--max-new-tokens 96]
+    python -m pipelines.bench spec --out bench-spec.json [--num-problems 20] [--max-new-tokens 96] [--scripted-only]
     python -m pipelines.bench quant --out bench-quant.json
     python -m pipelines.bench sapo --out bench-sapo.json [--num-problems 12] [--train-problems 128]
     python -m pipelines.bench kernels --out bench-kernels.json [--skip-moe] [--milo-checkpoint DIR]
@@ -52,6 +52,8 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="demo", help="spec: evaluate preset")
     parser.add_argument("--theory-problems", type=int, default=8,
                         help="spec: problems for the theory check with a random(0.5) verifier (0: skip)")
+    parser.add_argument("--scripted-only", action="store_true",
+                        help="spec: only the scripted-host checks of the controllers against the theory (no model)")
     parser.add_argument("--run-dir", default="runs", help="spec, quant: where the job runs go")
     parser.add_argument("--moe", default="smollm2-moe-8x", help="quant: the MoE to quantize")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="quant: pydoc tokens for perplexity")

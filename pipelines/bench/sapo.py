@@ -19,7 +19,8 @@ held-out problems that the draft's argmax predicts), accept_rate_before/after (s
 accept_gain_points, tokens_per_draft_step_before/after (the draft's step length as a lookahead window drafts:
 gamma greedy steps in a row from each prefix of the target's held-out answers, each capped at --step-max-tokens and
 none at the answer's budget; `step_agreement` window_step_tokens),
-accept_rate_warm_start, tokens_per_draft_step_warm_start and grpo_gain_points (after - warm start),
+accept_rate_warm_start, tokens_per_draft_step_warm_start, and the gain split by stage: sft_gain_points (the warm
+start's: warm start - before), grpo_gain_points (GRPO's: after - warm start); accept_gain_points is both,
 lr_speedup_before/after (lr_async+sd tokens/s over ar's, same actors and run), samples_per_s_1_worker,
 samples_per_s_2_workers, plus the per-run summaries and wall times of every stage. With the embedding verifier,
 also step_match_rate_{before,after,warm_start} and draft_step_tokens_{...} (`step_agreement`: the draft's greedy
@@ -47,7 +48,7 @@ KEYS = ("held_out_offset", "num_problems", "method", "max_new_tokens", "step_max
                                   "token_agreement", "step_match_rate", "draft_step_tokens")
           for tag in ("before", "after")),
         "accept_gain_points", "samples_per_s_1_worker", "samples_per_s_2_workers", "accept_rate_warm_start",
-        "tokens_per_draft_step_warm_start", "grpo_gain_points", "step_match_rate_warm_start",
+        "tokens_per_draft_step_warm_start", "grpo_gain_points", "sft_gain_points", "step_match_rate_warm_start",
         "draft_step_tokens_warm_start", "target_step_tokens", "targets_met", "before", "after", "warm_start",
         "draft_after", "sapo", "stage_wall_s")
 # Ray CPUs per GRPO worker in the throughput runs: 2 workers fit a 2-CPU instance beside the encoder actor (0.1 CPU);
@@ -236,6 +237,7 @@ def run(args) -> dict:
         token_agreement_before=before["token_agreement"], token_agreement_after=after["token_agreement"],
         accept_rate_warm_start=warm and warm["step_accept_rate"],
         tokens_per_draft_step_warm_start=warm and warm["tokens_per_draft_step"],
+        sft_gain_points=warm and 100 * (warm["step_accept_rate"] - before["step_accept_rate"]),
         grpo_gain_points=warm and 100 * (after["step_accept_rate"] - warm["step_accept_rate"]),
         **{f"{key}_{tag}": run.get(key) for key in ("step_match_rate", "draft_step_tokens")
            for tag, run in (("before", before), ("after", after), ("warm_start", warm or {}))},

@@ -9,6 +9,12 @@ returning to its commit, per origin, and the committed target steps' summed wait
 tokens_per_s_1, tokens_per_s_4, plus the checks within_20pct_of_predicted / _of_ideal and fpsr_ge_lr_sync;
 theory_check: the same predictions at a known accept rate (a random verifier accepting half the drafts,
 `--theory-problems` problems, one in flight).
+
+On scripted hosts with fixed latencies (speculative.scripted; no model, ~1 min; `--scripted-only` runs only this):
+`scripted_theory_max_rel_error`, the largest |measured / predicted - 1| of the speedup over every step method,
+alpha in {0.3, 0.6, 0.9} and gamma in {2, 4} (draft cost 0.3 target steps; also with a verifier that does not wait
+for the target's step), and `fpsr_vs_lr_async_all_accept`, fpsr's wall time over lr_async's when every draft
+passes (draft 0.02 s, target 0.1 s, gamma 4, 12 steps; median of 3 runs); every run is under `scripted`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import torch
 from pipelines.bench.common import device_name
 
 KEYS = ("methods", "run_dir_1", "run_dir_4", "target", "draft", "verifier", "gamma", "num_problems", "theory_check",
-        "fpsr_ge_lr_sync", "best_speedup", "device")
+        "fpsr_ge_lr_sync", "best_speedup", "device", "scripted", "scripted_theory_max_rel_error",
+        "fpsr_vs_lr_async_all_accept")
+SCRIPTED_KEYS = ("scripted", "scripted_theory_max_rel_error", "fpsr_vs_lr_async_all_accept")
 
 SPEC_METHODS = ["ar", "sd", "lr_sync", "lr_async", "lr_async+sd", "fpsr", "fpsr+sd"]
 
@@ -27,12 +35,30 @@ def _within_20pct(summary: dict, key: str) -> bool:
     return abs(summary["speedup"] - summary[key]) <= 0.2 * summary[key]
 
 
+def scripted() -> dict:
+    """The controllers against the theory on scripted hosts (no model)."""
+    import asyncio
+    import statistics
+
+    from speculative.scripted import all_accept_ratio, theory_grid
+
+    waits = asyncio.run(theory_grid())
+    free = asyncio.run(theory_grid(("lr_async", "fpsr"), gammas=(2,), waits=False, seed=100))
+    all_accept = [asyncio.run(all_accept_ratio()) for _ in range(3)]
+    return {"scripted": {"theory": waits, "theory_verifier_free": free, "all_accept_runs": all_accept},
+            "scripted_theory_max_rel_error": max(waits["max_rel_error"], free["max_rel_error"]),
+            "fpsr_vs_lr_async_all_accept": statistics.median(r["ratio"] for r in all_accept)}
+
+
 def run(args) -> dict:
     from pipelines.config import load_config
     from pipelines.schema import EvaluateConfig
     from pipelines.evaluate import evaluate
 
-    out: dict = {"methods": {}}
+    out: dict = scripted()
+    if args.scripted_only:
+        return out
+    out["methods"] = {}
     for in_flight in (1, 4):
         cfg = load_config(EvaluateConfig, "evaluate", [
             args.preset, f"run.storage={args.run_dir}", f"run.name=bench-spec-{in_flight}",
