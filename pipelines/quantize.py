@@ -222,7 +222,7 @@ def plan_source(model_name: str, spec: QuantSpec, trust_remote_code: bool) -> di
         check_targets(targets, spec, is_moe(model))
         plan, quantized = [], set()
         # kurtosis ranks come from the weights, frequency ranks from routing statistics the driver adds to the spec
-        in_task = spec.method == "milo" and spec.rank_policy in ("kurtosis", "frequency")
+        in_task = spec.method == "milo" and spec.rank_policy in ("kurtosis", "frequency", "mixed")
         for t in targets:
             shape = tuple(t.get().shape)
             keys = disk_keys(t.name, shape, t.index is not None, shards)

@@ -362,8 +362,10 @@ class QuantizeConfig:
     bits: int = key(3, help="code width: 2, 3, 4 or 8 for rtn/hqq, 3 for milo, 4 for kmeans/codequant")
     group_size: int = bounded(64, ge=1, help="weights per scale/zero group (rtn, hqq, milo)")
     pad_groups: bool = key(False, help="zero-pad a last group that does not divide the input width (else an error)")
-    rank_policy: str = choice("uniform", ["uniform", "kurtosis", "frequency"], help="milo: compensator ranks the "
-                              "same for every tensor, by weight kurtosis, or experts' by routing frequency")
+    rank_policy: str = choice("uniform", ["uniform", "kurtosis", "frequency", "mixed"],
+                              help="milo: compensator ranks the same for every tensor, by weight kurtosis, experts' "
+                                   "by routing frequency, or mixed (MiLo's MoE recipe: rank_dense for dense layers, "
+                                   "routed experts by kurtosis)")
     rank_dense: int = bounded(16, ge=0, help="milo: compensator rank of attention and dense linears")
     rank_expert: int = bounded(8, ge=0, help="milo: compensator rank of an expert's linears")
     rank_max: int = bounded(1024, ge=0, help="milo, kurtosis policy: cap on a tensor's rank")

@@ -6,7 +6,9 @@ Rank policies for MiLo compensators:
 - `kurtosis`: from the weight's excess kurtosis k: rank 0 for k < 1, 2^(ceil(k) + 2) up to k = 9, `rank_max` above
   (outlier-heavy matrices get large ranks; Gaussian-like ones none);
 - `frequency`: routed expert e of a layer gets rank_expert * E * f_e (f = its share of routing decisions on real
-  text, mean rank = rank_expert); others get `rank_dense`.
+  text, mean rank = rank_expert); others get `rank_dense`;
+- `mixed` (MiLo's recipe for MoE): `rank_dense` for attention, dense MLPs and shared experts, the kurtosis rule
+  for routed experts.
 Every rank is capped at `rank_max` and at min(out, in).
 """
 
@@ -22,6 +24,7 @@ from quant.milo import MiLoTensor, quantize_milo
 from quant.targets import Target, is_moe, quant_targets
 
 METHODS = ("rtn", "hqq", "milo", "kmeans")
+RANK_POLICIES = ("uniform", "kurtosis", "frequency", "mixed")
 
 
 @dataclass
@@ -48,7 +51,7 @@ class QuantSpec:
             raise QuantConfigError(f"codebooks have 16 centroids (4-bit indices); {self.bits}-bit was asked")
         if self.activation_weighted and self.method != "kmeans":
             raise QuantConfigError(f"activation weighting is for codebooks (kmeans), not {self.method!r}")
-        if self.rank_policy not in ("uniform", "kurtosis", "frequency"):
+        if self.rank_policy not in RANK_POLICIES:
             raise QuantConfigError(f"unknown rank policy {self.rank_policy!r}")
 
 
@@ -67,7 +70,7 @@ def rank_of(spec: QuantSpec, kind: str, layer: int, expert: int | None, w: torch
     """A target's compensator rank (0 unless MiLo) from its kind, place and, for the kurtosis policy, weights."""
     if spec.method != "milo":
         return 0
-    if spec.rank_policy == "kurtosis":
+    if spec.rank_policy == "kurtosis" or (spec.rank_policy == "mixed" and kind == "expert"):
         k = excess_kurtosis(w)
         rank = 0 if k < 1 else (spec.rank_max if k > 9 else 2 ** (int(-(-k // 1)) + 2))
     elif spec.rank_policy == "frequency" and kind == "expert":

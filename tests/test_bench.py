@@ -48,14 +48,14 @@ def test_spec_suite_on_tiny_models(tmp_path):
     from pipelines.bench import spec
 
     got = _run(["spec", "--preset", "tiny", "--num-problems", "1", "--theory-problems", "1", "--max-new-tokens", "12",
-                "--run-dir", str(tmp_path / "runs")], tmp_path)
+                "--scripted-steps", "30", "--run-dir", str(tmp_path / "runs")], tmp_path)
     assert set(got) == set(spec.KEYS) | ALWAYS
     assert set(got["methods"]) == set(spec.SPEC_METHODS)
     assert got["methods"]["ar"]["speedup"] == 1.0 and got["best_speedup"][0] >= 1.0
     assert {"speedup", "step_accept_rate", "predicted_speedup", "tokens_per_s_1", "tokens_per_s_4",
             "within_20pct_of_predicted"} <= set(got["methods"]["lr_async"])
-    # the scripted hosts' checks (their bounds are tests/test_controllers.py's)
-    assert 0 <= got["scripted_theory_max_rel_error"] < 0.2 and 0.8 < got["fpsr_vs_lr_async_all_accept"] < 1.2
+    # the scripted hosts' checks (30 steps a run here: noisy; the bounds are tests/test_controllers.py's)
+    assert 0 <= got["scripted_theory_max_rel_error"] < 0.3 and 0.8 < got["fpsr_vs_lr_async_all_accept"] < 1.2
     assert len(got["scripted"]["theory"]["runs"]) == 18 and len(got["scripted"]["all_accept_runs"]) == 3
 
 

@@ -34,3 +34,38 @@ def test_milo_settings_errors():
         quantize_milo(w, rank=8, bits=5)
     with pytest.raises(QuantConfigError, match="rank"):
         quantize_milo(w, rank=1000)
+
+
+def _with_kurtosis(rows: int, cols: int, nonzero: int) -> torch.Tensor:
+    """A matrix of zeros and +-1 (balanced, mean 0) whose excess kurtosis is exactly entries / nonzero - 3."""
+    w = torch.zeros(rows * cols)
+    w[:nonzero // 2], w[nonzero // 2:nonzero] = 1.0, -1.0
+    return w[torch.randperm(rows * cols, generator=torch.Generator().manual_seed(0))].reshape(rows, cols)
+
+
+def test_rank_policies_on_fixed_inputs():
+    """rank_of: uniform by kind; kurtosis k -> 0 below 1, 2^(ceil(k) + 2) up to 9, rank_max above; frequency:
+    rank_expert * E * share (the experts' mean is rank_expert); mixed: uniform dense layers, kurtosis experts;
+    every rank capped at rank_max and the matrix's smaller side."""
+    from quant.apply import QuantSpec, excess_kurtosis, rank_of
+
+    k25, k13, flat = _with_kurtosis(40, 55, 400), _with_kurtosis(16, 64, 64), torch.linspace(-1, 1, 2048).reshape(32, 64)
+    assert excess_kurtosis(k25) == pytest.approx(2.5) and excess_kurtosis(k13) == pytest.approx(13)
+    assert excess_kurtosis(flat) == pytest.approx(-1.2, abs=0.01)  # uniform
+    uni = QuantSpec("milo", rank_dense=16, rank_expert=8)
+    assert rank_of(uni, "attention", 0, None, flat) == 16 and rank_of(uni, "expert", 0, 3, flat) == 8
+    kurt = QuantSpec("milo", rank_policy="kurtosis", rank_max=12)
+    assert [rank_of(kurt, "attention", 0, None, w) for w in (flat, k25, k13)] == [0, 12, 12]  # 32 capped at 12
+    kurt.rank_max = 1024
+    assert [rank_of(kurt, "expert", 0, 1, w) for w in (flat, k25, k13)] == [0, 32, 16]  # 1024 capped by 16 rows
+    freq = QuantSpec("milo", rank_policy="frequency", rank_dense=16, rank_expert=8,
+                     routing_frequency={0: [0.5, 0.25, 0.125, 0.125]})
+    ranks = [rank_of(freq, "expert", 0, e, flat) for e in range(4)]
+    assert ranks == [16, 8, 4, 4] and sum(ranks) / 4 == 8  # proportional to the share, mean = rank_expert
+    assert rank_of(freq, "attention", 0, None, flat) == 16
+    mixed = QuantSpec("milo", rank_policy="mixed", rank_dense=24, rank_expert=8)
+    assert rank_of(mixed, "attention", 0, None, k25) == 24 and rank_of(mixed, "shared_expert", 0, None, k25) == 24
+    assert rank_of(mixed, "expert", 0, 0, k25) == 32 and rank_of(mixed, "expert", 0, 0, flat) == 0
+    assert rank_of(QuantSpec("hqq", rank_policy="kurtosis"), "expert", 0, 0, k25) == 0  # only MiLo has ranks
+    with pytest.raises(QuantConfigError, match="rank policy"):
+        QuantSpec("milo", rank_policy="outliers").check()

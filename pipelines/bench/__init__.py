@@ -52,6 +52,8 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="demo", help="spec: evaluate preset")
     parser.add_argument("--theory-problems", type=int, default=8,
                         help="spec: problems for the theory check with a random(0.5) verifier (0: skip)")
+    parser.add_argument("--scripted-steps", type=int, default=120,
+                        help="spec: committed steps of each scripted-host run (fewer: faster, noisier)")
     parser.add_argument("--scripted-only", action="store_true",
                         help="spec: only the scripted-host checks of the controllers against the theory (no model)")
     parser.add_argument("--run-dir", default="runs", help="spec, quant: where the job runs go")

@@ -35,15 +35,15 @@ def _within_20pct(summary: dict, key: str) -> bool:
     return abs(summary["speedup"] - summary[key]) <= 0.2 * summary[key]
 
 
-def scripted() -> dict:
-    """The controllers against the theory on scripted hosts (no model)."""
+def scripted(steps: int = 120) -> dict:
+    """The controllers against the theory on scripted hosts (no model), `steps` committed steps a run."""
     import asyncio
     import statistics
 
     from speculative.scripted import all_accept_ratio, theory_grid
 
-    waits = asyncio.run(theory_grid())
-    free = asyncio.run(theory_grid(("lr_async", "fpsr"), gammas=(2,), waits=False, seed=100))
+    waits = asyncio.run(theory_grid(steps=steps))
+    free = asyncio.run(theory_grid(("lr_async", "fpsr"), gammas=(2,), waits=False, seed=100, steps=steps))
     all_accept = [asyncio.run(all_accept_ratio()) for _ in range(3)]
     return {"scripted": {"theory": waits, "theory_verifier_free": free, "all_accept_runs": all_accept},
             "scripted_theory_max_rel_error": max(waits["max_rel_error"], free["max_rel_error"]),
@@ -55,7 +55,7 @@ def run(args) -> dict:
     from pipelines.schema import EvaluateConfig
     from pipelines.evaluate import evaluate
 
-    out: dict = scripted()
+    out: dict = scripted(args.scripted_steps)
     if args.scripted_only:
         return out
     out["methods"] = {}
