@@ -6,8 +6,10 @@ per-row 16-centroid codebooks whose centroids are fine-tuned on real text.
 2. `learn_rotation`: R = (I - A)(I + A)^-1 with A skew-symmetric (always orthogonal); Adam on A minimises the
    per-token asymmetric 4-bit quantization error of the rotated norm outputs X R on calibration text (a
    straight-through round, so the gradient shrinks each token's range: outliers are spread out).
-3. `fuse_rotation`: embeddings, q/k/v, router, expert gate/up and the head read x R (W <- W R); o_proj and expert
-   down write into it (W <- R^T W). The fp model's outputs are unchanged (tested).
+3. `fuse_rotation`: embeddings, q/k/v (MLA: its q and kv down-projections), router, expert and shared-expert
+   gate/up and the head read x R (W <- W R); o_proj and the down projections write into it (W <- R^T W). The fp
+   model's outputs are unchanged (tested on Mixtral, Qwen2/3-MoE, OLMoE with its full-width q/k norms, DeepSeek-V3
+   with MLA and a shared expert, and dense Llama).
 4. `codebooks` + `finetune_centroids`: k-means++ codebooks per output row, weighted by each input column's mean
    squared calibration activation (the row's output error under a diagonal second moment), then SGD on the centroids against each
    linear's fp output on calibration inputs (a centroid moves by the mean gradient of its members), re-assigning
@@ -71,15 +73,28 @@ def _mlp_writers(mlp: nn.Module) -> list[tuple[nn.Parameter, int | None]]:
     return out
 
 
+# the attention linears that read the residual stream: q/k/v, or multi-head latent attention's down-projections
+# (DeepSeek-V2/V3: q_a_proj, or q_proj without a q LoRA rank, and kv_a_proj_with_mqa); o_proj writes into it. Norms
+# inside attention (q/k norms, per head or full width as OLMoE's; MLA's latent norms) act on what these linears
+# write, which the residual rotation leaves unchanged, so they need no folding.
+ATTN_READERS = ("q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa")
+
+
+def _attn_readers(attn: nn.Module) -> list[nn.Linear]:
+    readers = [getattr(attn, n) for n in ATTN_READERS if isinstance(getattr(attn, n, None), nn.Linear)]
+    if not readers or not isinstance(getattr(attn, "o_proj", None), nn.Linear):
+        raise ValueError(f"CodeQuant's rotation does not know the attention {type(attn).__name__} (no q/k/v or MLA "
+                         "projections and o_proj): quantize this model with method=milo, hqq or rtn")
+    return readers
+
+
 @torch.no_grad()
 def fold_norms(model) -> None:
     body = model.model
     for layer in body.layers:
         attn = layer.self_attn
-        if getattr(attn, "q_norm", None) is not None and attn.q_norm.weight.shape[0] == attn.q_proj.weight.shape[0]:
-            raise ValueError("full-width q/k norms (OLMoE) do not commute with a residual rotation")
         g = layer.input_layernorm.weight.float()
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+        for lin in _attn_readers(attn):
             lin.weight.mul_(g[None, :].to(lin.weight.dtype))
         layer.input_layernorm.weight.fill_(1.0)
         g = layer.post_attention_layernorm.weight.float()
@@ -154,7 +169,7 @@ def fuse_rotation(model, r: torch.Tensor) -> None:
     body.embed_tokens.weight.copy_(body.embed_tokens.weight @ rd)
     for layer in body.layers:
         attn = layer.self_attn
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+        for lin in _attn_readers(attn):
             lin.weight.copy_(lin.weight @ rd)
         attn.o_proj.weight.copy_(rd.T @ attn.o_proj.weight)
         if getattr(attn.o_proj, "bias", None) is not None:

@@ -5,7 +5,8 @@ from quant.codequant import CodeQuantSpec, _q4_error, codequant, fold_norms, fus
 from tests.test_quant_checkpoint import _model
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "qwen2_moe_shared", "llama_dense"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "qwen2_moe_shared", "olmoe", "deepseek_v3_shared",
+                                  "llama_dense"])
 def test_folding_and_rotation_keep_the_fp_model(kind):
     model = _model(kind)
     with torch.no_grad():  # non-trivial norm scales, so folding matters
@@ -42,12 +43,16 @@ def test_minibatch_rotation_lowers_the_error_on_all_rows():
     assert len(losses) == 62
 
 
-def test_codequant_runs_on_a_moe_and_leaves_the_router():
-    model = _model("mixtral")
+@pytest.mark.parametrize("kind", ["mixtral", "olmoe", "deepseek_v3_shared"])
+def test_codequant_runs_on_a_moe_and_leaves_the_router(kind):
+    """Also on OLMoE (full-width q/k norms) and DeepSeek-V3 (multi-head latent attention, a shared expert, a dense
+    first layer): every target clustered, the router and the model finite."""
+    model = _model(kind)
     ids = torch.randint(0, 128, (64,))
     out = codequant(model, ids, CodeQuantSpec(rotation_steps=5, finetune_steps=3, calib_tokens=64,
                                               block_finetune_steps=2))
     assert set(out["block"]) == {0, 1}
+    from quant.codequant import _router_weight
     from quant.targets import quant_targets
 
     targets = quant_targets(model)
@@ -56,7 +61,8 @@ def test_codequant_runs_on_a_moe_and_leaves_the_router():
         assert max(row.unique().numel() for row in t.get()) <= 16
     assert torch.isfinite(model(ids[None]).logits).all()
     # the router was rotated and scaled by the folded norm, but never clustered: not 16 values per row
-    assert model.model.layers[0].mlp.gate.weight.unique(dim=None).numel() > 16 * 4
+    router = _router_weight(model.model.layers[-1])
+    assert router is not None and router.unique(dim=None).numel() > 16 * 4
 
 
 def test_rotation_makes_4bit_activations_cheaper():
