@@ -146,3 +146,32 @@ def test_fused_experts_calibrate_on_the_tokens_routed_to_them(kind):
         checked += 1
     experts = next(t.param for t in quant_targets(model) if t.layer == 0 and t.index is not None).shape[0]
     assert checked == 2 * experts  # gate_up and down of every expert
+
+
+def test_centroid_finetuning_lowers_held_out_output_error():
+    """finetune_centroids fits a codebook to the fp output x W^T on calibration inputs; on held-out inputs from the
+    same distribution (correlated, with outlier channels, as an LLM's activations) the output error falls too: the
+    stage generalises, it does not only lower its own training loss."""
+    from quant.codebook import quantize_codebook
+    from quant.codequant import finetune_centroids
+
+    torch.manual_seed(0)
+    n, out = 128, 64
+    w = torch.randn(out, n)
+    mix = torch.randn(n, n) / n ** 0.5
+    scale = torch.ones(n)
+    scale[:4] = 8.0
+
+    def inputs(k, seed):
+        return (torch.randn(k, n, generator=torch.Generator().manual_seed(seed)) @ mix) * scale
+
+    train, held = inputs(256, 1), inputs(256, 2)
+    cb = quantize_codebook(w, None, 20, 0, None)
+
+    def err(c, x):
+        return (x @ c.dequantize().float().T - x @ w.T).pow(2).mean().item()
+
+    # at lr 1 (the job's default finetune_lr 1e-2 moves these centroids by less than 0.01%: see issue 22's note)
+    tuned = finetune_centroids(cb, w, train, steps=20, lr=1.0)
+    assert err(tuned, train) < 0.99 * err(cb, train)
+    assert err(tuned, held) < 0.99 * err(cb, held)
