@@ -223,7 +223,8 @@ def needs_target(cfg: SapoConfig) -> bool:
 
 
 def start_hosts(cfg: SapoConfig) -> dict:
-    """Ray actors every worker shares: the target (online alignment, model verifiers) and the embedding verifier's encoder."""
+    """Ray actors every worker shares: the target (online alignment, model verifiers) and the embedding verifier's
+    encoder."""
     import ray
 
     from actors.encoder import EncoderHost

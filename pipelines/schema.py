@@ -252,6 +252,9 @@ class VerifierConfig:
     seed: int = key(0, help="random: seed of the accept draws")
 
     def check(self) -> None:
+        if self.kind == "tbvm" and not 0 < self.alpha < 1:
+            raise ConfigError(f"config key 'verifier.alpha': {self.alpha} with verifier.kind=tbvm: the test needs "
+                              "0 < alpha < 1 (0 accepts every step, 1 none)")
         if self.kind == "embedding" and not -1 <= self.threshold < 1:
             raise ConfigError(f"config key 'verifier.threshold': {self.threshold} with verifier.kind=embedding: a "
                               "cosine is in [-1, 1], so a threshold outside [-1, 1) accepts every step or none")
@@ -470,6 +473,9 @@ class RewardsConfig:
     def check(self) -> None:
         if self.align + self.length + self.outcome == 0:
             raise ConfigError("config key 'rewards': the weights align, length and outcome sum to zero")
+        if self.verifier == "tbvm" and not 0 < self.alpha < 1:
+            raise ConfigError(f"config key 'rewards.alpha': {self.alpha} with rewards.verifier=tbvm: a ratio test "
+                              "needs 0 < alpha < 1 (0 accepts every step, 1 none)")
 
 
 @dataclass

@@ -75,13 +75,13 @@ def f_async(a: float, c: float, gamma: int, waits_for_target: bool = True) -> fl
     _check(a, c)
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
-    if c == 0:
+    if c == 0 and not waits_for_target:  # free drafts, judged at once: only rejections cost
         return math.inf if a == 1 else 1 / (1 - a)
     n = 4000
     ends = chain_times(c, gamma, n, waits_for_target)[1]
     pace = (ends[n] - ends[n // 2]) / (n - n // 2)  # time per accepted step once the chain is long
     if a == 1:
-        return 1 / pace
+        return 1 / pace if pace > 0 else math.inf
     time = sum(a ** k * (1 - a) * e for k, e in enumerate(ends))
     time += a ** (n + 1) * (ends[n] + pace / (1 - a))  # the chains longer than n, continued at that pace
     return (1 / (1 - a)) / time

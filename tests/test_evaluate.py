@@ -104,6 +104,7 @@ def test_model_actors_split_the_cores_on_a_local_instance(local_ray, monkeypatch
     (["lookahead.gamma=0"], "lookahead.gamma"),
     (["lookahead.width=2"], "lookahead.width"),
     (["token_speculation.method=none"], "token_speculation.method"),
+    (["verifier.kind=tbvm", "verifier.alpha=1.0"], "verifier.alpha"),
 ])
 def test_bad_evaluate_configs_fail_before_loading(args, needle):
     with pytest.raises(ConfigError, match=needle):

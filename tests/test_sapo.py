@@ -462,6 +462,9 @@ def test_model_verifiers_judge_rollout_steps_through_the_target(trajectories, sm
     assert got == [(1 + direct[0].accept) / 2, (direct[1].accept + direct[2].accept) / 2]
     with pytest.raises(ConfigError, match="rewards.verifier"):
         load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", "rewards.verifier=always"])
+    with pytest.raises(ConfigError, match="rewards.alpha"):
+        load_config(SapoConfig, "sapo", ["tiny", f"trajectories={trajectories}", "rewards.verifier=tbvm",
+                                         "rewards.alpha=1.0"])
 
 
 def test_sapo_killed_run_resumes_step_optimizer_and_wandb_id(trajectories, tmp_path, capsys):

@@ -64,7 +64,8 @@ def test_token_sd_bounds_and_combination():
     assert g_token(1.0, 0.0, 4) == 5
     assert predicted_speedup("lr_async+sd", 0.5, 0.1, 6, token_speedup=1.5) == pytest.approx(f_async(0.5, 0.1, 6) * 1.5)
     assert predicted_speedup("ar", 0.3, 0.1, 6) == 1.0
-    assert math.isinf(f_async(1.0, 0.0, 3))
+    assert math.isinf(f_async(1.0, 0.0, 3, waits_for_target=False))
+    assert f_async(1.0, 0.0, 3) == pytest.approx(4.0, rel=2e-3)  # free drafts, but each verdict waits for t_k
     with pytest.raises(ValueError):
         f_sync(1.2, 0.1, 3)
 
