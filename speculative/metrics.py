@@ -86,7 +86,8 @@ def summarize(traces: list[Trace], gamma: int = 1) -> dict:
         "draft_tokens_per_pass": draft_tok / draft_passes if draft_passes else None,
         "draft_token_share": draft_step_tokens / tokens if tokens else 0.0,
         "committed_draft_step_tokens": draft_step_tokens / draft_steps if draft_steps else None,
-        "step_cost_ratio": draft_cost / unit if unit and draft_req else 0.0,
+        # None when no target step of the method finished (every one cancelled): add_speedups takes ar's step
+        "step_cost_ratio": (draft_cost / unit if unit else None) if draft_req else 0.0,
         "verify_s": verify_cost,
         "verify_cost_ratio": verify_cost / unit if unit and calls else 0.0,
         "token_acceptance_rate": accepted / drafted if drafted else 0.0,
@@ -167,6 +168,12 @@ def _token_latency(ar: dict) -> float | None:
     return 1 / ar["tokens_per_s"] if ar.get("tokens_per_s") else None
 
 
+def _unit(summary: dict) -> float:
+    """The mean latency of the target steps a run committed (the theory's unit)."""
+    c = summary.get("committed_target_steps") or {}
+    return c["latency_s"] / c["n"] if c.get("n") else summary["target_step_s"]
+
+
 def add_speedups(summaries: dict[str, dict]) -> None:
     """Speedup vs `ar` (tokens/s on the same problems and actors) and the speedup the theory predicts from each
     method's measured step accept rate and cost ratio (token-level SD multiplies by `sd`'s measured speedup).
@@ -183,6 +190,8 @@ def add_speedups(summaries: dict[str, dict]) -> None:
     ar_token_s = _token_latency(ar)
     for method, s in summaries.items():
         s["speedup"] = s["tokens_per_s"] / ar["tokens_per_s"]
+        if s["step_cost_ratio"] is None:  # none of its target steps finished: ar's committed step is the unit
+            s["step_cost_ratio"] = s["draft_step_s"] / _unit(ar)
         ideal = predicted_speedup(method, s["step_accept_rate"], s["step_cost_ratio"], s["gamma"], token_speedup,
                                   s.get("verifier_waits_for_target", True))
         alone = summaries["sd"] if "+sd" in method and "sd" in summaries else ar  # the same kind of target step

@@ -69,7 +69,7 @@ async def scripted_run(method: str, alpha: float, gamma: int, c: float, unit_s: 
     return trace, target, draft
 
 
-async def _ar(unit_s: float, steps: int):
+async def ar_run(unit_s: float, steps: int):
     return await Controller(settings("ar", 1, steps), HostClient(TimedHost(unit_s))).run("ar", "scripted", [1, 2, 3])
 
 
@@ -88,7 +88,7 @@ async def theory_grid(methods=("lr_sync", "lr_async", "fpsr"), alphas=(0.3, 0.6,
         async with gate:
             return await coro
 
-    runs = await asyncio.gather(gated(_ar(unit_s, steps)), *[
+    runs = await asyncio.gather(gated(ar_run(unit_s, steps)), *[
         gated(scripted_run(m, a, g, c, unit_s, steps, seed + i, waits)) for i, (m, a, g) in enumerate(keys)])
     ar, rows = summarize([runs[0]]), {}
     for (m, a, g), (trace, target, draft) in zip(keys, runs[1:]):

@@ -427,3 +427,25 @@ def test_width_two_siblings_differ_the_first_accepted_wins_the_others_are_cancel
     assert trace.draft_requests == len(trace.steps)  # the wrong, slower siblings never finished:
     assert trace.cancelled_requests >= len(trace.steps)  # each was cancelled when its sibling won
     assert draft.running == 0 and target.running == 0
+
+
+def test_a_run_whose_target_steps_were_all_cancelled_is_still_predicted():
+    """Every draft accepted by a verifier that does not wait for the target's step: every target step is cancelled
+    unfinished, so the run has no target step of its own to measure the draft's cost against; `ar`'s is the
+    unit (the prediction was infinite)."""
+    from speculative.scripted import ar_run, scripted_run
+
+    async def both():
+        return await asyncio.gather(scripted_run("fpsr", 1.0, 2, 0.3, 0.06, 30, waits=False), ar_run(0.06, 30))
+
+    (trace, *_), ar = asyncio.run(both())
+    assert trace.target_requests == 0 and trace.cancelled_requests > 0
+    sums = {"ar": summarize([ar]), "fpsr": summarize([trace], 2)}
+    assert sums["fpsr"]["step_cost_ratio"] is None
+    from speculative.metrics import add_speedups
+
+    add_speedups(sums)
+    s = sums["fpsr"]
+    assert 0.25 < s["step_cost_ratio"] < 0.4
+    assert s["predicted_speedup"] == pytest.approx(1 / s["step_cost_ratio"], rel=0.01)
+    assert s["speedup"] == pytest.approx(s["predicted_speedup"], rel=0.1)
