@@ -344,7 +344,6 @@ class _Chain:
 
     def __init__(self, run: _Run):
         self.run, self.s = run, run.s
-        self.base_tokens, self.base_chars = len(run.committed), len(run.trace.text)
         self.paths: list[list[int]] = [[]]  # the draft path before d_j, from the chain's start
         self.texts: list[str] = [""]
         self.drafts: list[StepOut] = []
@@ -362,10 +361,9 @@ class _Chain:
         return task
 
     def _rel(self, j: int) -> tuple[list[int], str]:
-        """paths[j] and texts[j] relative to the committed prefix now (the accepted drafts are a prefix of both)."""
-        run = self.run
-        return (self.paths[j][len(run.committed) - self.base_tokens:],
-                self.texts[j][len(run.trace.text) - self.base_chars:])
+        """paths[j] and texts[j] relative to the committed prefix now: what the chain committed so far is its
+        accepted drafts, paths[frontier] (the fallback is committed only once nothing of the chain runs)."""
+        return self.paths[j][len(self.paths[self.frontier]):], self.texts[j][len(self.texts[self.frontier]):]
 
     def _target(self, j: int) -> None:
         self.targets.append(self.spawn(self.run.target_step(self._rel(j)[0])))
