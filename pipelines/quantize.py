@@ -58,14 +58,14 @@ from quant.source import Shards, header_of, read_target
 from quant.targets import quant_targets
 
 CODEQUANT_KEYS = ("calib_tokens", "rotation_steps", "rotation_lr", "rotation_batch", "codebook_weighting",
-                  "expert_tokens", "finetune_steps", "finetune_lr")
+                  "expert_tokens", "finetune_steps", "finetune_lr", "sequential")
 
 
 def spec_of(cfg: QuantizeConfig) -> QuantSpec:
     method = "kmeans" if cfg.method == "codequant" else cfg.method  # codequant clusters like kmeans, after rotating
     group = 0 if method == "kmeans" else cfg.group_size
     return QuantSpec(method, cfg.bits, group, cfg.rank_policy, cfg.rank_dense, cfg.rank_expert,
-                     cfg.rank_max, cfg.rounds, cfg.seed, pad_groups=cfg.pad_groups,
+                     cfg.rank_max, cfg.rounds, cfg.seed, compensator=cfg.compensator, pad_groups=cfg.pad_groups,
                      activation_weighted=cfg.method == "codequant" and cfg.codebook_weighting == "activation")
 
 
@@ -114,7 +114,7 @@ def codequant_stage(cfg: QuantizeConfig, prepared: str, out: str) -> dict:
     r, calib = rotate_for_codequant(cfg, model, tok)
     storage.write_bytes(storage.join(prepared, "rotation.safetensors"), save({"r": r.contiguous()}))
     targets = quant_targets(model)
-    for t in targets:
+    for t in targets if not cfg.sequential else ():  # sequential: each layer's inputs come from LayerCalibrator
         storage.write_bytes(storage.join(prepared, f"{t.name}.safetensors"), save(
             {"w": t.get().detach().float().contiguous(), "x": calib.pop(t.name).float().contiguous()}))
     quantized = {t.name if t.index is None else t.name.rsplit(".", 1)[0] for t in targets}
@@ -123,6 +123,37 @@ def codequant_stage(cfg: QuantizeConfig, prepared: str, out: str) -> dict:
     record = {"written": write_model_files(cfg.model.name, {}, out, tensors=rest)}
     storage.write_text(storage.join(prepared, "done.json"), json.dumps(record))
     return record
+
+
+class LayerCalibrator:
+    """GPTQ-style sequential calibration, as a Ray actor that holds the rotated model once: `calibrate(li, rows)`
+    gives the layers before li their stored quantized values (`rows`: their ledger rows; each applied once) and
+    writes layer li's targets' calibration inputs, with their rotated weights, into `prepared`. A restarted actor
+    reloads the model, and the next call re-applies every row it is given."""
+
+    def __init__(self, cfg: QuantizeConfig, prepared: str, out: str):
+        torch.set_num_threads(actor_threads())
+        self.cfg, self.prepared, self.out = cfg, prepared, out
+        self.model, tok = _rotated_model(cfg, prepared)
+        self.targets = quant_targets(self.model)
+        self.ids = tok(pydoc_text(), return_tensors="pt").input_ids[0, :cfg.calib_tokens]
+        self.applied: set[str] = set()
+
+    def calibrate(self, layer: int, rows: dict) -> int:
+        from quant.codequant import _linear_inputs, _target_input
+
+        with torch.no_grad():
+            for t in self.targets:
+                if t.layer < layer and t.name not in self.applied:
+                    t.set(_read_tensor(rows[t.name], self.out).dequantize())
+                    self.applied.add(t.name)
+        inputs = _linear_inputs(self.model, self.ids, upto=layer)
+        mine = [t for t in self.targets if t.layer == layer]
+        for t in mine:
+            x = _target_input(t, inputs, self.model, self.cfg.expert_tokens == "routed")
+            storage.write_bytes(storage.join(self.prepared, f"{t.name}.safetensors"), save(
+                {"w": t.get().detach().float().contiguous(), "x": x.detach().float().contiguous()}))
+        return len(mine)
 
 
 def block_stage(cfg: QuantizeConfig, prepared: str, out: str, rows: dict) -> tuple[dict, dict]:
@@ -475,21 +506,35 @@ def run(cfg: QuantizeConfig) -> tuple[str, dict]:
     device = "cuda" if cfg.task_gpus else "cpu"
     task = ray.remote(num_cpus=cfg.task_cpus, num_gpus=cfg.task_gpus, resources=resources)(quantize_one)
     bar = tqdm(total=len(items), initial=len(done), desc=f"quantize {cfg.method}", unit="tensor")
-    rows, in_flight, t_quant = dict(done), {}, time.perf_counter()
-    queue = list(todo)
-    while queue or in_flight:
-        while queue and len(in_flight) < cfg.num_workers:
-            item = queue.pop(0)
-            ref = task.remote(item, spec, cfg.model.name, out, device, prepared, (cfg.finetune_steps, cfg.finetune_lr))
-            in_flight[ref] = item["name"]
-        [ref], _ = ray.wait(list(in_flight), num_returns=1)
-        in_flight.pop(ref)
-        row = ray.get(ref)
-        rows[row["name"]] = row
-        append_jsonl(run_dir / "tensors.jsonl", row)
-        run_dir.sync(every_s=cfg.run.sync_s)  # a resumed run, on any node, redoes nothing storage holds
-        bar.update()
+    rows, t_quant = dict(done), time.perf_counter()
+    sequential = cfg.method == "codequant" and cfg.sequential
+    # sequential CodeQuant goes layer by layer (a layer's inputs need the layers before it quantized); else one wave
+    waves = [[t for t in todo if t["layer"] == li] for li in sorted({t["layer"] for t in todo})] if sequential \
+        else [todo]
+    calibrator = ray.remote(num_cpus=_ppl_cpus(cfg), num_gpus=cfg.task_gpus, resources=resources, max_restarts=2,
+                            max_task_retries=2)(LayerCalibrator).remote(cfg, prepared, out) if sequential else None
+    layer_of = {t["name"]: t["layer"] for t in items}
+    for wave in waves:
+        if sequential:
+            li = wave[0]["layer"]
+            ray.get(calibrator.calibrate.remote(li, {n: r for n, r in rows.items() if layer_of[n] < li}))
+        queue, in_flight = list(wave), {}
+        while queue or in_flight:
+            while queue and len(in_flight) < cfg.num_workers:
+                item = queue.pop(0)
+                ref = task.remote(item, spec, cfg.model.name, out, device, prepared,
+                                  (cfg.finetune_steps, cfg.finetune_lr))
+                in_flight[ref] = item["name"]
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            in_flight.pop(ref)
+            row = ray.get(ref)
+            rows[row["name"]] = row
+            append_jsonl(run_dir / "tensors.jsonl", row)
+            run_dir.sync(every_s=cfg.run.sync_s)  # a resumed run, on any node, redoes nothing storage holds
+            bar.update()
     bar.close()
+    if calibrator is not None:
+        ray.kill(calibrator)
     quantize_s = time.perf_counter() - t_quant
     block_stats: dict = {}
     if cfg.method == "codequant" and cfg.block_finetune_steps:

@@ -373,6 +373,9 @@ class QuantizeConfig:
     rank_expert: int = bounded(8, ge=0, help="milo: compensator rank of an expert's linears")
     rank_max: int = bounded(1024, ge=0, help="milo, kurtosis policy: cap on a tensor's rank")
     rounds: int = bounded(10, ge=1, help="MiLo alternations")
+    compensator: str = choice("asymmetric", ["asymmetric", "symmetric"],
+                              help="milo: how the 3-bit compensator factors are stored: per-group scale and zero, or "
+                                   "symmetric with a scale only (the paper's; 16 bits less per group of 64)")
     seed: int = key(0, help="seed of the randomized SVD and k-means")
     num_workers: int = bounded(2, ge=1, help="quantization tasks in flight")
     task_cpus: float = bounded(1.0, ge=0, help="Ray CPUs per task (torch threads = max(1, int(task_cpus)))")
@@ -404,8 +407,12 @@ class QuantizeConfig:
     expert_tokens: str = choice("routed", ["routed", "all"], help="codequant: a fused expert's codebook is weighted "
                                 "and fine-tuned on the calibration tokens its router sends it (routed; all tokens "
                                 "when fewer than 8) or on every token (all)")
-    finetune_steps: int = bounded(10, ge=0, help="codequant: Adam steps fine-tuning each linear's centroids "
-                                  "against its fp output")
+    finetune_steps: int = bounded(10, ge=0, help="codequant: gradient steps fine-tuning each linear's centroids "
+                                  "against its fp output (each centroid moves by its members' mean gradient)")
+    sequential: bool = key(False, help="codequant: GPTQ-style calibration, layer by layer: a layer's linears see "
+                           "inputs from the already quantized layers before it (an actor holds the rotated model and "
+                           "advances a layer at a time) instead of the fp model's (one wave of tasks); off: no gain on "
+                           "the demo MoE (docs/results/quantization.md)")
     finetune_lr: float = bounded(1e-2, ge=0, help="codequant: the centroids' learning rate")
     block_finetune_steps: int = bounded(0, ge=0, help="codequant: steps of block-level centroid fine-tuning after "
                                         "the per-linear one (layer output MSE + router KL); 0 = off")

@@ -20,7 +20,7 @@ import torch
 
 from quant.base import QTensor, QuantConfigError, check_settings, quantize
 from quant.codebook import CodebookTensor, quantize_codebook
-from quant.milo import MiLoTensor, quantize_milo
+from quant.milo import COMPENSATOR_FORMATS, MiLoTensor, quantize_milo
 from quant.targets import Target, is_moe, quant_targets
 
 METHODS = ("rtn", "hqq", "milo", "kmeans")
@@ -38,6 +38,7 @@ class QuantSpec:
     rank_max: int = 1024
     rounds: int = 10
     seed: int = 0
+    compensator: str = "asymmetric"  # MiLo's factors: per-group min-max (scale + zero) or symmetric (scale only)
     pad_groups: bool = False  # zero-pad a last group that does not divide the input dim
     activation_weighted: bool = False  # kmeans: weight the input columns by their calibration activations (CodeQuant)
     routing_frequency: dict = field(default_factory=dict)  # layer -> [E] shares, for the frequency policy
@@ -53,6 +54,9 @@ class QuantSpec:
             raise QuantConfigError(f"activation weighting is for codebooks (kmeans), not {self.method!r}")
         if self.rank_policy not in RANK_POLICIES:
             raise QuantConfigError(f"unknown rank policy {self.rank_policy!r}")
+        if self.compensator not in COMPENSATOR_FORMATS:
+            raise QuantConfigError(f"unknown compensator format {self.compensator!r}; known: "
+                                   f"{list(COMPENSATOR_FORMATS)}")
 
 
 def excess_kurtosis(w: torch.Tensor) -> float:
@@ -118,7 +122,8 @@ def quantize_tensor(w: torch.Tensor, spec: QuantSpec, rank: int,
             importance = calib.float().pow(2).mean(0)
         return quantize_codebook(w, spec.group_size or None, seed=spec.seed, importance=importance)
     if spec.method == "milo":
-        return quantize_milo(w, rank, spec.bits, spec.group_size, spec.rounds, seed=spec.seed, pad=spec.pad_groups)
+        return quantize_milo(w, rank, spec.bits, spec.group_size, spec.rounds, seed=spec.seed, pad=spec.pad_groups,
+                             compensator=spec.compensator)
     return quantize(w, spec.method, spec.bits, spec.group_size, spec.pad_groups)
 
 

@@ -33,6 +33,7 @@ class QTensor:
     bits: int
     group_size: int
     shape: tuple[int, int]
+    symmetric: bool = False  # zero fixed at 2^(bits-1) - 1/2 (a grid symmetric about 0): not stored, not counted
 
     @property
     def padded_in(self) -> int:
@@ -49,10 +50,11 @@ class QTensor:
         return w.reshape(out, self.padded_in)[:, :n].to(dtype)
 
     def bits_per_weight(self) -> float:
-        """Codes plus fp16 scale and zero per group, over the real (unpadded) weights."""
+        """Codes plus fp16 scale and zero per group (the scale alone when symmetric), over the real (unpadded)
+        weights."""
         out, n = self.shape
         groups = self.padded_in // self.group_size
-        return (self.bits * n + 2 * 16 * groups) / n
+        return (self.bits * n + (1 if self.symmetric else 2) * 16 * groups) / n
 
 
 def check_settings(bits: int, group_size: int, in_features: int, pad: bool = False) -> None:
@@ -95,9 +97,25 @@ def _codes(wg, scale, zero, bits):
     return torch.clamp(torch.round(wg / scale[..., None] + zero[..., None]), 0, (1 << bits) - 1)
 
 
-def _pack_result(q, scale, zero, bits, group_size, shape) -> QTensor:
+def _pack_result(q, scale, zero, bits, group_size, shape, symmetric: bool = False) -> QTensor:
     return QTensor(pack(q.reshape(shape[0], -1).to(torch.uint8), bits), scale.half(), zero.half(), bits,
-                   group_size, tuple(shape))
+                   group_size, tuple(shape), symmetric)
+
+
+def symmetric_zero(bits: int) -> float:
+    """The fixed zero of a symmetric grid: codes 0 .. 2^b - 1 dequantize to (q - zero) * s = +-s/2 .. +-(2^b-1)s/2."""
+    return (1 << (bits - 1)) - 0.5
+
+
+def quantize_symmetric(w: torch.Tensor, bits: int, group_size: int) -> QTensor:
+    """Per-group symmetric quantization (MiLo stores its compensators so): scale = absmax / (2^(b-1) - 1/2), the
+    zero a constant, so a group costs its codes and one fp16 scale."""
+    check_settings(bits, group_size, w.shape[1])
+    wg = _groups(w, group_size)
+    z = symmetric_zero(bits)
+    scale = (wg.abs().amax(-1) / z).clamp_min(FP16_TINY).half().float()
+    zero = torch.full_like(scale, z)
+    return _pack_result(_codes(wg, scale, zero, bits), scale, zero, bits, group_size, w.shape, symmetric=True)
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, pad: bool = False) -> QTensor:

@@ -3,7 +3,7 @@
     config.json, tokenizer files        the source model's
     rest.safetensors                    every parameter that is not quantized (embeddings, norms, routers, head)
     quantized-000NN.safetensors         packed targets: <name>.packed (int32), <name>.scale / .zero (float16),
-                                        MiLo compensators as <name>.u.* and <name>.v.*
+                                        MiLo compensators as <name>.u.* and <name>.v.* (no .zero when symmetric)
     specmoe_quant.json                  manifest: format, method, bits, group size, rank policy, per tensor
                                         (shape, rank, shard), bits per weight, source fingerprint, shard sha256
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from quant.base import QTensor
+from quant.base import QTensor, symmetric_zero
 from quant.codebook import CodebookTensor
 from quant.milo import MiLoTensor
 from quant.targets import quant_targets
@@ -54,8 +54,10 @@ def fingerprint(model) -> str:
 
 def tensors_of(name: str, result) -> dict[str, torch.Tensor]:
     def one(prefix: str, q: QTensor) -> dict:
-        return {f"{prefix}.packed": q.packed.contiguous(), f"{prefix}.scale": q.scale.contiguous(),
-                f"{prefix}.zero": q.zero.contiguous()}
+        out = {f"{prefix}.packed": q.packed.contiguous(), f"{prefix}.scale": q.scale.contiguous()}
+        if not q.symmetric:  # a symmetric grid's zero is a constant of its bits
+            out[f"{prefix}.zero"] = q.zero.contiguous()
+        return out
 
     if isinstance(result, CodebookTensor):
         return {f"{name}.packed": result.packed.contiguous(), f"{name}.centroids": result.centroids.contiguous()}
@@ -69,10 +71,11 @@ def tensors_of(name: str, result) -> dict[str, torch.Tensor]:
 
 
 def result_from(tensors: dict[str, torch.Tensor], name: str, entry: dict):
-    def one(prefix: str, shape, bits, group) -> QTensor:
+    def one(prefix: str, shape, bits, group, symmetric: bool = False) -> QTensor:
         try:
-            q = QTensor(tensors[f"{prefix}.packed"], tensors[f"{prefix}.scale"], tensors[f"{prefix}.zero"], bits,
-                        group, tuple(shape))
+            scale = tensors[f"{prefix}.scale"]
+            zero = torch.full_like(scale, symmetric_zero(bits)) if symmetric else tensors[f"{prefix}.zero"]
+            q = QTensor(tensors[f"{prefix}.packed"], scale, zero, bits, group, tuple(shape), symmetric)
         except KeyError as exc:
             raise CheckpointError(f"tensor {exc.args[0]!r} is missing from its shard") from None
         expected_groups = -(-shape[1] // group)
@@ -91,8 +94,9 @@ def result_from(tensors: dict[str, torch.Tensor], name: str, entry: dict):
     base = one(name, entry["shape"], entry["bits"], entry["group_size"])
     if entry.get("rank"):
         r = entry["rank"]
-        u = one(f"{name}.u", [entry["shape"][0], r], entry["comp_bits"], entry["u_group"])
-        v = one(f"{name}.v", [r, entry["shape"][1]], entry["comp_bits"], entry["v_group"])
+        sym = bool(entry.get("comp_symmetric"))
+        u = one(f"{name}.u", [entry["shape"][0], r], entry["comp_bits"], entry["u_group"], sym)
+        v = one(f"{name}.v", [r, entry["shape"][1]], entry["comp_bits"], entry["v_group"], sym)
         return MiLoTensor(base, u, v, r)
     return base
 
@@ -106,6 +110,8 @@ def manifest_entry(result, shard: str) -> dict:
     if isinstance(result, MiLoTensor) and result.rank:
         entry.update(rank=result.rank, comp_bits=result.u.bits, u_group=result.u.group_size,
                      v_group=result.v.group_size)
+        if result.u.symmetric:
+            entry["comp_symmetric"] = True
     return entry
 
 

@@ -13,7 +13,9 @@ per-row 16-centroid codebooks whose centroids are fine-tuned on real text.
 4. `codebooks` + `finetune_centroids`: k-means++ codebooks per output row, weighted by each input column's mean
    squared calibration activation (the row's output error under a diagonal second moment), then SGD on the centroids against each
    linear's fp output on calibration inputs (a centroid moves by the mean gradient of its members), re-assigning
-   weights to the nearest centroid after every step; each linear's output MSE is the loss.
+   weights to the nearest centroid after every step; each linear's output MSE is the loss. The calibration inputs
+   come from the fp model, or (`sequential`, as GPTQ) layer by layer from the model whose earlier layers are
+   already quantized.
 5. `finetune_blocks` (optional, after 4): the paper's block-level loss, layer by layer on the input from the
    already quantized layers before it: the layer's output MSE to the fp layer plus, for MoE layers, a weighted
    KL(router_fp || router_q) of the (fp) router on the fp vs quantized MLP input; a step is kept only if the
@@ -46,6 +48,7 @@ class CodeQuantSpec:
     seed: int = 0
     block_finetune_steps: int = 0  # block-level stage (layer output MSE + router KL) after the per-linear one
     router_kl_weight: float = 1.0
+    sequential: bool = False  # GPTQ-style: layer l's linears calibrate on inputs from the quantized layers < l
 
 
 def _mlp_readers(mlp: nn.Module) -> list[tuple[nn.Parameter, int | None]]:
@@ -181,12 +184,20 @@ def fuse_rotation(model, r: torch.Tensor) -> None:
     model.lm_head.weight.copy_(model.lm_head.weight @ rd)
 
 
-def _linear_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early (after the layer whose inputs are wanted)."""
+
+
+def _linear_inputs(model, ids: torch.Tensor, upto: int | None = None) -> dict[str, torch.Tensor]:
     """The input of every quantization target on calibration tokens (fused experts take the MLP input and pick
-    their routed tokens from it in `_target_input`)."""
+    their routed tokens from it in `_target_input`); with `upto`, of layer `upto`'s targets only (the forward
+    pass stops after that layer)."""
     inputs: dict[str, torch.Tensor] = {}
     hooks = []
-    for li, layer in enumerate(model.model.layers):
+    layers = model.model.layers
+    for li, layer in enumerate(layers):
+        if upto is not None and li != upto:
+            continue
         for name, module in layer.named_modules():
             full = f"model.layers.{li}.{name}"
             if isinstance(module, nn.Linear):
@@ -194,10 +205,20 @@ def _linear_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
                     lambda m, i, o, full=full: inputs.__setitem__(full + ".weight", i[0].reshape(-1, i[0].shape[-1]))))
         hooks.append(layer.post_attention_layernorm.register_forward_hook(
             lambda m, i, o, li=li: inputs.__setitem__(f"mlp_in.{li}", o.reshape(-1, o.shape[-1]))))
-    with torch.no_grad():
-        model(ids.unsqueeze(0))
-    for h in hooks:
-        h.remove()
+
+    def stop(*_):
+        raise _Stop
+
+    if upto is not None:
+        hooks.append(layers[upto].register_forward_hook(stop))
+    try:
+        with torch.no_grad():
+            model(ids.unsqueeze(0))
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
     return inputs
 
 
@@ -262,22 +283,34 @@ def codequant(model, ids: torch.Tensor, spec: CodeQuantSpec, progress=None) -> d
     x = norm_outputs(model, ids)
     r, losses = learn_rotation(x, spec.rotation_steps, spec.rotation_lr, spec.seed, spec.rotation_batch)
     fuse_rotation(model, r)
-    inputs = _linear_inputs(model, ids)
+    targets = quant_targets(model)
     results = {}
+    fp_w = {}
+    inputs = None if spec.sequential else _linear_inputs(model, ids)
     with torch.no_grad():
-        for t in quant_targets(model):
-            w = t.get().float().clone()
-            x = _target_input(t, inputs, model, spec.expert_tokens == "routed").float()
-            importance = x.pow(2).mean(0) if spec.codebook_weighting == "activation" else None
-            cb = quantize_codebook(w, None, spec.kmeans_iters, spec.seed, importance)
-            if spec.finetune_steps:
-                with torch.enable_grad():
-                    cb = finetune_centroids(cb, w, x, spec.finetune_steps, spec.finetune_lr)
-            results[t.name] = cb
-            if progress is not None:
-                progress.update()
-        if not spec.block_finetune_steps:
-            for t in quant_targets(model):  # write back after all inputs were taken from the fp model
+        for li in sorted({t.layer for t in targets}):
+            mine = [t for t in targets if t.layer == li]
+            if spec.sequential:  # the layers before hold their codebook values; this one and those after are fp
+                inputs = _linear_inputs(model, ids, upto=li)
+            for t in mine:
+                w = fp_w[t.name] = t.get().float().clone()
+                x = _target_input(t, inputs, model, spec.expert_tokens == "routed").float()
+                importance = x.pow(2).mean(0) if spec.codebook_weighting == "activation" else None
+                cb = quantize_codebook(w, None, spec.kmeans_iters, spec.seed, importance)
+                if spec.finetune_steps:
+                    with torch.enable_grad():
+                        cb = finetune_centroids(cb, w, x, spec.finetune_steps, spec.finetune_lr)
+                results[t.name] = cb
+                if progress is not None:
+                    progress.update()
+            if spec.sequential:
+                for t in mine:
+                    t.set(results[t.name].dequantize())
+        if spec.block_finetune_steps:  # the block stage starts from the fp model
+            for t in targets:
+                t.set(fp_w[t.name])
+        else:
+            for t in targets:  # write back after all inputs were taken
                 t.set(results[t.name].dequantize())
     block = None
     if spec.block_finetune_steps:  # reads the fp model, leaves it quantized
@@ -312,10 +345,6 @@ def add_activation_fake_quant(model, bits: int = 4) -> list:
             if isinstance(module, nn.Linear) or isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
                 handles.append(module.register_forward_pre_hook(pre_hook))
     return handles
-
-
-class _Stop(Exception):
-    pass
 
 
 def router_kl(logits_fp: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

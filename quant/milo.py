@@ -2,7 +2,8 @@
 
 Alternate, for `rounds` rounds: Q = quant(W - U V); E = W - deq(Q); (U, V) = rank-r randomized SVD of E with the
 square root of the singular values in both factors. Inference: y = x deq(Q)^T + (x V^T) U^T. The compensator is
-stored in 3 bits too (asymmetric per-group min-max, groups of up to 64 along each factor's inner dim).
+stored in 3 bits too, in groups of up to 64 along each factor's inner dim: asymmetric per-group min-max (our default,
+fp16 scale and zero per group) or, as the paper stores them, symmetric (fp16 scale only; `compensator=symmetric`).
 Rank 0 is plain HQQ.
 """
 
@@ -13,10 +14,11 @@ from typing import Optional
 
 import torch
 
-from quant.base import QTensor, QuantConfigError, quantize, quantize_rtn
+from quant.base import QTensor, QuantConfigError, quantize, quantize_rtn, quantize_symmetric
 
 COMPENSATOR_BITS = 3
 COMPENSATOR_GROUP = 64
+COMPENSATOR_FORMATS = ("asymmetric", "symmetric")
 
 
 @dataclass
@@ -52,13 +54,16 @@ def _group_for(n: int) -> int:
     return g
 
 
-def _factor(x: torch.Tensor) -> QTensor:
-    return quantize_rtn(x, COMPENSATOR_BITS, _group_for(x.shape[1]))
+def _factor(x: torch.Tensor, compensator: str) -> QTensor:
+    quantizer = quantize_symmetric if compensator == "symmetric" else quantize_rtn
+    return quantizer(x, COMPENSATOR_BITS, _group_for(x.shape[1]))
 
 
 @torch.no_grad()
 def quantize_milo(w: torch.Tensor, rank: int, bits: int = 3, group_size: int = 64, rounds: int = 10,
-                  base: str = "hqq", seed: int = 0, pad: bool = False) -> MiLoTensor:
+                  base: str = "hqq", seed: int = 0, pad: bool = False, compensator: str = "asymmetric") -> MiLoTensor:
+    if compensator not in COMPENSATOR_FORMATS:
+        raise QuantConfigError(f"unknown compensator format {compensator!r}: use one of {list(COMPENSATOR_FORMATS)}")
     if bits != 3:
         raise QuantConfigError(f"MiLo is defined for 3-bit weights, got {bits}-bit (use rtn/hqq for others)")
     out, n = w.shape
@@ -76,7 +81,7 @@ def quantize_milo(w: torch.Tensor, rank: int, bits: int = 3, group_size: int = 6
         root = s[:rank].sqrt()
         u_f, v_f = u[:, :rank] * root, (v[:, :rank] * root).T  # [out, r], [r, in]
         uv = u_f @ v_f
-    uq, vq = _factor(u_f), _factor(v_f)
+    uq, vq = _factor(u_f, compensator), _factor(v_f, compensator)
     # the base is refitted against the *quantized* compensator, so the stored pair is consistent
     q = quantize(w - uq.dequantize() @ vq.dequantize(), base, bits, group_size, pad)
     return MiLoTensor(q, uq, vq, rank)

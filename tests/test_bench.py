@@ -67,5 +67,10 @@ def test_quant_suite_on_a_tiny_moe(tmp_path):
                 "--block-steps", "1", "--run-dir", str(tmp_path / "runs")], tmp_path)
     assert set(got) == set(quant.KEYS) | ALWAYS
     # honest bits: codes plus scales, zeros, compensators and codebooks (large on 64-wide tiny matrices)
-    assert got["bpw_milo3_g64"] > got["bpw_hqq3_g64"] > 3 and got["bpw_codequant4"] > 4
+    assert got["bpw_milo3_g64"] > got["bpw_milo3_g64_symmetric"] > got["bpw_hqq3_g64"] > 3
+    assert got["bpw_codequant4"] > 4
+    # the paper's ranks scaled to the width (tiny-mixtral: hidden 64): dense 8, experts by kurtosis
+    assert got["paper_rank_scale"] == 64 / 4096 and got["mean_rank_milo3_g64_paper"]["dense"] == 8
+    assert set(got["hqq_vs_rtn_output_error_ratio_by_kind"]) == {"attention", "expert"}
+    assert 0 < got["hqq_vs_rtn_weight_error_ratio"] < 1.1
     assert got["quantize_s_1_worker"] > 0 and got["quantize_s_2_workers"] > 0

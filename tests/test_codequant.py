@@ -175,3 +175,24 @@ def test_centroid_finetuning_lowers_held_out_output_error():
     tuned = finetune_centroids(cb, w, train, steps=20, lr=1.0)
     assert err(tuned, train) < 0.99 * err(cb, train)
     assert err(tuned, held) < 0.99 * err(cb, held)
+
+
+def test_sequential_calibration_takes_inputs_from_the_quantized_layers_before():
+    """GPTQ-style: layer 0 sees the same (fp) input either way, so its codebooks are the same; layer 1 calibrates on
+    what the quantized layer 0 writes, so its codebooks differ; the forward pass that gathers a layer's inputs stops
+    after that layer and holds only its targets' inputs."""
+    from quant.codequant import _linear_inputs
+    from quant.targets import quant_targets
+
+    ids = torch.randint(0, 128, (64,), generator=torch.Generator().manual_seed(0))
+    spec = dict(rotation_steps=3, finetune_steps=2, calib_tokens=64)
+    outs = {}
+    for seq in (False, True):
+        torch.manual_seed(0)
+        model = _model("mixtral")
+        outs[seq] = codequant(model, ids, CodeQuantSpec(sequential=seq, **spec))["results"]
+    for t in quant_targets(model):
+        same = torch.equal(outs[False][t.name].centroids, outs[True][t.name].centroids)
+        assert same == (t.layer == 0), t.name
+    inputs = _linear_inputs(model, ids, upto=1)
+    assert inputs and all(k.startswith("model.layers.1.") or k == "mlp_in.1" for k in inputs)

@@ -28,6 +28,29 @@ def test_milo_bits_per_weight_count_everything():
     assert m.bits_per_weight() == pytest.approx(base + (u_bits + v_bits) / (128 * 256))
 
 
+def test_symmetric_compensators_cost_a_scale_per_group_and_keep_the_gain():
+    """The paper's storage: symmetric 3-bit factors (codes dequantize to +-s/2 .. +-7s/2, no zero stored)."""
+    from quant.base import quantize_rtn, quantize_symmetric
+
+    w = _weight()
+    x = torch.randn(64, 128)
+    q = quantize_symmetric(x, 3, 64)
+    deq = q.dequantize()
+    scale = x.abs().reshape(64, 2, 64).amax(-1) / 3.5
+    levels = deq.reshape(64, 2, 64) / scale.half().float()[..., None]
+    assert torch.allclose(levels * 2, torch.round(levels * 2)) and levels.abs().max() <= 3.5 + 1e-6
+    assert (levels * 2).remainder(2).eq(1).all()  # odd multiples of s/2: the grid is symmetric about 0
+    assert q.bits_per_weight() == pytest.approx(3 + 16 / 64)
+    assert (x - deq).norm() < 1.3 * (x - quantize_rtn(x, 3, 64).dequantize()).norm()
+    asym, sym = (quantize_milo(w, rank=16, rounds=2, compensator=c) for c in ("asymmetric", "symmetric"))
+    assert sym.bits_per_weight() == pytest.approx(asym.bits_per_weight() - (128 * 16 / 16 + 16 * 256 / 64) * 16
+                                                  / (128 * 256))
+    hqq_err = (w - quantize_hqq(w, 3, 64).dequantize()).norm()
+    assert (w - sym.dequantize()).norm() < 0.9 * hqq_err
+    with pytest.raises(QuantConfigError, match="compensator format"):
+        quantize_milo(w, rank=8, compensator="nf3")
+
+
 def test_milo_settings_errors():
     w = _weight()
     with pytest.raises(QuantConfigError, match="3-bit"):

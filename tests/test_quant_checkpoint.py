@@ -66,7 +66,9 @@ def test_targets_cover_experts_and_never_the_router(kind):
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("milo", 3, 32, rank_dense=4, rank_expert=2, rounds=2),
-                                  QuantSpec("kmeans", 4, 0)], ids=["milo", "kmeans"])
+                                  QuantSpec("milo", 3, 32, rank_dense=4, rank_expert=2, rounds=2,
+                                            compensator="symmetric"),
+                                  QuantSpec("kmeans", 4, 0)], ids=["milo", "milo-symmetric", "kmeans"])
 def test_checkpoint_round_trip_and_corruption(tmp_path, spec):
     model = _model("qwen3_moe")
     results = {t.name: quantize_tensor(t.get(), spec, r) for t, r in plan(model, spec)}
@@ -80,7 +82,9 @@ def test_checkpoint_round_trip_and_corruption(tmp_path, spec):
     assert type(packed.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
     torch.testing.assert_close(packed(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
     manifest = json.loads((out / "specmoe_quant.json").read_text())
-    assert manifest["tensors"]["model.layers.0.mlp.experts.down_proj.3"]["rank"] == (2 if spec.method == "milo" else 0)
+    entry = manifest["tensors"]["model.layers.0.mlp.experts.down_proj.3"]
+    assert entry["rank"] == (2 if spec.method == "milo" else 0)
+    assert entry.get("comp_symmetric", False) == (spec.compensator == "symmetric")
     shard = next(out.glob("quantized-*.safetensors"))
     data = bytearray(shard.read_bytes())
     data[-10] ^= 0xFF

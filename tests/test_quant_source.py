@@ -153,7 +153,9 @@ def test_hqq_and_packing_in_chunks_equal_one_pass(monkeypatch):
 def test_frequency_and_kurtosis_ranks_are_decided_in_the_tasks(tmp_path, monkeypatch):
     """Ranks that need the weights (kurtosis) or routing statistics (frequency) are left to the tasks: the streamed
     job gives experts of one layer different ranks, with the frequency policy's mean expert rank kept. Neither they
-    nor CodeQuant (rotation, calibration, block fine-tuning) load the model in the driver."""
+    nor CodeQuant (rotation, calibration, block fine-tuning; sequential calibration) load the model in the driver.
+    Sequential calibration gives layer 0 the same codebooks (its input is the fp model's either way) and layer 1
+    others (its input comes from the quantized layer 0)."""
     import ray
 
     from actors import zoo
@@ -167,13 +169,18 @@ def test_frequency_and_kurtosis_ranks_are_decided_in_the_tasks(tmp_path, monkeyp
     monkeypatch.setattr(zoo, "load_model", no_model_here)  # this process only: the tasks run in Ray's workers
     ray.shutdown()
     try:
-        for policy in ("frequency", "kurtosis", "codequant"):
-            method = ["method=codequant", "bits=4", "rotation_steps=2", "finetune_steps=1", "block_finetune_steps=1",
-                      "calib_tokens=32"] if policy == "codequant" else [f"rank_policy={policy}", "rank_expert=4"]
+        codequant = ["method=codequant", "bits=4", "rotation_steps=2", "finetune_steps=1", "calib_tokens=32"]
+        methods = {"frequency": ["rank_policy=frequency", "rank_expert=4"],
+                   "kurtosis": ["rank_policy=kurtosis", "rank_expert=4"],
+                   "codequant": [*codequant, "block_finetune_steps=1"],
+                   "parallel": [*codequant, "sequential=false"], "sequential": [*codequant, "sequential=true"]}
+        checkpoints = {}
+        for policy, method in methods.items():
             cfg = load_config(QuantizeConfig, "quantize", ["tiny", f"run.storage={tmp_path / policy}", "rounds=1",
                                                            "ppl_tokens=0", *method, "ray.num_cpus=2",
                                                            "wandb.mode=disabled"])
             checkpoint, summary = quantize.run(cfg)
+            checkpoints[policy] = Path(checkpoint)
             manifest = json.loads((Path(checkpoint) / "specmoe_quant.json").read_text())
             experts = [e["rank"] for n, e in manifest["tensors"].items() if ".experts." in n]
             assert summary["tensors"] == 24 and len(experts) == 16
@@ -185,3 +192,17 @@ def test_frequency_and_kurtosis_ranks_are_decided_in_the_tasks(tmp_path, monkeyp
                 assert sorted(p.name for p in prepared.iterdir()) == ["done.json", "rotation.safetensors"]
     finally:
         ray.shutdown()
+    from safetensors.torch import load_file
+
+    def tensors(policy):
+        return {k: v for f in sorted((checkpoints[policy] / "tensors").iterdir()) for k, v in load_file(f).items()}
+
+    parallel, sequential = tensors("parallel"), tensors("sequential")
+    assert parallel.keys() == sequential.keys()
+    same: dict[str, bool] = {}  # per target: its codes and centroids
+    for key in parallel:
+        target = key.rsplit(".", 1)[0]
+        same[target] = same.get(target, True) and torch.equal(parallel[key], sequential[key])
+    assert len(same) == 24
+    for target, equal in same.items():
+        assert equal == target.startswith("model.layers.0."), target

@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     parser.add_argument("--run-dir", default="runs", help="spec, quant: where the job runs go")
     parser.add_argument("--moe", default="smollm2-moe-8x", help="quant: the MoE to quantize")
     parser.add_argument("--ppl-tokens", type=int, default=4096, help="quant: pydoc tokens for perplexity")
-    parser.add_argument("--rounds", type=int, default=5, help="quant: MiLo alternations")
+    parser.add_argument("--rounds", type=int, default=10, help="quant: MiLo alternations (the paper: 10-20)")
     parser.add_argument("--calib-tokens", type=int, default=512, help="quant: CodeQuant calibration tokens")
     parser.add_argument("--block-steps", type=int, default=5,
                         help="quant: CodeQuant block-level fine-tuning steps per layer (0: skip ppl_codequant4_block)")
@@ -86,6 +86,8 @@ def main(argv=None) -> None:
                         "(2 with 96 experts: 3.1 GB of bf16 shards)")
     parser.add_argument("--cluster-experts", type=int, default=96, help="cluster: experts per layer (Qwen3-30B-A3B "
                         "has 128; fewer for a quick check)")
+    parser.add_argument("--cluster-runs", type=int, default=3, help="cluster: 1-node / 3-node quantize pairs "
+                        "(interleaved; the headline ratio is their median)")
     parser.add_argument("--cluster-dir", default=None, help="cluster: where the synthetic model and runs go (kept; "
                         "default a new temporary directory)")
     args = parser.parse_args(argv)
