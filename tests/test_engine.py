@@ -315,3 +315,25 @@ def test_runner_logits_match_transformers_while_buffers_grow(tiny_llama):
     assert seq.capacity >= 150 and seq.length == 150
     want = model(torch.tensor([tokens])).logits[0].float()
     torch.testing.assert_close(torch.cat(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_one_batched_forward_equals_each_sequence_alone(tiny_llama):
+    """Sequences of different cached lengths, fed different numbers of new tokens in one forward (projections and
+    MLPs batched; on CPU the few-row linears may take W @ x^T), give each sequence the logits it gets alone."""
+    from actors.runner import ModelRunner
+
+    model, _ = tiny_llama
+    prompts = [(PROMPT * 4)[:37], PROMPT[:3], (PROMPT * 3)[5:70]]
+    feeds = [[11, 12, 13, 14, 15], [21], [31, 32, 33]]
+
+    def run(runner, indices):
+        seqs = [runner.acquire(prompts[i], reserve=8) for i in indices]
+        for s, i in zip(seqs, indices):  # the prompts are cached one by one
+            runner.forward([s], [prompts[i]])
+        return runner.forward(seqs, [feeds[i] for i in indices], all_logits=True)
+
+    together = run(ModelRunner(model, prefix_cache_tokens=0), [0, 1, 2])
+    for i in range(3):
+        [alone] = run(ModelRunner(model, prefix_cache_tokens=0), [i])
+        assert together[i].shape == (len(feeds[i]), model.config.vocab_size)
+        torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-4)
