@@ -9,8 +9,9 @@ process (`python -m pipelines.quantize`, so its peak RSS is its own), on `ray.cl
 - `quantize_task_peak_rss_over_largest_tensor_bytes`: the largest peak RSS a task reached above its idle RSS, over
   the largest stored tensor's bytes (the job's summary: `task_peak_rss_bytes`, `largest_tensor_bytes`);
 - `quantize_s_3_nodes_vs_1_node`: the job's wall time with its tasks on a 3-node cluster (head + 2 workers, one CPU
-  each) over one node with the same task slots (`quantize_s_1_node`, `quantize_s_3_nodes`; the cores are shared
-  here, so spreading can only show its cost);
+  each) over one node with the same task slots: the median of `--cluster-runs` interleaved pairs (each pair's ratio
+  in `quantize_s_3_nodes_vs_1_node_runs`; `quantize_s_1_node`, `quantize_s_3_nodes`: the medians of each side's
+  times, every time in `quantize_s_runs`); the cores are shared here, so spreading can only show its cost;
 - `resume_after_node_loss_redone_tensors`: on the 3-node cluster, a worker node is removed when a third of the
   tensors are stored; the job finishes (Ray retries the lost node's tasks), and every tensor written twice is
   counted (each write leaves a marker): 0 when nothing stored was redone. `node_loss_tensors_lost` counts
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +37,7 @@ from pipelines.bench.common import stage
 KEYS = ("model", "model_bytes", "tensors", "largest_tensor_bytes", "driver_peak_rss_bytes",
         "quantize_driver_peak_rss_over_model_bytes", "task_peak_rss_bytes",
         "quantize_task_peak_rss_over_largest_tensor_bytes", "quantize_s_1_node", "quantize_s_3_nodes",
-        "quantize_s_3_nodes_vs_1_node", "task_nodes_3_nodes", "resume_after_node_loss_redone_tensors",
+        "quantize_s_3_nodes_vs_1_node", "quantize_s_3_nodes_vs_1_node_runs", "quantize_s_runs", "task_nodes_3_nodes", "resume_after_node_loss_redone_tensors",
         "node_loss_tensors_lost", "node_loss_tensors_stored_before", "node_loss_quantize_s", "method", "note")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,9 +134,9 @@ def run(args) -> dict:
     out: dict = {"model": f"synthetic qwen3-moe (Qwen3-30B-A3B config, {args.cluster_layers} layers, "
                           f"{args.cluster_experts} experts, bf16)",
                  "model_bytes": model_bytes, "method": "hqq 3-bit g64"}
-    times = {}
-    for nodes in (1, 3):
-        stage("cluster", f"quantize on {nodes} node(s)")
+    times: dict[int, list[float]] = {1: [], 3: []}
+    for rep, nodes in [(r, n) for r in range(args.cluster_runs) for n in (1, 3)]:
+        stage("cluster", f"quantize on {nodes} node(s), pair {rep + 1} of {args.cluster_runs}")
         storage = work / f"runs-{nodes}"
         shutil.rmtree(storage, ignore_errors=True)
         c = _cluster(nodes)
@@ -144,8 +146,8 @@ def run(args) -> dict:
             c.shutdown()
         s = _summary(storage)
         print(text[-600:])
-        times[nodes] = s["quantize_s"]
-        if nodes == 1:
+        times[nodes].append(s["quantize_s"])
+        if nodes == 1 and rep == 0:
             rss = s["driver_peak_rss_bytes"]
             out.update(tensors=s["tensors"], largest_tensor_bytes=s["largest_tensor_bytes"],
                        driver_peak_rss_bytes=rss, quantize_driver_peak_rss_over_model_bytes=rss / model_bytes,
@@ -155,11 +157,14 @@ def run(args) -> dict:
         else:
             out["task_nodes_3_nodes"] = s["task_nodes"]
         shutil.rmtree(storage, ignore_errors=True)
-    out.update(quantize_s_1_node=times[1], quantize_s_3_nodes=times[3],
-               quantize_s_3_nodes_vs_1_node=times[3] / times[1])
+    ratios = [three / one for one, three in zip(times[1], times[3])]
+    out.update(quantize_s_1_node=statistics.median(times[1]), quantize_s_3_nodes=statistics.median(times[3]),
+               quantize_s_3_nodes_vs_1_node=statistics.median(ratios), quantize_s_3_nodes_vs_1_node_runs=ratios,
+               quantize_s_runs={"1_node": times[1], "3_nodes": times[3]})
     out.update(_node_loss(model, work))
-    out["note"] = ("one run per figure (each quantizes the whole model: minutes on 2 cores); tasks of both clusters "
-                   "share this machine's cores")
+    out["note"] = (f"the spreading ratio is the median of {args.cluster_runs} interleaved 1-node / 3-node pairs, the "
+                   "memory and node-loss figures one run each (each run quantizes the whole model: minutes on 2 "
+                   "cores); tasks of both clusters share this machine's cores")
     return out
 
 
