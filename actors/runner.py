@@ -56,20 +56,28 @@ def _transposed_is_faster(weight: torch.Tensor, rows: int = 4, reps: int = 5) ->
     return best[1] < 0.8 * best[0]
 
 
-def use_small_batch_linears(model) -> int:
+MEASURED_MIN = 1 << 20  # a model whose largest linear is smaller keeps torch's path (nothing to gain, and no timing)
+
+
+def use_small_batch_linears(model, force: bool | None = None) -> int:
     """On CPU, give the model's nn.Linear modules the small-batch path when it measures faster here (once per
-    model, on its largest linear); returns how many modules took it."""
+    model, on its largest linear, if that has at least MEASURED_MIN weights), or as `force` says; returns how many
+    modules took it."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
-    if not linears or getattr(model, "_specmoe_small_batch", None) is not None:
-        return getattr(model, "_specmoe_small_batch", 0) or 0
-    with torch.inference_mode():
-        faster = _transposed_is_faster(max((m.weight for m in linears), key=lambda w: w.numel()))
-    for m in linears if faster else ():
-        m.forward = _linear_small.__get__(m)
-    model._specmoe_small_batch = len(linears) if faster else 0
+    done = getattr(model, "_specmoe_small_batch", None)
+    if not linears or (done is not None and force is None):
+        return done or 0
+    largest = max((m.weight for m in linears), key=lambda w: w.numel())
+    if force is None:
+        with torch.inference_mode():
+            force = largest.numel() >= MEASURED_MIN and _transposed_is_faster(largest)
+    for m in linears:
+        if force:
+            m.forward = _linear_small.__get__(m)
+        else:
+            m.__dict__.pop("forward", None)
+    model._specmoe_small_batch = len(linears) if force else 0
     return model._specmoe_small_batch
-
-
 
 
 @dataclass(eq=False)

@@ -131,8 +131,8 @@ class LayerCalibrator:
     writes layer li's targets' calibration inputs, with their rotated weights, into `prepared`. A restarted actor
     reloads the model, and the next call re-applies every row it is given."""
 
-    def __init__(self, cfg: QuantizeConfig, prepared: str, out: str):
-        torch.set_num_threads(actor_threads())
+    def __init__(self, cfg: QuantizeConfig, prepared: str, out: str, threads: int):
+        torch.set_num_threads(threads)  # it asks Ray for no CPUs: it works only between the waves of tasks
         self.cfg, self.prepared, self.out = cfg, prepared, out
         self.model, tok = _rotated_model(cfg, prepared)
         self.targets = quant_targets(self.model)
@@ -511,8 +511,12 @@ def run(cfg: QuantizeConfig) -> tuple[str, dict]:
     # sequential CodeQuant goes layer by layer (a layer's inputs need the layers before it quantized); else one wave
     waves = [[t for t in todo if t["layer"] == li] for li in sorted({t["layer"] for t in todo})] if sequential \
         else [todo]
-    calibrator = ray.remote(num_cpus=_ppl_cpus(cfg), num_gpus=cfg.task_gpus, resources=resources, max_restarts=2,
-                            max_task_retries=2)(LayerCalibrator).remote(cfg, prepared, out) if sequential else None
+    calibrator = None
+    if sequential and todo:  # one actor for the run, on the CPU; holding CPUs, GPUs or custom resources would
+        # starve the tasks, and it works only between their waves
+        calibrator = ray.remote(num_cpus=0, num_gpus=0, max_restarts=2, max_task_retries=2,
+                                scheduling_strategy=_node_with(resources))(LayerCalibrator).remote(
+            cfg, prepared, out, max(1, int(_ppl_cpus(cfg))))
     layer_of = {t["name"]: t["layer"] for t in items}
     for wave in waves:
         if sequential:
@@ -583,6 +587,18 @@ def run(cfg: QuantizeConfig) -> tuple[str, dict]:
     print(json.dumps(summary, indent=2))
     print(f"quantize: checkpoint {checkpoint}")
     return checkpoint, summary
+
+
+def _node_with(resources: dict | None):
+    """A scheduling strategy for an actor that must run where tasks asking for `resources` run without holding
+    them: (soft) affinity to an alive node that has them; Ray's default when there are none."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    for node in ray.nodes() if resources else ():
+        if node.get("Alive") and all(node["Resources"].get(k, 0) >= v for k, v in resources.items()):
+            return NodeAffinitySchedulingStrategy(node["NodeID"], soft=True)
+    return "DEFAULT"
 
 
 def _ppl_cpus(cfg: QuantizeConfig) -> float:

@@ -332,8 +332,16 @@ def test_one_batched_forward_equals_each_sequence_alone(tiny_llama):
             runner.forward([s], [prompts[i]])
         return runner.forward(seqs, [feeds[i] for i in indices], all_logits=True)
 
-    together = run(ModelRunner(model, prefix_cache_tokens=0), [0, 1, 2])
-    for i in range(3):
-        [alone] = run(ModelRunner(model, prefix_cache_tokens=0), [i])
-        assert together[i].shape == (len(feeds[i]), model.config.vocab_size)
-        torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-4)
+    from actors.runner import use_small_batch_linears
+
+    try:
+        for small in (False, True):  # torch's x @ W^T, and W @ x^T for a few rows (what some CPUs measure faster)
+            linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+            assert use_small_batch_linears(model, force=small) == (linears if small else 0)
+            together = run(ModelRunner(model, prefix_cache_tokens=0), [0, 1, 2])
+            for i in range(3):
+                [alone] = run(ModelRunner(model, prefix_cache_tokens=0), [i])
+                assert together[i].shape == (len(feeds[i]), model.config.vocab_size)
+                torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-4)
+    finally:
+        use_small_batch_linears(model, force=False)
