@@ -285,7 +285,7 @@ def codequant(model, ids: torch.Tensor, spec: CodeQuantSpec, progress=None) -> d
     fuse_rotation(model, r)
     targets = quant_targets(model)
     results = {}
-    fp_w = {}
+    fp_w = {}  # kept only where the block stage must start from the fp model after sequential calibration
     inputs = None if spec.sequential else _linear_inputs(model, ids)
     with torch.no_grad():
         for li in sorted({t.layer for t in targets}):
@@ -293,7 +293,9 @@ def codequant(model, ids: torch.Tensor, spec: CodeQuantSpec, progress=None) -> d
             if spec.sequential:  # the layers before hold their codebook values; this one and those after are fp
                 inputs = _linear_inputs(model, ids, upto=li)
             for t in mine:
-                w = fp_w[t.name] = t.get().float().clone()
+                w = t.get().float().clone()
+                if spec.sequential and spec.block_finetune_steps:
+                    fp_w[t.name] = w
                 x = _target_input(t, inputs, model, spec.expert_tokens == "routed").float()
                 importance = x.pow(2).mean(0) if spec.codebook_weighting == "activation" else None
                 cb = quantize_codebook(w, None, spec.kmeans_iters, spec.seed, importance)
@@ -307,7 +309,7 @@ def codequant(model, ids: torch.Tensor, spec: CodeQuantSpec, progress=None) -> d
                 for t in mine:
                     t.set(results[t.name].dequantize())
         if spec.block_finetune_steps:  # the block stage starts from the fp model
-            for t in targets:
+            for t in targets if spec.sequential else ():
                 t.set(fp_w[t.name])
         else:
             for t in targets:  # write back after all inputs were taken
