@@ -126,6 +126,9 @@ class EngineHost:
                 "cached_sequences": len(eng.target.cache),
                 "cached_tokens": sum(s.length for s in eng.target.cache.values())}
 
+    def shutdown(self) -> None:
+        """Nothing outlives the actor here (a VLLMHost stops its engine process)."""
+
     async def _run(self) -> None:
         """Step the engine in a worker thread while the event loop keeps taking requests."""
         while self.engine.busy:
@@ -159,8 +162,19 @@ def split_threads(roles: list, ray_cfg) -> list:
             for role in roles]
 
 
+def host_class(role):
+    """The host of a role's `engine.backend`: EngineHost (native) or actors.vllm_host.VLLMHost."""
+    if role.engine.backend == "vllm":
+        from actors.vllm_host import VLLMHost
+
+        return VLLMHost
+    return EngineHost
+
+
 def start_host(role_name: str, role, placement_group=None, bundle_index: int | None = None):
-    """Start an EngineHost as an async Ray actor with the role's resources and restart policy."""
+    """Start a role's host as an async Ray actor with the role's resources and restart policy. A vLLM role on
+    several GPUs (tensor x pipeline parallel) gets a placement group of its own: the host's bundle and one GPU
+    bundle per vLLM worker, which vLLM's Ray executor fills (the host asks for no GPU itself)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -168,12 +182,36 @@ def start_host(role_name: str, role, placement_group=None, bundle_index: int | N
     options = dict(num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_restarts=a.max_restarts,
                    max_task_retries=a.max_task_retries if a.max_restarts else 0, max_concurrency=a.max_concurrency,
                    resources=dict(a.resources) or None, name=None)
+    if role.engine.backend == "vllm" and placement_group is None:
+        from actors.vllm_host import placement_bundles
+
+        bundles = placement_bundles(role)
+        if bundles is not None:
+            placement_group, bundle_index = ray.util.placement_group(bundles, strategy="PACK"), 0
+            options["num_gpus"] = 0
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=placement_group, placement_group_bundle_index=0,
+                placement_group_capture_child_tasks=True)
+            return ray.remote(host_class(role)).options(**options).remote(role_name, role)
     if placement_group is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=placement_group, placement_group_bundle_index=-1 if bundle_index is None else bundle_index)
     elif a.scheduling == "spread":
         options["scheduling_strategy"] = "SPREAD"
-    return ray.remote(EngineHost).options(**options).remote(role_name, role)
+    return ray.remote(host_class(role)).options(**options).remote(role_name, role)
+
+
+def stop_host(handle, timeout_s: float = 60.0) -> None:
+    """Stop a host actor: its engine first (a vLLM host's engine core is a child process that a bare kill would
+    leave running), then the actor."""
+    import ray
+
+    if hasattr(handle, "shutdown"):
+        try:
+            ray.get(handle.shutdown.remote(), timeout=timeout_s)
+        except Exception:  # noqa: BLE001 (a dead or hung actor: kill it anyway)
+            log.warning("host did not shut down cleanly; killing it")
+    ray.kill(handle)
 
 
 def init_ray(ray_cfg) -> None:

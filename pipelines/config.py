@@ -10,6 +10,7 @@ agrees with this one in every key that changes results (`ResumeRule` of each sch
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,7 @@ def validate(obj: Any, path: str = "") -> None:
             raise ConfigError(f"config key {key!r}: {value!r} must be <= {meta['le']}")
     check = getattr(obj, "check", None)
     if callable(check):
-        check()
+        check(path) if "path" in inspect.signature(check).parameters else check()
 
 
 def to_dict(obj: Any) -> dict:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from actors import storage, zoo
 from actors.engine import Sampling, Speculation
-from actors.hosts import init_ray, split_threads, start_host
+from actors.hosts import init_ray, split_threads, start_host, stop_host
 from rewards.answers import extract_answer, is_correct
 from pipelines.cli import run_cli
 from pipelines.schema import ConfigError, EvaluateConfig, own_verifier_model
@@ -43,6 +43,7 @@ def preflight(cfg: EvaluateConfig):
         raise ConfigError(f"accuracy=true but problem {missing!r} has no answer (field {cfg.data.answer_field or 'answer'!r}); "
                           "set accuracy=false to time without grading")
     zoo.check_model(cfg.target.model.name)
+    check_backend("target", cfg.target)
     tok = zoo.load_tokenizer(cfg.target.model.name, cfg.target.model.trust_remote_code)
     uses_steps = any(m.split("+")[0] in STEP_METHODS for m in cfg.methods)
     uses_token_draft = cfg.token_speculation.method == "draft" and any(m == "sd" or m.endswith("+sd")
@@ -50,6 +51,7 @@ def preflight(cfg: EvaluateConfig):
     others = []
     if uses_steps:
         others.append(("draft", cfg.draft.model.name))
+        check_backend("draft", cfg.draft)
         if own_verifier_model(cfg):
             zoo.check_model(cfg.verifier.model)
     if uses_token_draft:
@@ -63,6 +65,17 @@ def preflight(cfg: EvaluateConfig):
     return problems, tok
 
 
+def check_backend(key: str, role) -> None:
+    """A vLLM role's model must be one vLLM can serve (checked before anything loads)."""
+    if role.engine.backend == "vllm":
+        from actors.vllm_host import check_servable
+
+        try:
+            check_servable(role.model.name)
+        except ValueError as exc:
+            raise ConfigError(f"config key '{key}.engine.backend': {exc}") from None
+
+
 def target_role(cfg: EvaluateConfig):
     """The target engine loads the token-level draft model when `token_speculation.method` is draft."""
     return replace(cfg.target, engine=replace(cfg.target.engine, speculation=cfg.token_speculation))
@@ -72,12 +85,36 @@ def verifier_role(cfg: EvaluateConfig):
     return replace(cfg.verifier_role, model=replace(cfg.verifier_role.model, name=cfg.verifier.model))
 
 
+def uses_token_sd(method: str) -> bool:
+    return method == "sd" or method.endswith("+sd")
+
+
+def plain_role(role):
+    """A role without token-level speculation (a vLLM engine speculates for every request or none)."""
+    return replace(role, engine=replace(role.engine, speculation=replace(role.engine.speculation, method="none")))
+
+
+def method_order(cfg: EvaluateConfig, methods: list[str]) -> list[str]:
+    """`ar` first; on a vLLM target, the methods without token-level SD before those with it, so the target
+    engine is started once per speculation setting (see `evaluate`)."""
+    if cfg.target.engine.backend != "vllm":
+        return methods
+    return [m for m in methods if not uses_token_sd(m)] + [m for m in methods if uses_token_sd(m)]
+
+
 def model_roles(cfg: EvaluateConfig, need_draft: bool) -> dict:
     """The model actors the job starts (target; draft and a verifier model when a step method runs), with
-    `torch_threads=0` resolved by `split_threads` (the cores split among the actors on a local instance)."""
+    `torch_threads=0` resolved by `split_threads` (the cores split among the actors on a local instance). A vLLM
+    draft runs the draft's n-gram speculation (`lookahead.draft_speculation`) as its engine's own."""
     roles = {"target": target_role(cfg)}
     if need_draft:
         roles["draft"] = cfg.draft
+        if cfg.draft.engine.backend == "vllm":
+            t = cfg.token_speculation
+            method = "ngram" if cfg.lookahead.draft_speculation == "ngram" else "none"
+            roles["draft"] = replace(cfg.draft, engine=replace(cfg.draft.engine, speculation=replace(
+                cfg.draft.engine.speculation, method=method, num_tokens=t.num_tokens, ngram_max=t.ngram_max,
+                ngram_min=t.ngram_min)))
         if own_verifier_model(cfg):
             roles["verifier"] = verifier_role(cfg)
     return dict(zip(roles, split_threads(list(roles.values()), cfg.ray)))
@@ -186,23 +223,34 @@ def evaluate(cfg: EvaluateConfig, run_dir: RunDir | None = None) -> tuple[RunDir
     (run_dir / "traces").mkdir(exist_ok=True)
     tracker = Tracker(cfg.wandb, run_dir.path, "evaluate", resolved)
     init_ray(cfg.ray)
-    methods = list(dict.fromkeys(["ar"] + list(cfg.methods)))  # ar is the baseline
+    methods = method_order(cfg, list(dict.fromkeys(["ar"] + list(cfg.methods))))  # ar is the baseline
     need_draft = any(m.split("+")[0] in STEP_METHODS for m in methods)
     roles = model_roles(cfg, need_draft)
-    target_handle = start_host("target", roles["target"])
+    # a vLLM engine speculates for all its requests or none: the target starts plain for `ar` and is started
+    # again with token-level SD when the first method that uses it comes (method_order runs those last)
+    swap_target = roles["target"].engine.backend == "vllm" and roles["target"].engine.speculation.method != "none"
+    target_handle = start_host("target", plain_role(roles["target"]) if swap_target else roles["target"])
     draft_handle = start_host("draft", roles["draft"]) if need_draft else None
     target = HostClient(target_handle)
+    target_speculates = not swap_target
     draft = HostClient(draft_handle) if draft_handle else None
     verifier = build_verifier(cfg, target, tok, roles.get("verifier")) if need_draft else None
     hosts = [h for h in (target_handle, draft_handle) if h is not None]
     prompts = {p.id: prompt_ids(tok, p, cfg.data) for p in problems}
 
     async def main():
+        nonlocal target_handle, target_speculates
         warm = settings_for(cfg, "ar")
         warm.max_new_tokens = 4
         await Controller(warm, target).run("warmup", problems[0].question, prompts[problems[0].id])
         rows = {}
         for method in methods:
+            if swap_target and uses_token_sd(method) and not target_speculates:
+                stop_host(target_handle)
+                target_handle = start_host("target", roles["target"])
+                hosts[0] = target.host = target_handle  # the verifier's client (verifier.model=target) follows
+                target_speculates = True
+                await Controller(warm, target).run("warmup", problems[0].question, prompts[problems[0].id])
             ctl = Controller(settings_for(cfg, method), target, draft if method != "ar" else None,
                              verifier if method.split("+")[0] in STEP_METHODS else None)
             rows[method], throughput[method] = await _evaluate_method(
@@ -245,10 +293,8 @@ def evaluate(cfg: EvaluateConfig, run_dir: RunDir | None = None) -> tuple[RunDir
         tracker.image(fig.stem, fig)
     tracker.finish()
     run_dir.sync()
-    import ray
-
     for h in hosts:
-        ray.kill(h)
+        stop_host(h)
     print(report_path.read_text())
     print(f"evaluate: report {storage.join(run_dir.location, report_path.name)}")
     return run_dir, summary

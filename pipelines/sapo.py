@@ -281,10 +281,10 @@ def run(cfg: SapoConfig) -> tuple[str, dict]:
             summary = fit_on_ray(cfg, run_dir, rows, hosts)
     finally:
         if hosts:
-            import ray
+            from actors.hosts import stop_host
 
             for handle in hosts.values():
-                ray.kill(handle)
+                stop_host(handle)
     print(json.dumps(summary, indent=2))
     return summary["draft"], summary
 

