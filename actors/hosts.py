@@ -187,12 +187,13 @@ def start_host(role_name: str, role, placement_group=None, bundle_index: int | N
 
         bundles = placement_bundles(role)
         if bundles is not None:
-            placement_group, bundle_index = ray.util.placement_group(bundles, strategy="PACK"), 0
+            group = ray.util.placement_group(bundles, strategy="PACK")
             options["num_gpus"] = 0
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=placement_group, placement_group_bundle_index=0,
-                placement_group_capture_child_tasks=True)
-            return ray.remote(host_class(role)).options(**options).remote(role_name, role)
+                placement_group=group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+            handle = ray.remote(host_class(role)).options(**options).remote(role_name, role)
+            _OWN_GROUPS[handle._actor_id.hex()] = group  # stop_host gives the GPUs back
+            return handle
     if placement_group is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=placement_group, placement_group_bundle_index=-1 if bundle_index is None else bundle_index)
@@ -201,9 +202,12 @@ def start_host(role_name: str, role, placement_group=None, bundle_index: int | N
     return ray.remote(host_class(role)).options(**options).remote(role_name, role)
 
 
+_OWN_GROUPS: dict = {}  # actor id -> the placement group start_host made for a multi-GPU vLLM host
+
+
 def stop_host(handle, timeout_s: float = 60.0) -> None:
     """Stop a host actor: its engine first (a vLLM host's engine core is a child process that a bare kill would
-    leave running), then the actor."""
+    leave running), then the actor, then the placement group start_host reserved for it."""
     import ray
 
     if hasattr(handle, "shutdown"):
@@ -212,6 +216,9 @@ def stop_host(handle, timeout_s: float = 60.0) -> None:
         except Exception:  # noqa: BLE001 (a dead or hung actor: kill it anyway)
             log.warning("host did not shut down cleanly; killing it")
     ray.kill(handle)
+    group = _OWN_GROUPS.pop(handle._actor_id.hex(), None)
+    if group is not None:
+        ray.util.remove_placement_group(group)
 
 
 def init_ray(ray_cfg) -> None:

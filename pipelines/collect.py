@@ -22,7 +22,7 @@ from actors.hosts import init_ray, split_threads, start_host
 from rewards.answers import extract_answer, is_correct
 from pipelines.cli import run_cli
 from pipelines.schema import CollectConfig
-from pipelines.evaluate import settings_for_generation
+from pipelines.evaluate import check_backend, settings_for_generation
 from pipelines.data import load_problems, prompt_ids
 from pipelines.runs import RunDir, append_jsonl, make_run_dir, read_jsonl, save_config, write_json
 from pipelines.tracking import Tracker
@@ -90,6 +90,7 @@ def preflight(cfg: CollectConfig):
     """Everything that can be wrong before a run directory exists or a model loads: the problems, the model."""
     problems = load_problems(cfg.data).items
     zoo.check_model(cfg.target.model.name)
+    check_backend("target", cfg.target, cfg.ray)
     return problems, zoo.load_tokenizer(cfg.target.model.name, cfg.target.model.trust_remote_code)
 
 

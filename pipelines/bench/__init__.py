@@ -1,6 +1,6 @@
 """Benchmarks: scripts that measure side by side in one run and write JSON (never timed tests).
 
-    python -m pipelines.bench engine --out bench-engine.json
+    python -m pipelines.bench engine --out bench-engine.json [--backend vllm]
     python -m pipelines.bench spec --out bench-spec.json [--num-problems 20] [--max-new-tokens 96] [--scripted-only]
     python -m pipelines.bench quant --out bench-quant.json
     python -m pipelines.bench sapo --out bench-sapo.json [--num-problems 12] [--train-problems 128]
@@ -46,6 +46,10 @@ def main(argv=None) -> None:
     parser.add_argument("--branch-tokens", type=int, default=24)
     parser.add_argument("--answer-tokens", type=int, default=1000)
     parser.add_argument("--num-spec-tokens", type=int, default=4)
+    parser.add_argument("--backend", choices=["native", "vllm"], default="native",
+                        help="engine: vllm measures vLLM's engine beside ours (needs `make venv-vllm`)")
+    parser.add_argument("--engine-runs", type=int, default=3, help="engine --backend vllm: runs of each figure "
+                        "(the JSON keeps every run and the median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--num-problems", type=int, default=None, help="spec, sapo: held-out problems (20, 12)")
     parser.add_argument("--offset", type=int, default=100, help="spec, sapo: first held-out problem index")

@@ -7,6 +7,14 @@ On `--model` (default `smollm2-135m-instruct`; in-process engine, CPU unless a G
                                  over prompt + answer length
   sd_greedy_identical, sd_speedup  token-level SD with `--draft` (default smollm2-135m-draft-l6) vs AR
   plus the raw timings, acceptance counters, the n-gram SD figures (sd_ngram_*) and the device.
+
+With `--backend vllm` (needs `make venv-vllm`), vLLM's engine beside ours on the same prompts, in fp32, each figure
+measured `--engine-runs` times (default 3; the JSON keeps every run and the median):
+  vllm_vs_native_ar_tokens_per_s      vLLM's greedy decode tokens/s over ours (prefix caches emptied per prompt)
+  vllm_branch4_vs_branch1_time_ratio  as branch4_vs_branch1_time_ratio, on vLLM (its prefix cache holds the
+                                      committed prefix); native_branch4_vs_branch1_time_ratio beside it
+  vllm_greedy_token_agreement         share of vLLM's greedy tokens equal to ours, position by position, up to the
+                                      first divergence (1.0: identical); vllm_first_divergence per prompt
 """
 
 from __future__ import annotations
@@ -28,7 +36,19 @@ KEYS = ("model", "draft", "device", "num_prompts", "max_new_tokens", "ours_token
                                                                    "mean_acceptance_length", "num_tokens")))
 
 
+VLLM_KEYS = ("model", "device", "backend", "num_prompts", "max_new_tokens", "engine_runs", "vllm_load_s",
+             "vllm_ar_tokens_per_s", "native_ar_tokens_per_s", "vllm_vs_native_ar_tokens_per_s",
+             "vllm_vs_native_ar_tokens_per_s_runs", "committed_prefix_tokens", "branch_step_tokens", "vllm_branch1_s",
+             "vllm_branch4_s", "vllm_branch4_vs_branch1_time_ratio", "vllm_branch4_vs_branch1_time_ratio_runs",
+             "native_branch4_vs_branch1_time_ratio", "native_branch4_vs_branch1_time_ratio_runs",
+             "vllm_greedy_token_agreement", "vllm_greedy_identical", "vllm_first_divergence")
+
+
 def run(args) -> dict:
+    if getattr(args, "backend", "native") == "vllm":
+        import asyncio
+
+        return asyncio.run(run_vllm(args))
     model, tok = zoo.load_model(args.model, device=args.device)
     device = model.device
     draft, _ = zoo.load_model(args.draft, device=args.device)
@@ -124,4 +144,92 @@ def run(args) -> dict:
                     f"{label}_acceptance_rate": counters.accepted_tokens / drafted,
                     f"{label}_mean_acceptance_length": 1 + counters.accepted_tokens / max(counters.forward_passes, 1),
                     f"{label}_num_tokens": spec.num_tokens})
+    return out
+
+
+async def run_vllm(args) -> dict:
+    """vLLM (actors.vllm_host.VLLMHost, in this process) against our engine; see the module docstring."""
+    import statistics
+
+    from actors.hosts import EngineHost
+    from actors.vllm_host import VLLMHost, check_installed
+    from pipelines.schema import ModelConfig, RoleConfig
+
+    check_installed()
+    model, tok = zoo.load_model(args.model, device=args.device)
+    device = model.device
+    prompts = gsm_prompts(tok, args.num_prompts)
+    n_new = args.max_new_tokens
+    role = RoleConfig(model=ModelConfig(name=args.model, device=args.device))
+    role.engine.backend, role.engine.kv_budget_mb, role.engine.torch_threads = "vllm", 512, torch.get_num_threads()
+    role.engine.vllm.max_model_len = 4096
+    t0 = time.perf_counter()
+    vllm = VLLMHost("target", role)
+    load_s = time.perf_counter() - t0
+    native = EngineHost.from_engine(Engine(model, tok))
+    out: dict = {"model": args.model, "device": device_name(device), "backend": "vllm", "num_prompts": len(prompts),
+                 "max_new_tokens": n_new, "engine_runs": args.engine_runs, "vllm_load_s": load_s}
+    for host in (vllm, native):  # warm-up
+        await host.generate([Request(prompts[0], max_new_tokens=4)])
+
+    async def decode(host) -> tuple[float, int, list[list[int]]]:
+        seconds, tokens, ids = 0.0, 0, []
+        for p in prompts:
+            await host.clear_cache()
+            sync(device)
+            t0 = time.perf_counter()
+            [res] = await host.generate([Request(p, max_new_tokens=n_new)])
+            sync(device)
+            seconds += time.perf_counter() - t0
+            tokens += len(res.token_ids)
+            ids.append(res.token_ids)
+        return seconds, tokens, ids
+
+    text_ids = tok(pydoc_text()[:20000]).input_ids
+    committed = prompts[0] + text_ids[:args.committed_tokens]
+
+    async def branch_ratio(host, run: int) -> tuple[float, float, float]:
+        await host.clear_cache()
+        await host.generate([Request(committed, max_new_tokens=1)])  # the committed prefix, cached once
+
+        async def branches(tag: str, n: int) -> float:
+            reqs = [Request(committed + tok(f" {tag} {i}:").input_ids, max_new_tokens=args.branch_tokens)
+                    for i in range(n)]
+            sync(device)
+            t0 = time.perf_counter()
+            await host.generate(reqs)
+            sync(device)
+            return time.perf_counter() - t0
+
+        t1 = min([await branches(f"Case {run}{k}", 1) for k in range(3)])
+        t4 = min([await branches(f"Part {run}{k}", 4) for k in range(3)])
+        return t4 / t1, t1, t4
+
+    speed, ratios, native_ratios, agreement, divergence = [], [], [], [], []
+    for run in range(args.engine_runs):  # interleaved: each run measures both engines
+        v_s, v_tok, v_ids = await decode(vllm)
+        n_s, n_tok, n_ids = await decode(native)
+        speed.append((v_tok / v_s) / (n_tok / n_s))
+        out["vllm_ar_tokens_per_s"], out["native_ar_tokens_per_s"] = v_tok / v_s, n_tok / n_s
+        same = total = 0
+        divergence = []
+        for a, b in zip(v_ids, n_ids):
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            divergence.append(first)
+            same += len(a) if first is None else first
+            total += len(b)
+        agreement.append(same / max(total, 1))
+        r, t1, t4 = await branch_ratio(vllm, run)
+        ratios.append(r)
+        out["vllm_branch1_s"], out["vllm_branch4_s"] = t1, t4
+        native_ratios.append((await branch_ratio(native, run))[0])
+    vllm.shutdown()
+    out.update(vllm_vs_native_ar_tokens_per_s=statistics.median(speed), vllm_vs_native_ar_tokens_per_s_runs=speed,
+               committed_prefix_tokens=len(committed), branch_step_tokens=args.branch_tokens,
+               vllm_branch4_vs_branch1_time_ratio=statistics.median(ratios),
+               vllm_branch4_vs_branch1_time_ratio_runs=ratios,
+               native_branch4_vs_branch1_time_ratio=statistics.median(native_ratios),
+               native_branch4_vs_branch1_time_ratio_runs=native_ratios,
+               vllm_greedy_token_agreement=min(agreement), vllm_greedy_identical=all(d is None for d in divergence),
+               vllm_first_divergence=divergence)
     return out
