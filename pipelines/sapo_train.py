@@ -146,6 +146,20 @@ def generate_steps(model, tok, prompt_ids: list[list[int]], delimiter: str, stop
     return [cut_step(tok, row[width:].tolist(), delimiter, stop_ids) for row in out.cpu()]
 
 
+def vllm_steps(llm, tok, prompt_ids: list[list[int]], delimiter: str, stop_ids: set[int], generation_config) -> \
+        list[list[int]]:
+    """`generate_steps` on a vLLM `LLM`: sampled with the generation config's temperature, top-p, top-k and token
+    cap, stopped at the step delimiter by vLLM and cut there the same way (`cut_step`)."""
+    from vllm import SamplingParams
+
+    g = generation_config
+    params = SamplingParams(temperature=(g.temperature if g.temperature is not None else 1.0) if g.do_sample else 0.0,
+                            top_p=g.top_p or 1.0, top_k=g.top_k or 0, max_tokens=g.max_new_tokens, stop=[delimiter],
+                            include_stop_str_in_output=True)
+    outs = llm.generate([{"prompt_token_ids": i} for i in prompt_ids], params, use_tqdm=False)
+    return [cut_step(tok, list(o.outputs[0].token_ids), delimiter, stop_ids) for o in outs]
+
+
 def step_rollout(tok, delimiter: str, prompt_ids: dict[str, list[int]]):
     """TRL `rollout_func` for grpo.unit=step: samples with the trainer's generation config from the exact prompt
     token ids (the prefix the target wrote, not a re-tokenisation of its text), stops each rollout at the step
@@ -154,6 +168,11 @@ def step_rollout(tok, delimiter: str, prompt_ids: dict[str, list[int]]):
         from trl.models.utils import unwrap_model_for_generation
 
         ids = [prompt_ids[p] for p in prompts]
+        if trainer.use_vllm:  # TRL's colocated vLLM, its weights synced to this step's by the trainer
+            return {"prompt_ids": ids, "completion_ids": vllm_steps(trainer.vllm_generation.llm, tok, ids, delimiter,
+                                                                    set(trainer.eos_token_ids),
+                                                                    trainer.generation_config),
+                    "logprobs": None}
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
                                          gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as model:
             completions = generate_steps(model, tok, ids, delimiter, set(trainer.eos_token_ids),
@@ -313,7 +332,10 @@ def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict, ray_train
         args=GRPOConfig(output_dir=str(out), max_steps=g.steps, per_device_train_batch_size=g.num_generations,
                         num_generations=g.num_generations, max_completion_length=g.max_completion_length,
                         learning_rate=g.learning_rate, beta=g.beta, temperature=g.temperature,
-                        reward_weights=[w.align, w.length, w.outcome], save_steps=g.save_steps, **common))
+                        reward_weights=[w.align, w.length, w.outcome], save_steps=g.save_steps,
+                        **(dict(use_vllm=True, vllm_mode="colocate",
+                                vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization) if g.use_vllm else {}),
+                        **common))
     resume = _last_checkpoint(out)
     if resume and rank == 0:
         print(f"resuming GRPO from {resume}")

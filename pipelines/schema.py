@@ -477,6 +477,11 @@ class GrpoConfig:
     temperature: float = bounded(1.0, gt=0, help="rollouts are sampled: > 0")
     save_steps: int = bounded(2, ge=1, help="a checkpoint every this many steps (what a resumed run continues "
                                             "from)")
+    use_vllm: bool = key(False, help="rollouts through TRL's vLLM integration in colocate mode (each training "
+                                      "worker holds a vLLM copy of the draft on its GPU, its weights synced every "
+                                      "step); needs distributed.use_gpu=true and vLLM on the GPU nodes")
+    vllm_gpu_memory_utilization: float = bounded(0.3, gt=0, le=1, help="grpo.use_vllm: share of each training "
+                                                                        "GPU the colocated vLLM may take")
     unit: str = choice("step", ["step", "answer"],
                        help="step: a prompt is the problem plus the target trajectory's first d steps (every d), a "
                             "rollout is one step (generation stops at the step delimiter) judged against the target's "
@@ -597,6 +602,9 @@ class SapoConfig:
         if self.draft.device != "auto" and (self.draft.device == "cuda") != self.distributed.use_gpu:
             raise ConfigError(f"config key 'draft.device': {self.draft.device!r}, but distributed.use_gpu="
                               f"{self.distributed.use_gpu} decides where the trainers put the draft")
+        if self.grpo.use_vllm and not self.distributed.use_gpu:
+            raise ConfigError("config key 'grpo.use_vllm': TRL's colocated vLLM shares the training GPUs, so it "
+                              "needs distributed.use_gpu=true (on CPU the rollouts use transformers' generate)")
 
 
 @dataclass

@@ -277,6 +277,30 @@ def test_evaluate_job_runs_on_the_vllm_backend(local_ray, tmp_path):
     assert (run_dir / "report.md").is_file()
 
 
+@needs_vllm
+def test_sapo_step_rollouts_on_vllm_match_transformers_generate(smollm, prompts):
+    """grpo.use_vllm's rollout path (`vllm_steps`, here on a CPU `LLM`): greedy, the same steps, cut at the same
+    token, as the transformers path GRPO uses without vLLM."""
+    from transformers import GenerationConfig
+    from vllm import LLM
+
+    from pipelines.sapo_train import generate_steps, vllm_steps
+
+    model, tok = smollm
+    gen = GenerationConfig(do_sample=False, max_new_tokens=40)
+    prompts = prompts + [tok("Step 1: add 2 and 3 to get 5.\n\nStep 2: multiply 5 by 4 to get 20.\n\nStep 3:").input_ids]
+    llm = LLM(str(zoo.smollm2_dir()), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+              kv_cache_memory_bytes=128 * 2**20)
+    try:
+        got = vllm_steps(llm, tok, prompts, "\n\n", {tok.eos_token_id}, gen)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    want = [generate_steps(model, tok, [p], "\n\n", {tok.eos_token_id}, generation_config=gen)[0]
+            for p in prompts]  # one by one: no padding
+    assert got == want
+    assert any("\n\n" in tok.decode(s) for s in got)  # cut at the delimiter (the rest ran to EOS or the cap)
+
+
 @pytest.mark.gpu
 @needs_vllm
 def test_vllm_tensor_parallel_1_on_cuda_matches_the_native_engine(prompts):
