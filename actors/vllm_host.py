@@ -168,7 +168,8 @@ class VLLMHost:
 
         s = req.sampling
         return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else 0,
-                              seed=s.seed if s.temperature > 0 else None, max_tokens=req.max_new_tokens,
+                              seed=(s.seed if s.seed is not None else 0) if s.temperature > 0 else None,
+                              max_tokens=req.max_new_tokens,
                               stop=list(req.stop) or None, include_stop_str_in_output=True,
                               skip_special_tokens=False)
 
