@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 from dataclasses import asdict, replace
 
 import torch
 
 from actors import zoo
+from actors.cpus import actor_threads
 from actors.engine import Engine, Request, Result, Speculation
 
 log = logging.getLogger(__name__)
@@ -41,22 +41,6 @@ def build_engine(role) -> Engine:
     return Engine(model, tok, draft_model=draft, speculation=spec,
                   prefix_cache_tokens=engine_cfg.prefix_cache_tokens, max_batch=engine_cfg.max_batch,
                   kv_budget_bytes=int(engine_cfg.kv_budget_mb * 2**20))
-
-
-def actor_threads() -> int:
-    """torch threads of a model actor whose role leaves them to us (`engine.torch_threads=0`): the CPUs Ray gave it
-    (`actor.num_cpus`, at least one; Ray sets OMP_NUM_THREADS=1 in its workers, so this undoes that), or every core
-    outside Ray. Jobs on a local instance give co-located actors a share of the cores instead (`split_threads`)."""
-    import ray
-
-    if ray.is_initialized():
-        try:
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        except AssertionError:  # the driver, not a Ray worker: no CPUs were assigned to it
-            cpus = None
-        if cpus is not None:
-            return max(1, math.ceil(cpus - 1e-9))
-    return os.cpu_count() or 1
 
 
 class EngineHost:

@@ -140,7 +140,7 @@ class VLLMHost:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from actors.hosts import actor_threads
+        from actors.cpus import actor_threads
 
         self.role_name, self.model_name = role_name, role.model.name
         if not on_cuda(role.model.device):

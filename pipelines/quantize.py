@@ -39,7 +39,8 @@ from safetensors.torch import load, save
 from tqdm import tqdm
 
 from actors import storage, zoo
-from actors.hosts import actor_threads, init_ray
+from actors.cpus import actor_threads
+from actors.hosts import init_ray
 from pipelines.cli import run_cli
 from pipelines.runs import (
     append_jsonl,

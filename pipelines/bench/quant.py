@@ -133,7 +133,7 @@ def run(args) -> dict:
     best = min(increase("rtn3_g64"), increase("hqq3_g64"))  # MiLo against the better 3-bit g64 baseline
     out["milo_increase_vs_best_baseline"] = increase("milo3_g64") / best
     out["milo_paper_increase_vs_best_baseline"] = increase("milo3_g64_paper") / best
-    out.update(hqq_vs_rtn(base, tok, ids, calib))
+    out.update(hqq_vs_rtn(base, ids, calib))
     try:
         from hqq.core.quantize import Quantizer
 
@@ -161,7 +161,7 @@ def run(args) -> dict:
 
 
 @torch.no_grad()
-def hqq_vs_rtn(base, tok, ids, calib) -> dict:
+def hqq_vs_rtn(base, ids, calib) -> dict:
     """Why HQQ 3-bit g64 can lose to RTN on the demo MoE: its weight error and each target's output error on its
     calibration input (routed tokens for experts), summed over the model, HQQ over RTN (< 1: HQQ is the better
     fit, layer by layer), and the perplexity with HQQ on the experts only or on attention only (RTN elsewhere): at
