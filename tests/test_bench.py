@@ -23,6 +23,17 @@ def test_each_suite_writes_the_keys_its_recorded_json_has(suite):
         assert set(module.CPU_KEYS) <= set(recorded["cpu"]), sorted(set(module.CPU_KEYS) - set(recorded["cpu"]))
 
 
+def test_engine_vllm_keys_are_in_its_recorded_json():
+    """`bench engine --backend vllm` (docs/bench/engine-vllm-cpu-2core.json): its keys, and every headline figure
+    with each run's value (run in tests/test_vllm.py's terms, not here: it loads vLLM)."""
+    from pipelines.bench import engine
+
+    recorded = json.loads((ROOT / "docs" / "bench" / "engine-vllm-cpu-2core.json").read_text())
+    assert set(engine.VLLM_KEYS) <= set(recorded), sorted(set(engine.VLLM_KEYS) - set(recorded))
+    for key in ("vllm_vs_native_ar_tokens_per_s", "vllm_branch4_vs_branch1_time_ratio"):
+        assert len(recorded[f"{key}_runs"]) == recorded["engine_runs"] >= 3
+
+
 def _run(argv, tmp_path) -> dict:
     from pipelines import bench
 
