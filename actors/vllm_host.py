@@ -35,7 +35,7 @@ import os
 import time
 from pathlib import Path
 
-from actors import zoo
+from actors import storage, zoo
 from actors.engine import Counters, EngineError, Request, Result, Speculation
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,12 @@ def model_dir(name: str) -> Path:
 
 
 def check_servable(name: str) -> None:
-    """Refuse what the vLLM backend cannot serve, without loading anything."""
-    path = zoo.resolve_dir(name)
+    """Refuse what the vLLM backend cannot serve, without loading anything (a model in run storage: its small
+    files only, never the weights)."""
+    if storage.is_uri(name) and not name.startswith("file://"):
+        path = storage.fetch(name, skip=zoo.WEIGHT_FILES)
+    else:
+        path = zoo.resolve_dir(name)
     if isinstance(path, Path) and (path / "specmoe_quant.json").is_file():
         raise EngineError(f"model {name!r} is a SpecMoE quantized checkpoint: the vLLM backend cannot serve it yet "
                           "(use engine.backend=native, or the fp model)")
@@ -100,11 +104,11 @@ def on_cuda(device: str) -> bool:
     return torch.cuda.is_available()
 
 
-def engine_args(role, spec: Speculation | None = None) -> dict:
+def engine_args(role) -> dict:
     """The keyword arguments of vLLM's `AsyncEngineArgs` for a `pipelines.schema.RoleConfig`."""
     m, e, v = role.model, role.engine, role.engine.vllm
-    spec = spec or Speculation(e.speculation.method, e.speculation.num_tokens, e.speculation.ngram_max,
-                               e.speculation.ngram_min)
+    spec = Speculation(e.speculation.method, e.speculation.num_tokens, e.speculation.ngram_max,
+                       e.speculation.ngram_min)
     cuda = on_cuda(m.device)
     args = dict(model=str(model_dir(m.name)), dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                 seed=0, enable_prefix_caching=True, max_num_seqs=e.max_batch,

@@ -255,14 +255,16 @@ def test_step_methods_with_the_exact_verifier_are_lossless_on_vllm(vllm_target, 
 @needs_vllm
 def test_evaluate_job_runs_on_the_vllm_backend(local_ray, tmp_path):
     """ar, sd, lr_async+sd and fpsr with target and draft on vLLM: every method writes ar's text; the target is
-    started plain for ar and fpsr, then with n-gram SD for the +sd methods."""
+    started plain for ar and fpsr, then with draft-model SD (the early-exit draft) for the +sd methods."""
     from pipelines.evaluate import evaluate
 
     over = ["tiny", f"run.storage={tmp_path}", "methods=[ar,sd,lr_async+sd,fpsr]", "data.num_problems=1",
             "generation.max_new_tokens=24", "generation.step_max_tokens=8"]
     for role in ("target", "draft"):
         over += [f"{role}.engine.backend=vllm", f"{role}.engine.kv_budget_mb=128", f"{role}.engine.vllm.max_model_len=1024"]
-    over += [f"target.model.name={zoo.SMOLLM2}", "draft.model.name=smollm2-135m-draft-l6"]
+    over += [f"target.model.name={zoo.SMOLLM2}", "draft.model.name=smollm2-135m-draft-l6",
+             # the +sd methods through vLLM's draft-model speculation (the module's host runs its n-gram one)
+             "token_speculation.method=draft", "token_speculation.draft_model.name=smollm2-135m-draft-l6"]
     cfg = load_config(EvaluateConfig, "evaluate", over)
     run_dir, summary = evaluate(cfg)
     methods = summary["methods"]
