@@ -120,6 +120,8 @@ def local_ray():
     from actors.hosts import init_ray
     from pipelines.schema import RayConfig
 
+    if ray.is_initialized():  # an earlier module's instance (no GPUs declared): this module needs its own
+        ray.shutdown()
     init_ray(RayConfig(num_cpus=2, num_gpus=2))  # 2 GPUs declared, none used: placement groups reserve them
     yield
     ray.shutdown()
