@@ -166,24 +166,24 @@ def start_host(role_name: str, role, placement_group=None, bundle_index: int | N
     options = dict(num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_restarts=a.max_restarts,
                    max_task_retries=a.max_task_retries if a.max_restarts else 0, max_concurrency=a.max_concurrency,
                    resources=dict(a.resources) or None, name=None)
+    group = None  # a placement group made here, for a multi-GPU vLLM role
     if role.engine.backend == "vllm" and placement_group is None:
         from actors.vllm_host import placement_bundles
 
         bundles = placement_bundles(role)
         if bundles is not None:
-            group = ray.util.placement_group(bundles, strategy="PACK")
-            options["num_gpus"] = 0
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
-            handle = ray.remote(host_class(role)).options(**options).remote(role_name, role)
-            _OWN_GROUPS[handle._actor_id.hex()] = group  # stop_host gives the GPUs back
-            return handle
+            placement_group = group = ray.util.placement_group(bundles, strategy="PACK")
+            bundle_index, options["num_gpus"] = 0, 0
     if placement_group is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=placement_group, placement_group_bundle_index=-1 if bundle_index is None else bundle_index)
+            placement_group=placement_group, placement_group_bundle_index=-1 if bundle_index is None else bundle_index,
+            placement_group_capture_child_tasks=group is not None)  # vLLM's Ray executor places its workers there
     elif a.scheduling == "spread":
         options["scheduling_strategy"] = "SPREAD"
-    return ray.remote(host_class(role)).options(**options).remote(role_name, role)
+    handle = ray.remote(host_class(role)).options(**options).remote(role_name, role)
+    if group is not None:
+        _OWN_GROUPS[handle._actor_id.hex()] = group  # stop_host gives the GPUs back
+    return handle
 
 
 _OWN_GROUPS: dict = {}  # actor id -> the placement group start_host made for a multi-GPU vLLM host

@@ -10,7 +10,8 @@
 - `next_token_probs`: one 1-token request per (prefix, candidate) with `allowed_token_ids=[candidate]` and the raw
   logprob of the token it must pick: the full-vocabulary softmax probability, as the native engine returns it.
   They run concurrently and share the prefix's cached blocks. (Full-vocabulary logprobs, the obvious way, cost
-  2.4 s per probe on SmolLM2 here: 49k entries per request through vLLM's output path.)
+  2.4 s per probe on SmolLM2 in a side run on the 2-core dev machine: 49k entries per request through vLLM's
+  output path.)
 - Token-level SD is vLLM's own (`speculative_config`: n-gram prompt lookup, a draft model, EAGLE); vLLM sets it
   per engine, not per request, so a host serves the speculation its role was started with, and a request that
   asks for another one gets it (greedy output is the same either way; the counters say what ran). The evaluate

@@ -46,8 +46,7 @@ def preflight(cfg: EvaluateConfig):
     check_backend("target", cfg.target, cfg.ray)
     tok = zoo.load_tokenizer(cfg.target.model.name, cfg.target.model.trust_remote_code)
     uses_steps = any(m.split("+")[0] in STEP_METHODS for m in cfg.methods)
-    uses_token_draft = cfg.token_speculation.method == "draft" and any(m == "sd" or m.endswith("+sd")
-                                                                      for m in cfg.methods)
+    uses_token_draft = cfg.token_speculation.method == "draft" and any(map(uses_token_sd, cfg.methods))
     others = []
     if uses_steps:
         others.append(("draft", cfg.draft.model.name))

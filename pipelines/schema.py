@@ -121,7 +121,6 @@ class EngineConfig:
                               f"({path}backend=vllm)")
 
 
-
 @dataclass
 class ActorConfig:
     """Ray resources of one model role (fractional CPUs: actors asking for whole CPUs starve a 2-core box)."""
