@@ -7,16 +7,20 @@ so quantized or swapped modules keep working, but the attention and the KV cache
   budget; running ones are also sources, since a written position never changes) and copies that KV once,
   so a committed prefix is never prefilled again;
 - one forward runs B sequences with T_b new tokens each (right-padded to max T_b); projections and MLPs are batched,
-  attention runs per sequence against its own buffer (no padded copy of the cache per step: one call over a padded
-  gather measured slower on CPU, its copies and the masked math path cost more than the per-sequence calls);
-- on CPU, linears fed a few rows (a batched decode step, a verification chunk) compute W @ x^T when that measures
-  faster than x @ W^T (MKL on AMD Zen runs a short x @ W^T like one matrix-vector product per row).
+  attention runs per sequence against its own buffer, on torch's flash kernel (no padded copy of the cache per
+  step: one call over a padded gather measured slower on CPU, its copies and the masked math path cost more than
+  the per-sequence calls; a non-contiguous projection output also sends SDPA to its math path, which is why the
+  few-row linears return contiguous outputs); norms and rotary take the model's own formulas with fewer ops;
+- on CPU, linears fed a few rows (a decode step, a batched one, a verification chunk) take, per weight shape, what
+  measures fastest here: torch's x @ W^T, W @ x^T (MKL on AMD Zen runs a short x @ W^T like one matrix-vector
+  product per row), or our dense kernel (qkernels.cpu.dense_rows, reading each weight row once for every row).
 Supported families: Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE (per-head q/k norms).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -24,60 +28,157 @@ import torch.nn.functional as F
 
 SUPPORTED = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
 SMALL_BATCH = (2, 64)  # rows of a linear's input where the CPU path may take W @ x^T instead of x @ W^T
+KERNEL_ROWS = 8  # rows up to which the CPU path may take our dense kernel (qkernels.cpu.dense_rows)
+WAYS = ("torch", "transposed", "kernel")  # F.linear's x @ W^T; W @ x^T; qkernels.cpu.dense_rows
 
 
-def _linear_small(self, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear's forward, with W @ x^T for a few rows: on CPUs where the BLAS handles a short x @ W^T as slowly as
-    one matrix-vector product per row (MKL on AMD Zen: 4 rows took 4.4x one row's time, W @ x^T 1.7x)."""
-    rows = x.numel() // x.shape[-1]
-    if not SMALL_BATCH[0] <= rows <= SMALL_BATCH[1]:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    y = (self.weight @ x.reshape(rows, -1).T).T
-    if self.bias is not None:
-        y = y + self.bias
-    return y.reshape(*x.shape[:-1], -1)
+@dataclass(frozen=True)
+class LinearPlan:
+    """How a linear of one shape runs its decode-sized inputs on CPU: `one` row, 2..KERNEL_ROWS rows (`few`), and
+    more up to SMALL_BATCH[1] (`many`: torch or transposed)."""
+
+    one: str = "torch"
+    few: str = "torch"
+    many: str = "torch"
+
+    @property
+    def is_torch(self) -> bool:
+        return self.one == self.few == self.many == "torch"
 
 
-def _transposed_is_faster(weight: torch.Tensor, rows: int = 4, reps: int = 5) -> bool:
-    """Whether W @ x^T beats F.linear for `rows` rows of this weight here (by 20%: timing noise stays on torch's)."""
+def _run_way(way: str, x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
+    """x [rows, K] @ w^T (+ bias) the way `way` names."""
+    if way == "kernel":
+        from qkernels import cpu
+
+        return cpu.dense_rows(x, w, bias)
+    if way == "transposed":
+        y = (w @ x.T).T.contiguous()  # contiguous: SDPA takes its fast path on what follows
+        return y if bias is None else y + bias
+    return F.linear(x, w, bias)
+
+
+def _small_batch_forward(module, plan: LinearPlan):
+    """nn.Linear's forward with `plan` for a few rows. On CPUs where the BLAS runs a short x @ W^T like one
+    matrix-vector product per row (MKL on AMD Zen: 4 rows took 4.4x one row's time, W @ x^T 1.7x), the kernel reads
+    every weight row once for all rows. The kernel has no backward: with autograd on, or another dtype, torch's."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        way = plan.one if rows == 1 else plan.few if rows <= KERNEL_ROWS else plan.many
+        if rows > SMALL_BATCH[1] or (way == "kernel" and (torch.is_grad_enabled() or x.dtype != torch.float32
+                                                           or module.weight.dtype != torch.float32
+                                                           or not module.weight.is_contiguous())):
+            way = "torch"
+        if way == "torch":
+            return F.linear(x, module.weight, module.bias)
+        return _run_way(way, x.reshape(rows, -1), module.weight, module.bias).reshape(*x.shape[:-1], -1)
+
+    return forward
+
+
+def _measure_plans(linears: list) -> dict[tuple, LinearPlan]:
+    """A plan per weight shape, from timing 1 and 4 rows each way over every module of that shape in turn (so the
+    weights come from memory, as in a decode step; best of 3 passes). A way other than torch's must beat it by 10%
+    (20% for W @ x^T beyond the kernel's rows): timing noise stays on torch's."""
+    from collections import defaultdict
+
+    from qkernels import cpu
+
+    by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for m in linears:
+        by_shape[(tuple(m.weight.shape), m.weight.dtype)].append(m.weight)
+    kernel_ok = cpu.available()
+    plans = {}
+    for (shape, dtype), weights in by_shape.items():
+        ways = [w for w in WAYS if w != "kernel" or (kernel_ok and dtype == torch.float32
+                                                        and all(x.is_contiguous() for x in weights))]
+        best = {}
+        for rows in (1, 4):
+            x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(0)).to(dtype)  # not the global RNG
+            times = {way: _timed(lambda way=way: [_run_way(way, x, w) for w in weights], reps=3)
+                     for way in ways if rows > 1 or way != "transposed"}
+            fastest = min(times, key=times.get)
+            best[rows] = fastest if times[fastest] < 0.9 * times["torch"] else "torch"
+            if rows == 4:
+                many = "transposed" if times["transposed"] < 0.8 * times["torch"] else "torch"
+        plans[(shape, dtype)] = LinearPlan(best[1], best[4], many)
+    return plans
+
+
+def _timed(fn, reps: int = 5) -> float:
     import time
 
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-    ways = (lambda: torch.nn.functional.linear(x, weight), lambda: weight @ x.T)
-    best = []
-    for way in ways:
-        way()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            way()
-            times.append(time.perf_counter() - t0)
-        best.append(min(times))
-    return best[1] < 0.8 * best[0]
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@contextmanager
+def torch_linears(model):
+    """Inside the block the model's nn.Linear modules run torch's own forward (e.g. to time transformers as it ships
+    beside our engine on the same model object)."""
+    patched = {m: m.__dict__.pop("forward") for m in model.modules()
+               if type(m) is torch.nn.Linear and "forward" in m.__dict__}
+    try:
+        yield
+    finally:
+        for m, forward in patched.items():
+            m.forward = forward
 
 
 MEASURED_MIN = 1 << 20  # a model whose largest linear is smaller keeps torch's path (nothing to gain, and no timing)
 
 
-def use_small_batch_linears(model, force: bool | None = None) -> int:
-    """On CPU, give the model's nn.Linear modules the small-batch path when it measures faster here (once per
-    model, on its largest linear, if that has at least MEASURED_MIN weights), or as `force` says; returns how many
-    modules took it."""
+def use_small_batch_linears(model, force: LinearPlan | None = None) -> int:
+    """On CPU, give the model's nn.Linear modules the decode-sized plan that measures fastest here for their shape
+    (once per model, if its largest linear has at least MEASURED_MIN weights), or `force` for every one; returns
+    how many modules took a plan other than torch's. The plans are kept in `model._specmoe_linear_plans`."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
     done = getattr(model, "_specmoe_small_batch", None)
     if not linears or (done is not None and force is None):
         return done or 0
-    largest = max((m.weight for m in linears), key=lambda w: w.numel())
-    if force is None:
+    if force is not None:
+        plans = {(tuple(m.weight.shape), m.weight.dtype): force for m in linears}
+    elif max(m.weight.numel() for m in linears) < MEASURED_MIN:
+        plans = {}
+    else:
         with torch.inference_mode():
-            force = largest.numel() >= MEASURED_MIN and _transposed_is_faster(largest)
+            plans = _measure_plans(linears)
+    count = 0
     for m in linears:
-        if force:
-            m.forward = _linear_small.__get__(m)
-        else:
+        plan = plans.get((tuple(m.weight.shape), m.weight.dtype), LinearPlan())
+        if plan.is_torch:
             m.__dict__.pop("forward", None)
-    model._specmoe_small_batch = len(linears) if force else 0
-    return model._specmoe_small_batch
+        else:
+            m.forward = _small_batch_forward(m, plan)
+            count += 1
+    model._specmoe_small_batch, model._specmoe_linear_plans = count, plans
+    return count
+
+
+def _lean_rms_norm(norm):
+    """HF's RMSNorm (x * rsqrt(mean(x^2) + eps), in float32, then weight * x in the input dtype) with the same ops in
+    the same order, so the same bits, without the module call; the module itself when it is another norm (a check
+    on random input decides) or carries hooks."""
+    eps, weight = getattr(norm, "variance_epsilon", None), getattr(norm, "weight", None)
+    if (not isinstance(eps, float) or not isinstance(weight, torch.Tensor) or weight.dim() != 1
+            or norm._forward_hooks or norm._forward_pre_hooks):
+        return norm
+
+    def lean(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return norm.weight * xf.to(x.dtype)
+
+    with torch.inference_mode():
+        x = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight)  # not the global RNG
+        same = torch.equal(lean(x), norm(x))
+    return lean if same else norm
 
 
 @dataclass(eq=False)
@@ -127,6 +228,8 @@ class ModelRunner:
         self.bytes_per_token = (len(self.layers) * 2 * self.num_kv_heads * self.head_dim
                                 * torch.empty((), dtype=self.dtype).element_size())
         self.small_batch_linears = use_small_batch_linears(model) if self.device.type == "cpu" else 0
+        self.norms = [(_lean_rms_norm(layer.input_layernorm), _lean_rms_norm(layer.post_attention_layernorm))
+                      for layer in self.layers]
 
     # ------------------------------------------------------------ sequences and the prefix cache
 
@@ -234,10 +337,16 @@ class ModelRunner:
         h_BTD = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(h_BTD, pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D]
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)  # x * cos + roll(x) * sin == HF's rotate_half form
+        # per sequence, views over every layer: where the new keys/values go, and what attention reads
+        slots = [seq.kv[:, :, :, seq.length:seq.length + t] for seq, t in zip(seqs, lengths)]
+        reads = [seq.kv[:, :, :, :seq.length + t].unsqueeze(2) for seq, t in zip(seqs, lengths)]  # [L, 2, 1, H, n, D]
         for li, layer in enumerate(self.layers):
-            h_BTD = h_BTD + self._attention(li, layer.self_attn, layer.input_layernorm(h_BTD), cos, sin,
-                                            seqs, lengths, masks)
-            h_BTD = h_BTD + layer.mlp(layer.post_attention_layernorm(h_BTD))
+            in_norm, post_norm = self.norms[li]
+            h_BTD = h_BTD + self._attention(li, layer.self_attn, in_norm(h_BTD), cos, sin, slots, reads, lengths,
+                                            masks)
+            h_BTD = h_BTD + layer.mlp(post_norm(h_BTD))
         for seq, toks in zip(seqs, new_tokens):
             seq.length += len(toks)
             seq.tokens.extend(toks)
@@ -247,28 +356,32 @@ class ModelRunner:
         last = h_BTD[torch.arange(B, device=self.device), torch.tensor(lengths, device=self.device) - 1]
         return list(self.model.lm_head(last).float())
 
-    def _attention(self, li, attn, x_BTD, cos, sin, seqs, lengths, masks):
+    def _attention(self, li, attn, x_BTD, cos, sin, slots, reads, lengths, masks):
         B, T, _ = x_BTD.shape
+        half = self.head_dim // 2
         q = attn.q_proj(x_BTD).view(B, T, -1, self.head_dim)
         k = attn.k_proj(x_BTD).view(B, T, -1, self.head_dim)
         v = attn.v_proj(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm per head before rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        out = torch.zeros_like(q)
-        for b, seq in enumerate(seqs):
-            t_b, start = lengths[b], seq.length
-            seq.kv[li, 0, :, start:start + t_b] = k[b, :, :t_b]
-            seq.kv[li, 1, :, start:start + t_b] = v[b, :, :t_b]
-            keys = seq.kv[li, 0, :, :start + t_b].unsqueeze(0)
-            values = seq.kv[li, 1, :, :start + t_b].unsqueeze(0)
-            out[b:b + 1, :, :t_b] = F.scaled_dot_product_attention(
-                q[b:b + 1, :, :t_b], keys, values, attn_mask=masks[b], scale=self.scaling, enable_gqa=True)
+        q = q * cos + q.roll(half, -1) * sin
+        k = k * cos + k.roll(half, -1) * sin
+        outs = []
+        for b in range(B):  # each sequence against its own buffer (flash attention on CPU)
+            t_b, slot, read = lengths[b], slots[b][li], reads[b][li]
+            slot[0] = k[b, :, :t_b]
+            slot[1] = v[b, :, :t_b]
+            outs.append(F.scaled_dot_product_attention(q[b:b + 1, :, :t_b], read[0], read[1], attn_mask=masks[b],
+                                                       scale=self.scaling, enable_gqa=True))
+        if B == 1:
+            out = outs[0]
+        elif min(lengths) == T:
+            out = torch.cat(outs)
+        else:  # right-padded: the padding rows stay zero
+            out = q.new_zeros(q.shape)
+            for b, o in enumerate(outs):
+                out[b:b + 1, :, :lengths[b]] = o
         return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)

@@ -115,3 +115,9 @@ def affine3_dequant(packed, scale, zero, k: int, group: int) -> torch.Tensor:
 
 def dense_offsets(rows: int) -> torch.Tensor:
     return torch.tensor([0, rows], dtype=torch.int64)
+
+
+def dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 x [R, K] @ weight [N, K]^T (+ bias): a decode-sized dense linear, each weight row read once for all
+    R rows (a few; the engine's small-batch linears)."""
+    return load().dense_rows(x.contiguous(), weight, _empty() if bias is None else bias)

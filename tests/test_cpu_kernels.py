@@ -249,6 +249,26 @@ def test_every_instruction_set_path_matches_the_reference(isa_paths):
         check_grouped_with_empty_experts()
 
 
+def test_dense_rows_matches_torch_on_every_path(isa_paths):
+    """The engine's decode-sized dense linear: 1-9 x rows (tiles of 8, 4 and 2 weight rows and their remainders),
+    K not a multiple of 8, with and without bias, on every path; shape and dtype mistakes are clear errors."""
+    for isa in isa_paths:
+        cpu.use_isa(isa)
+        torch.manual_seed(3)
+        for m, n, k in ((1, 19, 576), (2, 13, 100), (3, 7, 61), (4, 33, 256), (5, 9, 17), (8, 64, 576),
+                        (9, 3, 8), (1, 1, 1)):
+            w, b, x = torch.randn(n, k), torch.randn(n), torch.randn(m, k)
+            for bias in (None, b):
+                got = cpu.dense_rows(x, w, bias)
+                want = torch.nn.functional.linear(x, w, bias)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * k ** 0.5,
+                                           msg=lambda text, case=(isa, m, n, k, bias is None): f"{case}: {text}")
+    with pytest.raises(RuntimeError, match="x's K"):
+        cpu.dense_rows(torch.randn(2, 8), torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu.dense_rows(torch.randn(2, 8), torch.randn(4, 8).half())
+
+
 def test_a_path_the_cpu_lacks_is_a_clear_error(isa_paths):
     missing = [isa for isa in ("avx2", "avx512") if isa not in isa_paths]
     with pytest.raises(ValueError, match="unknown ISA 'sse9'"):

@@ -319,7 +319,8 @@ def test_runner_logits_match_transformers_while_buffers_grow(tiny_llama):
 
 def test_one_batched_forward_equals_each_sequence_alone(tiny_llama):
     """Sequences of different cached lengths, fed different numbers of new tokens in one forward (projections and
-    MLPs batched; on CPU the few-row linears may take W @ x^T), give each sequence the logits it gets alone."""
+    MLPs batched; on CPU the few-row linears may take W @ x^T or our kernel), give each sequence the logits it gets
+    alone."""
     from actors.runner import ModelRunner
 
     model, _ = tiny_llama
@@ -334,14 +335,19 @@ def test_one_batched_forward_equals_each_sequence_alone(tiny_llama):
 
     from actors.runner import use_small_batch_linears
 
+    from actors.runner import LinearPlan
+    from qkernels import cpu
+
+    plans = [LinearPlan(), LinearPlan("torch", "transposed", "transposed")]
+    plans += [LinearPlan("kernel", "kernel", "transposed")] if cpu.available() else []
     try:
-        for small in (False, True):  # torch's x @ W^T, and W @ x^T for a few rows (what some CPUs measure faster)
+        for plan in plans:  # torch's x @ W^T; W @ x^T or our kernel for a few rows (what some CPUs measure faster)
             linears = sum(type(m) is torch.nn.Linear for m in model.modules())
-            assert use_small_batch_linears(model, force=small) == (linears if small else 0)
+            assert use_small_batch_linears(model, force=plan) == (0 if plan.is_torch else linears)
             together = run(ModelRunner(model, prefix_cache_tokens=0), [0, 1, 2])
             for i in range(3):
                 [alone] = run(ModelRunner(model, prefix_cache_tokens=0), [i])
                 assert together[i].shape == (len(feeds[i]), model.config.vocab_size)
                 torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-4)
     finally:
-        use_small_batch_linears(model, force=False)
+        use_small_batch_linears(model, force=LinearPlan())

@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-spec-tokens", type=int, default=4)
     parser.add_argument("--backend", choices=["native", "vllm"], default="native",
                         help="engine: vllm measures vLLM's engine beside ours (needs `make venv-vllm`)")
-    parser.add_argument("--engine-runs", type=int, default=3, help="engine --backend vllm: runs of each figure "
+    parser.add_argument("--engine-runs", type=int, default=3, help="engine: runs of each headline figure "
                         "(the JSON keeps every run and the median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--num-problems", type=int, default=None, help="spec, sapo: held-out problems (20, 12)")

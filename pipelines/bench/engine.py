@@ -1,8 +1,10 @@
 """`python -m pipelines.bench engine`: our engine against transformers on one model, side by side in one run.
 
 On `--model` (default `smollm2-135m-instruct`; in-process engine, CPU unless a GPU is present), writes
-  ar_vs_hf_ratio                 our greedy decode tokens/s over transformers' `generate` on the same prompts
+  ar_vs_hf_ratio                 our greedy decode tokens/s over transformers' `generate` on the same prompts (its
+                                 linears on torch's forward, as it ships; ar_identical_to_hf: the same tokens)
   branch4_vs_branch1_time_ratio  one step from 4 prefixes sharing a >=300-token committed prefix, over 1 prefix
+                                 (both measured `--engine-runs` times, default 3: the median, and each run in *_runs)
   prefill_tokens_ratio           prefill tokens while committing a ~1000-token answer step by step,
                                  over prompt + answer length
   sd_greedy_identical, sd_speedup  token-level SD with `--draft` (default smollm2-135m-draft-l6) vs AR
@@ -19,18 +21,21 @@ measured `--engine-runs` times (default 3; the JSON keeps every run and the medi
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
 
 from actors import zoo
 from actors.engine import Counters, Engine, Request, Speculation
+from actors.runner import torch_linears
 from pipelines.bench.common import device_name, gsm_prompts, sync
 from quant.perplexity import pydoc_text
 
 KEYS = ("model", "draft", "device", "num_prompts", "max_new_tokens", "ours_tokens_per_s", "hf_tokens_per_s",
         "ar_vs_hf_ratio", "ar_identical_to_hf", "ar_tokens", "committed_prefix_tokens", "branch_step_tokens",
-        "branch1_s", "branch4_s", "branch4_vs_branch1_time_ratio", "answer_tokens", "answer_steps", "prompt_tokens",
+        "branch1_s", "branch4_s", "branch4_vs_branch1_time_ratio", "engine_runs", "ar_vs_hf_ratio_runs",
+        "branch4_vs_branch1_time_ratio_runs", "answer_tokens", "answer_steps", "prompt_tokens",
         "prefill_tokens", "prefill_tokens_ratio",
         *(f"{label}_{k}" for label in ("sd", "sd_ngram") for k in ("greedy_identical", "speedup", "acceptance_rate",
                                                                    "mean_acceptance_length", "num_tokens")))
@@ -57,54 +62,66 @@ def run(args) -> dict:
     out: dict = {"model": args.model, "draft": args.draft, "device": device_name(device),
                  "num_prompts": len(prompts), "max_new_tokens": n_new}
 
-    # --- AR: ours vs transformers' generate, alternating per prompt, same greedy tokens
-    engine = Engine(model, tok, prefix_cache_tokens=0)  # no cache: both sides prefill every prompt
-    engine.generate([Request(prompts[0], max_new_tokens=4)])
-    model.generate(torch.tensor([prompts[0]], device=device), max_new_tokens=4, do_sample=False)
-    ours_s = hf_s = 0.0
-    ours_tokens = hf_tokens = 0
-    ar_results = []
-    identical_to_hf = True
-    for p in prompts:
-        sync(device)
-        t0 = time.perf_counter()
-        [res] = engine.generate([Request(p, max_new_tokens=n_new)])
-        sync(device)
-        ours_s += time.perf_counter() - t0
-        ours_tokens += len(res.token_ids)
-        ar_results.append(res)
-        t0 = time.perf_counter()
-        hf = model.generate(torch.tensor([p], device=device), max_new_tokens=n_new, do_sample=False,
-                            attention_mask=torch.ones(1, len(p), dtype=torch.long, device=device))
-        sync(device)
-        hf_s += time.perf_counter() - t0
-        hf_ids = hf[0, len(p):].tolist()
-        hf_tokens += len(hf_ids)
-        identical_to_hf &= hf_ids == res.token_ids
-    out.update(ours_tokens_per_s=ours_tokens / ours_s, hf_tokens_per_s=hf_tokens / hf_s,
-               ar_vs_hf_ratio=(ours_tokens / ours_s) / (hf_tokens / hf_s), ar_identical_to_hf=identical_to_hf,
-               ar_tokens=ours_tokens)
-
-    # --- 4 branches vs 1 from a shared committed prefix (cached once, as Lookahead Reasoning's target sees it)
-    engine = Engine(model, tok)
+    # --- AR: ours vs transformers' generate, alternating per prompt, same greedy tokens; and 4 branches vs 1 from
+    # a shared committed prefix (cached once, as Lookahead Reasoning's target sees it): each run measures both
+    ar_engine = Engine(model, tok, prefix_cache_tokens=0)  # no cache: both sides prefill every prompt
+    ar_engine.generate([Request(prompts[0], max_new_tokens=4)])
+    with torch_linears(model):
+        model.generate(torch.tensor([prompts[0]], device=device), max_new_tokens=4, do_sample=False)
+    branch_engine = Engine(model, tok)
     text_ids = tok(pydoc_text()[:20000]).input_ids
     committed = prompts[0] + text_ids[:args.committed_tokens]
-    engine.generate([Request(committed, max_new_tokens=1)])
+    branch_engine.generate([Request(committed, max_new_tokens=1)])
     branch_tokens = args.branch_tokens
+
+    def ar_run() -> tuple[float, float, int, bool, list]:
+        ours_s = hf_s = 0.0
+        ours_tokens = hf_tokens = 0
+        results, identical = [], True
+        for p in prompts:
+            sync(device)
+            t0 = time.perf_counter()
+            [res] = ar_engine.generate([Request(p, max_new_tokens=n_new)])
+            sync(device)
+            ours_s += time.perf_counter() - t0
+            ours_tokens += len(res.token_ids)
+            results.append(res)
+            t0 = time.perf_counter()
+            with torch_linears(model):  # transformers as it ships: without our engine's CPU linears
+                hf = model.generate(torch.tensor([p], device=device), max_new_tokens=n_new, do_sample=False,
+                                    attention_mask=torch.ones(1, len(p), dtype=torch.long, device=device))
+            sync(device)
+            hf_s += time.perf_counter() - t0
+            hf_ids = hf[0, len(p):].tolist()
+            hf_tokens += len(hf_ids)
+            identical &= hf_ids == res.token_ids
+        return ours_tokens / ours_s, hf_tokens / hf_s, ours_tokens, identical, results
 
     def branches(tag: str, n: int) -> float:
         reqs = [Request(committed + tok(f" {tag} {i}:").input_ids, max_new_tokens=branch_tokens) for i in range(n)]
         sync(device)
         t0 = time.perf_counter()
-        results = engine.generate(reqs)
+        results = branch_engine.generate(reqs)
         sync(device)
         assert all(len(r.token_ids) == branch_tokens or r.finish_reason == "eos" for r in results)
         return time.perf_counter() - t0
 
-    t1 = min(branches(f"Case {k}", 1) for k in range(3))
-    t4 = min(branches(f"Part {k}", 4) for k in range(3))
-    out.update(committed_prefix_tokens=len(committed), branch_step_tokens=branch_tokens, branch1_s=t1, branch4_s=t4,
-               branch4_vs_branch1_time_ratio=t4 / t1)
+    ar_ratios, branch_ratios, identical_to_hf = [], [], True
+    for run in range(args.engine_runs):
+        ours_tps, hf_tps, ar_tokens, identical, ar_results = ar_run()
+        identical_to_hf &= identical
+        ar_ratios.append(ours_tps / hf_tps)
+        t1 = min(branches(f"Case {run}{k}", 1) for k in range(3))
+        t4 = min(branches(f"Part {run}{k}", 4) for k in range(3))
+        branch_ratios.append(t4 / t1)
+        print(f"run {run + 1}/{args.engine_runs}: ar_vs_hf_ratio {ar_ratios[-1]:.2f} "
+              f"branch4_vs_branch1_time_ratio {branch_ratios[-1]:.2f}", flush=True)
+    ours_s = sum(len(r.token_ids) for r in ar_results) / ours_tps  # the last run's, for the SD speedups below
+    out.update(ours_tokens_per_s=ours_tps, hf_tokens_per_s=hf_tps, ar_vs_hf_ratio=statistics.median(ar_ratios),
+               ar_vs_hf_ratio_runs=ar_ratios, ar_identical_to_hf=identical_to_hf, ar_tokens=ar_tokens,
+               engine_runs=args.engine_runs, committed_prefix_tokens=len(committed), branch_step_tokens=branch_tokens,
+               branch1_s=t1, branch4_s=t4, branch4_vs_branch1_time_ratio=statistics.median(branch_ratios),
+               branch4_vs_branch1_time_ratio_runs=branch_ratios)
 
     # --- commit a ~1000-token answer step by step; count what the target prefills
     engine = Engine(model, tok)
@@ -149,8 +166,6 @@ def run(args) -> dict:
 
 async def run_vllm(args) -> dict:
     """vLLM (actors.vllm_host.VLLMHost, in this process) against our engine; see the module docstring."""
-    import statistics
-
     from actors.hosts import EngineHost
     from actors.vllm_host import VLLMHost, check_installed
     from pipelines.schema import ModelConfig, RoleConfig

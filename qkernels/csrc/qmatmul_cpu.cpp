@@ -174,6 +174,11 @@ void codebook4_block(const Codebook4Args& a, int64_t e, int64_t n0, int64_t n1, 
   }
 }
 
+void dense_block(const float* x, const float* w, float* y, int64_t R, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t r = 0; r < R; ++r) y[r * N + n] = dot(w + n * K, x + r * K, K);
+}
+
 }  // namespace scalar
 
 #if SPECMOE_X86
@@ -435,6 +440,55 @@ void codebook4_block(const Codebook4Args& a, int64_t e, int64_t n0, int64_t n1, 
     }
     r0 += rn;
   }
+}
+
+
+// Dense float32 weights, a few x rows (a decode step): y[i, n] = w[n] . x[i] for weight rows n0..n1, every weight row
+// read once for all R rows (the BLAS takes a short x @ W^T as one matrix-vector product per row on some CPUs).
+template <int RB, int RN>
+inline void dense_tile(const float* w, int64_t K, const float* x, float* y, int64_t N) {
+  __m256 acc[RB][RN];
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < RN; ++i) acc[b][i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[RN];
+    for (int i = 0; i < RN; ++i) xv[i] = _mm256_loadu_ps(x + i * K + k);
+    for (int b = 0; b < RB; ++b) {
+      const __m256 wv = _mm256_loadu_ps(w + b * K + k);
+      for (int i = 0; i < RN; ++i) acc[b][i] = _mm256_fmadd_ps(wv, xv[i], acc[b][i]);
+    }
+  }
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < RN; ++i) {
+      float s = hsum(acc[b][i]);
+      for (int64_t kk = k; kk < K; ++kk) s += w[b * K + kk] * x[i * K + kk];
+      y[i * N + b] = s;
+    }
+}
+
+// Weight rows n0..n1 against all R x rows: 8 weight rows per pass for one x row, 4 for two, 2 for up to four x rows
+// at a time (at most 8 accumulators), the weight rows of a pass staying in L1 while every x row uses them.
+void dense_block(const float* x, const float* w, float* y, int64_t R, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (R == 1) {
+    for (; n + 8 <= n1; n += 8) dense_tile<8, 1>(w + n * K, K, x, y + n, N);
+  } else if (R == 2) {
+    for (; n + 4 <= n1; n += 4) dense_tile<4, 2>(w + n * K, K, x, y + n, N);
+  } else {
+    for (; n + 2 <= n1; n += 2)
+      for (int64_t r = 0; r < R; r += 4) {
+        const int64_t rn = std::min<int64_t>(4, R - r);
+        const float* xr = x + r * K;
+        float* yr = y + r * N + n;
+        if (rn == 4) dense_tile<2, 4>(w + n * K, K, xr, yr, N);
+        else if (rn == 3) dense_tile<2, 3>(w + n * K, K, xr, yr, N);
+        else if (rn == 2) dense_tile<2, 2>(w + n * K, K, xr, yr, N);
+        else dense_tile<2, 1>(w + n * K, K, xr, yr, N);
+      }
+  }
+  for (; n < n1; ++n)
+    for (int64_t r = 0; r < R; ++r) dense_tile<1, 1>(w + n * K, K, x + r * K, y + r * N + n, N);
 }
 
 }  // namespace avx2
@@ -743,6 +797,34 @@ torch::Tensor affine3_dequant(torch::Tensor packed, torch::Tensor scale, torch::
   return out;
 }
 
+// y[R, N] = x [R, K] @ w[N, K]^T (+ bias [N]), all float32: the decode-sized dense linear (a few rows of x).
+torch::Tensor dense_rows(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous float32 [rows, K] tensor");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.size(1) == x.size(1),
+              "w must be a contiguous float32 [N, K] tensor with x's K");
+  const int64_t R = x.size(0), N = w.size(0), K = w.size(1);
+  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == N && bias.scalar_type() == torch::kFloat32 && bias.is_contiguous()),
+              "bias must be empty or a contiguous float32 [N] tensor");
+  auto y = torch::empty({R, N}, x.options());
+  if (R == 0 || N == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool fast = active_isa() >= kAvx2;
+  // a task reads at least ~256 KiB of weights: below that a second thread costs more than it saves
+  const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, K));
+  at::parallel_for(0, (N + 7) / 8, (grain + 7) / 8, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * 8, n1 = std::min(N, b1 * 8);
+#if SPECMOE_X86
+    if (fast) return avx2::dense_block(xp, wp, yp, R, N, K, n0, n1);
+#endif
+    scalar::dense_block(xp, wp, yp, R, N, K, n0, n1);
+  });
+  if (bias.numel() > 0) y.add_(bias);
+  return y;
+}
+
 std::string isa() { return kIsaNames[active_isa()]; }
 
 std::vector<std::string> supported_isas() {
@@ -770,6 +852,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine3_grouped", &affine3_grouped, "grouped 3-bit affine matmul (CPU)");
   m.def("codebook4_grouped", &codebook4_grouped, "grouped 4-bit codebook matmul (CPU)");
   m.def("affine3_dequant", &affine3_dequant, "3-bit affine dequantization (CPU)");
+  m.def("dense_rows", &dense_rows, "float32 x [rows, K] @ w [N, K]^T for a few rows (CPU)");
   m.def("isa", &isa, "the code path the kernels run (avx512, avx2 or scalar)");
   m.def("supported_isas", &supported_isas, "the code paths this CPU can run, scalar first");
   m.def("set_isa", &set_isa, "force a code path: native, avx512, avx2 or scalar");
