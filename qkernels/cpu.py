@@ -8,7 +8,9 @@ side by side).
 
 `available()` is False, after one warning, when the build fails (no compiler): callers then use the reference.
 Decode-sized batches (up to `MAX_KERNEL_ROWS` rows per expert) run the fused kernels; larger ones dequantize with
-the kernel and call a dense matmul, which is faster once the weight is reused by many rows.
+the kernel and call a dense matmul, which is faster once the weight is reused by many rows. `dense_rows` is the
+float32 counterpart for the native engine's unquantized linears (actors.runner takes it per weight shape where it
+measures faster than torch's BLAS).
 """
 
 from __future__ import annotations

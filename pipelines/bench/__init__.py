@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     parser.add_argument("--verifier", default="embedding", help="sapo: the step verifier before and after")
     parser.add_argument("--threshold", type=float, default=0.9, help="sapo: embedding cosine threshold")
     parser.add_argument("--step-max-tokens", type=int, default=100, help="sapo: cap on one reasoning step")
-    parser.add_argument("--throughput-steps", type=int, default=2, help="sapo: GRPO steps per throughput run")
+    parser.add_argument("--throughput-steps", type=int, default=2, help="sapo: GRPO steps per throughput run (0: skip it)")
     parser.add_argument("--reps", type=int, default=20, help="kernels: timed calls per figure (median)")
     parser.add_argument("--skip-moe", action="store_true", help="kernels: skip the MoE decode comparison")
     parser.add_argument("--kernel-runs", type=int, default=3,

@@ -161,6 +161,9 @@ def _reuse_sapo_run(run: str, draft_before: str, trajectories: str | None) -> tu
 
 def _samples_per_s(args, trajectories: str) -> dict:
     out = {"samples_per_s_1_worker": None, "samples_per_s_2_workers": None}
+    if args.throughput_steps <= 0:
+        out["samples_per_s_note"] = "not measured (--throughput-steps 0)"
+        return out
     for workers in (1, 2):
         key = "samples_per_s_1_worker" if workers == 1 else "samples_per_s_2_workers"
         _, summary = _sapo(args, trajectories, f"{workers}w", [

@@ -10,6 +10,10 @@
 // codebook4: 4-bit indices, 8 per int32 word, into a 16-entry fp16 codebook per (row, group):
 //   y[r, n] = sum_k c[n, g(k), idx[n,k]] x[r,k]; the lookup is two in-register permutes and a blend.
 //
+// dense_rows: float32 y[R, N] = x[R, K] @ w[N, K]^T for a few rows (the native engine's unquantized linears in a
+//   decode step): each weight row is read once for every row of x, where the BLAS may take a short x @ W^T as one
+//   matrix-vector product per row.
+//
 // Decode is memory-bound: each weight word is read once and used for every row of its expert (up to R rows;
 // callers send prefill-sized batches to dequantize + matmul instead). Work is split over (expert, block of N)
 // between torch's threads.
