@@ -19,6 +19,7 @@ Supported families: Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE 
 
 from __future__ import annotations
 
+import types
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,23 +59,21 @@ def _run_way(way: str, x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Ten
     return F.linear(x, w, bias)
 
 
-def _small_batch_forward(module, plan: LinearPlan):
-    """nn.Linear's forward with `plan` for a few rows. On CPUs where the BLAS runs a short x @ W^T like one
-    matrix-vector product per row (MKL on AMD Zen: 4 rows took 4.4x one row's time, W @ x^T 1.7x), the kernel reads
-    every weight row once for all rows. The kernel has no backward: with autograd on, or another dtype, torch's."""
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        way = plan.one if rows == 1 else plan.few if rows <= KERNEL_ROWS else plan.many
-        if rows > SMALL_BATCH[1] or (way == "kernel" and (torch.is_grad_enabled() or x.dtype != torch.float32
-                                                           or module.weight.dtype != torch.float32
-                                                           or not module.weight.is_contiguous())):
-            way = "torch"
-        if way == "torch":
-            return F.linear(x, module.weight, module.bias)
-        return _run_way(way, x.reshape(rows, -1), module.weight, module.bias).reshape(*x.shape[:-1], -1)
-
-    return forward
+def _planned_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's forward with `self._specmoe_plan` for a few rows (bound to the module, so a deep copy of the model
+    computes with the copy's weights). On CPUs where the BLAS runs a short x @ W^T like one matrix-vector product
+    per row (MKL on AMD Zen: 4 rows took 4.4x one row's time, W @ x^T 1.7x), the kernel reads every weight row once
+    for all rows. The kernel has no backward: with autograd on, or another dtype, torch's."""
+    plan = self._specmoe_plan
+    rows = x.numel() // x.shape[-1]
+    way = plan.one if rows == 1 else plan.few if rows <= KERNEL_ROWS else plan.many
+    if rows > SMALL_BATCH[1] or (way == "kernel" and (torch.is_grad_enabled() or x.dtype != torch.float32
+                                                       or self.weight.dtype != torch.float32
+                                                       or not self.weight.is_contiguous())):
+        way = "torch"
+    if way == "torch":
+        return F.linear(x, self.weight, self.bias)
+    return _run_way(way, x.reshape(rows, -1), self.weight, self.bias).reshape(*x.shape[:-1], -1)
 
 
 def _measure_plans(linears: list) -> dict[tuple, LinearPlan]:
@@ -155,7 +154,7 @@ def use_small_batch_linears(model, force: LinearPlan | None = None) -> int:
         if plan.is_torch:
             m.__dict__.pop("forward", None)
         else:
-            m.forward = _small_batch_forward(m, plan)
+            m._specmoe_plan, m.forward = plan, types.MethodType(_planned_forward, m)
             count += 1
     model._specmoe_small_batch, model._specmoe_linear_plans = count, plans
     return count

@@ -351,3 +351,26 @@ def test_one_batched_forward_equals_each_sequence_alone(tiny_llama):
                 torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-4)
     finally:
         use_small_batch_linears(model, force=LinearPlan())
+
+
+def test_a_deep_copy_of_a_planned_model_computes_with_its_own_weights(tiny_llama):
+    """The few-row linear plans are bound to their modules: a deep copy (e.g. a reference model) uses its own
+    weights, on every way a plan can take."""
+    import copy
+
+    from actors.runner import LinearPlan, use_small_batch_linears
+    from qkernels import cpu
+
+    model, _ = tiny_llama
+    ways = ["torch", "transposed"] + (["kernel"] if cpu.available() else [])
+    try:
+        for way in ways:
+            use_small_batch_linears(model, force=LinearPlan("torch" if way == "transposed" else way, way, way))
+            twin = copy.deepcopy(model)
+            with torch.no_grad():
+                twin.lm_head.weight.mul_(2)
+                for rows in (1, 3):
+                    x = torch.randn(rows, model.config.hidden_size)
+                    torch.testing.assert_close(twin.lm_head(x), 2 * model.lm_head(x), msg=f"{way}, {rows} rows")
+    finally:
+        use_small_batch_linears(model, force=LinearPlan())
