@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from qkernels import cpu as cpu_kernels
+
 SUPPORTED = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
 SMALL_BATCH = (2, 64)  # rows of a linear's input where the CPU path may take W @ x^T instead of x @ W^T
 KERNEL_ROWS = 8  # rows up to which the CPU path may take our dense kernel (qkernels.cpu.dense_rows)
@@ -50,9 +52,7 @@ class LinearPlan:
 def _run_way(way: str, x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:
     """x [rows, K] @ w^T (+ bias) the way `way` names."""
     if way == "kernel":
-        from qkernels import cpu
-
-        return cpu.dense_rows(x, w, bias)
+        return cpu_kernels.dense_rows(x, w, bias)
     if way == "transposed":
         y = (w @ x.T).T.contiguous()  # contiguous: SDPA takes its fast path on what follows
         return y if bias is None else y + bias
@@ -82,12 +82,10 @@ def _measure_plans(linears: list) -> dict[tuple, LinearPlan]:
     (20% for W @ x^T beyond the kernel's rows): timing noise stays on torch's."""
     from collections import defaultdict
 
-    from qkernels import cpu
-
     by_shape: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for m in linears:
         by_shape[(tuple(m.weight.shape), m.weight.dtype)].append(m.weight)
-    kernel_ok = cpu.available()
+    kernel_ok = cpu_kernels.available()
     plans = {}
     for (shape, dtype), weights in by_shape.items():
         ways = [w for w in WAYS if w != "kernel" or (kernel_ok and dtype == torch.float32
