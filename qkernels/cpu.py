@@ -94,21 +94,29 @@ def available() -> bool:
     return load() is not None
 
 
-def _empty() -> torch.Tensor:
-    return torch.empty(0)
+def integer_path() -> bool:
+    """Whether the kernels now run the AVX2 integer path, which rounds x to int16 per block and codebook tables to
+    int16 (qkernels.reference.x_as_int16 / codebook_as_int16 say how; about 1e-5 of a block's largest |x|)."""
+    return load().isa() == "avx2"
+
+
+_EMPTY = torch.empty(0)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
 
 
 def affine3_grouped(x, offsets, packed, scale, zero, group: int, u=None, v=None) -> torch.Tensor:
     """x_sorted [R, K] (rows of expert e at offsets[e]:offsets[e+1]), packed [E, N, words] -> [R, N] in x's dtype."""
-    ext = load()
-    y = ext.affine3_grouped(x.float().contiguous(), offsets, packed, scale, zero,
-                            _empty() if u is None else u, _empty() if v is None else v, group)
-    return y.to(x.dtype)
+    y = load().affine3_grouped(_f32(x), offsets, packed, scale, zero, _EMPTY if u is None else u,
+                               _EMPTY if v is None else v, group)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def codebook4_grouped(x, offsets, packed, centroids) -> torch.Tensor:
-    ext = load()
-    return ext.codebook4_grouped(x.float().contiguous(), offsets, packed, centroids).to(x.dtype)
+    y = load().codebook4_grouped(_f32(x), offsets, packed, centroids)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def affine3_dequant(packed, scale, zero, k: int, group: int) -> torch.Tensor:
@@ -122,4 +130,4 @@ def dense_offsets(rows: int) -> torch.Tensor:
 def dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """float32 x [R, K] @ weight [N, K]^T (+ bias): a decode-sized dense linear, each weight row read once for all
     R rows (a few; the engine's small-batch linears)."""
-    return load().dense_rows(x.contiguous(), weight, _empty() if bias is None else bias)
+    return load().dense_rows(x.contiguous(), weight, _EMPTY if bias is None else bias)

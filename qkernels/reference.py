@@ -5,6 +5,10 @@ Formats (see qkernels/packing.py for the bit layout):
   w = (q - zero) * scale, Kp = K rounded up to whole groups;
 - 4-bit codebooks (CodeQuant): packed [N, ceil(K/32)*4] int32 indices, centroids [N, K/group, 16] float16.
 y = x @ W^T (+ (x @ V^T) @ U^T for a low-rank compensator).
+
+The AVX2 path of the CPU kernels multiplies in integers: it rounds x to int16 per block and a codebook's 16 centroids
+to int16 per table (`x_as_int16`, `codebook_as_int16` give the float values it then multiplies exactly, so the
+kernels are tested against the reference on those to float rounding, and against exact x within the rounding bound).
 """
 
 from __future__ import annotations
@@ -12,6 +16,39 @@ from __future__ import annotations
 import torch
 
 from qkernels.packing import packed_words, unpack
+
+
+X16_AFFINE_LIMIT = 32767  # the 3-bit path: x in [-32767, 32767] per group (7 * 2 * 32767 per int32 pair sum)
+X16_CODEBOOK_LIMIT = 16383  # the codebook path: x in [-16383, 16383] per block, tables in [-4095, 4095]
+TABLE_LIMIT = 4095
+
+
+def _round_to_limit(t: torch.Tensor, limit: int) -> torch.Tensor:
+    """t [..., n] rounded to integers in [-limit, limit] times max|t| / limit over the last dim (half to even, as
+    the kernels' rounding); all-zero or non-finite rows read as zero."""
+    m = t.abs().amax(-1, keepdim=True)
+    ok = (m > 0) & torch.isfinite(m)
+    lim = torch.full_like(m, limit)  # tensor / tensor: `limit / m` would run as limit * (1 / m), another rounding
+    inv = torch.where(ok, lim / torch.where(ok, m, 1), 0)
+    return torch.round(torch.where(ok, t, 0) * inv) * torch.where(ok, m / lim, 0)
+
+
+def x_as_int16(x: torch.Tensor, block: int, limit: int = X16_AFFINE_LIMIT) -> torch.Tensor:
+    """x [R, K] as the AVX2 path sees it: rounded to int16 per block of `block` values (zero-padded past K)."""
+    r, k = x.shape
+    kp = -(-k // block) * block
+    xp = torch.nn.functional.pad(x.float(), (0, kp - k)).view(r, kp // block, block)
+    return _round_to_limit(xp, limit).view(r, kp)[:, :k]
+
+
+def codebook_x_block(group: int) -> int:
+    """The block the AVX2 codebook path rounds x in (groups of a multiple of 32 take that path)."""
+    return 128 if group % 128 == 0 else 64 if group % 64 == 0 else 32
+
+
+def codebook_as_int16(centroids: torch.Tensor) -> torch.Tensor:
+    """Centroids [..., 16] as the AVX2 path's tables: int16 in [-4095, 4095] times max|c| / 4095 per table."""
+    return _round_to_limit(centroids.float(), TABLE_LIMIT)
 
 
 def dequant_affine(packed, scale, zero, bits: int, k: int, group: int) -> torch.Tensor:

@@ -21,6 +21,26 @@ def _stack(*ts):
     return [t[None].contiguous() for t in ts]
 
 
+def _x_seen(x, group):
+    """x as the active path multiplies a 3-bit weight's groups (the AVX2 path rounds it to int16 per group)."""
+    return ref.x_as_int16(x, group) if cpu.integer_path() else x
+
+
+def _codebook_want(x, cb, k):
+    """The codebook reference on the values the active path multiplies (AVX2: int16 x and tables, groups of a
+    multiple of 32)."""
+    group = k // cb.centroids.shape[-2]
+    if cpu.integer_path() and group % 32 == 0:
+        xs = ref.x_as_int16(x, ref.codebook_x_block(group), ref.X16_CODEBOOK_LIMIT)
+        return ref.codebook_matmul(xs, cb.packed, ref.codebook_as_int16(cb.centroids), k)
+    return ref.codebook_matmul(x, cb.packed, cb.centroids, k)
+
+
+# The quantized modules against exact x: the AVX2 path's int16 activations are off by up to 1.5e-5 of a group's
+# largest |x| per value (the kernels' own tests compare on the rounded values, to float rounding)
+MODULE_TOL = {"rtol": 1e-5, "atol": 1e-4}
+
+
 @pytest.mark.parametrize("m,n,k,group", [(1, 40, 96, 32), (5, 70, 128, 64), (16, 33, 200, 64), (3, 64, 576, 128),
                                          (9, 17, 4096, 64)])
 def test_affine3_and_dequant_match_the_reference(m, n, k, group):
@@ -29,7 +49,7 @@ def test_affine3_and_dequant_match_the_reference(m, n, k, group):
     q = quantize_rtn(w, 3, group, pad=True)
     x = torch.randn(m, k)
     got = cpu.affine3_grouped(x, cpu.dense_offsets(m), *_stack(q.packed, q.scale, q.zero), group)
-    want = ref.affine_matmul(x, q.packed, q.scale, q.zero, 3, k, group)
+    want = ref.affine_matmul(_x_seen(x, group), q.packed, q.scale, q.zero, 3, k, group)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert torch.equal(cpu.affine3_dequant(q.packed, q.scale, q.zero, k, group),
                        ref.dequant_affine(q.packed, q.scale, q.zero, 3, k, group))
@@ -45,7 +65,8 @@ def test_milo_compensator_and_activation_dtypes(dtype):
     got = cpu.affine3_grouped(x, cpu.dense_offsets(4), *_stack(mt.base.packed, mt.base.scale, mt.base.zero), 32,
                               u[None].contiguous(), v[None].contiguous())
     assert got.dtype == dtype
-    want = x.float() @ mt.dequantize().T
+    uv = u @ v  # the compensator sees exact x, the 3-bit base what the path rounds it to
+    want = _x_seen(x.float(), 32) @ (mt.dequantize() - uv).T + x.float() @ uv.T
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
 
@@ -58,7 +79,7 @@ def test_codebook4_matches_the_reference(group):
     for m in (1, 7, 16):
         x = torch.randn(m, 256)
         got = cpu.codebook4_grouped(x, cpu.dense_offsets(m), *_stack(cb.packed, cb.centroids))
-        want = ref.codebook_matmul(x, cb.packed, cb.centroids, 256)
+        want = _codebook_want(x, cb, 256)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
@@ -76,14 +97,13 @@ def check_grouped_with_empty_experts():
     offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
     x = torch.randn(sum(counts), k)
     got = cpu.affine3_grouped(x, offsets, packed, scale, zero, group)
-    torch.testing.assert_close(got, ref.grouped_affine_matmul(x, offsets, packed, scale, zero, 3, k, group),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref.grouped_affine_matmul(_x_seen(x, group), offsets, packed, scale, zero, 3, k,
+                                                              group), rtol=1e-5, atol=1e-5)
     cbs = [quantize_codebook(torch.randn(n, k) * 0.05, None) for _ in range(e)]
     got = cpu.codebook4_grouped(x, offsets, torch.stack([c.packed for c in cbs]),
                                 torch.stack([c.centroids for c in cbs]))
     for i, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
-        torch.testing.assert_close(got[lo:hi], ref.codebook_matmul(x[lo:hi], cbs[i].packed, cbs[i].centroids, k),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[lo:hi], _codebook_want(x[lo:hi], cbs[i], k), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_packed_sizes_are_clear_errors():
@@ -108,8 +128,8 @@ def test_quant_linear_dispatch_cpu_kernel_prefill_path_and_fallback():
     ref_layer = QuantLinear(128, 48, **args, backend="reference")
     for shape in ((1, 128), (2, 3, 128), (40, 128)):  # decode sizes use the kernel, 40 rows dequantize + matmul
         x = torch.randn(*shape)
-        torch.testing.assert_close(layer(x), x @ mt.dequantize().T, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(layer(x), ref_layer(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), x @ mt.dequantize().T, **MODULE_TOL)
+        torch.testing.assert_close(layer(x), ref_layer(x), **MODULE_TOL)
     x = torch.randn(2, 128, requires_grad=True)  # gradients flow (through the reference: the kernel has none)
     layer(x).sum().backward()
     torch.testing.assert_close(x.grad, mt.dequantize().sum(0).expand(2, -1), rtol=1e-4, atol=1e-4)
@@ -156,8 +176,7 @@ def test_quant_experts_match_a_loop_over_experts(fmt):
             idx = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
             idx[0, 1] = E  # a sentinel index (expert held elsewhere) is skipped, as transformers does
             wt = torch.rand(T, 2)
-            torch.testing.assert_close(experts(x, idx, wt), _loop_experts(gu, dn, x, idx, wt, act),
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(experts(x, idx, wt), _loop_experts(gu, dn, x, idx, wt, act), **MODULE_TOL)
 
 
 def test_packed_runtime_serves_fused_experts(tmp_path):
@@ -235,7 +254,8 @@ def test_every_instruction_set_path_matches_the_reference(isa_paths):
                 want_w = ref.dequant_affine(b.packed, b.scale, b.zero, 3, k, group)
             x = torch.randn(m, k)
             got = cpu.affine3_grouped(x, cpu.dense_offsets(m), *_stack(b.packed, b.scale, b.zero), group, u, v)
-            want = x @ want_w.T
+            uv = u[0] @ v[0] if rank else 0  # the compensator sees exact x
+            want = _x_seen(x, group) @ (want_w - uv).T + x @ torch.as_tensor(uv).T if rank else _x_seen(x, group) @ want_w.T
             torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * want.abs().max().item(),
                                        msg=lambda text, case=(isa, m, n, k, group, rank): f"{case}: {text}")
         for group in (None, 64, 32, 8):
@@ -243,10 +263,37 @@ def test_every_instruction_set_path_matches_the_reference(isa_paths):
                 cb = quantize_codebook(torch.randn(n, 256) * 0.05, group)
                 x = torch.randn(m, 256)
                 got = cpu.codebook4_grouped(x, cpu.dense_offsets(m), *_stack(cb.packed, cb.centroids))
-                want = ref.codebook_matmul(x, cb.packed, cb.centroids, 256)
+                want = _codebook_want(x, cb, 256)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * want.abs().max().item(),
                                            msg=lambda text, case=(isa, group, m, n): f"{case}: {text}")
         check_grouped_with_empty_experts()
+
+
+def test_the_avx2_integer_path_is_within_its_rounding_bound_of_exact_x(isa_paths):
+    """Against exact x and fp16 centroids, the AVX2 path is off by no more than its roundings allow: x to int16 per
+    block (half a step, max|x_block| / 32767 or / 16383), codebook tables to int16 (max|c| / 4095), plus float
+    rounding. Values are spread over 6 orders of magnitude so small ones meet large ones in a block."""
+    if "avx2" not in isa_paths:
+        pytest.skip("this CPU has no AVX2")
+    cpu.use_isa("avx2")
+    torch.manual_seed(7)
+    k, n = 512, 24
+    x = torch.randn(3, k) * torch.logspace(-3, 3, k)[torch.randperm(k)]
+    q = quantize_rtn(torch.randn(n, k) * 0.05, 3, 64)
+    w = ref.dequant_affine(q.packed, q.scale, q.zero, 3, k, 64)
+    got = cpu.affine3_grouped(x, cpu.dense_offsets(3), *_stack(q.packed, q.scale, q.zero), 64)
+    step = x.abs().view(3, -1, 64).amax(-1).repeat_interleave(64, 1) / ref.X16_AFFINE_LIMIT
+    bound = (step / 2) @ w.abs().T
+    exact = x @ w.T
+    assert ((got - exact).abs() <= bound + 1e-6 * (x.abs() @ w.abs().T)).all()
+    assert (got - exact).abs().max() > 0  # it does round (the bound is not vacuous)
+    cb = quantize_codebook(torch.randn(n, k) * 0.05, None)
+    w, w16 = (ref.dequant_codebook(cb.packed, c, k) for c in (cb.centroids, ref.codebook_as_int16(cb.centroids)))
+    got = cpu.codebook4_grouped(x, cpu.dense_offsets(3), *_stack(cb.packed, cb.centroids))
+    step = x.abs().view(3, -1, 128).amax(-1).repeat_interleave(128, 1) / ref.X16_CODEBOOK_LIMIT
+    bound = (step / 2) @ w16.abs().T + x.abs() @ (w - w16).abs().T
+    assert ((got - x @ w.T).abs() <= bound + 1e-6 * (x.abs() @ w.abs().T)).all()
+    assert ((w - w16).abs() <= cb.centroids.float().abs().amax(-1).repeat_interleave(k, 1) / 8190 * 1.001).all()
 
 
 def test_dense_rows_matches_torch_on_every_path(isa_paths):

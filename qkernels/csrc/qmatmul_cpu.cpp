@@ -20,9 +20,12 @@
 //
 // Code paths, chosen at run time by the CPU's flags (not the build machine's), or forced with set_isa:
 //   avx512: AVX-512 F/BW/VBMI (vpermb + vpmultishiftqb unpack 64 codes at a time);
-//   avx2:   AVX2 + FMA + F16C. 3-bit: the 8 codes of a 24-bit chunk start at byte 3k/8, so one broadcast load,
-//           one variable shift and a mask give 8 codes; several output rows (or x rows) per pass share each x
-//           load and keep independent accumulators. 4-bit codebook: permutes of the 16-entry table;
+//   avx2:   AVX2 + FMA + F16C, integer dot products: x is rounded to int16 per block (max|x| / 32767 per group
+//           for 3-bit, / 16383 per block of up to 128 for codebooks: about 1e-5 of a block's largest |x|), and
+//           vpmaddwd multiplies 16 codes by 16 x values at once. 3-bit: one shuffle, one multiply and one shift
+//           put 16 codes in 16-bit lanes. Codebook (groups of a multiple of 32): the 16 centroids as int16
+//           (max|c| / 4095) in a low-byte and a high-byte table, two vpshufb per 32 codes; other groups take
+//           fp32 permutes of the table. Several weight rows (or x rows) per pass share each load;
 //   scalar: plain loops (any CPU, e.g. ARM); the reference for the others.
 // Every path is compiled into the one extension (GCC target pragmas), so one build serves every node.
 
@@ -30,6 +33,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -89,8 +93,10 @@ inline void prefetch(const void* p, int64_t bytes) {
 
 // What a block of output rows needs: x padded to Kp with its group sums (affine3), V x per row (compensator).
 struct Affine3Args {
-  const float* xpad;  // [R, Kp]
-  const float* xsum;  // [R, G]
+  const float* xpad;  // [R, Kp] (the float paths)
+  const float* xsum;  // [R, G]: x's group sums (the integer path: the dequantized x's)
+  const int16_t* xq;  // [R, Kp] x quantized per group (the AVX2 integer path; null otherwise)
+  const float* xscale;  // [R, G] its scales
   const float* t;     // [R, rank] (V_e x)
   const float* u;     // [E, N, rank] or null
   const uint32_t* packed;  // [E, N, W]
@@ -102,11 +108,12 @@ struct Affine3Args {
 
 struct Codebook4Args {
   const float* x;  // [R, K]
-  const float* xperm;  // [R, K]: x in the order the AVX2 byte-plane path decodes (null when it does not run)
+  const int16_t* xq;  // [R, K]: x quantized per block, in the AVX2 integer path's order (null when it does not run)
+  const float* xscale;  // [R, K / block] its scales
   const uint32_t* packed;  // [E, N, W]
   const at::Half* cent;    // [E, N, G, 16]
   float* y;
-  int64_t E, N, W, G, group, K;
+  int64_t E, N, W, G, group, K, block;
 };
 
 using Affine3Block = void (*)(const Affine3Args&, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi);
@@ -213,41 +220,54 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// The 8 codes k..k+7 (k % 8 == 0) of a 3-bit row as floats: their 24-bit chunk starts at byte 3k/8. Reads 4
-// bytes, so the caller gives the tensor's last row a copy with a spare byte.
-inline __m256 codes8(const uint8_t* bytes, int64_t k, __m256i shifts, __m256i seven) {
-  int32_t v;
-  std::memcpy(&v, bytes + k / 8 * 3, 4);
-  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(v), shifts), seven));
+// Integer dot products on 16-bit activations. x comes quantized per block (`quantize_x16`): q = round(x / s) with
+// s = max|x| / limit, so each value is off by at most s / 2 (1.5e-5 of the block's largest |x| at limit 32767).
+// vpmaddwd multiplies 16 int16 pairs and adds neighbours into int32; a block's int32 sums are converted and scaled
+// once. On AVX2 this beats unpacking codes to floats: one multiply-add per 16 codes instead of two conversions and
+// two FMAs per 16, and the unpack stays in 16-bit lanes.
+//
+// 3-bit codes, 16 at a time: the 16 codes k..k+15 (k % 16 == 0) span the 6 bytes at 3k/8. vpshufb gives lane i the
+// 16-bit window of bytes (3i/8, 3i/8 + 1), vpmullw by 2^(13 - s_i) moves the code at bit s_i = 3i % 8 of it to bits
+// 13..15, and one shift right by 13 leaves the code. Reads 8 bytes, so the caller gives the tensor's last row a
+// copy with a spare word.
+alignas(32) const int8_t kWin3[32] = {0, 1, 0, 1, 0, 1, 1, 2, 1, 2, 1, 2, 2, 3, 2, 3,
+                                      3, 4, 3, 4, 3, 4, 4, 5, 4, 5, 4, 5, 5, 6, 5, 6};
+alignas(32) const int16_t kMul3[16] = {8192, 1024, 128, 4096, 512, 64, 2048, 256,
+                                       8192, 1024, 128, 4096, 512, 64, 2048, 256};
+
+inline __m256i codes16(const uint8_t* bytes, int64_t k, __m256i win, __m256i mul) {
+  int64_t v;
+  std::memcpy(&v, bytes + k / 16 * 6, 8);
+  return _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(_mm256_set1_epi64x(v), win), mul), 13);
 }
 
-// out[b][i] = weight row b . x row i for RB weight rows and RN x rows (x padded to Kp), zero point via group sums.
+// out[b][i] = weight row b . x row i for RB weight rows and RN x rows (int16, padded to Kp, one scale per group):
+//   sum_g s_bg * (sx_ig * sum_k q_bk xq_ik - z_bg * xsum_ig), xsum the dequantized x's group sums.
 template <int RB, int RN>
 void affine3_tile(const uint8_t* const* rows, const at::Half* const* srow, const at::Half* const* zrow, int64_t G,
-                  int64_t group, const float* x, int64_t Kp, const float* xsum, float* out) {
-  const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
-  const __m256i seven = _mm256_set1_epi32(7);
+                  int64_t group, const int16_t* xq, int64_t Kp, const float* xscale, const float* xsum, float* out) {
+  const __m256i win = _mm256_load_si256(reinterpret_cast<const __m256i*>(kWin3));
+  const __m256i mul = _mm256_load_si256(reinterpret_cast<const __m256i*>(kMul3));
   __m256 acc[RB][RN];
   float corr[RB][RN];
   for (int b = 0; b < RB; ++b)
     for (int i = 0; i < RN; ++i) acc[b][i] = _mm256_setzero_ps(), corr[b][i] = 0.f;
   for (int64_t g = 0; g < G; ++g) {
-    __m256 ag[RB][RN];
+    __m256i ag[RB][RN];
     for (int b = 0; b < RB; ++b)
-      for (int i = 0; i < RN; ++i) ag[b][i] = _mm256_setzero_ps();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
-      __m256 xv[RN];
-      for (int i = 0; i < RN; ++i) xv[i] = _mm256_loadu_ps(x + i * Kp + k);
+      for (int i = 0; i < RN; ++i) ag[b][i] = _mm256_setzero_si256();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
+      __m256i xv[RN];
+      for (int i = 0; i < RN; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * Kp + k));
       for (int b = 0; b < RB; ++b) {
-        const __m256 q = codes8(rows[b], k, shifts, seven);
-        for (int i = 0; i < RN; ++i) ag[b][i] = _mm256_fmadd_ps(q, xv[i], ag[b][i]);
+        const __m256i q = codes16(rows[b], k, win, mul);
+        for (int i = 0; i < RN; ++i) ag[b][i] = _mm256_add_epi32(ag[b][i], _mm256_madd_epi16(q, xv[i]));
       }
     }
     for (int b = 0; b < RB; ++b) {
       const float s = h2f(srow[b][g]), sz = s * h2f(zrow[b][g]);
-      const __m256 vs = _mm256_set1_ps(s);
       for (int i = 0; i < RN; ++i) {
-        acc[b][i] = _mm256_fmadd_ps(ag[b][i], vs, acc[b][i]);
+        acc[b][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ag[b][i]), _mm256_set1_ps(s * xscale[i * G + g]), acc[b][i]);
         corr[b][i] += sz * xsum[i * G + g];
       }
     }
@@ -256,11 +276,11 @@ void affine3_tile(const uint8_t* const* rows, const at::Half* const* srow, const
     for (int i = 0; i < RN; ++i) out[b * RN + i] = hsum(acc[b][i]) - corr[b][i];
 }
 
-#define A3TILE(RB, RN) affine3_tile<RB, RN>(rows, srow, zrow, a.G, a.group, x, a.Kp, xs, out)
+#define A3TILE(RB, RN) affine3_tile<RB, RN>(rows, srow, zrow, a.G, a.group, xq, a.Kp, xsc, xs, out)
 
-// Tiles of up to 4 accumulator pairs (16 ymm registers): 4 weight rows for one x row (decode), 2 x 2, or 1 x 3/4.
+// Tiles of up to 8 int32 + 8 float accumulators: 4 weight rows for one x row (decode), 2 x 2, or 1 x 3/4.
 void affine3_block(const Affine3Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
-  thread_local std::vector<uint32_t> last;  // the tensor's last row, with a spare word (codes8 reads 4 bytes)
+  thread_local std::vector<uint32_t> last;  // the tensor's last row, with a spare word (codes16 reads 8 bytes)
   const uint8_t* rows[4];
   const at::Half* srow[4];
   const at::Half* zrow[4];
@@ -283,7 +303,8 @@ void affine3_block(const Affine3Args& a, int64_t e, int64_t n0, int64_t n1, int6
         zrow[b] = a.zero + row_id * a.G;
       }
       if (e * a.N + n + 2 * rb <= a.E * a.N) prefetch(a.packed + (e * a.N + n + rb) * a.W, rb * a.W * 4);
-      const float* x = a.xpad + r0 * a.Kp;
+      const int16_t* xq = a.xq + r0 * a.Kp;
+      const float* xsc = a.xscale + r0 * a.G;
       const float* xs = a.xsum + r0 * a.G;
       switch (rb * 10 + rn) {
         case 41: A3TILE(4, 1); break;
@@ -339,85 +360,113 @@ void codebook4_tile(const uint32_t* const* rows, const at::Half* const* cent, in
     for (int i = 0; i < RN; ++i) out[b * RN + i] = hsum(acc[b][i]);
 }
 
-// The byte-plane path (groups of a multiple of 32): a 16-entry fp32 table as 4 planes of 16 bytes (plane p holds
-// byte p of every entry), so 16 lookups are one in-lane vpshufb per plane, and 4 unpack steps rebuild the floats.
-// 16 packed bytes hold 32 codes, byte b codes 2b (low nibble) and 2b + 1 (high nibble): the low nibbles' floats
-// come out in order b, then the high nibbles', so x is read permuted the same way (`xperm`, made once per call).
-inline void planes16(const at::Half* c, __m128i p[4]) {
+// The integer path for groups of a multiple of 32: a group's 16 fp16 centroids as int16 (scale max|c| / 4095, so
+// each is off by at most 1.2e-4 of the largest; fp16 itself rounds by up to 4.9e-4 of each value), split into a
+// low-byte and a high-byte table, so 32 lookups are two vpshufb and two unpacks. 16 packed bytes hold 32 codes,
+// byte j codes 2j (low nibble) and 2j + 1 (high): the lookups come out as codes 0,2,..,14 | 1,3,..,15 and
+// 16,18,..,30 | 17,19,..,31, and x is quantized in that order (`quantize_x16`, limit 16383: a block of 128 sums to
+// at most 2^30 in each int32 lane). Returns the table's scale.
+constexpr float kTableLimit = 4095.f;
+
+inline float table16(const at::Half* c, __m256i& tlo, __m256i& thi) {
   const __m256 t0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
   const __m256 t1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 8)));
-  const __m128i m = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  // dword j: byte j of each
-  __m128 a0 = _mm_castsi128_ps(_mm_shuffle_epi8(_mm_castps_si128(_mm256_castps256_ps128(t0)), m));
-  __m128 a1 = _mm_castsi128_ps(_mm_shuffle_epi8(_mm_castps_si128(_mm256_extractf128_ps(t0, 1)), m));
-  __m128 a2 = _mm_castsi128_ps(_mm_shuffle_epi8(_mm_castps_si128(_mm256_castps256_ps128(t1)), m));
-  __m128 a3 = _mm_castsi128_ps(_mm_shuffle_epi8(_mm_castps_si128(_mm256_extractf128_ps(t1, 1)), m));
-  _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
-  p[0] = _mm_castps_si128(a0), p[1] = _mm_castps_si128(a1), p[2] = _mm_castps_si128(a2), p[3] = _mm_castps_si128(a3);
-}
-
-template <int RN>
-inline void planes_fma(__m128i idx, const __m128i p[4], const float* x, int64_t K, __m128 (*acc)[2]) {
-  const __m128i l0 = _mm_shuffle_epi8(p[0], idx), l1 = _mm_shuffle_epi8(p[1], idx);
-  const __m128i l2 = _mm_shuffle_epi8(p[2], idx), l3 = _mm_shuffle_epi8(p[3], idx);
-  __m128i a = _mm_unpacklo_epi8(l0, l1), b = _mm_unpacklo_epi8(l2, l3);
-  const __m128 f0 = _mm_castsi128_ps(_mm_unpacklo_epi16(a, b)), f1 = _mm_castsi128_ps(_mm_unpackhi_epi16(a, b));
-  a = _mm_unpackhi_epi8(l0, l1), b = _mm_unpackhi_epi8(l2, l3);
-  const __m128 f2 = _mm_castsi128_ps(_mm_unpacklo_epi16(a, b)), f3 = _mm_castsi128_ps(_mm_unpackhi_epi16(a, b));
-  for (int i = 0; i < RN; ++i) {
-    acc[i][0] = _mm_fmadd_ps(f0, _mm_loadu_ps(x + i * K), acc[i][0]);
-    acc[i][1] = _mm_fmadd_ps(f1, _mm_loadu_ps(x + i * K + 4), acc[i][1]);
-    acc[i][0] = _mm_fmadd_ps(f2, _mm_loadu_ps(x + i * K + 8), acc[i][0]);
-    acc[i][1] = _mm_fmadd_ps(f3, _mm_loadu_ps(x + i * K + 12), acc[i][1]);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 m8 = _mm256_max_ps(_mm256_andnot_ps(sign, t0), _mm256_andnot_ps(sign, t1));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  const float mx = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+  if (!(mx > 0.f) || !std::isfinite(mx)) {  // all zero (or not finite: the table reads as zero)
+    tlo = thi = _mm256_setzero_si256();
+    return 0.f;
   }
+  const __m256 inv = _mm256_set1_ps(kTableLimit / mx);
+  const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(t0, inv)), q1 = _mm256_cvtps_epi32(_mm256_mul_ps(t1, inv));
+  __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);  // int16 entries 0..7 | 8..15
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  p = _mm256_shuffle_epi8(p, split);  // lane 0: low bytes of 0..7, high bytes of 0..7; lane 1: the same for 8..15
+  const __m128i a = _mm256_castsi256_si128(p), b = _mm256_extracti128_si256(p, 1);
+  tlo = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(a, b));
+  thi = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(a, b));
+  return mx / kTableLimit;
 }
 
-template <int RN>
-void codebook4_row_planes(const uint32_t* row, const at::Half* cent, int64_t G, int64_t group, const float* xperm,
-                          int64_t K, float* out) {
+// out[b][i] = codebook weight row b . x row i (int16, permuted, one scale per block of `block` values).
+template <int RB, int RN>
+void codebook4_tile_i16(const uint8_t* const* rows, const at::Half* const* cent, int64_t G, int64_t group,
+                        int64_t block, const int16_t* xq, int64_t K, const float* xscale, float* out) {
   const __m128i nib = _mm_set1_epi8(0x0F);
-  __m128 acc[RN][2];
-  for (int i = 0; i < RN; ++i) acc[i][0] = acc[i][1] = _mm_setzero_ps();
+  const int64_t B = K / block;
+  __m256 acc[RB][RN];
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < RN; ++i) acc[b][i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m128i p[4];
-    planes16(cent + g * 16, p);
-    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 8));
-      planes_fma<RN>(_mm_and_si128(v, nib), p, xperm + k, K, acc);
-      planes_fma<RN>(_mm_and_si128(_mm_srli_epi16(v, 4), nib), p, xperm + k + 16, K, acc);
+    __m256i tlo[RB], thi[RB];
+    float cs[RB];
+    for (int b = 0; b < RB; ++b) cs[b] = table16(cent[b] + g * 16, tlo[b], thi[b]);
+    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += block) {
+      __m256i ai[RB][RN];
+      for (int b = 0; b < RB; ++b)
+        for (int i = 0; i < RN; ++i) ai[b][i] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k0 + block; k += 32) {
+        __m256i x0[RN], x1[RN];
+        for (int i = 0; i < RN; ++i) {
+          x0[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + k));
+          x1[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + k + 16));
+        }
+        for (int b = 0; b < RB; ++b) {
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[b] + k / 2));
+          const __m256i idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), nib), _mm_and_si128(v, nib));
+          const __m256i lo = _mm256_shuffle_epi8(tlo[b], idx), hi = _mm256_shuffle_epi8(thi[b], idx);
+          const __m256i w0 = _mm256_unpacklo_epi8(lo, hi), w1 = _mm256_unpackhi_epi8(lo, hi);
+          for (int i = 0; i < RN; ++i)
+            ai[b][i] = _mm256_add_epi32(ai[b][i], _mm256_add_epi32(_mm256_madd_epi16(w0, x0[i]),
+                                                                   _mm256_madd_epi16(w1, x1[i])));
+        }
+      }
+      for (int b = 0; b < RB; ++b)
+        for (int i = 0; i < RN; ++i)
+          acc[b][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[b][i]), _mm256_set1_ps(cs[b] * xscale[i * B + k0 / block]),
+                                      acc[b][i]);
     }
   }
-  for (int i = 0; i < RN; ++i) {
-    __m128 s = _mm_add_ps(acc[i][0], acc[i][1]);
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    out[i] = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-  }
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < RN; ++i) out[b * RN + i] = hsum(acc[b][i]);
 }
 
 void codebook4_block(const Codebook4Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
-  if (a.xperm != nullptr) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int64_t row_id = e * a.N + n;
-      const uint32_t* row = a.packed + row_id * a.W;
-      const at::Half* cent = a.cent + row_id * a.G * 16;
-      float out[4];
-      for (int64_t r0 = lo; r0 < hi;) {
-        const int rn = (int)std::min<int64_t>(hi - r0, 4);
-        const float* xp = a.xperm + r0 * a.K;
-        switch (rn) {
-          case 1: codebook4_row_planes<1>(row, cent, a.G, a.group, xp, a.K, out); break;
-          case 2: codebook4_row_planes<2>(row, cent, a.G, a.group, xp, a.K, out); break;
-          case 3: codebook4_row_planes<3>(row, cent, a.G, a.group, xp, a.K, out); break;
-          default: codebook4_row_planes<4>(row, cent, a.G, a.group, xp, a.K, out); break;
-        }
-        for (int i = 0; i < rn; ++i) a.y[(r0 + i) * a.N + n] = out[i];
-        r0 += rn;
-      }
-    }
-    return;
-  }
+  const uint8_t* rowsb[2];
   const uint32_t* rows[4];
   const at::Half* cent[4];
   float out[4];
+  if (a.xq != nullptr) {  // groups of a multiple of 32: the integer path, 2 weight rows x 1 x row or 1 x 2
+    for (int64_t r0 = lo; r0 < hi;) {
+      const int rn = (int)std::min<int64_t>(hi - r0, 2);
+      const int rb_max = rn == 1 ? 2 : 1;
+      for (int64_t n = n0; n < n1;) {
+        const int rb = (int)std::min<int64_t>(rb_max, n1 - n);
+        for (int b = 0; b < rb; ++b) {
+          const int64_t row_id = e * a.N + n + b;
+          rowsb[b] = reinterpret_cast<const uint8_t*>(a.packed + row_id * a.W);
+          cent[b] = a.cent + row_id * a.G * 16;
+        }
+        if (e * a.N + n + 2 * rb <= a.E * a.N) prefetch(a.packed + (e * a.N + n + rb) * a.W, rb * a.W * 4);
+        const int16_t* xq = a.xq + r0 * a.K;
+        const float* xsc = a.xscale + r0 * (a.K / a.block);
+        switch (rb * 10 + rn) {
+          case 21: codebook4_tile_i16<2, 1>(rowsb, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
+          case 11: codebook4_tile_i16<1, 1>(rowsb, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
+          default: codebook4_tile_i16<1, 2>(rowsb, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
+        }
+        for (int b = 0; b < rb; ++b)
+          for (int i = 0; i < rn; ++i) a.y[(r0 + i) * a.N + n + b] = out[b * rn + i];
+        n += rb;
+      }
+      r0 += rn;
+    }
+    return;
+  }
   for (int64_t r0 = lo; r0 < hi;) {
     const int rn = (int)std::min<int64_t>(hi - r0, 2);
     const int rb_max = rn == 1 ? 4 : 2;
@@ -670,6 +719,32 @@ void for_each_block(int64_t E, int64_t N, int64_t K, int64_t R, const int64_t* o
   });
 }
 
+// x [R, K] as int16 [R, Kp] per block of `block` values (zero past K): q = round(x / s), s = max|x| / limit (so
+// |x - s q| <= s / 2); `scale` [R, Kp / block] gets s and `sums` (if given) s * sum(q), the dequantized block sum.
+// `codebook_order` writes each 32 values in the order the AVX2 codebook path looks codes up (see table16).
+void quantize_x16(const float* x, int64_t R, int64_t K, int64_t Kp, int64_t block, float limit, bool codebook_order,
+                  int16_t* q, float* scale, float* sums) {
+  const int64_t B = Kp / block;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xb = x + r * K;
+      const int64_t lo = b * block, hi = std::min(K, lo + block);
+      float m = 0.f;
+      for (int64_t k = lo; k < hi; ++k) m = std::max(m, std::fabs(xb[k]));
+      const float inv = m > 0.f && std::isfinite(m) ? limit / m : 0.f;
+      int32_t total = 0;
+      for (int64_t k = lo; k < lo + block; ++k) {
+        const int32_t v = k < hi ? (int32_t)std::nearbyint(xb[k] * inv) : 0;
+        const int64_t j = k % 32, half = j / 16, jj = j % 16;
+        const int64_t at = codebook_order ? k - j + 16 * half + (jj % 2) * 8 + jj / 2 : k;
+        q[r * Kp + at] = (int16_t)v;
+        total += v;
+      }
+      scale[r * B + b] = inv > 0.f ? m / limit : 0.f;
+      if (sums) sums[r * B + b] = scale[r * B + b] * (float)total;
+    }
+}
+
 void check_common(const torch::Tensor& x, const torch::Tensor& offsets, const torch::Tensor& packed) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous float32 [rows, K] tensor");
@@ -728,7 +803,15 @@ torch::Tensor affine3_grouped(torch::Tensor x, torch::Tensor offsets, torch::Ten
       for (int64_t r = off[e]; r < off[e + 1]; ++r)
         for (int64_t j = 0; j < rank; ++j) t[r * rank + j] = dot_any(vp + (e * rank + j) * K, xp + r * K, K);
   }
-  const Affine3Args args{xpad.data(), xsum.data(), t.data(), comp ? u.data_ptr<float>() : nullptr,
+  std::vector<int16_t> xq;
+  std::vector<float> xscale;
+  if (active_isa() == kAvx2) {  // the integer path: x as int16 per group, xsum its dequantized group sums
+    xq.resize(R * Kp);
+    xscale.resize(R * G);
+    quantize_x16(xp, R, K, Kp, group, 32767.f, false, xq.data(), xscale.data(), xsum.data());
+  }
+  const Affine3Args args{xpad.data(), xsum.data(), xq.empty() ? nullptr : xq.data(),
+                         xscale.empty() ? nullptr : xscale.data(), t.data(), comp ? u.data_ptr<float>() : nullptr,
                          reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()), scale.data_ptr<at::Half>(),
                          zero.data_ptr<at::Half>(), y.data_ptr<float>(), E, N, W, G, group, Kp, rank};
   const Affine3Block block = affine3_impl();
@@ -753,20 +836,18 @@ torch::Tensor codebook4_grouped(torch::Tensor x, torch::Tensor offsets, torch::T
   auto y = torch::empty({R, N}, x.options());  // every row belongs to one expert
   if (R == 0 || N == 0) return y;
   const int64_t group = K / G;
-  std::vector<float> xperm;
+  const int64_t xblock = group % 128 == 0 ? 128 : (group % 64 == 0 ? 64 : 32);  // x's quantization blocks
+  std::vector<int16_t> xq;
+  std::vector<float> xscale;
   const float* xp = x.data_ptr<float>();
-  if (active_isa() == kAvx2 && group % 32 == 0) {  // the byte-plane path reads x in its decode order
-    xperm.resize(R * K);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t k0 = 0; k0 < K; k0 += 32)
-        for (int64_t b = 0; b < 16; ++b) {
-          xperm[r * K + k0 + b] = xp[r * K + k0 + 2 * b];
-          xperm[r * K + k0 + 16 + b] = xp[r * K + k0 + 2 * b + 1];
-        }
+  if (active_isa() == kAvx2 && group % 32 == 0) {  // the integer path reads x as int16 in its lookup order
+    xq.resize(R * K);
+    xscale.resize(R * (K / xblock));
+    quantize_x16(xp, R, K, K, xblock, 16383.f, true, xq.data(), xscale.data(), nullptr);
   }
-  const Codebook4Args args{xp, xperm.empty() ? nullptr : xperm.data(),
+  const Codebook4Args args{xp, xq.empty() ? nullptr : xq.data(), xscale.empty() ? nullptr : xscale.data(),
                            reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()),
-                           centroids.data_ptr<at::Half>(), y.data_ptr<float>(), E, N, W, G, group, K};
+                           centroids.data_ptr<at::Half>(), y.data_ptr<float>(), E, N, W, G, group, K, xblock};
   const Codebook4Block block = codebook4_impl();
   for_each_block(E, N, K, R, offsets.data_ptr<int64_t>(),
                  [&](int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) { block(args, e, n0, n1, lo, hi); });
