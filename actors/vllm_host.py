@@ -16,6 +16,10 @@
   per engine, not per request, so a host serves the speculation its role was started with, and a request that
   asks for another one gets it (greedy output is the same either way; the counters say what ran). The evaluate
   job starts the target host again when its methods switch between plain and token-speculative decoding.
+- vLLM's engine core is a child process. When it dies (a crash, the OOM killer), every request fails with vLLM's
+  EngineDeadError; the host then starts a new engine (`engine.vllm.engine_restarts` times) and runs the failed
+  requests again from their prompts, so callers get their results late, not an error (greedy and seeded sampling
+  give the same tokens). `stats()["engine_restarts"]` counts the restarts.
 - Counters: prefill tokens are the prompt minus vLLM's prefix-cache hit; drafted/accepted tokens are vLLM's
   per-request speculative metrics; forward passes are the engine steps that produced a token for the request
   (one per output, so a speculative step that accepts k tokens counts once).
@@ -151,7 +155,10 @@ class VLLMHost:
         if not on_cuda(role.model.device):
             _threads_env(role.engine.torch_threads or actor_threads())
         self.args = engine_args(role)
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
+        self._new_engine = lambda: AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
+        self.llm = self._new_engine()
+        self.restarts, self.restarts_allowed = 0, role.engine.vllm.engine_restarts
+        self._revive_lock = asyncio.Lock()
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.args["model"], trust_remote_code=role.model.trust_remote_code)
@@ -179,18 +186,45 @@ class VLLMHost:
                               skip_special_tokens=False)
 
     async def _run(self, prompt: list[int], params) -> tuple[object, float, str]:
-        rid = f"{self.role_name}-{next(self._ids)}"
-        self.in_flight.add(rid)
-        t0, final = time.perf_counter(), None
-        try:
-            async for out in self.llm.generate({"prompt_token_ids": list(prompt)}, params, request_id=rid):
-                final = out
-        except asyncio.CancelledError:
-            await self.llm.abort(rid)
-            raise
-        finally:
-            self.in_flight.discard(rid)
-        return final, time.perf_counter() - t0, rid
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        while True:
+            llm, rid = self.llm, f"{self.role_name}-{next(self._ids)}"
+            self.in_flight.add(rid)
+            t0, final = time.perf_counter(), None
+            try:
+                async for out in llm.generate({"prompt_token_ids": list(prompt)}, params, request_id=rid):
+                    final = out
+                return final, time.perf_counter() - t0, rid
+            except asyncio.CancelledError:
+                if not llm.errored:
+                    await llm.abort(rid)
+                raise
+            except EngineDeadError:
+                if not await self._revive(llm):
+                    raise EngineError(f"{self.role_name}: vLLM's engine core died, and the host has restarted it "
+                                      f"{self.restarts} times (engine.vllm.engine_restarts="
+                                      f"{self.restarts_allowed})") from None
+            finally:
+                self.in_flight.discard(rid)
+
+    async def _revive(self, dead) -> bool:
+        """A new engine in place of `dead` (once, however many requests saw it die); False when no restart is
+        left. Starting it blocks this actor (a minute on a small CPU): every caller waits for it anyway."""
+        async with self._revive_lock:
+            if self.llm is not dead:  # another request's failure already restarted it
+                return True
+            if self.restarts >= self.restarts_allowed:
+                return False
+            self.restarts += 1
+            log.warning("%s: vLLM's engine core died; starting a new one (restart %d of %d)", self.role_name,
+                        self.restarts, self.restarts_allowed)
+            try:
+                dead.shutdown()
+            except Exception:  # noqa: BLE001 - the old engine is gone either way; its cleanup may fail
+                log.debug("shutting down the dead engine failed", exc_info=True)
+            self.llm = self._new_engine()
+            return True
 
     async def _one(self, req: Request) -> Result:
         if not req.prompt_ids:
@@ -241,11 +275,14 @@ class VLLMHost:
             await asyncio.sleep(0.001)
 
     async def clear_cache(self) -> None:
+        if self.llm.errored:  # a new engine starts with an empty cache
+            await self._revive(self.llm)
+            return
         await self.llm.reset_prefix_cache()
 
     async def stats(self) -> dict:
         return {"live": len(self.in_flight), "pending": 0, "waiting": len(self.in_flight),
-                "kv_budget_bytes": self.args.get("kv_cache_memory_bytes", 0)}
+                "kv_budget_bytes": self.args.get("kv_cache_memory_bytes", 0), "engine_restarts": self.restarts}
 
     def shutdown(self) -> None:
         self.llm.shutdown()

@@ -92,6 +92,9 @@ class VLLMConfig:
                                                         "default")
     enforce_eager: str = choice("auto", ["auto", "on", "off"], help="on: no torch.compile / CUDA graphs; auto: on "
                                 "for CPU (the compile warm-up takes minutes there), off on CUDA")
+    engine_restarts: int = bounded(2, ge=0, help="times the host starts a new engine core after vLLM's dies (a "
+                                                 "crash, the OOM killer) and runs the requests it was serving "
+                                                 "again; 0: the error reaches the callers")
 
 
 @dataclass

@@ -254,6 +254,45 @@ def test_step_methods_with_the_exact_verifier_are_lossless_on_vllm(vllm_target, 
         v.accepted for v in trace.verifications)
 
 
+def _engine_cores(actor_pid: int) -> list:
+    """vLLM's engine core processes under an actor (its spawned children, not multiprocessing's helpers)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(actor_pid).children(recursive=True):
+        try:
+            text = " ".join([p.name(), *p.cmdline()])
+        except psutil.NoSuchProcess:
+            continue
+        if "resource_tracker" not in text and "semaphore_tracker" not in text:
+            found.append(p)
+    return found
+
+
+@needs_vllm
+def test_a_dead_engine_core_is_restarted_and_its_requests_run_again(vllm_target, prompts):
+    """vLLM's engine core is a child process of the host. Killed while a request runs (as the OOM killer would),
+    the host starts a new engine and runs the request again: the caller gets the tokens it would have got, the host
+    counts one restart and goes on serving."""
+    req = Request(prompts[0], max_new_tokens=40, stop=())
+    [want] = asyncio.run(vllm_target.generate([req]))
+    cores = _engine_cores(ray.get(vllm_target.host.info.remote())["pid"])
+    assert cores, "no engine core process under the host"
+    before = ray.get(vllm_target.host.stats.remote())["engine_restarts"]
+    ref = vllm_target.host.generate.remote([req])
+    deadline = time.time() + 30
+    while not ray.get(vllm_target.host.stats.remote())["live"] and time.time() < deadline:
+        time.sleep(0.05)  # the request is running in the engine
+    for p in cores:
+        p.kill()
+    [got] = ray.get(ref, timeout=900)
+    assert got.token_ids == want.token_ids
+    assert ray.get(vllm_target.host.stats.remote())["engine_restarts"] == before + 1
+    assert not set(cores) & set(_engine_cores(ray.get(vllm_target.host.info.remote())["pid"]))  # a new process
+    [after] = asyncio.run(vllm_target.generate([Request(prompts[1], max_new_tokens=4)]))
+    assert len(after.token_ids) == 4
+
+
 @needs_vllm
 def test_evaluate_job_runs_on_the_vllm_backend(local_ray, tmp_path):
     """ar, sd, lr_async+sd and fpsr with target and draft on vLLM: every method writes ar's text; the target is
