@@ -25,12 +25,14 @@ TABLE_LIMIT = 4095
 
 def _round_to_limit(t: torch.Tensor, limit: int) -> torch.Tensor:
     """t [..., n] rounded to integers in [-limit, limit] times max|t| / limit over the last dim (half to even, as
-    the kernels' rounding); all-zero or non-finite rows read as zero."""
+    the kernels' rounding); all-zero rows stay zero, rows with NaN or inf become NaN."""
     m = t.abs().amax(-1, keepdim=True)
-    ok = (m > 0) & torch.isfinite(m)
+    finite = torch.isfinite(t).all(-1, keepdim=True)
+    ok = (m > 0) & finite
     lim = torch.full_like(m, limit)  # tensor / tensor: `limit / m` would run as limit * (1 / m), another rounding
     inv = torch.where(ok, lim / torch.where(ok, m, 1), 0)
-    return torch.round(torch.where(ok, t, 0) * inv) * torch.where(ok, m / lim, 0)
+    scale = torch.where(finite, torch.where(ok, m / lim, 0), float("nan"))
+    return torch.round(torch.where(ok, t, 0) * inv) * scale
 
 
 def x_as_int16(x: torch.Tensor, block: int, limit: int = X16_AFFINE_LIMIT) -> torch.Tensor:

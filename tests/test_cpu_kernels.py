@@ -294,6 +294,12 @@ def test_the_avx2_integer_path_is_within_its_rounding_bound_of_exact_x(isa_paths
     bound = (step / 2) @ w16.abs().T + x.abs() @ (w - w16).abs().T
     assert ((got - x @ w.T).abs() <= bound + 1e-6 * (x.abs() @ w.abs().T)).all()
     assert ((w - w16).abs() <= cb.centroids.float().abs().amax(-1).repeat_interleave(k, 1) / 8190 * 1.001).all()
+    # a NaN or inf in x is not rounded away: its rows come out NaN, as on the float paths; other rows are untouched
+    bad = x.clone()
+    bad[1, 5], bad[2, 300] = float("nan"), float("inf")
+    for got in (cpu.affine3_grouped(bad, cpu.dense_offsets(3), *_stack(q.packed, q.scale, q.zero), 64),
+                cpu.codebook4_grouped(bad, cpu.dense_offsets(3), *_stack(cb.packed, cb.centroids))):
+        assert got[1:].isnan().all() and not got[0].isnan().any()
 
 
 def test_dense_rows_matches_torch_on_every_path(isa_paths):

@@ -371,14 +371,17 @@ constexpr float kTableLimit = 4095.f;
 inline float table16(const at::Half* c, __m256i& tlo, __m256i& thi) {
   const __m256 t0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
   const __m256 t1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 8)));
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  const __m256 m8 = _mm256_max_ps(_mm256_andnot_ps(sign, t0), _mm256_andnot_ps(sign, t1));
+  const __m256 sign = _mm256_set1_ps(-0.f), inf = _mm256_set1_ps(INFINITY);
+  const __m256 a0 = _mm256_andnot_ps(sign, t0), a1 = _mm256_andnot_ps(sign, t1);
+  const __m256 m8 = _mm256_max_ps(a0, a1);
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   const float mx = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
-  if (!(mx > 0.f) || !std::isfinite(mx)) {  // all zero (or not finite: the table reads as zero)
+  const bool bad = _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(a0, inf, _CMP_NLT_UQ),
+                                                   _mm256_cmp_ps(a1, inf, _CMP_NLT_UQ)));  // NaN or inf
+  if (bad || !(mx > 0.f)) {  // all zero: a zero table; not finite: NaN, as the float paths give
     tlo = thi = _mm256_setzero_si256();
-    return 0.f;
+    return bad ? NAN : 0.f;
   }
   const __m256 inv = _mm256_set1_ps(kTableLimit / mx);
   const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(t0, inv)), q1 = _mm256_cvtps_epi32(_mm256_mul_ps(t1, inv));
@@ -720,7 +723,8 @@ void for_each_block(int64_t E, int64_t N, int64_t K, int64_t R, const int64_t* o
 }
 
 // x [R, K] as int16 [R, Kp] per block of `block` values (zero past K): q = round(x / s), s = max|x| / limit (so
-// |x - s q| <= s / 2); `scale` [R, Kp / block] gets s and `sums` (if given) s * sum(q), the dequantized block sum.
+// |x - s q| <= s / 2); `scale` [R, Kp / block] gets s (NaN for a block with NaN or inf, so the output is NaN as on
+// the float paths) and `sums` (if given) s * sum(q), the dequantized block sum.
 // `codebook_order` writes each 32 values in the order the AVX2 codebook path looks codes up (see table16).
 void quantize_x16(const float* x, int64_t R, int64_t K, int64_t Kp, int64_t block, float limit, bool codebook_order,
                   int16_t* q, float* scale, float* sums) {
@@ -730,8 +734,12 @@ void quantize_x16(const float* x, int64_t R, int64_t K, int64_t Kp, int64_t bloc
       const float* xb = x + r * K;
       const int64_t lo = b * block, hi = std::min(K, lo + block);
       float m = 0.f;
-      for (int64_t k = lo; k < hi; ++k) m = std::max(m, std::fabs(xb[k]));
-      const float inv = m > 0.f && std::isfinite(m) ? limit / m : 0.f;
+      bool finite = true;
+      for (int64_t k = lo; k < hi; ++k) {
+        m = std::max(m, std::fabs(xb[k]));
+        finite = finite && std::isfinite(xb[k]);
+      }
+      const float inv = m > 0.f && finite ? limit / m : 0.f;
       int32_t total = 0;
       for (int64_t k = lo; k < lo + block; ++k) {
         const int32_t v = k < hi ? (int32_t)std::nearbyint(xb[k] * inv) : 0;
@@ -740,7 +748,7 @@ void quantize_x16(const float* x, int64_t R, int64_t K, int64_t Kp, int64_t bloc
         q[r * Kp + at] = (int16_t)v;
         total += v;
       }
-      scale[r * B + b] = inv > 0.f ? m / limit : 0.f;
+      scale[r * B + b] = !finite ? NAN : inv > 0.f ? m / limit : 0.f;  // NaN or inf in x: NaN out, as in float
       if (sums) sums[r * B + b] = scale[r * B + b] * (float)total;
     }
 }
