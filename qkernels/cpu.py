@@ -96,7 +96,8 @@ def available() -> bool:
 
 def integer_path() -> bool:
     """Whether the kernels now run the AVX2 integer path, which rounds x to int16 per block and codebook tables to
-    int16 (qkernels.reference.x_as_int16 / codebook_as_int16 say how; about 1e-5 of a block's largest |x|)."""
+    int16 (qkernels.reference.x_as_int16 / codebook_as_int16 say how): each x is off by at most 1.5e-5 (3-bit) or
+    3e-5 (codebook) of its block's largest |x|."""
     return load().isa() == "avx2"
 
 

@@ -254,8 +254,10 @@ def test_every_instruction_set_path_matches_the_reference(isa_paths):
                 want_w = ref.dequant_affine(b.packed, b.scale, b.zero, 3, k, group)
             x = torch.randn(m, k)
             got = cpu.affine3_grouped(x, cpu.dense_offsets(m), *_stack(b.packed, b.scale, b.zero), group, u, v)
-            uv = u[0] @ v[0] if rank else 0  # the compensator sees exact x
-            want = _x_seen(x, group) @ (want_w - uv).T + x @ torch.as_tensor(uv).T if rank else _x_seen(x, group) @ want_w.T
+            want = _x_seen(x, group) @ want_w.T
+            if rank:  # the compensator sees exact x, the 3-bit base what the path rounds it to
+                uv = u[0] @ v[0]
+                want = _x_seen(x, group) @ (want_w - uv).T + x @ uv.T
             torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * want.abs().max().item(),
                                        msg=lambda text, case=(isa, m, n, k, group, rank): f"{case}: {text}")
         for group in (None, 64, 32, 8):
