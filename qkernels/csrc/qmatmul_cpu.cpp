@@ -21,9 +21,9 @@
 // Code paths, chosen at run time by the CPU's flags (not the build machine's), or forced with set_isa:
 //   avx512: AVX-512 F/BW/VBMI (vpermb + vpmultishiftqb unpack 64 codes at a time);
 //   avx2:   AVX2 + FMA + F16C, integer dot products: x is rounded to int16 per block (max|x| / 32767 per group
-//           for 3-bit, / 16383 per block of up to 128 for codebooks: about 1e-5 of a block's largest |x|), and
-//           vpmaddwd multiplies 16 codes by 16 x values at once. 3-bit: one shuffle, one multiply and one shift
-//           put 16 codes in 16-bit lanes. Codebook (groups of a multiple of 32): the 16 centroids as int16
+//           for 3-bit, / 16383 per block of up to 128 for codebooks: half a step is 1.5e-5 or 3e-5 of a block's
+//           largest |x|), and vpmaddwd multiplies 16 codes by 16 x values at once. 3-bit: one shuffle, one multiply
+//           and one shift put 16 codes in 16-bit lanes. Codebook (groups of a multiple of 32): the 16 centroids as int16
 //           (max|c| / 4095) in a low-byte and a high-byte table, two vpshufb per 32 codes; other groups take
 //           fp32 permutes of the table. Several weight rows (or x rows) per pass share each load;
 //   scalar: plain loops (any CPU, e.g. ARM); the reference for the others.
