@@ -438,41 +438,16 @@ void codebook4_tile_i16(const uint8_t* const* rows, const at::Half* const* cent,
     for (int i = 0; i < RN; ++i) out[b * RN + i] = hsum(acc[b][i]);
 }
 
+// Tiles: the integer path (groups of a multiple of 32) 2 weight rows x 1 x row or 1 x 2; the float permutes 4 x 1,
+// 2 x 2 or 1 x 2.
 void codebook4_block(const Codebook4Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
-  const uint8_t* rowsb[2];
+  const bool integer = a.xq != nullptr;
   const uint32_t* rows[4];
   const at::Half* cent[4];
   float out[4];
-  if (a.xq != nullptr) {  // groups of a multiple of 32: the integer path, 2 weight rows x 1 x row or 1 x 2
-    for (int64_t r0 = lo; r0 < hi;) {
-      const int rn = (int)std::min<int64_t>(hi - r0, 2);
-      const int rb_max = rn == 1 ? 2 : 1;
-      for (int64_t n = n0; n < n1;) {
-        const int rb = (int)std::min<int64_t>(rb_max, n1 - n);
-        for (int b = 0; b < rb; ++b) {
-          const int64_t row_id = e * a.N + n + b;
-          rowsb[b] = reinterpret_cast<const uint8_t*>(a.packed + row_id * a.W);
-          cent[b] = a.cent + row_id * a.G * 16;
-        }
-        if (e * a.N + n + 2 * rb <= a.E * a.N) prefetch(a.packed + (e * a.N + n + rb) * a.W, rb * a.W * 4);
-        const int16_t* xq = a.xq + r0 * a.K;
-        const float* xsc = a.xscale + r0 * (a.K / a.block);
-        switch (rb * 10 + rn) {
-          case 21: codebook4_tile_i16<2, 1>(rowsb, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
-          case 11: codebook4_tile_i16<1, 1>(rowsb, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
-          default: codebook4_tile_i16<1, 2>(rowsb, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
-        }
-        for (int b = 0; b < rb; ++b)
-          for (int i = 0; i < rn; ++i) a.y[(r0 + i) * a.N + n + b] = out[b * rn + i];
-        n += rb;
-      }
-      r0 += rn;
-    }
-    return;
-  }
   for (int64_t r0 = lo; r0 < hi;) {
     const int rn = (int)std::min<int64_t>(hi - r0, 2);
-    const int rb_max = rn == 1 ? 4 : 2;
+    const int rb_max = rn == 1 ? (integer ? 2 : 4) : (integer ? 1 : 2);
     for (int64_t n = n0; n < n1;) {
       const int rb = (int)std::min<int64_t>(rb_max, n1 - n);
       for (int b = 0; b < rb; ++b) {
@@ -481,14 +456,25 @@ void codebook4_block(const Codebook4Args& a, int64_t e, int64_t n0, int64_t n1, 
         cent[b] = a.cent + row_id * a.G * 16;
       }
       if (e * a.N + n + 2 * rb <= a.E * a.N) prefetch(a.packed + (e * a.N + n + rb) * a.W, rb * a.W * 4);
-      const float* x = a.x + r0 * a.K;
-      switch (rb * 10 + rn) {
-        case 41: codebook4_tile<4, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
-        case 31: codebook4_tile<3, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
-        case 21: codebook4_tile<2, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
-        case 11: codebook4_tile<1, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
-        case 22: codebook4_tile<2, 2>(rows, cent, a.G, a.group, x, a.K, out); break;
-        default: codebook4_tile<1, 2>(rows, cent, a.G, a.group, x, a.K, out); break;
+      if (integer) {
+        const uint8_t* bytes[2] = {reinterpret_cast<const uint8_t*>(rows[0]), reinterpret_cast<const uint8_t*>(rows[1])};
+        const int16_t* xq = a.xq + r0 * a.K;
+        const float* xsc = a.xscale + r0 * (a.K / a.block);
+        switch (rb * 10 + rn) {
+          case 21: codebook4_tile_i16<2, 1>(bytes, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
+          case 11: codebook4_tile_i16<1, 1>(bytes, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
+          default: codebook4_tile_i16<1, 2>(bytes, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
+        }
+      } else {
+        const float* x = a.x + r0 * a.K;
+        switch (rb * 10 + rn) {
+          case 41: codebook4_tile<4, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
+          case 31: codebook4_tile<3, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
+          case 21: codebook4_tile<2, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
+          case 11: codebook4_tile<1, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
+          case 22: codebook4_tile<2, 2>(rows, cent, a.G, a.group, x, a.K, out); break;
+          default: codebook4_tile<1, 2>(rows, cent, a.G, a.group, x, a.K, out); break;
+        }
       }
       for (int b = 0; b < rb; ++b)
         for (int i = 0; i < rn; ++i) a.y[(r0 + i) * a.N + n + b] = out[b * rn + i];
@@ -803,13 +789,23 @@ torch::Tensor affine3_grouped(torch::Tensor x, torch::Tensor offsets, torch::Ten
   const int64_t* off = offsets.data_ptr<int64_t>();
 
   // x zero-padded to Kp, its per-group sums, and the compensator's V x.
-  std::vector<float> xpad(R * Kp, 0.f), xsum(R * G, 0.f), t(R * (rank > 0 ? rank : 1), 0.f);
-  for (int64_t r = 0; r < R; ++r) {
-    std::memcpy(&xpad[r * Kp], xp + r * K, K * sizeof(float));
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int64_t k = 0; k < group; ++k) s += xpad[r * Kp + g * group + k];
-      xsum[r * G + g] = s;
+  // The float paths: x zero-padded to Kp and its group sums. The integer path (AVX2): x as int16 per group, xsum
+  // the dequantized x's group sums.
+  std::vector<float> xpad, xsum(R * G, 0.f), t(R * (rank > 0 ? rank : 1), 0.f), xscale;
+  std::vector<int16_t> xq;
+  if (active_isa() == kAvx2) {
+    xq.resize(R * Kp);
+    xscale.resize(R * G);
+    quantize_x16(xp, R, K, Kp, group, 32767.f, false, xq.data(), xscale.data(), xsum.data());
+  } else {
+    xpad.assign(R * Kp, 0.f);
+    for (int64_t r = 0; r < R; ++r) {
+      std::memcpy(&xpad[r * Kp], xp + r * K, K * sizeof(float));
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.f;
+        for (int64_t k = 0; k < group; ++k) s += xpad[r * Kp + g * group + k];
+        xsum[r * G + g] = s;
+      }
     }
   }
   if (comp) {
@@ -818,14 +814,7 @@ torch::Tensor affine3_grouped(torch::Tensor x, torch::Tensor offsets, torch::Ten
       for (int64_t r = off[e]; r < off[e + 1]; ++r)
         for (int64_t j = 0; j < rank; ++j) t[r * rank + j] = dot_any(vp + (e * rank + j) * K, xp + r * K, K);
   }
-  std::vector<int16_t> xq;
-  std::vector<float> xscale;
-  if (active_isa() == kAvx2) {  // the integer path: x as int16 per group, xsum its dequantized group sums
-    xq.resize(R * Kp);
-    xscale.resize(R * G);
-    quantize_x16(xp, R, K, Kp, group, 32767.f, false, xq.data(), xscale.data(), xsum.data());
-  }
-  const Affine3Args args{xpad.data(), xsum.data(), xq.empty() ? nullptr : xq.data(),
+  const Affine3Args args{xpad.empty() ? nullptr : xpad.data(), xsum.data(), xq.empty() ? nullptr : xq.data(),
                          xscale.empty() ? nullptr : xscale.data(), t.data(), comp ? u.data_ptr<float>() : nullptr,
                          reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()), scale.data_ptr<at::Half>(),
                          zero.data_ptr<at::Half>(), y.data_ptr<float>(), E, N, W, G, group, Kp, rank};
