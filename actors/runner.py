@@ -6,11 +6,15 @@ so quantized or swapped modules keep working, but the attention and the KV cache
 - a new sequence starts from the longest cached prefix of its tokens (finished sequences are kept under a token
   budget; running ones are also sources, since a written position never changes) and copies that KV once,
   so a committed prefix is never prefilled again;
-- one forward runs B sequences with T_b new tokens each (right-padded to max T_b); projections and MLPs are batched,
-  attention runs per sequence against its own buffer, on torch's flash kernel (no padded copy of the cache per
-  step: one call over a padded gather measured slower on CPU, its copies and the masked math path cost more than
-  the per-sequence calls; a non-contiguous projection output also sends SDPA to its math path, which is why the
-  few-row linears return contiguous outputs); norms and rotary take the model's own formulas with fewer ops;
+- one forward runs B sequences with T_b new tokens each (right-padded to max T_b); projections and MLPs are batched;
+  norms and rotary take the model's own formulas with fewer ops;
+- attention reads each sequence's own buffer in place (no padded copy of the caches). On CPU in float32, a step of
+  up to KERNEL_ATTENTION_TOKENS new tokens per sequence (decode, speculative verification, a branch's suffix) runs
+  one kernel call per layer for every sequence (qkernels.cpu.decode_attention: it writes the new keys and values
+  and attends causally, tasks split over threads); torch's SDPA costs 75-95 us of mostly fixed cost per call and
+  sequence on 2 cores, so a 4-sequence step had paid 4x. Longer prefills, other dtypes and GPUs run SDPA per
+  sequence (flash; a non-contiguous projection output sends SDPA to its math path, which is why the few-row
+  linears return contiguous outputs);
 - on CPU, linears fed a few rows (a decode step, a batched one, a verification chunk) take, per weight shape, what
   measures fastest here: torch's x @ W^T, W @ x^T (MKL on AMD Zen runs a short x @ W^T like one matrix-vector
   product per row), or our dense kernel (qkernels.cpu.dense_rows, reading each weight row once for every row).
@@ -178,6 +182,19 @@ def _lean_rms_norm(norm):
     return lean if same else norm
 
 
+KERNEL_ATTENTION_TOKENS = 8  # new tokens per sequence up to which a CPU step's attention runs our kernel (measured:
+# faster than per-sequence SDPA up to about 10 on a 2-core Zen 3, slower from 16)
+
+
+@dataclass
+class _KernelStep:
+    """What the attention kernel needs of a step, the same for every layer."""
+
+    kvs: list[torch.Tensor]
+    past: list[int]
+    lens: list[int]
+
+
 @dataclass(eq=False)
 class KVSeq:
     """KV of one token sequence: `tokens[:length]` have keys and values in `kv`."""
@@ -225,6 +242,9 @@ class ModelRunner:
         self.bytes_per_token = (len(self.layers) * 2 * self.num_kv_heads * self.head_dim
                                 * torch.empty((), dtype=self.dtype).element_size())
         self.small_batch_linears = use_small_batch_linears(model) if self.device.type == "cpu" else 0
+        # a step's few new tokens per sequence: one attention kernel call per layer for all sequences (CPU, float32)
+        self.kernel_attention = (self.device.type == "cpu" and self.dtype == torch.float32
+                                 and cpu_kernels.available())
         self.norms = [(_lean_rms_norm(layer.input_layernorm), _lean_rms_norm(layer.post_attention_layernorm))
                       for layer in self.layers]
 
@@ -318,31 +338,33 @@ class ModelRunner:
         B, T = len(seqs), max(lengths)
         ids = torch.zeros(B, T, dtype=torch.long)
         pos = torch.zeros(B, T, dtype=torch.long)
-        masks = []
         for b, (seq, toks) in enumerate(zip(seqs, new_tokens)):
             ids[b, :len(toks)] = torch.tensor(toks)
             pos[b] = torch.arange(seq.length, seq.length + T)
             self._ensure_capacity(seq, seq.length + len(toks))
-            t_b = len(toks)
-            if t_b > 1:  # query i sees keys up to seq.length + i
-                key_pos = torch.arange(seq.length + t_b, device=self.device)
-                q_pos = torch.arange(seq.length, seq.length + t_b, device=self.device)
-                masks.append(key_pos[None, :] <= q_pos[:, None])
-            else:
-                masks.append(None)
         ids, pos = ids.to(self.device), pos.to(self.device)
         h_BTD = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(h_BTD, pos)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D]
         half = sin.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)  # x * cos + roll(x) * sin == HF's rotate_half form
-        # per sequence, views over every layer: where the new keys/values go, and what attention reads
-        slots = [seq.kv[:, :, :, seq.length:seq.length + t] for seq, t in zip(seqs, lengths)]
-        reads = [seq.kv[:, :, :, :seq.length + t].unsqueeze(2) for seq, t in zip(seqs, lengths)]  # [L, 2, 1, H, n, D]
+        if self.kernel_attention and T <= KERNEL_ATTENTION_TOKENS:
+            # one call per layer for the whole step, heads last ([B, T, H, D]): see qkernels.cpu.decode_attention
+            step = _KernelStep([seq.kv for seq in seqs], [seq.length for seq in seqs], lengths)
+            cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
+        else:
+            step = None
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D]
+            masks = [self._causal_mask(seq.length, t) for seq, t in zip(seqs, lengths)]
+            # per sequence, views over every layer: where the new keys/values go, and what attention reads
+            slots = [seq.kv[:, :, :, seq.length:seq.length + t] for seq, t in zip(seqs, lengths)]
+            reads = [seq.kv[:, :, :, :seq.length + t].unsqueeze(2) for seq, t in zip(seqs, lengths)]  # [L,2,1,H,n,D]
         for li, layer in enumerate(self.layers):
             in_norm, post_norm = self.norms[li]
-            h_BTD = h_BTD + self._attention(li, layer.self_attn, in_norm(h_BTD), cos, sin, slots, reads, lengths,
-                                            masks)
+            x_BTD = in_norm(h_BTD)
+            if step is not None:
+                h_BTD = h_BTD + self._kernel_attention(li, layer.self_attn, x_BTD, cos, sin, step)
+            else:
+                h_BTD = h_BTD + self._attention(li, layer.self_attn, x_BTD, cos, sin, slots, reads, lengths, masks)
             h_BTD = h_BTD + layer.mlp(post_norm(h_BTD))
         for seq, toks in zip(seqs, new_tokens):
             seq.length += len(toks)
@@ -353,17 +375,39 @@ class ModelRunner:
         last = h_BTD[torch.arange(B, device=self.device), torch.tensor(lengths, device=self.device) - 1]
         return list(self.model.lm_head(last).float())
 
-    def _attention(self, li, attn, x_BTD, cos, sin, slots, reads, lengths, masks):
+    def _causal_mask(self, past: int, t: int) -> torch.Tensor | None:
+        """New token i of a sequence with `past` cached positions sees keys 0..past + i (None for one token)."""
+        if t == 1:
+            return None
+        key_pos = torch.arange(past + t, device=self.device)
+        q_pos = torch.arange(past, past + t, device=self.device)
+        return key_pos[None, :] <= q_pos[:, None]
+
+    def _qkv_rotated(self, attn, x_BTD, cos, sin, heads_first: bool):
+        """q, k (rotary applied) and v of the new tokens: [B, H, T, D] with `heads_first`, else [B, T, H, D]
+        (`cos`/`sin` shaped to broadcast over that layout)."""
         B, T, _ = x_BTD.shape
-        half = self.head_dim // 2
         q = attn.q_proj(x_BTD).view(B, T, -1, self.head_dim)
         k = attn.k_proj(x_BTD).view(B, T, -1, self.head_dim)
-        v = attn.v_proj(x_BTD).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x_BTD).view(B, T, -1, self.head_dim)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm per head before rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D]
-        q = q * cos + q.roll(half, -1) * sin
-        k = k * cos + k.roll(half, -1) * sin
+        if heads_first:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        half = self.head_dim // 2
+        return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin, v
+
+    def _kernel_attention(self, li, attn, x_BTD, cos, sin, step: _KernelStep):
+        """Attention of a step's few new tokens, every sequence in one kernel call (which also writes their keys and
+        values into the sequences' buffers); q, k, v stay [B, T, H, D], rotary broadcast over heads."""
+        q, k, v = self._qkv_rotated(attn, x_BTD, cos, sin, heads_first=False)
+        out = cpu_kernels.decode_attention(q.contiguous(), k.contiguous(), v.contiguous(), step.kvs, li, step.past,
+                                           step.lens, self.scaling)
+        return attn.o_proj(out)
+
+    def _attention(self, li, attn, x_BTD, cos, sin, slots, reads, lengths, masks):
+        B, T, _ = x_BTD.shape
+        q, k, v = self._qkv_rotated(attn, x_BTD, cos, sin, heads_first=True)
         outs = []
         for b in range(B):  # each sequence against its own buffer (flash attention on CPU)
             t_b, slot, read = lengths[b], slots[b][li], reads[b][li]

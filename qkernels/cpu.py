@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "qmatmul_cpu.cpp"
+SOURCES = (SOURCE, SOURCE.with_name("attention_cpu.cpp"))
 MAX_KERNEL_ROWS = 16
 _lock = threading.Lock()
 _ext = None
@@ -43,7 +44,7 @@ def _isa() -> str:
 
 def build_dir() -> Path:
     root = Path(os.environ.get("SPECMOE_CACHE", Path.home() / ".cache" / "specmoe"))
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()).hexdigest()[:12]
     return root / "torch_extensions" / f"qmatmul_cpu_{digest}"
 
 
@@ -62,7 +63,7 @@ def load():
                 print(f"building the CPU kernels (once, about a minute) in {out}", file=sys.stderr, flush=True)
             try:
                 ext = cpp_extension.load(
-                    name="specmoe_qmatmul_cpu", sources=[str(SOURCE)], build_directory=str(out),
+                    name="specmoe_qmatmul_cpu", sources=[str(p) for p in SOURCES], build_directory=str(out),
                     extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
             except (RuntimeError, OSError, ImportError) as exc:  # no compiler or headers: the reference
                 _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
@@ -132,3 +133,13 @@ def dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """float32 x [R, K] @ weight [N, K]^T (+ bias): a decode-sized dense linear, each weight row read once for all
     R rows (a few; the engine's small-batch linears)."""
     return load().dense_rows(x.contiguous(), weight, _EMPTY if bias is None else bias)
+
+
+def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kvs: list[torch.Tensor], layer: int,
+                     past: list[int], lens: list[int], scale: float) -> torch.Tensor:
+    """A step's attention, every sequence in one call (csrc/attention_cpu.cpp): float32 q [B, T, Hq, D] and the new
+    keys/values k_new, v_new [B, T, Hkv, D] of `lens[b]` <= T tokens per sequence (the rest padding); kvs[b] the
+    sequence's buffer [L, 2, Hkv, capacity, D] with `past[b]` positions filled. Writes the new keys and values at
+    past[b].. of `layer` and returns [B, T, Hq * D]: new token i of sequence b attends causally to positions
+    0..past[b] + i (padding rows zero)."""
+    return load().decode_attention(q, k_new, v_new, kvs, layer, past, lens, scale)

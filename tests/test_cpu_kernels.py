@@ -332,3 +332,52 @@ def test_a_path_the_cpu_lacks_is_a_clear_error(isa_paths):
         with pytest.raises(ValueError, match=f"this CPU has no {isa}"):
             cpu.use_isa(isa)
     assert cpu.use_isa("native") == isa_paths[-1]
+
+
+def _attention_reference(q, k_new, v_new, kvs, layer, past, lens, scale):
+    """What qkernels.cpu.decode_attention does, with torch: write the new keys and values, then SDPA per sequence
+    with a causal mask over its buffer (GQA)."""
+    B, T, Hq, D = q.shape
+    out = torch.zeros(B, T, Hq * D)
+    for b in range(B):
+        kv, t, n = kvs[b][layer], lens[b], past[b] + lens[b]
+        kv[0, :, past[b]:n] = k_new[b, :t].transpose(0, 1)
+        kv[1, :, past[b]:n] = v_new[b, :t].transpose(0, 1)
+        mask = torch.arange(n)[None, :] <= torch.arange(past[b], n)[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[b:b + 1, :t].transpose(1, 2), kv[0:1, :, :n], kv[1:2, :, :n], attn_mask=mask, scale=scale,
+            enable_gqa=True)
+        out[b, :t] = o[0].transpose(0, 1).reshape(t, -1)
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (6, 3, 20)])
+def test_decode_attention_matches_sdpa_on_every_path(isa_paths, heads, kv_heads, head_dim):
+    """The engine's step attention: sequences with 0 to 700 cached positions (one key chunk to a head split over
+    threads), 1-5 new tokens each (causal among themselves, padding rows zero), GQA and plain heads, head sizes the
+    AVX2 path takes and one (20) it leaves to the scalar loops; the new keys and values land in their slots of the
+    chosen layer and nothing else in the buffers changes."""
+    layers, layer = 3, 1
+    cases = [([0], [1], 1), ([421], [1], 1), ([400, 3, 700, 64], [1, 1, 1, 1], 1), ([100, 0, 257], [5, 2, 1], 5)]
+    for isa in isa_paths:
+        cpu.use_isa(isa)
+        for past, lens, T in cases:
+            torch.manual_seed(len(past) * 7 + T)
+            B = len(past)
+            kvs = [torch.randn(layers, 2, kv_heads, p + T + 3, head_dim) for p in past]
+            want_kvs = [kv.clone() for kv in kvs]
+            q = torch.randn(B, T, heads, head_dim)
+            k_new, v_new = torch.randn(B, T, kv_heads, head_dim), torch.randn(B, T, kv_heads, head_dim)
+            scale = head_dim ** -0.5
+            got = cpu.decode_attention(q, k_new, v_new, kvs, layer, past, lens, scale)
+            want = _attention_reference(q, k_new, v_new, want_kvs, layer, past, lens, scale)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6,
+                                       msg=lambda text, case=(isa, past, lens): f"{case}: {text}")
+            for kv, want_kv in zip(kvs, want_kvs):
+                assert torch.equal(kv, want_kv)
+    with pytest.raises(RuntimeError, match="do not fit its buffer"):
+        cpu.decode_attention(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8),
+                             [torch.randn(1, 2, 2, 4, 8)], 0, [4], [1], 1.0)
+    with pytest.raises(RuntimeError, match="multiple of KV heads"):
+        cpu.decode_attention(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8),
+                             [torch.randn(1, 2, 2, 4, 8)], 0, [0], [1], 1.0)

@@ -353,6 +353,36 @@ def test_one_batched_forward_equals_each_sequence_alone(tiny_llama):
         use_small_batch_linears(model, force=LinearPlan())
 
 
+def test_the_attention_kernel_gives_what_per_sequence_sdpa_gives(tiny_llama):
+    """On CPU a step's attention (a few new tokens per sequence) runs qkernels' kernel, every sequence in one call;
+    the per-sequence SDPA path it replaced gives the same logits, and greedy decoding gives the same tokens."""
+    from actors.runner import ModelRunner
+    from qkernels import cpu
+
+    model, tok = tiny_llama
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built here")
+    prompts = [(PROMPT * 4)[:37], PROMPT[:3], (PROMPT * 3)[5:70]]
+    feeds = [[11, 12, 13, 14, 15], [21], [31, 32, 33]]
+    logits = {}
+    for kernel in (True, False):
+        runner = ModelRunner(model, prefix_cache_tokens=0)
+        assert runner.kernel_attention  # float32 on CPU with the kernels built
+        runner.kernel_attention = kernel
+        seqs = [runner.acquire(p, reserve=8) for p in prompts]
+        runner.forward(seqs[:1], prompts[:1])  # a long prefill: SDPA on both
+        runner.forward(seqs[1:], [p for p in prompts[1:]])
+        logits[kernel] = runner.forward(seqs, feeds, all_logits=True)
+    for a, b in zip(logits[True], logits[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    tokens = {}
+    for kernel in (True, False):
+        engine = Engine(model, tok, prefix_cache_tokens=0)
+        engine.target.kernel_attention = kernel
+        tokens[kernel] = [r.token_ids for r in engine.generate([Request(p, max_new_tokens=24) for p in prompts])]
+    assert tokens[True] == tokens[False]
+
+
 def test_a_deep_copy_of_a_planned_model_computes_with_its_own_weights(tiny_llama):
     """The few-row linear plans are bound to their modules: a deep copy (e.g. a reference model) uses its own
     weights, on every way a plan can take."""

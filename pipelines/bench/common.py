@@ -61,16 +61,22 @@ def median_of(runs: list[float]) -> dict:
 def machine() -> dict:
     """The machine a figure was taken on: CPU model and its vector extensions, cores, torch threads, GPU."""
     flags: set[str] = set()
+    ids: dict[str, int] = {}  # cpu family and model number: a VM's "AMD EPYC" is Zen 1/2 at family 23, Zen 3/4 at 25
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "flags":
+                    flags = set(value.split())
                     break
+                if key in ("cpu family", "model") and value.strip().isdigit():
+                    ids[key.replace(" ", "_") if key != "model" else "cpu_model_number"] = int(value)
     except OSError:
         pass
     import os
 
-    return {"cpu": cpu_model(), "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx"))),
+    return {"cpu": cpu_model(), **ids,
+            "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx"))),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

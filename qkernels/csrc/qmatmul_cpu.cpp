@@ -914,6 +914,21 @@ torch::Tensor dense_rows(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
   return y;
 }
 
+namespace specmoe {
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new,
+                               std::vector<torch::Tensor> kvs, int64_t layer, std::vector<int64_t> past,
+                               std::vector<int64_t> lens, double scale, bool fast);  // attention_cpu.cpp
+}  // namespace specmoe
+
+// The native engine's attention for a step's few new tokens per sequence (attention_cpu.cpp), on the AVX2 path
+// unless the scalar one is forced or the CPU lacks AVX2 (AVX-512 machines take the AVX2 code).
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new,
+                               std::vector<torch::Tensor> kvs, int64_t layer, std::vector<int64_t> past,
+                               std::vector<int64_t> lens, double scale) {
+  return specmoe::decode_attention(q, k_new, v_new, std::move(kvs), layer, std::move(past), std::move(lens), scale,
+                                   active_isa() >= kAvx2);
+}
+
 std::string isa() { return kIsaNames[active_isa()]; }
 
 std::vector<std::string> supported_isas() {
@@ -942,6 +957,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("codebook4_grouped", &codebook4_grouped, "grouped 4-bit codebook matmul (CPU)");
   m.def("affine3_dequant", &affine3_dequant, "3-bit affine dequantization (CPU)");
   m.def("dense_rows", &dense_rows, "float32 x [rows, K] @ w [N, K]^T for a few rows (CPU)");
+  m.def("decode_attention", &decode_attention, "a step's attention over every sequence's own KV buffer (CPU)");
   m.def("isa", &isa, "the code path the kernels run (avx512, avx2 or scalar)");
   m.def("supported_isas", &supported_isas, "the code paths this CPU can run, scalar first");
   m.def("set_isa", &set_isa, "force a code path: native, avx512, avx2 or scalar");
