@@ -4,8 +4,12 @@ We call the model's own modules (embeddings, q/k/v/o projections, norms, rotary 
 so quantized or swapped modules keep working, but the attention and the KV cache are ours:
 - every sequence owns a buffer `kv[layer, k|v, kv_head, position, head_dim]` that grows by doubling;
 - a new sequence starts from the longest cached prefix of its tokens (finished sequences are kept under a token
-  budget; running ones are also sources, since a written position never changes) and copies that KV once,
-  so a committed prefix is never prefilled again;
+  budget; running ones are also sources, since a written position below a sequence's length at a step's start never
+  changes), so a committed prefix is never prefilled again. On the CPU kernel path a prefix of SHARE_MIN_TOKENS or
+  more, followed by at most SHARED_KERNEL_TOKENS new prompt tokens (a branch, a drafted step), is shared: the new
+  sequence reads it in place from the buffer that holds it (one level: `KVSeq.base`) and owns only what follows.
+  Otherwise the prefix's KV is copied once (and a sharing sequence gets its own full buffer the first time SDPA has
+  to read it);
 - one forward runs B sequences with T_b new tokens each (right-padded to max T_b); projections and MLPs are batched;
   norms and rotary take the model's own formulas with fewer ops;
 - attention reads each sequence's own buffer in place (no padded copy of the caches). On CPU in float32, a step of
@@ -27,12 +31,14 @@ import types
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from qkernels import cpu as cpu_kernels
 
+_EMPTY = torch.empty(0)
 SUPPORTED = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
 SMALL_BATCH = (2, 64)  # rows of a linear's input where the CPU path may take W @ x^T instead of x @ W^T
 KERNEL_ROWS = 8  # rows up to which the CPU path may take our dense kernel (qkernels.cpu.dense_rows)
@@ -182,6 +188,9 @@ def _lean_rms_norm(norm):
     return lean if same else norm
 
 
+SHARED_KERNEL_TOKENS = 32  # ... and, for a batch with a sequence that shares a prefix, up to which it runs there anyway
+# (the alternative, SDPA, needs the sequence's keys in one buffer: a copy of the prefix)
+SHARE_MIN_TOKENS = 64  # cached prefixes at least this long are shared, not copied (kernel attention only)
 KERNEL_ATTENTION_TOKENS = 8  # new tokens per sequence up to which a CPU step's attention runs our kernel (measured:
 # faster than per-sequence SDPA up to about 10 on a 2-core Zen 3, slower from 16)
 
@@ -191,22 +200,28 @@ class _KernelStep:
     """What the attention kernel needs of a step, the same for every layer."""
 
     kvs: list[torch.Tensor]
+    bases: list[torch.Tensor]
+    offsets: list[int]
     past: list[int]
     lens: list[int]
 
 
 @dataclass(eq=False)
 class KVSeq:
-    """KV of one token sequence: `tokens[:length]` have keys and values in `kv`."""
+    """KV of one token sequence: `tokens[:length]` have keys and values, position p in `kv` at p - offset; positions
+    below `offset` are a prefix shared with `base` (a sequence without a base of its own), read from base.kv."""
 
     tokens: list[int]
-    kv: torch.Tensor  # [L, 2, H_kv, capacity, D]
+    kv: torch.Tensor  # [L, 2, H_kv, own capacity, D]
     length: int = 0
     users: int = field(default=1)  # >0 while a request runs on it
+    base: Optional["KVSeq"] = None
+    offset: int = 0
 
     @property
     def capacity(self) -> int:
-        return self.kv.shape[3]
+        """Positions this sequence can hold (shared ones included)."""
+        return self.offset + self.kv.shape[3]
 
 
 def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -255,8 +270,14 @@ class ModelRunner:
         return max(64, -(-capacity // 64) * 64)
 
     def kv_bytes(self) -> int:
-        """Bytes of the KV buffers allocated now: running sequences and the prefix cache."""
-        return sum(s.kv.numel() * s.kv.element_size() for s in list(self.active) + list(self.cache.values()))
+        """Bytes of the KV buffers allocated now: running sequences, the prefix cache and the prefixes they share
+        (each buffer once)."""
+        bufs = {}
+        for s in list(self.active) + list(self.cache.values()):
+            for t in (s, s.base):
+                if t is not None:
+                    bufs[id(t.kv)] = t.kv.numel() * t.kv.element_size()
+        return sum(bufs.values())
 
     def bytes_for(self, tokens: int, reserve: int) -> int:
         """Bytes of the buffer `acquire(tokens, reserve)` allocates."""
@@ -269,8 +290,8 @@ class ModelRunner:
             return True
         used = self.kv_bytes()
         while used + need > self.kv_budget_bytes and self.cache:
-            _, old = self.cache.popitem(last=False)
-            used -= old.kv.numel() * old.kv.element_size()
+            self.cache.popitem(last=False)  # frees its buffer unless a sequence still shares it
+            used = self.kv_bytes()
         return used + need <= self.kv_budget_bytes
 
     def _alloc(self, capacity: int) -> torch.Tensor:
@@ -287,13 +308,48 @@ class ModelRunner:
             n = min(_common_prefix(want, torch.tensor(src.tokens[:src.length])), len(tokens) - 1)
             if n > best_len:
                 best, best_len = src, n
-        seq = KVSeq(tokens=list(tokens[:best_len]), kv=self._alloc(len(tokens) + reserve), length=best_len)
-        if best is not None:
-            seq.kv[:, :, :, :best_len] = best.kv[:, :, :, :best_len]
-            if best.users == 0:
-                self.cache.move_to_end(id(best))
+        if best is not None and best.users == 0:
+            self.cache.move_to_end(id(best))
+        if (best is not None and best_len >= SHARE_MIN_TOKENS and self.kernel_attention
+                and len(tokens) - best_len <= SHARED_KERNEL_TOKENS):
+            seq = self._share(best, best_len, len(tokens) + reserve)
+        else:
+            seq = KVSeq(tokens=[], kv=self._alloc(len(tokens) + reserve), length=best_len)
+            if best is not None:
+                self._copy_positions(best, seq, 0, best_len)
+        seq.tokens = list(tokens[:best_len])
         self.active.add(seq)
         return seq
+
+    def _share(self, src: KVSeq, n: int, capacity: int) -> KVSeq:
+        """A sequence whose first n positions are src's, without copying them: it reads them from src's base (or
+        from src itself) and holds the rest in its own buffer; positions of src past its base are copied (one level
+        of sharing, so a base never has a base)."""
+        if src.base is None:
+            base, offset = src, n
+        else:
+            base, offset = src.base, min(n, src.offset)
+        seq = KVSeq(tokens=[], kv=self._alloc(capacity - offset), length=n, base=base, offset=offset)
+        if n > offset:
+            self._copy_positions(src, seq, offset, n)
+        return seq
+
+    @staticmethod
+    def _copy_positions(src: KVSeq, dst: KVSeq, start: int, stop: int) -> None:
+        """dst's positions start..stop-1 from src (each read from wherever it lives: a base or the own buffer)."""
+        for owner, lo, hi in ((src.base, start, min(stop, src.offset)), (src, max(start, src.offset), stop)):
+            if owner is not None and lo < hi:
+                o = 0 if owner is src.base else src.offset
+                dst.kv[:, :, :, lo - dst.offset:hi - dst.offset] = owner.kv[:, :, :, lo - o:hi - o]
+
+    def _flatten(self, seq: KVSeq) -> None:
+        """Give a sequence that shares a prefix one buffer with every position (SDPA reads one buffer)."""
+        if seq.base is None:
+            return
+        kv = self._alloc(seq.capacity)
+        flat = KVSeq(tokens=[], kv=kv)
+        self._copy_positions(seq, flat, 0, seq.length)
+        seq.kv, seq.base, seq.offset = kv, None, 0
 
     def release(self, seq: KVSeq) -> None:
         """Keep a finished sequence's KV for reuse; drop cached entries it extends; evict over budget."""
@@ -316,11 +372,14 @@ class ModelRunner:
         """Forget positions >= length (rejected speculative tokens)."""
         seq.length = min(seq.length, length)
         del seq.tokens[seq.length:]
+        if seq.length < seq.offset:  # its next positions would fall in the shared prefix: they go to its own buffer
+            seq.kv, seq.offset = self._alloc(seq.capacity - seq.length), seq.length
 
     def _ensure_capacity(self, seq: KVSeq, needed: int) -> None:
         if needed > seq.capacity:
-            kv = self._alloc(max(needed, 2 * seq.capacity))
-            kv[:, :, :, :seq.length] = seq.kv[:, :, :, :seq.length]
+            own = seq.kv.shape[3]
+            kv = self._alloc(max(needed - seq.offset, 2 * own))
+            kv[:, :, :, :seq.length - seq.offset] = seq.kv[:, :, :, :seq.length - seq.offset]
             seq.kv = kv
 
     def clear_cache(self) -> None:
@@ -338,18 +397,24 @@ class ModelRunner:
         B, T = len(seqs), max(lengths)
         ids = torch.zeros(B, T, dtype=torch.long)
         pos = torch.zeros(B, T, dtype=torch.long)
+        kernel = self.kernel_attention and (T <= KERNEL_ATTENTION_TOKENS or (
+            T <= SHARED_KERNEL_TOKENS and any(seq.base is not None for seq in seqs)))
         for b, (seq, toks) in enumerate(zip(seqs, new_tokens)):
             ids[b, :len(toks)] = torch.tensor(toks)
             pos[b] = torch.arange(seq.length, seq.length + T)
+            if not kernel:
+                self._flatten(seq)
             self._ensure_capacity(seq, seq.length + len(toks))
         ids, pos = ids.to(self.device), pos.to(self.device)
         h_BTD = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(h_BTD, pos)
         half = sin.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)  # x * cos + roll(x) * sin == HF's rotate_half form
-        if self.kernel_attention and T <= KERNEL_ATTENTION_TOKENS:
+        if kernel:
             # one call per layer for the whole step, heads last ([B, T, H, D]): see qkernels.cpu.decode_attention
-            step = _KernelStep([seq.kv for seq in seqs], [seq.length for seq in seqs], lengths)
+            step = _KernelStep([seq.kv for seq in seqs],
+                               [seq.base.kv if seq.base is not None else _EMPTY for seq in seqs],
+                               [seq.offset for seq in seqs], [seq.length for seq in seqs], lengths)
             cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
         else:
             step = None
@@ -402,7 +467,7 @@ class ModelRunner:
         values into the sequences' buffers); q, k, v stay [B, T, H, D], rotary broadcast over heads."""
         q, k, v = self._qkv_rotated(attn, x_BTD, cos, sin, heads_first=False)
         out = cpu_kernels.decode_attention(q.contiguous(), k.contiguous(), v.contiguous(), step.kvs, li, step.past,
-                                           step.lens, self.scaling)
+                                           step.lens, self.scaling, step.bases, step.offsets)
         return attn.o_proj(out)
 
     def _attention(self, li, attn, x_BTD, cos, sin, slots, reads, lengths, masks):

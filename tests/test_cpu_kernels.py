@@ -356,7 +356,8 @@ def test_decode_attention_matches_sdpa_on_every_path(isa_paths, heads, kv_heads,
     """The engine's step attention: sequences with 0 to 700 cached positions (one key chunk to a head split over
     threads), 1-5 new tokens each (causal among themselves, padding rows zero), GQA and plain heads, head sizes the
     AVX2 path takes and one (20) it leaves to the scalar loops; the new keys and values land in their slots of the
-    chosen layer and nothing else in the buffers changes."""
+    chosen layer and nothing else in the buffers changes; and the same with a shared prefix read from its own buffer
+    (half the cached positions, all of them)."""
     layers, layer = 3, 1
     cases = [([0], [1], 1), ([421], [1], 1), ([400, 3, 700, 64], [1, 1, 1, 1], 1), ([100, 0, 257], [5, 2, 1], 5)]
     for isa in isa_paths:
@@ -375,9 +376,29 @@ def test_decode_attention_matches_sdpa_on_every_path(isa_paths, heads, kv_heads,
                                        msg=lambda text, case=(isa, past, lens): f"{case}: {text}")
             for kv, want_kv in zip(kvs, want_kvs):
                 assert torch.equal(kv, want_kv)
+            # the same step where each sequence shares its first positions (half of them; all of them) with a
+            # prefix buffer: positions the kernel must not read are NaN in both buffers
+            for share in (0.5, 1.0):
+                offsets = [int(p * share) for p in past]
+                bases, owns = [], []
+                for kv, off, p in zip(kvs, offsets, past):
+                    base = torch.full((layers, 2, kv_heads, off + 5, head_dim), float("nan"))
+                    base[:, :, :, :off] = kv[:, :, :, :off]
+                    own = torch.full((layers, 2, kv_heads, kv.shape[3] - off, head_dim), float("nan"))
+                    own[:, :, :, :p - off] = kv[:, :, :, off:p]
+                    bases.append(base if off else torch.empty(0))
+                    owns.append(own)
+                got = cpu.decode_attention(q, k_new, v_new, owns, layer, past, lens, scale, bases, offsets)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6,
+                                           msg=lambda text, case=(isa, past, lens, share): f"{case}: {text}")
+                for own, want_kv, off, p, t in zip(owns, want_kvs, offsets, past, lens):
+                    assert torch.equal(own[layer, :, :, :p + t - off], want_kv[layer, :, :, off:p + t])
     with pytest.raises(RuntimeError, match="do not fit its buffer"):
         cpu.decode_attention(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8),
                              [torch.randn(1, 2, 2, 4, 8)], 0, [4], [1], 1.0)
+    with pytest.raises(RuntimeError, match="prefix buffer holds 2 positions, not the 3"):
+        cpu.decode_attention(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8),
+                             [torch.randn(1, 2, 2, 4, 8)], 0, [3], [1], 1.0, [torch.randn(1, 2, 2, 2, 8)], [3])
     with pytest.raises(RuntimeError, match="multiple of KV heads"):
         cpu.decode_attention(torch.randn(1, 1, 5, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8),
                              [torch.randn(1, 2, 2, 4, 8)], 0, [0], [1], 1.0)

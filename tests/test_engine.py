@@ -383,6 +383,57 @@ def test_the_attention_kernel_gives_what_per_sequence_sdpa_gives(tiny_llama):
     assert tokens[True] == tokens[False]
 
 
+def test_a_long_cached_prefix_is_shared_not_copied(tiny_llama):
+    """On the kernel path a request whose cached prefix is long (>= SHARE_MIN_TOKENS) reads the prefix from the cached
+    sequence's buffer instead of copying it: logits match transformers' while the sequence grows its own buffer, is
+    truncated into the shared part, shares from a sequence that itself shares (one level: the same base), and takes
+    a long feed (SDPA: it gets one buffer then); the KV bytes count a shared buffer once, and an engine's branches
+    decode the tokens a copying engine decodes."""
+    from actors.runner import SHARE_MIN_TOKENS, ModelRunner
+    from qkernels import cpu
+
+    model, tok = tiny_llama
+    if not cpu.available():
+        pytest.skip("the CPU kernels could not be built here")
+    prefix = (PROMPT * 40)[:150]
+    assert len(prefix) - 1 >= SHARE_MIN_TOKENS
+    runner = ModelRunner(model)
+    root = runner.acquire(prefix, reserve=0)
+    runner.forward([root], [prefix])
+    runner.release(root)
+
+    def check(seq, feed):
+        got = runner.forward([seq], [feed], all_logits=True)[0]
+        want = model(torch.tensor([seq.tokens])).logits[0, -len(feed):].float()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    seq = runner.acquire(prefix + [5, 6, 7], reserve=4)
+    assert seq.base is root and seq.offset == seq.length == 150 and seq.kv.shape[3] == 64
+    assert runner.kv_bytes() == (root.kv.numel() + seq.kv.numel()) * 4  # the shared buffer once
+    check(seq, [5, 6, 7])
+    for i in range(0, 70, 7):  # past its own 64 positions: the own buffer grows
+        check(seq, prefix[i:i + 7])
+    assert seq.kv.shape[3] >= 223 - 150 and seq.base is root
+    twin = runner.acquire(seq.tokens[:200] + [9], reserve=2)  # from a sharing sequence: same base, copies the rest
+    assert twin.base is root and twin.offset == 150 and twin.length == 200
+    check(twin, [9])
+    runner.truncate(seq, 120)  # into the shared part: its next positions go to a new own buffer
+    assert seq.offset == 120 and seq.base is root
+    check(seq, prefix[120:126])
+    check(seq, (PROMPT * 4)[:40])  # 40 new tokens: SDPA, on one buffer
+    assert seq.base is None and seq.offset == 0 and seq.length == 166
+
+    tokens = {}
+    branches = [prefix + [11 + i, 12, 13] for i in range(3)]
+    for share in (True, False):
+        engine = Engine(model, tok)
+        engine.target.kernel_attention = share  # off: copies the prefix and runs SDPA
+        engine.generate([Request(prefix, max_new_tokens=1)])
+        tokens[share] = [r.token_ids for r in engine.generate([Request(b, max_new_tokens=20) for b in branches])]
+        assert any(s.base is not None for s in engine.target.cache.values()) == share
+    assert tokens[True] == tokens[False]
+
+
 def test_a_deep_copy_of_a_planned_model_computes_with_its_own_weights(tiny_llama):
     """The few-row linear plans are bound to their modules: a deep copy (e.g. a reference model) uses its own
     weights, on every way a plan can take."""

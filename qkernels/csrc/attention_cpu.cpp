@@ -37,40 +37,43 @@ namespace specmoe {
 namespace {
 
 constexpr int64_t kChunk = 64;         // keys per online-softmax chunk (64 rows of D floats stay in L1)
-constexpr int64_t kMinSliceKeys = 128;  // a task takes at least this many keys before a head is split
+constexpr int64_t kMinSliceKeys = 128;  // a head is split into slices of at least this many keys
 
-// One task: the queries of one (sequence, KV head) against keys [j0, j1) of that head. Query q may see keys
-// below limit[q]. Writes, per query, the running max m, the sum of exp l and the unnormalized output acc [D].
+// One task: the queries of one (sequence, KV head) against a slice of that head's keys. Query q may see keys
+// below limit[q]. Keeps, per query, the running max m, the sum of exp l and the unnormalized output acc [D]. The
+// slice is run as segments (`run`: keys [j0, j1), key j's row at K + (j - first) * D), since a sequence that shares
+// a cached prefix reads the prefix's keys from the prefix's buffer and the rest from its own.
 struct Task {
   const float* const* q;  // nq query rows of D floats
   const int64_t* limit;   // nq: keys 0..limit[q]-1 are visible to query q
   int64_t nq;
-  const float* K;  // key row j at K + j * D
-  const float* V;
-  int64_t D, j0, j1;
+  int64_t D;
   float scale;
   float* m;
   float* l;
   float* acc;  // nq * D
+
+  void start() const {
+    for (int64_t i = 0; i < nq; ++i) {
+      m[i] = -std::numeric_limits<float>::infinity();
+      l[i] = 0.f;
+      std::fill(acc + i * D, acc + (i + 1) * D, 0.f);
+    }
+  }
 };
 
 namespace scalar {
 
-void run(const Task& t) {
+void run(const Task& t, const float* Kb, const float* Vb, int64_t first, int64_t j0, int64_t j1) {
   std::vector<float> s(kChunk);
-  for (int64_t q = 0; q < t.nq; ++q) {
-    t.m[q] = -std::numeric_limits<float>::infinity();
-    t.l[q] = 0.f;
-    std::fill(t.acc + q * t.D, t.acc + (q + 1) * t.D, 0.f);
-  }
-  for (int64_t c0 = t.j0; c0 < t.j1; c0 += kChunk) {
+  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
     for (int64_t q = 0; q < t.nq; ++q) {
-      const int64_t c1 = std::min({c0 + kChunk, t.j1, t.limit[q]});
+      const int64_t c1 = std::min({c0 + kChunk, j1, t.limit[q]});
       if (c1 <= c0) continue;
       const float* qr = t.q[q];
       float cmax = -std::numeric_limits<float>::infinity();
       for (int64_t j = c0; j < c1; ++j) {
-        const float* kr = t.K + j * t.D;
+        const float* kr = Kb + (j - first) * t.D;
         float d = 0.f;
         for (int64_t e = 0; e < t.D; ++e) d += qr[e] * kr[e];
         s[j - c0] = d * t.scale;
@@ -84,7 +87,7 @@ void run(const Task& t) {
       for (int64_t j = c0; j < c1; ++j) {
         const float p = std::exp(s[j - c0] - m);
         l += p;
-        const float* vr = t.V + j * t.D;
+        const float* vr = Vb + (j - first) * t.D;
         for (int64_t e = 0; e < t.D; ++e) acc[e] += p * vr[e];
       }
       t.m[q] = m;
@@ -133,22 +136,17 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-void run(const Task& t) {
+void run(const Task& t, const float* Kb, const float* Vb, int64_t first, int64_t j0, int64_t j1) {
   const int64_t D = t.D;
   alignas(32) float s[kChunk + 8];
-  for (int64_t q = 0; q < t.nq; ++q) {
-    t.m[q] = -std::numeric_limits<float>::infinity();
-    t.l[q] = 0.f;
-    std::fill(t.acc + q * D, t.acc + (q + 1) * D, 0.f);
-  }
   const __m256 vscale = _mm256_set1_ps(t.scale);
-  for (int64_t c0 = t.j0; c0 < t.j1; c0 += kChunk) {
+  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
     for (int64_t q = 0; q < t.nq; ++q) {
-      const int64_t c1 = std::min({c0 + kChunk, t.j1, t.limit[q]});
+      const int64_t c1 = std::min({c0 + kChunk, j1, t.limit[q]});
       if (c1 <= c0) continue;
       const int64_t n = c1 - c0;
       const float* qr = t.q[q];
-      const float* K = t.K + c0 * D;
+      const float* K = Kb + (c0 - first) * D;
       int64_t j = 0;
       for (; j + 4 <= n; j += 4) {  // 4 keys at a time: 4 independent FMA chains
         const float* k0 = K + j * D;
@@ -184,7 +182,7 @@ void run(const Task& t) {
       t.l[q] = t.l[q] * corr + hsum(lsum);
       t.m[q] = m;
       float* acc = t.acc + q * D;
-      const float* V = t.V + c0 * D;
+      const float* V = Vb + (c0 - first) * D;
       const __m256 vc = _mm256_set1_ps(corr);
       for (int64_t e0 = 0; e0 < D; e0 += 64) {  // 64 output floats (8 registers) at a time
         const int64_t w = std::min<int64_t>(64, D - e0) / 8;
@@ -208,11 +206,14 @@ void run(const Task& t) {
 }  // namespace
 
 // q [B, T, Hq, D], k_new / v_new [B, T, Hkv, D] (float32, contiguous); kvs: B buffers [L, 2, Hkv, capacity, D]
-// (float32, contiguous), `layer` the one to use; past[b]: positions already in kv_b; lens[b] = t_b <= T new tokens
-// (rows t_b.. of q are padding). Writes the new keys and values into the buffers and returns [B, T, Hq * D]
-// (padding rows zero). `fast`: the AVX2 path (the caller checks the CPU).
+// (float32, contiguous), `layer` the one to use. Sequence b's position p lives in kvs[b] at p - offsets[b]; positions
+// below offsets[b] are a shared prefix, read from bases[b] (same layout; an empty tensor when offsets[b] is 0).
+// past[b]: positions already written; lens[b] = t_b <= T new tokens (rows t_b.. of q are padding). Writes the new
+// keys and values into kvs[b] and returns [B, T, Hq * D] (padding rows zero). `fast`: the AVX2 path (the caller
+// checks the CPU).
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new,
-                               std::vector<torch::Tensor> kvs, int64_t layer, std::vector<int64_t> past,
+                               std::vector<torch::Tensor> kvs, std::vector<torch::Tensor> bases,
+                               std::vector<int64_t> offsets, int64_t layer, std::vector<int64_t> past,
                                std::vector<int64_t> lens, double scale, bool fast) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(),
               "q must be a contiguous float32 [B, T, Hq, D] tensor");
@@ -223,21 +224,32 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_new, torch::Tens
               "k_new and v_new must be contiguous float32 [B, T, Hkv, D] tensors matching q");
   const int64_t Hkv = k_new.size(2);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads (", Hq, ") must be a multiple of KV heads (", Hkv, ")");
-  TORCH_CHECK(int64_t(kvs.size()) == B && int64_t(past.size()) == B && int64_t(lens.size()) == B,
-              "kvs, past and lens need one entry per sequence");
+  TORCH_CHECK(int64_t(kvs.size()) == B && int64_t(bases.size()) == B && int64_t(offsets.size()) == B &&
+                  int64_t(past.size()) == B && int64_t(lens.size()) == B,
+              "kvs, bases, offsets, past and lens need one entry per sequence");
   const int64_t G = Hq / Hkv;
-  std::vector<float*> bufs(B);
-  std::vector<int64_t> caps(B);
-  for (int64_t b = 0; b < B; ++b) {
-    const auto& kv = kvs[b];
+  auto layer_of = [&](const torch::Tensor& kv, const char* what, int64_t b) {
     TORCH_CHECK(kv.dim() == 5 && kv.size(1) == 2 && kv.size(2) == Hkv && kv.size(4) == D &&
                     kv.scalar_type() == torch::kFloat32 && kv.is_contiguous() && layer >= 0 && layer < kv.size(0),
-                "kv buffer ", b, " must be a contiguous float32 [L, 2, Hkv, capacity, D] tensor with layer ", layer);
-    TORCH_CHECK(lens[b] >= 1 && lens[b] <= T && past[b] >= 0 && past[b] + lens[b] <= kv.size(3),
+                what, " ", b, " must be a contiguous float32 [L, 2, Hkv, capacity, D] tensor with layer ", layer);
+    return kv.data_ptr<float>() + layer * 2 * Hkv * kv.size(3) * D;
+  };
+  std::vector<float*> bufs(B);
+  std::vector<const float*> base_bufs(B, nullptr);
+  std::vector<int64_t> caps(B), base_caps(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    bufs[b] = layer_of(kvs[b], "kv buffer", b);
+    caps[b] = kvs[b].size(3);
+    TORCH_CHECK(offsets[b] >= 0 && lens[b] >= 1 && lens[b] <= T && past[b] >= offsets[b] &&
+                    past[b] + lens[b] - offsets[b] <= caps[b],
                 "sequence ", b, ": ", past[b], " cached + ", lens[b], " new tokens do not fit its buffer of ",
-                kv.size(3), " (or t_b is not in 1..T)");
-    caps[b] = kv.size(3);
-    bufs[b] = kv.data_ptr<float>() + layer * 2 * Hkv * caps[b] * D;
+                caps[b], " from position ", offsets[b], " (or t_b is not in 1..T)");
+    if (offsets[b] > 0) {
+      base_bufs[b] = layer_of(bases[b], "prefix buffer", b);
+      base_caps[b] = bases[b].size(3);
+      TORCH_CHECK(base_caps[b] >= offsets[b], "sequence ", b, ": its prefix buffer holds ", base_caps[b],
+                  " positions, not the ", offsets[b], " it shares");
+    }
   }
   const float* qp = q.data_ptr<float>();
   const float* kn = k_new.data_ptr<float>();
@@ -245,12 +257,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_new, torch::Tens
   for (int64_t b = 0; b < B; ++b)  // the new keys and values into their slots (before any task reads them)
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t i = 0; i < lens[b]; ++i) {
-        const int64_t src = ((b * T + i) * Hkv + h) * D, dst = (h * caps[b] + past[b] + i) * D;
+        const int64_t src = ((b * T + i) * Hkv + h) * D, dst = (h * caps[b] + past[b] - offsets[b] + i) * D;
         std::memcpy(bufs[b] + dst, kn + src, D * sizeof(float));
         std::memcpy(bufs[b] + Hkv * caps[b] * D + dst, vn + src, D * sizeof(float));
       }
 
-  // tasks: (sequence, KV head, slice of keys); a head is sliced when there are fewer heads than 2 per thread
+  // tasks: (KV head, sequence, slice of keys), head-major so that sequences sharing a prefix read it back to back
+  // (from cache); a head is sliced when there are fewer (head, sequence) pairs than 2 per thread
   const int64_t threads = at::get_num_threads();
   int64_t max_keys = 0;
   for (int64_t b = 0; b < B; ++b) max_keys = std::max(max_keys, past[b] + lens[b]);
@@ -263,7 +276,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_new, torch::Tens
     std::vector<const float*> qrows(Q);
     std::vector<int64_t> limit(Q);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / (Hkv * S), h = task / S % Hkv, s = task % S;
+      const int64_t h = task / (B * S), b = task / S % B, s = task % S;
       const int64_t nkeys = past[b] + lens[b], per = (nkeys + S - 1) / S;
       int64_t nq = 0;
       for (int64_t g = 0; g < G; ++g)
@@ -271,17 +284,21 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_new, torch::Tens
           qrows[nq] = qp + ((b * T + i) * Hq + h * G + g) * D;
           limit[nq] = past[b] + i + 1;
         }
-      const float* K = bufs[b] + h * caps[b] * D;
-      Task task_args{qrows.data(), limit.data(), nq, K, K + Hkv * caps[b] * D, D,
-                     std::min(nkeys, s * per), std::min(nkeys, (s + 1) * per), static_cast<float>(scale),
-                     m.data() + task * Q, l.data() + task * Q, acc.data() + task * Q * D};
+      const Task args{qrows.data(), limit.data(), nq, D, static_cast<float>(scale),
+                      m.data() + task * Q, l.data() + task * Q, acc.data() + task * Q * D};
+      args.start();
+      const int64_t j0 = std::min(nkeys, s * per), j1 = std::min(nkeys, (s + 1) * per), off = offsets[b];
+      const float* own = bufs[b] + h * caps[b] * D;
+      const float* base = offsets[b] > 0 ? base_bufs[b] + h * base_caps[b] * D : nullptr;
+      auto segment = [&](const float* K, int64_t kv_stride, int64_t first, int64_t a, int64_t z) {
+        if (a >= z) return;
 #if SPECMOE_ATTN_X86
-      if (fast && D % 8 == 0) {
-        avx2::run(task_args);
-        continue;
-      }
+        if (fast && D % 8 == 0) return avx2::run(args, K, K + kv_stride, first, a, z);
 #endif
-      scalar::run(task_args);
+        scalar::run(args, K, K + kv_stride, first, a, z);
+      };
+      if (base != nullptr) segment(base, Hkv * base_caps[b] * D, 0, j0, std::min(j1, off));
+      segment(own, Hkv * caps[b] * D, off, std::max(j0, off), j1);
     }
   });
 
@@ -293,7 +310,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_new, torch::Tens
       int64_t nq = 0;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t i = 0; i < lens[b]; ++i, ++nq) {
-          const int64_t base = (b * Hkv + h) * S;
+          const int64_t base = (h * B + b) * S;
           float M = -std::numeric_limits<float>::infinity();
           for (int64_t s = 0; s < S; ++s) M = std::max(M, m[(base + s) * Q + nq]);
           float L = 0.f;

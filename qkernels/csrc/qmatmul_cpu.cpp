@@ -916,17 +916,19 @@ torch::Tensor dense_rows(torch::Tensor x, torch::Tensor w, torch::Tensor bias) {
 
 namespace specmoe {
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new,
-                               std::vector<torch::Tensor> kvs, int64_t layer, std::vector<int64_t> past,
+                               std::vector<torch::Tensor> kvs, std::vector<torch::Tensor> bases,
+                               std::vector<int64_t> offsets, int64_t layer, std::vector<int64_t> past,
                                std::vector<int64_t> lens, double scale, bool fast);  // attention_cpu.cpp
 }  // namespace specmoe
 
 // The native engine's attention for a step's few new tokens per sequence (attention_cpu.cpp), on the AVX2 path
 // unless the scalar one is forced or the CPU lacks AVX2 (AVX-512 machines take the AVX2 code).
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new,
-                               std::vector<torch::Tensor> kvs, int64_t layer, std::vector<int64_t> past,
+                               std::vector<torch::Tensor> kvs, std::vector<torch::Tensor> bases,
+                               std::vector<int64_t> offsets, int64_t layer, std::vector<int64_t> past,
                                std::vector<int64_t> lens, double scale) {
-  return specmoe::decode_attention(q, k_new, v_new, std::move(kvs), layer, std::move(past), std::move(lens), scale,
-                                   active_isa() >= kAvx2);
+  return specmoe::decode_attention(q, k_new, v_new, std::move(kvs), std::move(bases), std::move(offsets), layer,
+                                   std::move(past), std::move(lens), scale, active_isa() >= kAvx2);
 }
 
 std::string isa() { return kIsaNames[active_isa()]; }
