@@ -4,7 +4,10 @@ On `--model` (default `smollm2-135m-instruct`; in-process engine, CPU unless a G
   ar_vs_hf_ratio                 our greedy decode tokens/s over transformers' `generate` on the same prompts (its
                                  linears on torch's forward, as it ships; ar_identical_to_hf: the same tokens)
   branch4_vs_branch1_time_ratio  one step from 4 prefixes sharing a >=300-token committed prefix, over 1 prefix
-                                 (both measured `--engine-runs` times, default 3: the median, and each run in *_runs)
+                                 (per run the best of 3 timings each, 1 and 4 alternating so that a slow spell of
+                                 the machine hits both; `--engine-runs` runs, default 3: the median, and each run in
+                                 *_runs); branch_kv_bytes: the KV memory one branch adds, beside prefix_kv_bytes,
+                                 what a copy of the committed prefix's KV takes
   prefill_tokens_ratio           prefill tokens while committing a ~1000-token answer step by step,
                                  over prompt + answer length
   sd_greedy_identical, sd_speedup  token-level SD with `--draft` (default smollm2-135m-draft-l6) vs AR
@@ -35,7 +38,7 @@ from quant.perplexity import pydoc_text
 KEYS = ("model", "draft", "device", "num_prompts", "max_new_tokens", "ours_tokens_per_s", "hf_tokens_per_s",
         "ar_vs_hf_ratio", "ar_identical_to_hf", "ar_tokens", "committed_prefix_tokens", "branch_step_tokens",
         "branch1_s", "branch4_s", "branch4_vs_branch1_time_ratio", "engine_runs", "ar_vs_hf_ratio_runs",
-        "branch4_vs_branch1_time_ratio_runs", "answer_tokens", "answer_steps", "prompt_tokens",
+        "branch4_vs_branch1_time_ratio_runs", "branch_kv_bytes", "prefix_kv_bytes", "answer_tokens", "answer_steps", "prompt_tokens",
         "prefill_tokens", "prefill_tokens_ratio",
         *(f"{label}_{k}" for label in ("sd", "sd_ngram") for k in ("greedy_identical", "speedup", "acceptance_rate",
                                                                    "mean_acceptance_length", "num_tokens")))
@@ -97,22 +100,29 @@ def run(args) -> dict:
             identical &= hf_ids == res.token_ids
         return ours_tokens / ours_s, hf_tokens / hf_s, ours_tokens, identical, results
 
-    def branches(tag: str, n: int) -> float:
+    def branches(tag: str, n: int) -> tuple[float, int]:
+        """Seconds for n branches off the cached committed prefix, and the KV bytes they added (kept in the prefix
+        cache after they finish)."""
         reqs = [Request(committed + tok(f" {tag} {i}:").input_ids, max_new_tokens=branch_tokens) for i in range(n)]
+        kv0 = branch_engine.target.kv_bytes()
         sync(device)
         t0 = time.perf_counter()
         results = branch_engine.generate(reqs)
         sync(device)
+        seconds = time.perf_counter() - t0
         assert all(len(r.token_ids) == branch_tokens or r.finish_reason == "eos" for r in results)
-        return time.perf_counter() - t0
+        return seconds, branch_engine.target.kv_bytes() - kv0
 
     ar_ratios, branch_ratios, identical_to_hf = [], [], True
     for run in range(args.engine_runs):
         ours_tps, hf_tps, ar_tokens, identical, ar_results = ar_run()
         identical_to_hf &= identical
         ar_ratios.append(ours_tps / hf_tps)
-        t1 = min(branches(f"Case {run}{k}", 1) for k in range(3))
-        t4 = min(branches(f"Part {run}{k}", 4) for k in range(3))
+        t1 = t4 = float("inf")
+        for k in range(3):  # alternating, so that a slow spell of the machine hits both
+            t1 = min(t1, branches(f"Case {run}{k}", 1)[0])
+            s4, kv4 = branches(f"Part {run}{k}", 4)
+            t4 = min(t4, s4)
         branch_ratios.append(t4 / t1)
         print(f"run {run + 1}/{args.engine_runs}: ar_vs_hf_ratio {ar_ratios[-1]:.2f} "
               f"branch4_vs_branch1_time_ratio {branch_ratios[-1]:.2f}", flush=True)
@@ -121,7 +131,8 @@ def run(args) -> dict:
                ar_vs_hf_ratio_runs=ar_ratios, ar_identical_to_hf=identical_to_hf, ar_tokens=ar_tokens,
                engine_runs=args.engine_runs, committed_prefix_tokens=len(committed), branch_step_tokens=branch_tokens,
                branch1_s=t1, branch4_s=t4, branch4_vs_branch1_time_ratio=statistics.median(branch_ratios),
-               branch4_vs_branch1_time_ratio_runs=branch_ratios)
+               branch4_vs_branch1_time_ratio_runs=branch_ratios, branch_kv_bytes=kv4 // 4,
+               prefix_kv_bytes=branch_engine.target.bytes_per_token * len(committed))
 
     # --- commit a ~1000-token answer step by step; count what the target prefills
     engine = Engine(model, tok)
