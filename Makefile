@@ -33,7 +33,7 @@ demo: venv
 	$(OFFLINE) $(PY) -m pipelines.demo run.storage=$(CURDIR)/runs
 
 test: venv venv-vllm
-	$(OFFLINE) WANDB_MODE=offline SPECMOE_REQUIRE_VLLM=1 $(PY) -X faulthandler -m pytest -q -x tests
+	$(OFFLINE) WANDB_MODE=offline SPECMOE_REQUIRE_VLLM=1 $(PY) -X faulthandler -m pytest -q -x --durations=25 tests
 
 test-gpu: venv
 	$(OFFLINE) $(PY) -m pytest -q -m gpu tests
