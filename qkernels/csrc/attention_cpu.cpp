@@ -5,16 +5,19 @@
 // kv_b [L, 2, Hkv, capacity, D] at positions past_b .. past_b + t_b - 1, and new token i of sequence b attends,
 // causally, to positions 0 .. past_b + i of that buffer. Query head h reads KV head h / (Hq / Hkv) (GQA).
 //
+// A sequence may share a cached prefix instead of holding a copy: its positions below offset_b are read from the
+// prefix's buffer base_b (same layout), the rest from its own buffer, where position p sits at p - offset_b.
+//
 // Why not torch's SDPA: one call per sequence per layer costs about 75-95 us on a 2-core CPU for a single query
 // over ~400 keys, most of it fixed cost, so a step of 4 sequences paid 4x a step of one; a padded batch needs a
-// copy of every cache. Here one call covers the batch, reads each buffer in place, and the tasks (sequence,
-// KV head, slice of keys) are split over torch's threads; the slices of one head are merged by their softmax
-// statistics (flash-decoding). Each task runs the online softmax over chunks of keys that stay in L1: for a chunk,
-// the scores of every query of the head group (G = Hq / Hkv heads x t_b tokens share each key row), then
-// p = exp(score - running max) and acc += p v.
+// copy of every cache. Here one call covers the batch, reads each buffer in place, and the tasks (KV head,
+// sequence, slice of keys; head-major, so sequences sharing a prefix read it back to back) are split over torch's
+// threads; the slices of one head are merged by their softmax statistics (flash-decoding). Each task runs the
+// online softmax over chunks of keys that stay in L1: for a chunk, the scores of every query of the head group
+// (G = Hq / Hkv heads x t_b tokens share each key row), then p = exp(score - running max) and acc += p v.
 //
-// Paths: AVX2 + FMA (D a multiple of 8; exp as a Cephes-style polynomial, within 2 ulp of expf), and scalar loops
-// (std::exp) for other CPUs and head sizes. Both are float32 throughout.
+// Paths: AVX2 + FMA (D a multiple of 8; exp by Cephes' single-precision polynomial), and scalar loops (std::exp)
+// for other CPUs and head sizes. Both are float32 throughout; tests/test_cpu_kernels.py checks them against SDPA.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
