@@ -38,7 +38,6 @@ import torch.nn.functional as F
 
 from qkernels import cpu as cpu_kernels
 
-_EMPTY = torch.empty(0)
 SUPPORTED = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
 SMALL_BATCH = (2, 64)  # rows of a linear's input where the CPU path may take W @ x^T instead of x @ W^T
 KERNEL_ROWS = 8  # rows up to which the CPU path may take our dense kernel (qkernels.cpu.dense_rows)
@@ -200,7 +199,7 @@ class _KernelStep:
     """What the attention kernel needs of a step, the same for every layer."""
 
     kvs: list[torch.Tensor]
-    bases: list[torch.Tensor]
+    bases: list[torch.Tensor | None]
     offsets: list[int]
     past: list[int]
     lens: list[int]
@@ -413,7 +412,7 @@ class ModelRunner:
         if kernel:
             # one call per layer for the whole step, heads last ([B, T, H, D]): see qkernels.cpu.decode_attention
             step = _KernelStep([seq.kv for seq in seqs],
-                               [seq.base.kv if seq.base is not None else _EMPTY for seq in seqs],
+                               [seq.base.kv if seq.base is not None else None for seq in seqs],
                                [seq.offset for seq in seqs], [seq.length for seq in seqs], lengths)
             cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]
         else:

@@ -136,14 +136,14 @@ def dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 
 def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kvs: list[torch.Tensor], layer: int,
-                     past: list[int], lens: list[int], scale: float, bases: list[torch.Tensor] | None = None,
-                     offsets: list[int] | None = None) -> torch.Tensor:
+                     past: list[int], lens: list[int], scale: float,
+                     bases: list[torch.Tensor | None] | None = None, offsets: list[int] | None = None) -> torch.Tensor:
     """A step's attention, every sequence in one call (csrc/attention_cpu.cpp): float32 q [B, T, Hq, D] and the new
     keys/values k_new, v_new [B, T, Hkv, D] of `lens[b]` <= T tokens per sequence (the rest padding); kvs[b] the
     sequence's buffer [L, 2, Hkv, capacity, D] with `past[b]` positions filled. Position p of sequence b lives in
-    kvs[b] at p - offsets[b]; positions below offsets[b] are a prefix it shares, read from bases[b] (default: no
-    sharing). Writes the new keys and values into kvs[b] at `layer` and returns [B, T, Hq * D]: new token i of
+    kvs[b] at p - offsets[b]; positions below offsets[b] are a prefix it shares, read from bases[b] (None, or no
+    `bases` at all: no sharing). Writes the new keys and values into kvs[b] at `layer` and returns [B, T, Hq * D]: new token i of
     sequence b attends causally to positions 0..past[b] + i (padding rows zero)."""
-    bases = bases if bases is not None else [_EMPTY] * len(kvs)
+    bases = [_EMPTY if b is None else b for b in (bases if bases is not None else [None] * len(kvs))]
     offsets = offsets if offsets is not None else [0] * len(kvs)
     return load().decode_attention(q, k_new, v_new, kvs, bases, offsets, layer, past, lens, scale)

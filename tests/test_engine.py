@@ -371,7 +371,7 @@ def test_the_attention_kernel_gives_what_per_sequence_sdpa_gives(tiny_llama):
         runner.kernel_attention = kernel
         seqs = [runner.acquire(p, reserve=8) for p in prompts]
         runner.forward(seqs[:1], prompts[:1])  # a long prefill: SDPA on both
-        runner.forward(seqs[1:], [p for p in prompts[1:]])
+        runner.forward(seqs[1:], prompts[1:])
         logits[kernel] = runner.forward(seqs, feeds, all_logits=True)
     for a, b in zip(logits[True], logits[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

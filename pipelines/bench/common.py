@@ -61,7 +61,9 @@ def median_of(runs: list[float]) -> dict:
 def machine() -> dict:
     """The machine a figure was taken on: CPU model and its vector extensions, cores, torch threads, GPU."""
     flags: set[str] = set()
-    ids: dict[str, int] = {}  # cpu family and model number: a VM's "AMD EPYC" is Zen 1/2 at family 23, Zen 3/4 at 25
+    # cpu family and model number: a VM's "AMD EPYC" is Zen 1/2 at family 23, Zen 3/4 at 25
+    id_keys = {"cpu family": "cpu_family", "model": "cpu_model_number"}
+    ids: dict[str, int] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -70,8 +72,8 @@ def machine() -> dict:
                 if key == "flags":
                     flags = set(value.split())
                     break
-                if key in ("cpu family", "model") and value.strip().isdigit():
-                    ids[key.replace(" ", "_") if key != "model" else "cpu_model_number"] = int(value)
+                if key in id_keys and value.strip().isdigit():
+                    ids[id_keys[key]] = int(value)
     except OSError:
         pass
     import os

@@ -38,8 +38,8 @@ from quant.perplexity import pydoc_text
 KEYS = ("model", "draft", "device", "num_prompts", "max_new_tokens", "ours_tokens_per_s", "hf_tokens_per_s",
         "ar_vs_hf_ratio", "ar_identical_to_hf", "ar_tokens", "committed_prefix_tokens", "branch_step_tokens",
         "branch1_s", "branch4_s", "branch4_vs_branch1_time_ratio", "engine_runs", "ar_vs_hf_ratio_runs",
-        "branch4_vs_branch1_time_ratio_runs", "branch_kv_bytes", "prefix_kv_bytes", "answer_tokens", "answer_steps", "prompt_tokens",
-        "prefill_tokens", "prefill_tokens_ratio",
+        "branch4_vs_branch1_time_ratio_runs", "branch_kv_bytes", "prefix_kv_bytes", "answer_tokens", "answer_steps",
+        "prompt_tokens", "prefill_tokens", "prefill_tokens_ratio",
         *(f"{label}_{k}" for label in ("sd", "sd_ngram") for k in ("greedy_identical", "speedup", "acceptance_rate",
                                                                    "mean_acceptance_length", "num_tokens")))
 

@@ -23,8 +23,8 @@
 //   avx2:   AVX2 + FMA + F16C, integer dot products: x is rounded to int16 per block (max|x| / 32767 per group
 //           for 3-bit, / 16383 per block of up to 128 for codebooks: half a step is 1.5e-5 or 3e-5 of a block's
 //           largest |x|), and vpmaddwd multiplies 16 codes by 16 x values at once. 3-bit: one shuffle, one multiply
-//           and one shift put 16 codes in 16-bit lanes. Codebook (groups of a multiple of 32): the 16 centroids as int16
-//           (max|c| / 4095) in a low-byte and a high-byte table, two vpshufb per 32 codes; other groups take
+//           and one shift put 16 codes in 16-bit lanes. Codebook (groups of a multiple of 32): the 16 centroids as
+//           int16 (max|c| / 4095) in a low-byte and a high-byte table, two vpshufb per 32 codes; other groups take
 //           fp32 permutes of the table. Several weight rows (or x rows) per pass share each load;
 //   scalar: plain loops (any CPU, e.g. ARM); the reference for the others.
 // Every path is compiled into the one extension (GCC target pragmas), so one build serves every node.
@@ -442,7 +442,7 @@ void codebook4_tile_i16(const uint8_t* const* rows, const at::Half* const* cent,
 // 2 x 2 or 1 x 2.
 void codebook4_block(const Codebook4Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
   const bool integer = a.xq != nullptr;
-  const uint32_t* rows[4];
+  const uint32_t* rows[4] = {};
   const at::Half* cent[4];
   float out[4];
   for (int64_t r0 = lo; r0 < hi;) {
@@ -457,7 +457,8 @@ void codebook4_block(const Codebook4Args& a, int64_t e, int64_t n0, int64_t n1, 
       }
       if (e * a.N + n + 2 * rb <= a.E * a.N) prefetch(a.packed + (e * a.N + n + rb) * a.W, rb * a.W * 4);
       if (integer) {
-        const uint8_t* bytes[2] = {reinterpret_cast<const uint8_t*>(rows[0]), reinterpret_cast<const uint8_t*>(rows[1])};
+        const uint8_t* bytes[2] = {reinterpret_cast<const uint8_t*>(rows[0]),
+                                   reinterpret_cast<const uint8_t*>(rows[1])};
         const int16_t* xq = a.xq + r0 * a.K;
         const float* xsc = a.xscale + r0 * (a.K / a.block);
         switch (rb * 10 + rn) {
