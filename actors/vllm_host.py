@@ -63,7 +63,7 @@ def check_installed() -> None:
 def model_dir(name: str) -> Path:
     """The directory vLLM loads for a model name: zoo names and paths resolve as for the native engine; an
     early-exit draft (`<model>-draft-l<N>`) is written once as a truncated model (vLLM reads whole checkpoints);
-    quantized checkpoints of ours are refused (vLLM has no MiLo/CodeQuant kernels yet)."""
+    a SpecMoE quantized checkpoint is served through the `specmoe` quantization method (quant.vllm_quant)."""
     m = zoo._DRAFT.match(name)
     if m is not None:
         def build(out: Path):
@@ -72,20 +72,27 @@ def model_dir(name: str) -> Path:
             tok.save_pretrained(out)
 
         return zoo.cached_build(name, build)
-    check_servable(name)
     return zoo.local_dir(name)
 
 
-def check_servable(name: str) -> None:
+def check_servable(name: str, parallel: int = 1) -> bool:
     """Refuse what the vLLM backend cannot serve, without loading anything (a model in run storage: its small
-    files only, never the weights)."""
+    files only, never the weights); returns whether the model is a SpecMoE quantized checkpoint. One rank holds
+    every packed row of such a checkpoint, so `parallel` (tensor x pipeline parallel ranks) must be 1."""
     if storage.is_uri(name) and not name.startswith("file://"):
         path = storage.fetch(name, skip=zoo.WEIGHT_FILES)
     else:
         path = zoo.resolve_dir(name)
-    if isinstance(path, Path) and (path / "specmoe_quant.json").is_file():
-        raise EngineError(f"model {name!r} is a SpecMoE quantized checkpoint: the vLLM backend cannot serve it yet "
-                          "(use engine.backend=native, or the fp model)")
+    if not (isinstance(path, Path) and (path / "specmoe_quant.json").is_file()):
+        return False
+    from quant.checkpoint import read_manifest
+
+    read_manifest(path)  # a corrupt or foreign manifest: one line, before vLLM starts
+    if parallel > 1:
+        raise EngineError(f"model {name!r} is a SpecMoE quantized checkpoint: vLLM serves it on one rank only "
+                          f"(tensor_parallel_size x pipeline_parallel_size is {parallel}); use 1, or "
+                          "engine.backend=native")
+    return True
 
 
 def speculative_config(spec: Speculation, draft_name: str | None = None) -> dict | None:
@@ -115,12 +122,15 @@ def engine_args(role) -> dict:
     spec = Speculation(e.speculation.method, e.speculation.num_tokens, e.speculation.ngram_max,
                        e.speculation.ngram_min)
     cuda = on_cuda(m.device)
+    quantized = check_servable(m.name, v.tensor_parallel_size * v.pipeline_parallel_size)
     args = dict(model=str(model_dir(m.name)), dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                 seed=0, enable_prefix_caching=True, max_num_seqs=e.max_batch,
                 tensor_parallel_size=v.tensor_parallel_size, pipeline_parallel_size=v.pipeline_parallel_size,
                 enforce_eager=v.enforce_eager == "on" or (v.enforce_eager == "auto" and not cuda),
                 gpu_memory_utilization=v.gpu_memory_utilization, disable_log_stats=True,
                 speculative_config=speculative_config(spec, e.speculation.draft_model.name))
+    if quantized:  # MiLo / CodeQuant through our kernels (quant.vllm_quant, a vllm.general_plugins entry point)
+        args["quantization"] = args["load_format"] = "specmoe"
     if args["speculative_config"] is not None:  # drafted / accepted tokens per request (the Result counters)
         args["per_request_spec_decode_metrics"] = "summary"
     if v.max_model_len:
@@ -155,6 +165,10 @@ class VLLMHost:
         if not on_cuda(role.model.device):
             _threads_env(role.engine.torch_threads or actor_threads())
         self.args = engine_args(role)
+        if self.args.get("quantization") == "specmoe":
+            from quant import vllm_quant
+
+            vllm_quant.register()  # this process (the engine core registers it from the entry point)
         self._new_engine = lambda: AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
         self.llm = self._new_engine()
         self.restarts, self.restarts_allowed = 0, role.engine.vllm.engine_restarts

@@ -139,6 +139,8 @@ def save(out_dir: Path, model, tokenizer, results: dict[str, object], meta: dict
         save_file(payload, str(out_dir / shard))
     for f in ["rest.safetensors"] + sorted({e["shard"] for e in entries.values()}):
         shards[f] = sha256(out_dir / f)
+    if not getattr(model.config, "architectures", None):  # a model built from a config: serving engines need it
+        model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

@@ -78,9 +78,15 @@ def test_vllm_config_errors_name_the_key(monkeypatch, tmp_path):
     fake.mkdir()
     (fake / "config.json").write_text("{}")
     (fake / "specmoe_quant.json").write_text("{}")
-
-    with pytest.raises(ConfigError, match="'target.engine.backend'.*quantized checkpoint.*cannot serve it yet"):
+    with pytest.raises(ConfigError, match="'target.engine.backend'.*specmoe_quant.json: unsupported format"):
         check_backend("target", replace(vllm_role(), model=ModelConfig(name=str(fake))))
+    (fake / "specmoe_quant.json").write_text('{"format": 1}')
+    role = replace(vllm_role(), model=ModelConfig(name=str(fake)))
+    check_backend("target", role)  # a quantized checkpoint is served (quant.vllm_quant) ...
+    role.engine.vllm.tensor_parallel_size = 2
+    with pytest.raises(ConfigError, match="'target.engine.backend'.*quantized checkpoint: vLLM serves it on one "
+                                          "rank only"):
+        check_backend("target", role)  # ... on one rank
     with pytest.raises(ConfigError, match="vllm.gpu_memory_utilization"):
         validate(replace(vllm_role(), engine=replace(vllm_role().engine, vllm=replace(
             vllm_role().engine.vllm, gpu_memory_utilization=1.5))))
@@ -318,6 +324,69 @@ def test_evaluate_job_runs_on_the_vllm_backend(local_ray, tmp_path):
     assert sum(t["token_drafted"] for t in traces["sd"]) > 0  # the target was started again with vLLM's SD
     assert sum(t["token_drafted"] for t in traces["ar"]) == 0
     assert (run_dir / "report.md").is_file()
+
+
+def quantized_moe(out):
+    """A tiny Mixtral (head size 32, which vLLM's CPU attention takes) as a SpecMoE checkpoint that mixes every
+    format the `specmoe` method serves: MiLo 3-bit attention whose q, k, v have compensators of ranks 4, 2 and 0
+    (one fused qkv layer in vLLM: a block-diagonal U), CodeQuant 4-bit experts in layer 0, MiLo experts in layer 1.
+    Returns the checkpoint and the fp model."""
+    import torch
+    import transformers
+
+    from quant.apply import QuantSpec, quantize_tensor
+    from quant.checkpoint import fingerprint, save
+    from quant.targets import quant_targets
+
+    cfg = zoo.tiny_config("tiny-mixtral")
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 2, 1, 32
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    milo, codebook = QuantSpec("milo", 3, 32, rounds=2), QuantSpec("kmeans", 4, 0)
+    ranks = {"q_proj": 4, "k_proj": 2, "v_proj": 0, "o_proj": 4}
+    results = {}
+    for t in quant_targets(model):
+        if t.kind == "expert":
+            results[t.name] = quantize_tensor(t.get(), codebook if t.layer == 0 else milo, 0 if t.layer == 0 else 2)
+        else:
+            results[t.name] = quantize_tensor(t.get(), milo, ranks[t.name.split(".")[-2]])
+    save(out, model, zoo.load_tokenizer(zoo.SMOLLM2), results, {"method": "mixed",
+                                                                "source_fingerprint": fingerprint(model)})
+    return out, model
+
+
+@needs_vllm
+def test_vllm_serves_a_quantized_moe_checkpoint_through_our_kernels(local_ray, tmp_path, prompts):
+    """The `specmoe` quantization method (quant.vllm_quant): vLLM serves a MiLo / CodeQuant checkpoint with the
+    packed weights and our kernels, and gives what the native engine gives on the same packed model: the same
+    greedy tokens and next-token probabilities within 1e-3 (the fp model's differ by far more, so a vLLM that
+    served other weights would fail)."""
+    import torch
+
+    from actors.engine import Engine
+    from quant.checkpoint import load_quantized
+
+    path, fp_model = quantized_moe(tmp_path / "q")
+    tok = zoo.load_tokenizer(zoo.SMOLLM2)
+    native_q = HostClient(EngineHost.from_engine(Engine(load_quantized(path, runtime="packed"), tok)))
+    native_fp = HostClient(EngineHost.from_engine(Engine(fp_model, tok)))
+    handle = start_host("target", vllm_role(name=str(path), method="none"))
+    try:
+        host = HostClient(handle)
+        assert ray.get(handle.info.remote(), timeout=600)["model"] == str(path)
+        reqs = [Request(p[-40:], max_new_tokens=16) for p in prompts]
+        got = asyncio.run(host.generate(reqs))
+        want = asyncio.run(native_q.generate([Request(p[-40:], max_new_tokens=16) for p in prompts]))
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        cands = sorted({t for w in want for t in w.token_ids[:3]} | {5, 100, 1000})
+        prefixes = [p[-40:] + w.token_ids[:i] for p, w in zip(prompts, want) for i in (0, 5)]
+        q_vllm = torch.tensor(asyncio.run(host.next_token_probs(prefixes, cands)))
+        q_native = torch.tensor(asyncio.run(native_q.next_token_probs(prefixes, cands)))
+        fp = torch.tensor(asyncio.run(native_fp.next_token_probs(prefixes, cands)))
+        torch.testing.assert_close(q_vllm, q_native, rtol=1e-3, atol=1e-7)
+        assert (fp - q_native).abs().max() > 100 * (q_vllm - q_native).abs().max()
+    finally:
+        stop_host(handle)
 
 
 @needs_vllm

@@ -1,0 +1,288 @@
+"""MiLo and CodeQuant as a vLLM quantization method, so vLLM serves our quantized checkpoints (issue 23's stretch).
+
+vLLM's engine core is a process of its own (spawned), so the method is registered by a `vllm.general_plugins` entry
+point (pyproject.toml), which every vLLM process runs: `register()` adds
+
+- the quantization method `specmoe` (`SpecMoEConfig`, read from the checkpoint's specmoe_quant.json): a linear
+  layer that holds quantized targets gets `SpecMoELinearMethod`, a routed-experts layer `SpecMoEMoEMethod`; the rest
+  (router, embeddings, LM head) stays vLLM's unquantized layer;
+- the load format `specmoe` (`SpecMoELoader`): the checkpoint's unquantized tensors go through the model's own
+  `load_weights`; each quantized target is rebuilt as a `qkernels.modules.QuantLinear` / `QuantExperts` (the
+  native engine's modules: the C++ kernels on CPU, Triton on CUDA) and attached to the vLLM layer that computes it.
+  vLLM fuses q/k/v (and gate/up) into one layer: their rows are stacked, and MiLo compensators become one
+  block-diagonal U with the V's stacked, so the fused layer computes every shard's x (W + U V)^T in one call.
+
+`actors.vllm_host` asks for both when a role's model is a SpecMoE checkpoint. One rank holds every row: tensor and
+pipeline parallelism are refused with a one-line error (the packed rows would have to be split per rank).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quant.checkpoint import MANIFEST, CheckpointError, result_from, stack_experts, verify_files
+from quant.codebook import CodebookTensor
+from quant.milo import MiLoTensor
+
+NAME = "specmoe"
+_registered = False
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: registers the quantization method and the load format (once per
+    process; vLLM may call it several times)."""
+    global _registered
+    if _registered:
+        return
+    from vllm.model_executor.layers.quantization import register_quantization_config
+    from vllm.model_executor.model_loader import register_model_loader
+
+    register_quantization_config(NAME)(_config_class())
+    register_model_loader(NAME)(_loader_class())
+    _registered = True
+
+
+def fused_linear(results: list, in_features: int) -> dict:
+    """The keyword arguments of one QuantLinear computing the row-stacked outputs of `results` (q, k, v of one
+    attention, or one projection alone): packed codes, scales, zeros or codebooks stacked by rows; MiLo
+    compensators as a block-diagonal U [sum N, sum r] and the V's stacked [sum r, K]."""
+    kinds = {isinstance(r, CodebookTensor) for r in results}  # affine shards may or may not have a compensator
+    if len(kinds) != 1:
+        raise CheckpointError("shards fused into one vLLM layer mix codebook and affine formats")
+    out = {"in_features": in_features}
+    if isinstance(results[0], CodebookTensor):
+        return {**out, "bits": 4, "group": results[0].group_size, "packed": torch.cat([r.packed for r in results]),
+                "centroids": torch.cat([r.centroids for r in results])}
+    bases = [r.base if isinstance(r, MiLoTensor) else r for r in results]
+    if len({(b.bits, b.group_size) for b in bases}) != 1:
+        raise CheckpointError("shards fused into one vLLM layer have different bits or group sizes")
+    out.update(bits=bases[0].bits, group=bases[0].group_size,
+               **{k: torch.cat([getattr(b, k) for b in bases]) for k in ("packed", "scale", "zero")})
+    ranks = [r.rank if isinstance(r, MiLoTensor) else 0 for r in results]
+    if sum(ranks):
+        rows = [b.shape[0] for b in bases]
+        u = torch.zeros(sum(rows), sum(ranks))
+        vs = []
+        r0 = c0 = 0
+        for res, n, rank in zip(results, rows, ranks):
+            if rank:
+                u[r0:r0 + n, c0:c0 + rank] = res.u.dequantize()
+                vs.append(res.v.dequantize())
+            r0, c0 = r0 + n, c0 + rank
+        out.update(u=u, v=torch.cat(vs))
+    return out
+
+
+def _unit(name: str) -> tuple[str, str | None, int | None]:
+    """A target's module name, and for experts of a fused tensor its projection and expert index:
+    model.layers.0.self_attn.q_proj.weight -> (model.layers.0.self_attn.q_proj, None, None);
+    model.layers.0.mlp.experts.down_proj.3 -> (model.layers.0.mlp.experts, down_proj, 3)."""
+    m = re.match(r"^(.*)\.(gate_up_proj|down_proj)\.(\d+)$", name)
+    if m is not None:
+        return m.group(1), m.group(2), int(m.group(3))
+    return name.rsplit(".", 1)[0], None, None
+
+
+def _layer_of(name: str) -> str | None:
+    m = re.match(r"^(.*\.layers\.\d+)\.", name)
+    return None if m is None else m.group(1)
+
+
+class _Plan:
+    """Where each quantized target of a checkpoint lands in a vLLM model: module name -> ordered shards."""
+
+    def __init__(self, manifest: dict, packed_modules: dict[str, list[str]]):
+        self.linear: dict[str, list[str]] = {}   # vLLM module -> target names, in shard order
+        self.experts: dict[str, dict] = {}       # layer prefix -> {"module": hf module, proj -> {e: target}}
+        for name in manifest["tensors"]:
+            module, proj, e = _unit(name)
+            if proj is not None:
+                self.experts.setdefault(_layer_of(name), {}).setdefault(proj, {})[e] = name
+                continue
+            parent, _, leaf = module.rpartition(".")
+            for fused, parts in packed_modules.items():
+                if leaf in parts:
+                    self.linear.setdefault(f"{parent}.{fused}", [None] * len(parts))[parts.index(leaf)] = name
+                    break
+            else:
+                self.linear.setdefault(module, [name])
+
+    def quantized_linear(self, prefix: str) -> bool:
+        return prefix in self.linear
+
+    def quantized_experts(self, prefix: str) -> bool:
+        return _layer_of(prefix + ".") in self.experts
+
+
+def _config_class():
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+    class SpecMoEConfig(QuantizationConfig):
+        """A SpecMoE checkpoint's manifest (specmoe_quant.json) as vLLM's quantization config."""
+
+        def __init__(self, manifest: dict):
+            super().__init__()
+            self.manifest = manifest
+            self._plan = None
+
+        def get_name(self):
+            return NAME
+
+        def get_supported_act_dtypes(self):
+            return [torch.float32, torch.bfloat16, torch.float16]
+
+        @classmethod
+        def get_min_capability(cls) -> int:
+            return 70  # the Triton kernels
+
+        @staticmethod
+        def get_config_filenames() -> list[str]:
+            return [MANIFEST]
+
+        @classmethod
+        def from_config(cls, config: dict):
+            return cls(config)
+
+        def plan(self) -> _Plan:
+            if self._plan is None:  # the model fills packed_modules_mapping as it is built
+                self._plan = _Plan(self.manifest, self.packed_modules_mapping)
+            return self._plan
+
+        def get_quant_method(self, layer: nn.Module, prefix: str):
+            if isinstance(layer, LinearBase):
+                if self.plan().quantized_linear(prefix):
+                    return _linear_method_class()()
+                return UnquantizedLinearMethod()
+            if isinstance(layer, RoutedExperts) and self.plan().quantized_experts(prefix):
+                return _moe_method_class()(layer.moe_config)
+            return None
+
+    return SpecMoEConfig
+
+
+def _linear_method_class():
+    from vllm.model_executor.layers.linear import LinearMethodBase
+
+    class SpecMoELinearMethod(LinearMethodBase):
+        """The layer's weight is the QuantLinear the loader attaches as `layer.specmoe` (none is allocated here)."""
+
+        def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                           params_dtype, **extra_weight_attrs):
+            layer.specmoe_out = sum(output_partition_sizes)
+
+        def apply(self, layer, x, bias=None):
+            y = layer.specmoe(x)
+            return y if bias is None else y + bias
+
+    return SpecMoELinearMethod
+
+
+def _moe_method_class():
+    from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+
+    class SpecMoEMoEMethod(FusedMoEMethodBase):
+        """The experts are the QuantExperts the loader attaches as `layer.specmoe`: vLLM routes (top-k and its
+        weights), the grouped kernel runs every expert of a projection in one call."""
+
+        def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                           **extra_weight_attrs):
+            layer.specmoe_shape = (num_experts, hidden_size, intermediate_size_per_partition)
+
+        def get_fused_moe_quant_config(self, layer):
+            return None
+
+        def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+            return layer.specmoe(x, topk_ids.long(), topk_weights)
+
+    return SpecMoEMoEMethod
+
+
+def _loader_class():
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from safetensors.torch import load_file
+
+    from qkernels.modules import QuantExperts, QuantLinear
+
+    class SpecMoELoader(BaseModelLoader):
+        """Loads a SpecMoE checkpoint into a vLLM model built with the `specmoe` quantization method."""
+
+        def download_model(self, model_config) -> None:
+            pass  # a local directory (actors.vllm_host fetches run storage first)
+
+        def load_weights(self, model: nn.Module, model_config) -> None:
+            path = Path(model_config.model)
+            manifest = verify_files(path)
+            config = getattr(model, "quant_config", None) or getattr(getattr(model, "model", None),
+                                                                       "quant_config", None)
+            if config is None or config.get_name() != NAME:
+                raise CheckpointError(f"load_format={NAME} needs quantization={NAME}")
+            plan = config.plan()
+            modules = dict(model.named_modules())
+            shards: dict[str, dict] = {}
+
+            def result(name: str):
+                entry = manifest["tensors"][name]
+                if entry["shard"] not in shards:
+                    shards[entry["shard"]] = load_file(str(path / entry["shard"]))
+                return result_from(shards[entry["shard"]], name, entry)
+
+            with torch.no_grad():
+                for module_name, names in plan.linear.items():
+                    layer = modules.get(module_name)
+                    if layer is None or None in names:
+                        raise CheckpointError(f"{path}: vLLM's model has no layer for {names} ({module_name})")
+                    results = [result(n) for n in names]
+                    kwargs = fused_linear(results, layer.input_size)
+                    out = kwargs["packed"].shape[0]
+                    if out != layer.specmoe_out:
+                        raise CheckpointError(f"{module_name}: the checkpoint has {out} rows, vLLM's layer "
+                                              f"{layer.specmoe_out}")
+                    layer.specmoe = QuantLinear(kwargs.pop("in_features"), out, **kwargs)
+                experts_by_layer = {_layer_of(n + "."): (n, m) for n, m in modules.items()
+                                    if isinstance(m, RoutedExperts)}
+                for layer_prefix, projections in plan.experts.items():
+                    module_name, layer = experts_by_layer.get(layer_prefix, (None, None))
+                    if layer is None:
+                        raise CheckpointError(f"{path}: vLLM's model has no routed experts in {layer_prefix}")
+                    num, hidden, inter = layer.specmoe_shape
+                    act = getattr(layer, "activation", "silu")
+                    if str(getattr(act, "value", act)).lower() != "silu":
+                        raise CheckpointError(f"{module_name}: activation {act} is not SiLU")
+                    stacked = {}
+                    for proj, n, k in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
+                        per = projections.get(proj, {})
+                        if sorted(per) != list(range(num)):
+                            raise CheckpointError(f"{layer_prefix}: {proj} has experts {sorted(per)}, vLLM {num}")
+                        stacked[proj] = stack_experts([result(per[e]) for e in range(num)], n, k)
+                    layer.specmoe = QuantExperts(stacked["gate_up_proj"], stacked["down_proj"], hidden, inter,
+                                                 nn.functional.silu)
+                shards.clear()
+                rest = load_file(str(path / "rest.safetensors"))
+                model.load_weights(_vllm_names(rest, model))
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            for m in modules.values():
+                if isinstance(getattr(m, "specmoe", None), nn.Module):
+                    m.specmoe.to(device)
+
+    return SpecMoELoader
+
+
+def _vllm_names(rest: dict[str, torch.Tensor], model: nn.Module):
+    """The unquantized tensors under the names the vLLM model's load_weights takes: transformers 5 names the
+    router of a fused-experts block `mlp.gate` where vLLM's Mixtral says `block_sparse_moe.gate`; a name vLLM's
+    model does not have is matched by its layer and its last two components, when exactly one parameter does."""
+    params = {n for n, _ in model.named_parameters()}
+    for name, t in rest.items():
+        if name in params or _layer_of(name) is None:
+            yield name, t
+            continue
+        layer, tail = _layer_of(name), ".".join(name.split(".")[-2:])
+        hits = [p for p in params if p.startswith(layer + ".") and p.endswith("." + tail)]
+        yield (hits[0] if len(hits) == 1 else name), t
