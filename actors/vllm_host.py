@@ -12,6 +12,9 @@
   They run concurrently and share the prefix's cached blocks. (Full-vocabulary logprobs, the obvious way, cost
   2.4 s per probe on SmolLM2 in a side run on the 2-core dev machine: 49k entries per request through vLLM's
   output path.)
+- A SpecMoE quantized checkpoint (MiLo, CodeQuant) is served through the `specmoe` quantization method and load
+  format (quant.vllm_quant): vLLM runs attention, KV, scheduling and routing; our kernels run the packed linears
+  and experts. One rank (tensor and pipeline parallel size 1), eager.
 - Token-level SD is vLLM's own (`speculative_config`: n-gram prompt lookup, a draft model, EAGLE); vLLM sets it
   per engine, not per request, so a host serves the speculation its role was started with, and a request that
   asks for another one gets it (greedy output is the same either way; the counters say what ran). The evaluate
@@ -95,6 +98,23 @@ def check_servable(name: str, parallel: int = 1) -> bool:
     return True
 
 
+def untied_head(path: Path) -> bool:
+    """A quantized checkpoint whose config.json ties the LM head but which stores its own head
+    (quant.checkpoint.own_head): vLLM must load that head, not tie it."""
+    import json
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from quant.checkpoint import own_head
+
+    if not (path / "rest.safetensors").is_file():
+        return False  # the loader names what is missing
+    config = SimpleNamespace(**json.loads((path / "config.json").read_text()))
+    with safe_open(str(path / "rest.safetensors"), "pt") as f:
+        return own_head(config, set(f.keys()))
+
+
 def speculative_config(spec: Speculation, draft_name: str | None = None) -> dict | None:
     """vLLM's `speculative_config` for a role's token-level speculation."""
     if spec.method == "none":
@@ -130,7 +150,10 @@ def engine_args(role) -> dict:
                 gpu_memory_utilization=v.gpu_memory_utilization, disable_log_stats=True,
                 speculative_config=speculative_config(spec, e.speculation.draft_model.name))
     if quantized:  # MiLo / CodeQuant through our kernels (quant.vllm_quant, a vllm.general_plugins entry point)
-        args["quantization"] = args["load_format"] = "specmoe"
+        # eager: our kernels are Python-dispatched, not torch custom ops that torch.compile / CUDA graphs capture
+        args.update(quantization="specmoe", load_format="specmoe", enforce_eager=True)
+        if untied_head(Path(args["model"])):
+            args["hf_overrides"] = {"tie_word_embeddings": False}
     if args["speculative_config"] is not None:  # drafted / accepted tokens per request (the Result counters)
         args["per_request_spec_decode_metrics"] = "summary"
     if v.max_model_len:

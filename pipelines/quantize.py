@@ -121,7 +121,9 @@ def codequant_stage(cfg: QuantizeConfig, prepared: str, out: str) -> dict:
     quantized = {t.name if t.index is None else t.name.rsplit(".", 1)[0] for t in targets}
     tied = getattr(model.config, "tie_word_embeddings", False)
     rest = {k: v for k, v in model.state_dict().items() if k not in quantized and not (tied and k == "lm_head.weight")}
-    record = {"written": write_model_files(cfg.model.name, {}, out, tensors=rest)}
+    # the rotated model's config: CodeQuant unties the LM head (it is scaled by the final norm), so the source's
+    # tie_word_embeddings=True would tie the stored head back to the embeddings when the checkpoint loads
+    record = {"written": write_model_files(cfg.model.name, {}, out, tensors=rest, config=model.config)}
     storage.write_text(storage.join(prepared, "done.json"), json.dumps(record))
     return record
 
@@ -270,10 +272,10 @@ def plan_source(model_name: str, spec: QuantSpec, trust_remote_code: bool) -> di
         return {"error": str(exc)}
 
 
-def write_model_files(model_name: str, rest: dict, out: str, tensors: dict | None = None) -> dict:
+def write_model_files(model_name: str, rest: dict, out: str, tensors: dict | None = None, config=None) -> dict:
     """The checkpoint's unquantized part into storage: rest.safetensors (`rest`: name -> stored name in the source's
-    shards, read here; or `tensors`, given) and the source's config and tokenizer files. Returns {file: {size,
-    sha256}} of what it wrote."""
+    shards, read here; or `tensors`, given) and the source's config (or `config`, a transformers config the job
+    changed) and tokenizer files. Returns {file: {size, sha256}} of what it wrote."""
     src = zoo.local_dir(model_name)
     if tensors is None:
         shards = Shards(src)
@@ -283,6 +285,8 @@ def write_model_files(model_name: str, rest: dict, out: str, tensors: dict | Non
         if f.is_file() and not f.name.endswith(zoo.WEIGHT_FILES) and f.name not in (
                 "model.safetensors.index.json", storage.MANIFEST, ckpt.MANIFEST) and not f.name.startswith("."):
             files[f.name] = f.read_bytes()
+    if config is not None:
+        files["config.json"] = config.to_json_string(use_diff=False).encode()
     written = {}
     for name, data in files.items():
         storage.write_bytes(storage.join(out, name), data)

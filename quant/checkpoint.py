@@ -196,8 +196,10 @@ def load_quantized(path, dtype=torch.float32, verify: bool = True, runtime: str 
     path = Path(path)
     manifest = verify_files(path, hashes=verify)
     config = AutoConfig.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rest = load_file(str(path / "rest.safetensors"))
+    if own_head(config, rest):
+        config.tie_word_embeddings = False
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(rest, strict=False)
     if unexpected:
         raise CheckpointError(f"checkpoint {path}: unexpected tensors {unexpected[:3]}")
@@ -225,6 +227,13 @@ def load_quantized(path, dtype=torch.float32, verify: bool = True, runtime: str 
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.to(dtype).eval()
+
+
+def own_head(config, rest_names) -> bool:
+    """Whether a checkpoint whose config ties the LM head to the embeddings stores a head of its own (`save` drops a
+    tied head): CodeQuant's rotated, norm-scaled head, in checkpoints whose config.json was copied from the source
+    (quantize jobs before 2026-12-07 wrote it so). Loaders untie it."""
+    return bool(getattr(config, "tie_word_embeddings", False)) and "lm_head.weight" in rest_names
 
 
 def _swap_linear(model, weight_name: str, result, backend: str) -> None:

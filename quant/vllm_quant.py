@@ -22,8 +22,17 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
+from qkernels.modules import QuantExperts, QuantLinear
 from quant.checkpoint import MANIFEST, CheckpointError, result_from, stack_experts, verify_files
 from quant.codebook import CodebookTensor
 from quant.milo import MiLoTensor
@@ -38,11 +47,8 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm.model_executor.layers.quantization import register_quantization_config
-    from vllm.model_executor.model_loader import register_model_loader
-
-    register_quantization_config(NAME)(_config_class())
-    register_model_loader(NAME)(_loader_class())
+    register_quantization_config(NAME)(SpecMoEConfig)
+    register_model_loader(NAME)(SpecMoELoader)
     _registered = True
 
 
@@ -118,160 +124,139 @@ class _Plan:
         return _layer_of(prefix + ".") in self.experts
 
 
-def _config_class():
-    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
-    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
-    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+class SpecMoEConfig(QuantizationConfig):
+    """A SpecMoE checkpoint's manifest (specmoe_quant.json) as vLLM's quantization config."""
 
-    class SpecMoEConfig(QuantizationConfig):
-        """A SpecMoE checkpoint's manifest (specmoe_quant.json) as vLLM's quantization config."""
+    def __init__(self, manifest: dict):
+        super().__init__()
+        self.manifest = manifest
+        self._plan = None
 
-        def __init__(self, manifest: dict):
-            super().__init__()
-            self.manifest = manifest
-            self._plan = None
+    def get_name(self):
+        return NAME
 
-        def get_name(self):
-            return NAME
+    def get_supported_act_dtypes(self):
+        return [torch.float32, torch.bfloat16, torch.float16]
 
-        def get_supported_act_dtypes(self):
-            return [torch.float32, torch.bfloat16, torch.float16]
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70  # the Triton kernels
 
-        @classmethod
-        def get_min_capability(cls) -> int:
-            return 70  # the Triton kernels
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return [MANIFEST]
 
-        @staticmethod
-        def get_config_filenames() -> list[str]:
-            return [MANIFEST]
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(config)
 
-        @classmethod
-        def from_config(cls, config: dict):
-            return cls(config)
+    def plan(self) -> _Plan:
+        if self._plan is None:  # the model fills packed_modules_mapping as it is built
+            self._plan = _Plan(self.manifest, self.packed_modules_mapping)
+        return self._plan
 
-        def plan(self) -> _Plan:
-            if self._plan is None:  # the model fills packed_modules_mapping as it is built
-                self._plan = _Plan(self.manifest, self.packed_modules_mapping)
-            return self._plan
-
-        def get_quant_method(self, layer: nn.Module, prefix: str):
-            if isinstance(layer, LinearBase):
-                if self.plan().quantized_linear(prefix):
-                    return _linear_method_class()()
-                return UnquantizedLinearMethod()
-            if isinstance(layer, RoutedExperts) and self.plan().quantized_experts(prefix):
-                return _moe_method_class()(layer.moe_config)
-            return None
-
-    return SpecMoEConfig
+    def get_quant_method(self, layer: nn.Module, prefix: str):
+        if isinstance(layer, LinearBase):
+            if self.plan().quantized_linear(prefix):
+                return SpecMoELinearMethod()
+            return UnquantizedLinearMethod()
+        if isinstance(layer, RoutedExperts) and self.plan().quantized_experts(prefix):
+            return SpecMoEMoEMethod(layer.moe_config)
+        return None
 
 
-def _linear_method_class():
-    from vllm.model_executor.layers.linear import LinearMethodBase
+class SpecMoELinearMethod(LinearMethodBase):
+    """The layer's weight is the QuantLinear the loader attaches as `layer.specmoe` (none is allocated here)."""
 
-    class SpecMoELinearMethod(LinearMethodBase):
-        """The layer's weight is the QuantLinear the loader attaches as `layer.specmoe` (none is allocated here)."""
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra_weight_attrs):
+        layer.specmoe_out = sum(output_partition_sizes)
 
-        def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
-                           params_dtype, **extra_weight_attrs):
-            layer.specmoe_out = sum(output_partition_sizes)
-
-        def apply(self, layer, x, bias=None):
-            y = layer.specmoe(x)
-            return y if bias is None else y + bias
-
-    return SpecMoELinearMethod
+    def apply(self, layer, x, bias=None):
+        y = layer.specmoe(x)
+        return y if bias is None else y + bias
 
 
-def _moe_method_class():
-    from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+class SpecMoEMoEMethod(FusedMoEMethodBase):
+    """The experts are the QuantExperts the loader attaches as `layer.specmoe`: vLLM routes (top-k and its
+    weights), the grouped kernel runs every expert of a projection in one call."""
 
-    class SpecMoEMoEMethod(FusedMoEMethodBase):
-        """The experts are the QuantExperts the loader attaches as `layer.specmoe`: vLLM routes (top-k and its
-        weights), the grouped kernel runs every expert of a projection in one call."""
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs):
+        layer.specmoe_shape = (num_experts, hidden_size, intermediate_size_per_partition)
 
-        def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                           **extra_weight_attrs):
-            layer.specmoe_shape = (num_experts, hidden_size, intermediate_size_per_partition)
+    def get_fused_moe_quant_config(self, layer):
+        return None
 
-        def get_fused_moe_quant_config(self, layer):
-            return None
-
-        def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
-            return layer.specmoe(x, topk_ids.long(), topk_weights)
-
-    return SpecMoEMoEMethod
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+        return layer.specmoe(x, topk_ids.long(), topk_weights)
 
 
-def _loader_class():
-    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
-    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
-    from safetensors.torch import load_file
+class SpecMoELoader(BaseModelLoader):
+    """Loads a SpecMoE checkpoint into a vLLM model built with the `specmoe` quantization method."""
 
-    from qkernels.modules import QuantExperts, QuantLinear
+    def download_model(self, model_config) -> None:
+        pass  # a local directory (actors.vllm_host fetches run storage first)
 
-    class SpecMoELoader(BaseModelLoader):
-        """Loads a SpecMoE checkpoint into a vLLM model built with the `specmoe` quantization method."""
+    def load_weights(self, model: nn.Module, model_config) -> None:
+        path = Path(model_config.model)
+        manifest = verify_files(path)
+        config = getattr(model, "quant_config", None) or getattr(getattr(model, "model", None),
+                                                                   "quant_config", None)
+        if config is None or config.get_name() != NAME:
+            raise CheckpointError(f"load_format={NAME} needs quantization={NAME}")
+        plan = config.plan()
+        modules = dict(model.named_modules())
+        shards: dict[str, dict] = {}
 
-        def download_model(self, model_config) -> None:
-            pass  # a local directory (actors.vllm_host fetches run storage first)
+        def result(name: str):
+            entry = manifest["tensors"][name]
+            if entry["shard"] not in shards:
+                shards[entry["shard"]] = load_file(str(path / entry["shard"]))
+            return result_from(shards[entry["shard"]], name, entry)
 
-        def load_weights(self, model: nn.Module, model_config) -> None:
-            path = Path(model_config.model)
-            manifest = verify_files(path)
-            config = getattr(model, "quant_config", None) or getattr(getattr(model, "model", None),
-                                                                       "quant_config", None)
-            if config is None or config.get_name() != NAME:
-                raise CheckpointError(f"load_format={NAME} needs quantization={NAME}")
-            plan = config.plan()
-            modules = dict(model.named_modules())
-            shards: dict[str, dict] = {}
-
-            def result(name: str):
-                entry = manifest["tensors"][name]
-                if entry["shard"] not in shards:
-                    shards[entry["shard"]] = load_file(str(path / entry["shard"]))
-                return result_from(shards[entry["shard"]], name, entry)
-
-            with torch.no_grad():
-                for module_name, names in plan.linear.items():
-                    layer = modules.get(module_name)
-                    if layer is None or None in names:
-                        raise CheckpointError(f"{path}: vLLM's model has no layer for {names} ({module_name})")
-                    results = [result(n) for n in names]
-                    kwargs = fused_linear(results, layer.input_size)
-                    out = kwargs["packed"].shape[0]
-                    if out != layer.specmoe_out:
-                        raise CheckpointError(f"{module_name}: the checkpoint has {out} rows, vLLM's layer "
-                                              f"{layer.specmoe_out}")
-                    layer.specmoe = QuantLinear(kwargs.pop("in_features"), out, **kwargs)
-                experts_by_layer = {_layer_of(n + "."): (n, m) for n, m in modules.items()
-                                    if isinstance(m, RoutedExperts)}
-                for layer_prefix, projections in plan.experts.items():
-                    module_name, layer = experts_by_layer.get(layer_prefix, (None, None))
-                    if layer is None:
-                        raise CheckpointError(f"{path}: vLLM's model has no routed experts in {layer_prefix}")
-                    num, hidden, inter = layer.specmoe_shape
-                    act = getattr(layer, "activation", "silu")
-                    if str(getattr(act, "value", act)).lower() != "silu":
-                        raise CheckpointError(f"{module_name}: activation {act} is not SiLU")
-                    stacked = {}
-                    for proj, n, k in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
-                        per = projections.get(proj, {})
-                        if sorted(per) != list(range(num)):
-                            raise CheckpointError(f"{layer_prefix}: {proj} has experts {sorted(per)}, vLLM {num}")
-                        stacked[proj] = stack_experts([result(per[e]) for e in range(num)], n, k)
-                    layer.specmoe = QuantExperts(stacked["gate_up_proj"], stacked["down_proj"], hidden, inter,
-                                                 nn.functional.silu)
-                shards.clear()
-                rest = load_file(str(path / "rest.safetensors"))
-                model.load_weights(_vllm_names(rest, model))
-            device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            for m in modules.values():
-                if isinstance(getattr(m, "specmoe", None), nn.Module):
-                    m.specmoe.to(device)
-
-    return SpecMoELoader
+        with torch.no_grad():
+            for module_name, names in plan.linear.items():
+                layer = modules.get(module_name)
+                if layer is None or None in names:
+                    raise CheckpointError(f"{path}: vLLM's model has no layer for {names} ({module_name})")
+                results = [result(n) for n in names]
+                kwargs = fused_linear(results, layer.input_size)
+                out = kwargs["packed"].shape[0]
+                if out != layer.specmoe_out:
+                    raise CheckpointError(f"{module_name}: the checkpoint has {out} rows, vLLM's layer "
+                                          f"{layer.specmoe_out}")
+                layer.specmoe = QuantLinear(kwargs.pop("in_features"), out, **kwargs)
+            experts_by_layer = {_layer_of(n + "."): (n, m) for n, m in modules.items()
+                                if isinstance(m, RoutedExperts)}
+            for layer_prefix, projections in plan.experts.items():
+                module_name, layer = experts_by_layer.get(layer_prefix, (None, None))
+                if layer is None:
+                    raise CheckpointError(f"{path}: vLLM's model has no routed experts in {layer_prefix}")
+                num, hidden, inter = layer.specmoe_shape
+                act = getattr(layer, "activation", "silu")
+                if str(getattr(act, "value", act)).lower() != "silu":
+                    raise CheckpointError(f"{module_name}: activation {act} is not SiLU")
+                stacked = {}
+                for proj, n, k in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
+                    per = projections.get(proj, {})
+                    if sorted(per) != list(range(num)):
+                        raise CheckpointError(f"{layer_prefix}: {proj} has experts {sorted(per)}, vLLM {num}")
+                    stacked[proj] = stack_experts([result(per[e]) for e in range(num)], n, k)
+                layer.specmoe = QuantExperts(stacked["gate_up_proj"], stacked["down_proj"], hidden, inter,
+                                             nn.functional.silu)
+            shards.clear()
+            rest = load_file(str(path / "rest.safetensors"))
+            loaded = model.load_weights(_vllm_names(rest, model))
+        if loaded is not None:  # the names the model's own loader filled
+            missing = sorted({n for n, _ in model.named_parameters() if ".specmoe." not in n} - set(loaded))
+            if missing:
+                raise CheckpointError(f"{path}: {len(missing)} of vLLM's parameters are not in the checkpoint, "
+                                      f"e.g. {missing[0]}")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        for m in modules.values():
+            if isinstance(getattr(m, "specmoe", None), nn.Module):
+                m.specmoe.to(device)
 
 
 def _vllm_names(rest: dict[str, torch.Tensor], model: nn.Module):

@@ -103,6 +103,22 @@ def test_codequant_job_block_finetuning_with_router_kl(tmp_path):
     assert manifest["block_finetune_steps"] == 2 and manifest["router_kl_weight"] == 2.0
     model = load_quantized(run_dir / "model")
     assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
+    # CodeQuant scales the LM head by the final norm, so the tied source's head is its own in the checkpoint
+    files = {f: (run_dir / "model" / f).read_bytes() for f in ("config.json", "rest.safetensors")}
+    config = json.loads(files["config.json"])
+    assert config["tie_word_embeddings"] is False
+    # a checkpoint written before that was fixed (the source's tied config.json) still loads its own head (here
+    # made to differ from the embeddings: the tiny model's norms are ones)
+    from safetensors.torch import load_file, save_file
+
+    rest = load_file(run_dir / "model" / "rest.safetensors")
+    save_file({**rest, "lm_head.weight": 2 * rest["lm_head.weight"]}, run_dir / "model" / "rest.safetensors")
+    (run_dir / "model" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    old = load_quantized(run_dir / "model", verify=False)
+    assert torch.equal(old.lm_head.weight, 2 * rest["lm_head.weight"])
+    assert torch.equal(old.model.embed_tokens.weight, rest["model.embed_tokens.weight"])
+    for f, data in files.items():
+        (run_dir / "model" / f).write_bytes(data)
     # the comparison table: fp, the two baselines and this checkpoint, in W&B and comparison.md
     from pipelines.tracking import offline_summary
 

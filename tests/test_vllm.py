@@ -83,6 +83,8 @@ def test_vllm_config_errors_name_the_key(monkeypatch, tmp_path):
     (fake / "specmoe_quant.json").write_text('{"format": 1}')
     role = replace(vllm_role(), model=ModelConfig(name=str(fake)))
     check_backend("target", role)  # a quantized checkpoint is served (quant.vllm_quant) ...
+    args = engine_args(role)
+    assert args["quantization"] == args["load_format"] == "specmoe" and args["enforce_eager"]
     role.engine.vllm.tensor_parallel_size = 2
     with pytest.raises(ConfigError, match="'target.engine.backend'.*quantized checkpoint: vLLM serves it on one "
                                           "rank only"):
@@ -432,3 +434,21 @@ def test_vllm_tensor_parallel_1_on_cuda_matches_the_native_engine(prompts):
     assert agree >= 0.95 * sum(len(w.token_ids) for w in want)  # CUDA kernels differ from torch's in the last bits
     host.shutdown()
     assert torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@needs_vllm
+def test_vllm_serves_a_quantized_checkpoint_on_cuda_through_the_triton_kernels(tmp_path, prompts):
+    from actors.engine import Engine
+    from actors.vllm_host import VLLMHost
+    from quant.checkpoint import load_quantized
+
+    path, _ = quantized_moe(tmp_path / "q")
+    host = VLLMHost("target", replace(vllm_role(method="none"), model=ModelConfig(name=str(path), device="cuda")))
+    native_host = EngineHost.from_engine(Engine(load_quantized(path, runtime="packed").to("cuda"),
+                                                zoo.load_tokenizer(zoo.SMOLLM2)))
+    got = asyncio.run(host.generate([Request(p[-40:], max_new_tokens=16) for p in prompts]))
+    want = asyncio.run(native_host.generate([Request(p[-40:], max_new_tokens=16) for p in prompts]))
+    agree = sum(x == y for g, w in zip(got, want) for x, y in zip(g.token_ids, w.token_ids))
+    assert agree >= 0.95 * sum(len(w.token_ids) for w in want)
+    host.shutdown()

@@ -20,10 +20,19 @@ measured `--engine-runs` times (default 3; the JSON keeps every run and the medi
                                       committed prefix); native_branch4_vs_branch1_time_ratio beside it
   vllm_greedy_token_agreement         share of vLLM's greedy tokens equal to ours, position by position, up to the
                                       first divergence (1.0: identical); vllm_first_divergence per prompt
+  vllm_vs_native_ppl_ratio            vLLM's perplexity over ours on 1024 tokens of Python's docs (its prompt
+                                      logprobs; ours from one forward): vllm_ppl, native_ppl. Where greedy
+                                      agreement is not the measure (the demo MoE's near-tied router, below), this is.
+Any `--model` the native engine loads works, a SpecMoE quantized checkpoint included (vLLM then serves it through
+the `specmoe` quantization method, quant.vllm_quant). On the demo MoE (smollm2-moe-8x and its quantized
+checkpoints) greedy tokens diverge early on both precisions: its router logits are spread by ~1e-4 by
+construction (actors/moe_build.py), so the last-bit differences between vLLM's kernels and torch's change which
+experts a token takes.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -44,12 +53,14 @@ KEYS = ("model", "draft", "device", "num_prompts", "max_new_tokens", "ours_token
                                                                    "mean_acceptance_length", "num_tokens")))
 
 
+PPL_TOKENS = 1024
 VLLM_KEYS = ("model", "device", "backend", "num_prompts", "max_new_tokens", "engine_runs", "vllm_load_s",
              "vllm_ar_tokens_per_s", "native_ar_tokens_per_s", "vllm_vs_native_ar_tokens_per_s",
              "vllm_vs_native_ar_tokens_per_s_runs", "committed_prefix_tokens", "branch_step_tokens", "vllm_branch1_s",
              "vllm_branch4_s", "vllm_branch4_vs_branch1_time_ratio", "vllm_branch4_vs_branch1_time_ratio_runs",
              "native_branch4_vs_branch1_time_ratio", "native_branch4_vs_branch1_time_ratio_runs",
-             "vllm_greedy_token_agreement", "vllm_greedy_identical", "vllm_first_divergence")
+             "vllm_greedy_token_agreement", "vllm_greedy_identical", "vllm_first_divergence", "ppl_tokens",
+             "vllm_ppl", "native_ppl", "vllm_vs_native_ppl_ratio")
 
 
 def run(args) -> dict:
@@ -175,6 +186,18 @@ def run(args) -> dict:
     return out
 
 
+async def vllm_perplexity(host, ids: list[int]) -> float:
+    """The perplexity of `ids` under a VLLMHost's model, from vLLM's prompt logprobs (token i given tokens < i)."""
+    from vllm import SamplingParams
+
+    final = None
+    async for final in host.llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                         request_id="bench-ppl"):
+        pass
+    logprobs = [row[t].logprob for row, t in zip(final.prompt_logprobs[1:], ids[1:])]
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
 async def run_vllm(args) -> dict:
     """vLLM (actors.vllm_host.VLLMHost, in this process) against our engine; see the module docstring."""
     from actors.hosts import EngineHost
@@ -251,6 +274,13 @@ async def run_vllm(args) -> dict:
         ratios.append(r)
         out["vllm_branch1_s"], out["vllm_branch4_s"] = t1, t4
         native_ratios.append((await branch_ratio(native, run))[0])
+    ids = tok(pydoc_text()[20000:]).input_ids[:PPL_TOKENS]
+    out.update(ppl_tokens=len(ids), vllm_ppl=await vllm_perplexity(vllm, ids))
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=device)).logits[0, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:], device=device))
+    out["native_ppl"] = math.exp(nll.item())
+    out["vllm_vs_native_ppl_ratio"] = out["vllm_ppl"] / out["native_ppl"]
     vllm.shutdown()
     out.update(vllm_vs_native_ar_tokens_per_s=statistics.median(speed), vllm_vs_native_ar_tokens_per_s_runs=speed,
                committed_prefix_tokens=len(committed), branch_step_tokens=args.branch_tokens,
