@@ -19,6 +19,7 @@ pipeline parallelism are refused with a one-line error (the packed rows would ha
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -103,7 +104,7 @@ class _Plan:
 
     def __init__(self, manifest: dict, packed_modules: dict[str, list[str]]):
         self.linear: dict[str, list[str]] = {}   # vLLM module -> target names, in shard order
-        self.experts: dict[str, dict] = {}       # layer prefix -> {"module": hf module, proj -> {e: target}}
+        self.experts: dict[str, dict] = {}       # layer prefix -> {projection -> {expert -> target}}
         for name in manifest["tensors"]:
             module, proj, e = _unit(name)
             if proj is not None:
@@ -208,12 +209,18 @@ class SpecMoELoader(BaseModelLoader):
         plan = config.plan()
         modules = dict(model.named_modules())
         shards: dict[str, dict] = {}
+        uses = Counter(e["shard"] for e in manifest["tensors"].values())  # a shard is dropped after its last use
 
         def result(name: str):
             entry = manifest["tensors"][name]
-            if entry["shard"] not in shards:
-                shards[entry["shard"]] = load_file(str(path / entry["shard"]))
-            return result_from(shards[entry["shard"]], name, entry)
+            shard = entry["shard"]
+            if shard not in shards:
+                shards[shard] = load_file(str(path / shard))
+            out = result_from(shards[shard], name, entry)
+            uses[shard] -= 1
+            if not uses[shard]:
+                del shards[shard]
+            return out
 
         with torch.no_grad():
             for module_name, names in plan.linear.items():
@@ -245,7 +252,6 @@ class SpecMoELoader(BaseModelLoader):
                     stacked[proj] = stack_experts([result(per[e]) for e in range(num)], n, k)
                 layer.specmoe = QuantExperts(stacked["gate_up_proj"], stacked["down_proj"], hidden, inter,
                                              nn.functional.silu)
-            shards.clear()
             rest = load_file(str(path / "rest.safetensors"))
             loaded = model.load_weights(_vllm_names(rest, model))
         if loaded is not None:  # the names the model's own loader filled
