@@ -236,6 +236,37 @@ def own_head(config, rest_names) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False)) and "lm_head.weight" in rest_names
 
 
+def linear_kwargs(results: list, in_features: int) -> dict:
+    """The keyword arguments of one QuantLinear computing the row-stacked outputs of `results` (one projection, or
+    q, k, v of one attention, which vLLM fuses into one layer): packed codes, scales, zeros or codebooks stacked
+    by rows; MiLo compensators as a block-diagonal U [sum N, sum r] and the V's stacked [sum r, K]."""
+    kinds = {isinstance(r, CodebookTensor) for r in results}  # affine shards may or may not have a compensator
+    if len(kinds) != 1:
+        raise CheckpointError("shards fused into one layer mix codebook and affine formats")
+    out = {"in_features": in_features}
+    if isinstance(results[0], CodebookTensor):
+        return {**out, "bits": 4, "group": results[0].group_size, "packed": torch.cat([r.packed for r in results]),
+                "centroids": torch.cat([r.centroids for r in results])}
+    bases = [r.base if isinstance(r, MiLoTensor) else r for r in results]
+    if len({(b.bits, b.group_size) for b in bases}) != 1:
+        raise CheckpointError("shards fused into one layer have different bits or group sizes")
+    out.update(bits=bases[0].bits, group=bases[0].group_size,
+               **{k: torch.cat([getattr(b, k) for b in bases]) for k in ("packed", "scale", "zero")})
+    ranks = [r.rank if isinstance(r, MiLoTensor) else 0 for r in results]
+    if sum(ranks):
+        rows = [b.shape[0] for b in bases]
+        u = torch.zeros(sum(rows), sum(ranks))
+        vs = []
+        r0 = c0 = 0
+        for res, n, rank in zip(results, rows, ranks):
+            if rank:
+                u[r0:r0 + n, c0:c0 + rank] = res.u.dequantize()
+                vs.append(res.v.dequantize())
+            r0, c0 = r0 + n, c0 + rank
+        out.update(u=u, v=torch.cat(vs))
+    return out
+
+
 def _swap_linear(model, weight_name: str, result, backend: str) -> None:
     from qkernels.modules import QuantLinear
 
@@ -244,16 +275,8 @@ def _swap_linear(model, weight_name: str, result, backend: str) -> None:
     parent = model.get_submodule(parent_name)
     old = getattr(parent, leaf)
     bias = None if old.bias is None else old.bias.detach()
-    if isinstance(result, CodebookTensor):
-        new = QuantLinear(old.in_features, old.out_features, packed=result.packed, centroids=result.centroids,
-                          bits=4, group=result.group_size, bias=bias, backend=backend)
-    else:
-        base = result.base if isinstance(result, MiLoTensor) else result
-        u = v = None
-        if isinstance(result, MiLoTensor) and result.rank:
-            u, v = result.u.dequantize(), result.v.dequantize()
-        new = QuantLinear(old.in_features, old.out_features, packed=base.packed, scale=base.scale, zero=base.zero,
-                          bits=base.bits, group=base.group_size, u=u, v=v, bias=bias, backend=backend)
+    kwargs = linear_kwargs([result], old.in_features)
+    new = QuantLinear(kwargs.pop("in_features"), old.out_features, bias=bias, backend=backend, **kwargs)
     setattr(parent, leaf, new)
 
 

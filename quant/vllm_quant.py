@@ -34,9 +34,7 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from qkernels.modules import QuantExperts, QuantLinear
-from quant.checkpoint import MANIFEST, CheckpointError, result_from, stack_experts, verify_files
-from quant.codebook import CodebookTensor
-from quant.milo import MiLoTensor
+from quant.checkpoint import MANIFEST, CheckpointError, linear_kwargs, result_from, stack_experts, verify_files
 
 NAME = "specmoe"
 _registered = False
@@ -51,37 +49,6 @@ def register() -> None:
     register_quantization_config(NAME)(SpecMoEConfig)
     register_model_loader(NAME)(SpecMoELoader)
     _registered = True
-
-
-def fused_linear(results: list, in_features: int) -> dict:
-    """The keyword arguments of one QuantLinear computing the row-stacked outputs of `results` (q, k, v of one
-    attention, or one projection alone): packed codes, scales, zeros or codebooks stacked by rows; MiLo
-    compensators as a block-diagonal U [sum N, sum r] and the V's stacked [sum r, K]."""
-    kinds = {isinstance(r, CodebookTensor) for r in results}  # affine shards may or may not have a compensator
-    if len(kinds) != 1:
-        raise CheckpointError("shards fused into one vLLM layer mix codebook and affine formats")
-    out = {"in_features": in_features}
-    if isinstance(results[0], CodebookTensor):
-        return {**out, "bits": 4, "group": results[0].group_size, "packed": torch.cat([r.packed for r in results]),
-                "centroids": torch.cat([r.centroids for r in results])}
-    bases = [r.base if isinstance(r, MiLoTensor) else r for r in results]
-    if len({(b.bits, b.group_size) for b in bases}) != 1:
-        raise CheckpointError("shards fused into one vLLM layer have different bits or group sizes")
-    out.update(bits=bases[0].bits, group=bases[0].group_size,
-               **{k: torch.cat([getattr(b, k) for b in bases]) for k in ("packed", "scale", "zero")})
-    ranks = [r.rank if isinstance(r, MiLoTensor) else 0 for r in results]
-    if sum(ranks):
-        rows = [b.shape[0] for b in bases]
-        u = torch.zeros(sum(rows), sum(ranks))
-        vs = []
-        r0 = c0 = 0
-        for res, n, rank in zip(results, rows, ranks):
-            if rank:
-                u[r0:r0 + n, c0:c0 + rank] = res.u.dequantize()
-                vs.append(res.v.dequantize())
-            r0, c0 = r0 + n, c0 + rank
-        out.update(u=u, v=torch.cat(vs))
-    return out
 
 
 def _unit(name: str) -> tuple[str, str | None, int | None]:
@@ -228,7 +195,7 @@ class SpecMoELoader(BaseModelLoader):
                 if layer is None or None in names:
                     raise CheckpointError(f"{path}: vLLM's model has no layer for {names} ({module_name})")
                 results = [result(n) for n in names]
-                kwargs = fused_linear(results, layer.input_size)
+                kwargs = linear_kwargs(results, layer.input_size)
                 out = kwargs["packed"].shape[0]
                 if out != layer.specmoe_out:
                     raise CheckpointError(f"{module_name}: the checkpoint has {out} rows, vLLM's layer "
