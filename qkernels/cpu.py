@@ -1,9 +1,9 @@
 """The CPU kernels (qkernels/csrc/qmatmul_cpu.cpp): a C++ extension built with torch's extension tools at first
 use (about a minute on 2 cores, once) and cached under `$SPECMOE_CACHE/torch_extensions` (default
-`~/.cache/specmoe`). Every code path is compiled in (AVX-512 VBMI, AVX2 + FMA + F16C, scalar) and the best one this
-CPU has is chosen at run time, by its flags, not the build machine's; `SPECMOE_CPU_ISA=avx512|avx2|scalar` forces
-one (an error where the CPU lacks it), and `use_isa` switches in-process (the benchmark measures every path the
-machine supports). Chosen over `torch.compile` by measurement (`python -m pipelines.bench kernels`: both are timed
+`~/.cache/specmoe`). Every code path is compiled in (AVX-512 VBMI + VNNI, AVX2 + FMA + F16C, scalar) and the best
+one this CPU has is chosen at run time, by its flags, not the build machine's; `SPECMOE_CPU_ISA=avx512|avx2|scalar`
+forces one (an error where the CPU lacks it), and `use_isa` switches in-process (the benchmark measures every path
+the machine supports). Chosen over `torch.compile` by measurement (`python -m pipelines.bench kernels`: both are timed
 side by side).
 
 `available()` is False, after one warning, when the build fails (no compiler): callers then use the reference.
@@ -96,10 +96,10 @@ def available() -> bool:
 
 
 def integer_path() -> bool:
-    """Whether the kernels now run the AVX2 integer path, which rounds x to int16 per block and codebook tables to
-    int16 (qkernels.reference.x_as_int16 / codebook_as_int16 say how): each x is off by at most 1.5e-5 (3-bit) or
-    3e-5 (codebook) of its block's largest |x|."""
-    return load().isa() == "avx2"
+    """Whether the kernels now run an integer path (AVX2 or AVX-512, the same numerics), which rounds x to int16 per
+    block and codebook tables to int16 (qkernels.reference.x_as_int16 / codebook_as_int16 say how): each x is off by
+    at most 1.5e-5 (3-bit) or 3e-5 (codebook) of its block's largest |x|."""
+    return load().isa() in ("avx2", "avx512")
 
 
 _EMPTY = torch.empty(0)

@@ -6,9 +6,10 @@ Formats (see qkernels/packing.py for the bit layout):
 - 4-bit codebooks (CodeQuant): packed [N, ceil(K/32)*4] int32 indices, centroids [N, K/group, 16] float16.
 y = x @ W^T (+ (x @ V^T) @ U^T for a low-rank compensator).
 
-The AVX2 path of the CPU kernels multiplies in integers: it rounds x to int16 per block and a codebook's 16 centroids
-to int16 per table (`x_as_int16`, `codebook_as_int16` give the float values it then multiplies exactly, so the
-kernels are tested against the reference on those to float rounding, and against exact x within the rounding bound).
+The AVX2 and AVX-512 paths of the CPU kernels multiply in integers: they round x to int16 per block and a codebook's
+16 centroids to int16 per table (`x_as_int16`, `codebook_as_int16` give the float values they then multiply
+exactly, so the kernels are tested against the reference on those to float rounding, and against exact x within
+the rounding bound).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _round_to_limit(t: torch.Tensor, limit: int) -> torch.Tensor:
 
 
 def x_as_int16(x: torch.Tensor, block: int, limit: int = X16_AFFINE_LIMIT) -> torch.Tensor:
-    """x [R, K] as the AVX2 path sees it: rounded to int16 per block of `block` values (zero-padded past K)."""
+    """x [R, K] as the integer paths (AVX2, AVX-512) see it: rounded to int16 per block of `block` values (zero-padded past K)."""
     r, k = x.shape
     kp = -(-k // block) * block
     xp = torch.nn.functional.pad(x.float(), (0, kp - k)).view(r, kp // block, block)
@@ -44,12 +45,12 @@ def x_as_int16(x: torch.Tensor, block: int, limit: int = X16_AFFINE_LIMIT) -> to
 
 
 def codebook_x_block(group: int) -> int:
-    """The block the AVX2 codebook path rounds x in (groups of a multiple of 32 take that path)."""
+    """The block the integer codebook paths round x in (groups of a multiple of 32 take that path)."""
     return 128 if group % 128 == 0 else 64 if group % 64 == 0 else 32
 
 
 def codebook_as_int16(centroids: torch.Tensor) -> torch.Tensor:
-    """Centroids [..., 16] as the AVX2 path's tables: int16 in [-4095, 4095] times max|c| / 4095 per table."""
+    """Centroids [..., 16] as the integer paths' tables: int16 in [-4095, 4095] times max|c| / 4095 per table."""
     return _round_to_limit(centroids.float(), TABLE_LIMIT)
 
 

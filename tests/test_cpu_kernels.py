@@ -22,12 +22,12 @@ def _stack(*ts):
 
 
 def _x_seen(x, group):
-    """x as the active path multiplies a 3-bit weight's groups (the AVX2 path rounds it to int16 per group)."""
+    """x as the active path multiplies a 3-bit weight's groups (the integer paths round it to int16 per group)."""
     return ref.x_as_int16(x, group) if cpu.integer_path() else x
 
 
 def _codebook_want(x, cb, k):
-    """The codebook reference on the values the active path multiplies (AVX2: int16 x and tables, groups of a
+    """The codebook reference on the values the active path multiplies (integer paths: int16 x and tables, groups of a
     multiple of 32)."""
     group = k // cb.centroids.shape[-2]
     if cpu.integer_path() and group % 32 == 0:
@@ -36,7 +36,7 @@ def _codebook_want(x, cb, k):
     return ref.codebook_matmul(x, cb.packed, cb.centroids, k)
 
 
-# The quantized modules against exact x: the AVX2 path's int16 activations are off by up to 1.5e-5 of a group's
+# The quantized modules against exact x: the integer paths' int16 activations are off by up to 1.5e-5 of a group's
 # largest |x| per value (the kernels' own tests compare on the rounded values, to float rounding)
 MODULE_TOL = {"rtol": 1e-5, "atol": 1e-4}
 
@@ -271,13 +271,15 @@ def test_every_instruction_set_path_matches_the_reference(isa_paths):
         check_grouped_with_empty_experts()
 
 
-def test_the_avx2_integer_path_is_within_its_rounding_bound_of_exact_x(isa_paths):
-    """Against exact x and fp16 centroids, the AVX2 path is off by no more than its roundings allow: x to int16 per
-    block (half a step, max|x_block| / 32767 or / 16383), codebook tables to int16 (max|c| / 4095), plus float
-    rounding. Values are spread over 6 orders of magnitude so small ones meet large ones in a block."""
-    if "avx2" not in isa_paths:
-        pytest.skip("this CPU has no AVX2")
-    cpu.use_isa("avx2")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_the_integer_paths_are_within_their_rounding_bound_of_exact_x(isa_paths, isa):
+    """Against exact x and fp16 centroids, the integer paths (AVX2, and AVX-512 with the same numerics) are off by
+    no more than their roundings allow: x to int16 per block (half a step, max|x_block| / 32767 or / 16383),
+    codebook tables to int16 (max|c| / 4095), plus float rounding. Values are spread over 6 orders of magnitude so
+    small ones meet large ones in a block."""
+    if isa not in isa_paths:
+        pytest.skip(f"this CPU has no {isa}")
+    cpu.use_isa(isa)
     torch.manual_seed(7)
     k, n = 512, 24
     x = torch.randn(3, k) * torch.logspace(-3, 3, k)[torch.randperm(k)]
@@ -302,6 +304,36 @@ def test_the_avx2_integer_path_is_within_its_rounding_bound_of_exact_x(isa_paths
     for got in (cpu.affine3_grouped(bad, cpu.dense_offsets(3), *_stack(q.packed, q.scale, q.zero), 64),
                 cpu.codebook4_grouped(bad, cpu.dense_offsets(3), *_stack(cb.packed, cb.centroids))):
         assert got[1:].isnan().all() and not got[0].isnan().any()
+    # a NaN or inf centroid: that row comes out NaN; an all-zero table gives zeros
+    c = cb.centroids.clone()
+    c[3, 0, 7], c[4, 0, 0], c[5] = float("nan"), float("inf"), 0
+    got = cpu.codebook4_grouped(x, cpu.dense_offsets(3), *_stack(cb.packed, c))
+    assert got[:, 3:5].isnan().all() and (got[:, 5] == 0).all() and not got[:, 6:].isnan().any()
+
+
+def test_the_avx512_path_gives_the_avx2_paths_results(isa_paths):
+    """The AVX-512 path is the AVX2 path's integer method on wider vectors (its own 3-bit unpack, its own codebook
+    lookup and x order): on one input both agree to float rounding, on every tile and group shape they take."""
+    if "avx512" not in isa_paths:
+        pytest.skip("this CPU has no avx512")
+    torch.manual_seed(11)
+    for m, n, k, group in ((1, 37, 4096, 64), (2, 13, 576, 64), (3, 9, 160, 32), (4, 6, 384, 128), (7, 5, 96, 96),
+                           (16, 11, 192, 64)):
+        q = quantize_rtn(torch.randn(n, k) * 0.05, 3, group, pad=True)
+        x = torch.randn(m, k)
+        got = {}
+        for isa in ("avx2", "avx512"):
+            cpu.use_isa(isa)
+            got[isa] = cpu.affine3_grouped(x, cpu.dense_offsets(m), *_stack(q.packed, q.scale, q.zero), group)
+        torch.testing.assert_close(got["avx512"], got["avx2"], rtol=1e-5, atol=1e-6 * got["avx2"].abs().max().item())
+    for m, n, k, groups in ((1, 37, 4096, 1), (2, 13, 576, 9), (3, 9, 256, 8), (4, 6, 384, 3), (16, 5, 128, 2)):
+        cb = quantize_codebook(torch.randn(n, k) * 0.05, k // groups)
+        x = torch.randn(m, k)
+        got = {}
+        for isa in ("avx2", "avx512"):
+            cpu.use_isa(isa)
+            got[isa] = cpu.codebook4_grouped(x, cpu.dense_offsets(m), *_stack(cb.packed, cb.centroids))
+        torch.testing.assert_close(got["avx512"], got["avx2"], rtol=1e-5, atol=1e-6 * got["avx2"].abs().max().item())
 
 
 def test_dense_rows_matches_torch_on_every_path(isa_paths):

@@ -16,7 +16,8 @@ cpu (the C++ kernels of qkernels/cpu.py, all torch threads): every figure below 
                                     in cache: speedups at batch 1 with hot caches
   moe_decode_tokens_per_s_ratio     greedy decode tokens/s of the demo MoE quantized with MiLo (packed runtime:
                                     QuantLinear + QuantExperts on the CPU kernels) over the fp32 model, same
-                                    engine and prompts, interleaved; `..._codequant` for CodeQuant 4-bit
+                                    engine and prompts, interleaved; `..._codequant` for CodeQuant 4-bit; under
+                                    `by_isa.<isa>` for every vector path (avx2, avx512), in the same runs
 gpu (when CUDA is present; names the GPU): milo3_speedup_vs_fp16 and codebook4_speedup_vs_fp16 at batch 1, 4, 16
   for a 4096 x 14336 weight (x [b, 4096] -> [b, 14336]) against fp16 `torch.matmul`, Triton kernels; milo3 with
   the compensator fused into the epilogue, `milo3_unfused_compensator_*` with it as two matmuls after.
@@ -168,7 +169,10 @@ def _checkpoint(args, method: str) -> str:
     return str(path)
 
 
-def _moe_decode(args) -> dict:
+def _moe_decode(args, isas: list[str]) -> dict:
+    """Decode tokens/s of the fp32 demo MoE and its MiLo and CodeQuant checkpoints, interleaved per prompt; the
+    quantized ones once per vector path in `isas` (the fp32 model's dense kernels do not depend on it), so
+    `by_isa.<isa>.moe_decode_*` are measured side by side with the default path's."""
     from actors import zoo
     from actors.engine import Engine, Request
     from pipelines.bench.common import gsm_prompts
@@ -181,34 +185,51 @@ def _moe_decode(args) -> dict:
         model, tok = zoo.load_model(name, "float32", "cpu", quant_runtime=runtime)
         engines[label] = Engine(model, tok, prefix_cache_tokens=0)
     prompts = gsm_prompts(tok, args.num_prompts)
-    for eng in engines.values():  # warm up (and build the kernels)
-        eng.generate([Request(prompts[0], max_new_tokens=4)])
+    native = cpu.load().isa()
+    variants = [("fp32", native)] + [(label, isa) for isa in isas for label in ("milo", "codequant")]
     first: dict = {}
     runs = []
-    for _ in tqdm(range(args.kernel_runs), desc="moe decode runs", unit="run"):
-        tokens = dict.fromkeys(engines, 0)
-        decode_s = dict.fromkeys(engines, 0.0)
-        for p in prompts:
-            for label, eng in engines.items():  # interleaved, so drift in machine load hits every model alike
-                t0 = time.perf_counter()
-                eng.generate([Request(p, max_new_tokens=1)])  # prefill + one token: subtracted below
-                prefill = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                [res] = eng.generate([Request(p, max_new_tokens=args.max_new_tokens)])
-                total = time.perf_counter() - t0
-                tokens[label] += len(res.token_ids) - 1
-                decode_s[label] += max(total - prefill, 1e-9)
-                first.setdefault(label, res.token_ids[:16])
-        tps = {label: tokens[label] / decode_s[label] for label in engines}
-        runs.append({"tokens_per_s": tps, "ratio": tps["milo"] / tps["fp32"],
-                     "ratio_codequant": tps["codequant"] / tps["fp32"]})
-    middle = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
+    try:
+        for label, isa in variants:  # warm up (and build the kernels)
+            cpu.use_isa(isa)
+            engines[label].generate([Request(prompts[0], max_new_tokens=4)])
+        for _ in tqdm(range(args.kernel_runs), desc="moe decode runs", unit="run"):
+            tokens = dict.fromkeys(variants, 0)
+            decode_s = dict.fromkeys(variants, 0.0)
+            for p in prompts:
+                for label, isa in variants:  # interleaved, so drift in machine load hits every model alike
+                    cpu.use_isa(isa)
+                    eng = engines[label]
+                    t0 = time.perf_counter()
+                    eng.generate([Request(p, max_new_tokens=1)])  # prefill + one token: subtracted below
+                    prefill = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    [res] = eng.generate([Request(p, max_new_tokens=args.max_new_tokens)])
+                    total = time.perf_counter() - t0
+                    tokens[label, isa] += len(res.token_ids) - 1
+                    decode_s[label, isa] += max(total - prefill, 1e-9)
+                    if isa == native:
+                        first.setdefault(label, res.token_ids[:16])
+            tps = {v: tokens[v] / decode_s[v] for v in variants}
+            fp32 = tps["fp32", native]
+            per_isa = {isa: {"tokens_per_s": {"fp32": fp32, "milo": tps["milo", isa],
+                                              "codequant": tps["codequant", isa]},
+                             "ratio": tps["milo", isa] / fp32, "ratio_codequant": tps["codequant", isa] / fp32}
+                       for isa in isas}
+            runs.append({**per_isa[native], "by_isa": per_isa})
+    finally:
+        cpu.use_isa(native)  # the path in force before (SPECMOE_CPU_ISA may have chosen it)
+
+    def summary(rs: list[dict]) -> dict:
+        middle = sorted(rs, key=lambda r: r["ratio"])[len(rs) // 2]
+        return {"moe_decode_tokens_per_s": middle["tokens_per_s"],
+                "moe_decode_tokens_per_s_ratio": statistics.median(r["ratio"] for r in rs),
+                "moe_decode_tokens_per_s_ratio_codequant": statistics.median(r["ratio_codequant"] for r in rs)}
+
     return {"moe_model": args.moe, "moe_checkpoints": {k: v[0] for k, v in models.items() if k != "fp32"},
-            "moe_decode_tokens_per_s": middle["tokens_per_s"],
-            "moe_decode_tokens_per_s_ratio": statistics.median(r["ratio"] for r in runs),
-            "moe_decode_tokens_per_s_ratio_codequant": statistics.median(r["ratio_codequant"] for r in runs),
-            "moe_decode_runs": runs,
-            "moe_decode_first_tokens": first}
+            **summary(runs), "moe_decode_runs": runs, "moe_decode_first_tokens": first,
+            "by_isa": {isa: {**summary([r["by_isa"][isa] for r in runs]),
+                             "moe_decode_runs": [r["by_isa"][isa] for r in runs]} for isa in isas}}
 
 
 def _gpu(reps: int) -> dict:
@@ -313,12 +334,15 @@ def run(args) -> dict:
                                         tqdm(range(args.kernel_runs), desc=f"kernels {isa}", unit="run")])
             by_isa[isa]["expert_shapes"] = _expert_shapes(timer)
     finally:
-        cpu.use_isa("native")
+        cpu.use_isa(native)  # the path in force before (SPECMOE_CPU_ISA may have chosen it)
     out["cpu"]["by_isa"] = by_isa
     out["cpu"].update({k: v for k, v in by_isa[native].items()})  # the default path's figures at the top level
     compiled = _cpu_matvec(timer)
     out["cpu"].update({k: v for k, v in compiled.items() if k.startswith("torch_compile")})
-    if not args.skip_moe:
-        out["cpu"].update(_moe_decode(args))
+    if not args.skip_moe:  # every vector path the CPU has (the scalar one would take most of an hour)
+        moe = _moe_decode(args, [isa for isa in ext.supported_isas() if isa != "scalar"] or [native])
+        for isa, figures in moe.pop("by_isa").items():
+            by_isa[isa].update(figures)
+        out["cpu"].update(moe)
     out["gpu"] = _gpu(args.reps) if torch.cuda.is_available() else None
     return out

@@ -19,7 +19,9 @@
 // between torch's threads.
 //
 // Code paths, chosen at run time by the CPU's flags (not the build machine's), or forced with set_isa:
-//   avx512: AVX-512 F/BW/VBMI (vpermb + vpmultishiftqb unpack 64 codes at a time);
+//   avx512: AVX-512 F/BW/VBMI/VNNI, the AVX2 path's integer method on 512-bit vectors (same int16 x and tables, so
+//           the same results): vpermb + vpmultishiftqb put 32 3-bit codes in 16-bit lanes, vpermw looks up 32
+//           codebook entries, vpdpwssd multiplies and accumulates 32 pairs;
 //   avx2:   AVX2 + FMA + F16C, integer dot products: x is rounded to int16 per block (max|x| / 32767 per group
 //           for 3-bit, / 16383 per block of up to 128 for codebooks: half a step is 1.5e-5 or 3e-5 of a block's
 //           largest |x|), and vpmaddwd multiplies 16 codes by 16 x values at once. 3-bit: one shuffle, one multiply
@@ -57,7 +59,7 @@ int best_isa() {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // F16C comes with both
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vbmi"))
+      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni"))
     return kAvx512;
   if (avx2) return kAvx2;
 #endif
@@ -93,9 +95,9 @@ inline void prefetch(const void* p, int64_t bytes) {
 
 // What a block of output rows needs: x padded to Kp with its group sums (affine3), V x per row (compensator).
 struct Affine3Args {
-  const float* xpad;  // [R, Kp] (the float paths)
-  const float* xsum;  // [R, G]: x's group sums (the integer path: the dequantized x's)
-  const int16_t* xq;  // [R, Kp] x quantized per group (the AVX2 integer path; null otherwise)
+  const float* xpad;  // [R, Kp] (the scalar path)
+  const float* xsum;  // [R, G]: x's group sums (the integer paths: the dequantized x's)
+  const int16_t* xq;  // [R, Kp] x quantized per group (the integer paths; null on the scalar one)
   const float* xscale;  // [R, G] its scales
   const float* t;     // [R, rank] (V_e x)
   const float* u;     // [E, N, rank] or null
@@ -108,13 +110,44 @@ struct Affine3Args {
 
 struct Codebook4Args {
   const float* x;  // [R, K]
-  const int16_t* xq;  // [R, K]: x quantized per block, in the AVX2 integer path's order (null when it does not run)
+  const int16_t* xq;  // [R, K]: x quantized per block, in the integer path's order (null when none runs)
   const float* xscale;  // [R, K / block] its scales
   const uint32_t* packed;  // [E, N, W]
   const at::Half* cent;    // [E, N, G, 16]
   float* y;
   int64_t E, N, W, G, group, K, block;
 };
+
+// Walks weight rows n0..n1 of expert e against x rows lo..hi in tiles of rn <= max_rn x rows by up to
+// rb_for[rn - 1] weight rows; tile(n, rb, r0, rn) computes one. While a tile runs, the next one's packed rows
+// (they follow its own in memory) are asked for.
+template <typename Tile>
+void for_each_tile(int64_t e, int64_t N, int64_t E, int64_t W, const uint32_t* packed, int64_t n0, int64_t n1,
+                   int64_t lo, int64_t hi, int max_rn, const int* rb_for, const Tile& tile) {
+  for (int64_t r0 = lo; r0 < hi;) {
+    const int rn = (int)std::min<int64_t>(hi - r0, max_rn);
+    for (int64_t n = n0; n < n1;) {
+      const int rb = (int)std::min<int64_t>(rb_for[rn - 1], n1 - n);
+      if (e * N + n + 2 * rb <= E * N) prefetch(packed + (e * N + n + rb) * W, rb * W * 4);
+      tile(n, rb, r0, rn);
+      n += rb;
+    }
+    r0 += rn;
+  }
+}
+
+// Writes a 3-bit tile's out[b * rn + i] to y, adding the compensator U_e (V_e x) where there is one.
+template <typename Dot>
+inline void affine3_store(const Affine3Args& a, int64_t e, int64_t n, int rb, int64_t r0, int rn, const float* out,
+                          const Dot& dot) {
+  for (int b = 0; b < rb; ++b)
+    for (int i = 0; i < rn; ++i) {
+      const int64_t row_id = e * a.N + n + b;
+      float v = out[b * rn + i];
+      if (a.u) v += dot(a.u + row_id * a.rank, a.t + (r0 + i) * a.rank, a.rank);
+      a.y[(r0 + i) * a.N + n + b] = v;
+    }
+}
 
 using Affine3Block = void (*)(const Affine3Args&, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi);
 using Codebook4Block = void (*)(const Codebook4Args&, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi);
@@ -280,54 +313,42 @@ void affine3_tile(const uint8_t* const* rows, const at::Half* const* srow, const
 
 // Tiles of up to 8 int32 + 8 float accumulators: 4 weight rows for one x row (decode), 2 x 2, or 1 x 3/4.
 void affine3_block(const Affine3Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
+  static const int rb_for[4] = {4, 2, 1, 1};
   thread_local std::vector<uint32_t> last;  // the tensor's last row, with a spare word (codes16 reads 8 bytes)
   const uint8_t* rows[4];
   const at::Half* srow[4];
   const at::Half* zrow[4];
   float out[4];
-  for (int64_t r0 = lo; r0 < hi;) {
-    const int rn = (int)std::min<int64_t>(hi - r0, 4);
-    const int rb_max = rn == 1 ? 4 : (rn == 2 ? 2 : 1);
-    for (int64_t n = n0; n < n1;) {
-      const int rb = (int)std::min<int64_t>(rb_max, n1 - n);
-      for (int b = 0; b < rb; ++b) {
-        const int64_t row_id = e * a.N + n + b;
-        const uint32_t* row = a.packed + row_id * a.W;
-        if (row_id == a.E * a.N - 1) {
-          last.assign(row, row + a.W);
-          last.push_back(0);
-          row = last.data();
-        }
-        rows[b] = reinterpret_cast<const uint8_t*>(row);
-        srow[b] = a.scale + row_id * a.G;
-        zrow[b] = a.zero + row_id * a.G;
+  for_each_tile(e, a.N, a.E, a.W, a.packed, n0, n1, lo, hi, 4, rb_for, [&](int64_t n, int rb, int64_t r0, int rn) {
+    for (int b = 0; b < rb; ++b) {
+      const int64_t row_id = e * a.N + n + b;
+      const uint32_t* row = a.packed + row_id * a.W;
+      if (row_id == a.E * a.N - 1) {
+        last.assign(row, row + a.W);
+        last.push_back(0);
+        row = last.data();
       }
-      if (e * a.N + n + 2 * rb <= a.E * a.N) prefetch(a.packed + (e * a.N + n + rb) * a.W, rb * a.W * 4);
-      const int16_t* xq = a.xq + r0 * a.Kp;
-      const float* xsc = a.xscale + r0 * a.G;
-      const float* xs = a.xsum + r0 * a.G;
-      switch (rb * 10 + rn) {
-        case 41: A3TILE(4, 1); break;
-        case 31: A3TILE(3, 1); break;
-        case 21: A3TILE(2, 1); break;
-        case 11: A3TILE(1, 1); break;
-        case 22: A3TILE(2, 2); break;
-        case 12: A3TILE(1, 2); break;
-        case 13: A3TILE(1, 3); break;
-        default: A3TILE(1, 4); break;
-      }
-      for (int b = 0; b < rb; ++b)
-        for (int i = 0; i < rn; ++i) {
-          const int64_t row_id = e * a.N + n + b;
-          float v = out[b * rn + i];
-          if (a.u) v += dot(a.u + row_id * a.rank, a.t + (r0 + i) * a.rank, a.rank);
-          a.y[(r0 + i) * a.N + n + b] = v;
-        }
-      n += rb;
+      rows[b] = reinterpret_cast<const uint8_t*>(row);
+      srow[b] = a.scale + row_id * a.G;
+      zrow[b] = a.zero + row_id * a.G;
     }
-    r0 += rn;
-  }
+    const int16_t* xq = a.xq + r0 * a.Kp;
+    const float* xsc = a.xscale + r0 * a.G;
+    const float* xs = a.xsum + r0 * a.G;
+    switch (rb * 10 + rn) {
+      case 41: A3TILE(4, 1); break;
+      case 31: A3TILE(3, 1); break;
+      case 21: A3TILE(2, 1); break;
+      case 11: A3TILE(1, 1); break;
+      case 22: A3TILE(2, 2); break;
+      case 12: A3TILE(1, 2); break;
+      case 13: A3TILE(1, 3); break;
+      default: A3TILE(1, 4); break;
+    }
+    affine3_store(a, e, n, rb, r0, rn, out, avx2::dot);
+  });
 }
+#undef A3TILE
 
 // out[b][i] = codebook weight row b . x row i: 8 codes a step, looked up in the row's fp32 table of its group (two
 // permutes of 8 entries and a blend on the index's bit 3).
@@ -441,50 +462,42 @@ void codebook4_tile_i16(const uint8_t* const* rows, const at::Half* const* cent,
 // Tiles: the integer path (groups of a multiple of 32) 2 weight rows x 1 x row or 1 x 2; the float permutes 4 x 1,
 // 2 x 2 or 1 x 2.
 void codebook4_block(const Codebook4Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
+  static const int rb_integer[2] = {2, 1}, rb_float[2] = {4, 2};
   const bool integer = a.xq != nullptr;
   const uint32_t* rows[4] = {};
   const at::Half* cent[4];
   float out[4];
-  for (int64_t r0 = lo; r0 < hi;) {
-    const int rn = (int)std::min<int64_t>(hi - r0, 2);
-    const int rb_max = rn == 1 ? (integer ? 2 : 4) : (integer ? 1 : 2);
-    for (int64_t n = n0; n < n1;) {
-      const int rb = (int)std::min<int64_t>(rb_max, n1 - n);
-      for (int b = 0; b < rb; ++b) {
-        const int64_t row_id = e * a.N + n + b;
-        rows[b] = a.packed + row_id * a.W;
-        cent[b] = a.cent + row_id * a.G * 16;
-      }
-      if (e * a.N + n + 2 * rb <= a.E * a.N) prefetch(a.packed + (e * a.N + n + rb) * a.W, rb * a.W * 4);
-      if (integer) {
-        const uint8_t* bytes[2] = {reinterpret_cast<const uint8_t*>(rows[0]),
-                                   reinterpret_cast<const uint8_t*>(rows[1])};
-        const int16_t* xq = a.xq + r0 * a.K;
-        const float* xsc = a.xscale + r0 * (a.K / a.block);
-        switch (rb * 10 + rn) {
-          case 21: codebook4_tile_i16<2, 1>(bytes, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
-          case 11: codebook4_tile_i16<1, 1>(bytes, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
-          default: codebook4_tile_i16<1, 2>(bytes, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
-        }
-      } else {
-        const float* x = a.x + r0 * a.K;
-        switch (rb * 10 + rn) {
-          case 41: codebook4_tile<4, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
-          case 31: codebook4_tile<3, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
-          case 21: codebook4_tile<2, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
-          case 11: codebook4_tile<1, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
-          case 22: codebook4_tile<2, 2>(rows, cent, a.G, a.group, x, a.K, out); break;
-          default: codebook4_tile<1, 2>(rows, cent, a.G, a.group, x, a.K, out); break;
-        }
-      }
-      for (int b = 0; b < rb; ++b)
-        for (int i = 0; i < rn; ++i) a.y[(r0 + i) * a.N + n + b] = out[b * rn + i];
-      n += rb;
+  for_each_tile(e, a.N, a.E, a.W, a.packed, n0, n1, lo, hi, 2, integer ? rb_integer : rb_float,
+                [&](int64_t n, int rb, int64_t r0, int rn) {
+    for (int b = 0; b < rb; ++b) {
+      const int64_t row_id = e * a.N + n + b;
+      rows[b] = a.packed + row_id * a.W;
+      cent[b] = a.cent + row_id * a.G * 16;
     }
-    r0 += rn;
-  }
+    if (integer) {
+      const uint8_t* bytes[2] = {reinterpret_cast<const uint8_t*>(rows[0]), reinterpret_cast<const uint8_t*>(rows[1])};
+      const int16_t* xq = a.xq + r0 * a.K;
+      const float* xsc = a.xscale + r0 * (a.K / a.block);
+      switch (rb * 10 + rn) {
+        case 21: codebook4_tile_i16<2, 1>(bytes, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
+        case 11: codebook4_tile_i16<1, 1>(bytes, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
+        default: codebook4_tile_i16<1, 2>(bytes, cent, a.G, a.group, a.block, xq, a.K, xsc, out); break;
+      }
+    } else {
+      const float* x = a.x + r0 * a.K;
+      switch (rb * 10 + rn) {
+        case 41: codebook4_tile<4, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
+        case 31: codebook4_tile<3, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
+        case 21: codebook4_tile<2, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
+        case 11: codebook4_tile<1, 1>(rows, cent, a.G, a.group, x, a.K, out); break;
+        case 22: codebook4_tile<2, 2>(rows, cent, a.G, a.group, x, a.K, out); break;
+        default: codebook4_tile<1, 2>(rows, cent, a.G, a.group, x, a.K, out); break;
+      }
+    }
+    for (int b = 0; b < rb; ++b)
+      for (int i = 0; i < rn; ++i) a.y[(r0 + i) * a.N + n + b] = out[b * rn + i];
+  });
 }
-
 
 // Dense float32 weights, a few x rows (a decode step): y[i, n] = w[n] . x[i] for weight rows n0..n1, every weight row
 // read once for all R rows (the BLAS takes a short x @ W^T as one matrix-vector product per row on some CPUs).
@@ -545,132 +558,199 @@ void dense_block(const float* x, const float* w, float* y, int64_t R, int64_t N,
 #pragma GCC pop_options
 
 // ------------------------------------------------------------------------------------------------ avx512
+// The AVX2 path's integer method on 512-bit vectors: the same int16 x (same blocks and limits) and int16 codebook
+// tables, so both paths give the same results to float rounding. vpdpwssd (VNNI) multiplies 32 int16 pairs and adds
+// neighbours into the int32 accumulator in one instruction.
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vbmi,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")
 namespace avx512 {
-// 64 3-bit codes (24 bytes at p, or 12 bytes for 32 codes) as bytes 0..63 of a zmm: vpermb gives qword lane L the
-// stream bytes 3L..3L+7 (its 8 codes start at bit 24L), vpmultishiftqb pulls the 8 codes at bit offsets 3b.
-alignas(64) const uint8_t kSpread[64] = {
-    0,  1,  2,  3,  4,  5,  6,  7,  3,  4,  5,  6,  7,  8,  9,  10, 6,  7,  8,  9,  10, 11,
-    12, 13, 9,  10, 11, 12, 13, 14, 15, 16, 12, 13, 14, 15, 16, 17, 18, 19, 15, 16, 17, 18,
-    19, 20, 21, 22, 18, 19, 20, 21, 22, 23, 24, 25, 21, 22, 23, 24, 25, 26, 27, 28};
-alignas(64) const uint8_t kShift3[64] = {
-    0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21,
-    0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21};
+// 3-bit codes: 64 codes span 24 bytes. For the 32 codes of half h, vpermb gives qword lane L the 8 stream bytes from
+// byte 12h + 3L/2 (its 4 codes start at bit 4 (L odd) or 0 of them), and vpmultishiftqb moves code j to byte 2j of
+// the lane; masking each 16-bit lane with 7 leaves 32 codes in 16-bit lanes, in order.
+struct Spread3 {
+  alignas(64) uint8_t perm[2][64];
+  alignas(64) uint8_t shift[64];
+  Spread3() {
+    for (int h = 0; h < 2; ++h)
+      for (int L = 0; L < 8; ++L)
+        for (int t = 0; t < 8; ++t) perm[h][8 * L + t] = (uint8_t)(12 * h + 3 * L / 2 + t);
+    for (int L = 0; L < 8; ++L)
+      for (int t = 0; t < 8; ++t) shift[8 * L + t] = (uint8_t)(t % 2 ? 0 : 4 * (L % 2) + 3 * (t / 2));
+  }
+};
+const Spread3 kSpread3;
+const int kRbFor[4] = {4, 4, 2, 2};  // weight rows per tile for 1-4 x rows
 
-inline __m512i codes3_bytes(const uint8_t* p, __mmask64 load_mask) {
-  const __m512i raw = _mm512_maskz_loadu_epi8(load_mask, p);
-  const __m512i spread = _mm512_permutexvar_epi8(_mm512_load_si512(kSpread), raw);
-  return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_load_si512(kShift3), spread), _mm512_set1_epi8(7));
+inline __m512i codes3_words(__m512i raw, __m512i perm, __m512i shift) {
+  return _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, raw)),
+                          _mm512_set1_epi16(7));
 }
 
-// Bytes 16I..16I+15 of b as 16 floats: one zero-masked vpermb puts byte 16I+i in the low byte of dword i.
-template <int I>
-inline __m512 bytes_to_float(__m512i b) {
-  const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(16 * I),
-                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  return _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(0x1111111111111111ull, idx, b));
-}
-
-// out[i] = row n of the 3-bit weight . x[i] for RN rows of x (padded to Kp), zero point via the group sums.
-template <int RN>
-void affine3_rows_avx512(const uint32_t* row, const at::Half* srow, const at::Half* zrow, int64_t G, int64_t group,
-                         const float* x, int64_t Kp, const float* xsum, float* out) {
-  __m512 acc[RN];
-  float corr[RN];
-  for (int i = 0; i < RN; ++i) acc[i] = _mm512_setzero_ps(), corr[i] = 0.f;
-  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(row);
+// out[b][i] = weight row b . x row i for RB weight rows and RN x rows (int16, padded to Kp, one scale per group), as
+// avx2::affine3_tile. A group of a multiple of 32 but not of 64 ends with one 32-code step. Loads are masked to the
+// row's bytes, so no spare word is needed.
+template <int RB, int RN>
+void affine3_tile(const uint8_t* const* rows, const at::Half* const* srow, const at::Half* const* zrow, int64_t G,
+                  int64_t group, const int16_t* xq, int64_t Kp, const float* xscale, const float* xsum, float* out) {
+  const __m512i p0 = _mm512_load_si512(kSpread3.perm[0]), p1 = _mm512_load_si512(kSpread3.perm[1]);
+  const __m512i sh = _mm512_load_si512(kSpread3.shift);
+  __m512 acc[RB][RN];
+  float corr[RB][RN];
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < RN; ++i) acc[b][i] = _mm512_setzero_ps(), corr[b][i] = 0.f;
   for (int64_t g = 0; g < G; ++g) {
-    __m512 ag[RN];
-    for (int i = 0; i < RN; ++i) ag[i] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < group; c += 64) {
-      const int64_t k = g * group + c;
-      const bool full = group - c >= 64;
-      const __m512i b = codes3_bytes(bytes + k * 3 / 8, full ? 0xFFFFFFull : 0xFFFull);
-      const __m512 f0 = bytes_to_float<0>(b), f1 = bytes_to_float<1>(b);
+    __m512i ag[RB][RN];
+    for (int b = 0; b < RB; ++b)
+      for (int i = 0; i < RN; ++i) ag[b][i] = _mm512_setzero_si512();
+    int64_t k = g * group;
+    const int64_t end = k + group;
+    for (; k + 64 <= end; k += 64) {
+      __m512i x0[RN], x1[RN];
       for (int i = 0; i < RN; ++i) {
-        ag[i] = _mm512_fmadd_ps(f0, _mm512_loadu_ps(x + i * Kp + k), ag[i]);
-        ag[i] = _mm512_fmadd_ps(f1, _mm512_loadu_ps(x + i * Kp + k + 16), ag[i]);
+        x0[i] = _mm512_loadu_si512(xq + i * Kp + k);
+        x1[i] = _mm512_loadu_si512(xq + i * Kp + k + 32);
       }
-      if (full) {
-        const __m512 f2 = bytes_to_float<2>(b), f3 = bytes_to_float<3>(b);
+      for (int b = 0; b < RB; ++b) {
+        const __m512i raw = _mm512_maskz_loadu_epi8(0xFFFFFFull, rows[b] + k / 8 * 3);
+        const __m512i q0 = codes3_words(raw, p0, sh), q1 = codes3_words(raw, p1, sh);
+        for (int i = 0; i < RN; ++i)
+          ag[b][i] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(ag[b][i], q0, x0[i]), q1, x1[i]);
+      }
+    }
+    if (k < end) {  // 32 codes left
+      __m512i x0[RN];
+      for (int i = 0; i < RN; ++i) x0[i] = _mm512_loadu_si512(xq + i * Kp + k);
+      for (int b = 0; b < RB; ++b) {
+        const __m512i q0 = codes3_words(_mm512_maskz_loadu_epi8(0xFFFull, rows[b] + k / 8 * 3), p0, sh);
+        for (int i = 0; i < RN; ++i) ag[b][i] = _mm512_dpwssd_epi32(ag[b][i], q0, x0[i]);
+      }
+    }
+    for (int b = 0; b < RB; ++b) {
+      const float s = avx2::h2f(srow[b][g]), sz = s * avx2::h2f(zrow[b][g]);
+      for (int i = 0; i < RN; ++i) {
+        acc[b][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ag[b][i]), _mm512_set1_ps(s * xscale[i * G + g]), acc[b][i]);
+        corr[b][i] += sz * xsum[i * G + g];
+      }
+    }
+  }
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < RN; ++i) out[b * RN + i] = _mm512_reduce_add_ps(acc[b][i]) - corr[b][i];
+}
+
+#define A3TILE(RB, RN) affine3_tile<RB, RN>(rows, srow, zrow, a.G, a.group, xq, a.Kp, xsc, xs, out)
+
+// Tiles: 4 weight rows for one or two x rows (decode, two-token steps), 2 for three or four.
+void affine3_block(const Affine3Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
+  const uint8_t* rows[4];
+  const at::Half* srow[4];
+  const at::Half* zrow[4];
+  float out[8];
+  for_each_tile(e, a.N, a.E, a.W, a.packed, n0, n1, lo, hi, 4, kRbFor, [&](int64_t n, int rb, int64_t r0, int rn) {
+    for (int b = 0; b < rb; ++b) {
+      const int64_t row_id = e * a.N + n + b;
+      rows[b] = reinterpret_cast<const uint8_t*>(a.packed + row_id * a.W);
+      srow[b] = a.scale + row_id * a.G;
+      zrow[b] = a.zero + row_id * a.G;
+    }
+    const int16_t* xq = a.xq + r0 * a.Kp;
+    const float* xsc = a.xscale + r0 * a.G;
+    const float* xs = a.xsum + r0 * a.G;
+    switch (rb * 10 + rn) {
+      case 41: A3TILE(4, 1); break; case 31: A3TILE(3, 1); break; case 21: A3TILE(2, 1); break;
+      case 11: A3TILE(1, 1); break; case 42: A3TILE(4, 2); break; case 32: A3TILE(3, 2); break;
+      case 22: A3TILE(2, 2); break; case 12: A3TILE(1, 2); break; case 23: A3TILE(2, 3); break;
+      case 13: A3TILE(1, 3); break; case 24: A3TILE(2, 4); break; default: A3TILE(1, 4); break;
+    }
+    affine3_store(a, e, n, rb, r0, rn, out, avx2::dot);
+  });
+}
+#undef A3TILE
+
+// A group's 16 centroids as int16 (as avx2::table16: max|c| / 4095) in the low 16 words of a zmm, for vpermw.
+inline float table16(const at::Half* c, __m512i& t) {
+  const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
+  const __m512 a = _mm512_abs_ps(f);
+  const bool bad = _mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ) != 0;  // NaN or inf
+  const float mx = bad ? 0.f : _mm512_reduce_max_ps(a);
+  if (bad || !(mx > 0.f)) {
+    t = _mm512_setzero_si512();
+    return bad ? NAN : 0.f;
+  }
+  const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(f, _mm512_set1_ps(avx2::kTableLimit / mx)));
+  t = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(q));
+  return mx / avx2::kTableLimit;
+}
+
+// out[b][i] = codebook weight row b . x row i (groups of a multiple of 64): 32 packed bytes (64 codes) widen to 32
+// words; vpermw looks up the low nibbles (codes 0, 2, .., 62) and the high ones (1, 3, .., 63), and x comes
+// quantized in that order (even codes of each 64, then odd).
+template <int RB, int RN>
+void codebook4_tile(const uint8_t* const* rows, const at::Half* const* cent, int64_t G, int64_t group,
+                    int64_t block, const int16_t* xq, int64_t K, const float* xscale, float* out) {
+  const __m512i nib = _mm512_set1_epi16(0x0F);
+  const int64_t B = K / block;
+  __m512 acc[RB][RN];
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < RN; ++i) acc[b][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i tab[RB];
+    float cs[RB];
+    for (int b = 0; b < RB; ++b) cs[b] = table16(cent[b] + g * 16, tab[b]);
+    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += block) {
+      __m512i ai[RB][RN];
+      for (int b = 0; b < RB; ++b)
+        for (int i = 0; i < RN; ++i) ai[b][i] = _mm512_setzero_si512();
+      for (int64_t k = k0; k < k0 + block; k += 64) {
+        __m512i x0[RN], x1[RN];
         for (int i = 0; i < RN; ++i) {
-          ag[i] = _mm512_fmadd_ps(f2, _mm512_loadu_ps(x + i * Kp + k + 32), ag[i]);
-          ag[i] = _mm512_fmadd_ps(f3, _mm512_loadu_ps(x + i * Kp + k + 48), ag[i]);
+          x0[i] = _mm512_loadu_si512(xq + i * K + k);
+          x1[i] = _mm512_loadu_si512(xq + i * K + k + 32);
+        }
+        for (int b = 0; b < RB; ++b) {
+          const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[b] + k / 2)));
+          const __m512i w0 = _mm512_permutexvar_epi16(_mm512_and_si512(v, nib), tab[b]);
+          const __m512i w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tab[b]);
+          for (int i = 0; i < RN; ++i)
+            ai[b][i] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(ai[b][i], w0, x0[i]), w1, x1[i]);
         }
       }
-    }
-    const float s = half_to_float(srow[g]), sz = s * half_to_float(zrow[g]);
-    const __m512 vs = _mm512_set1_ps(s);
-    for (int i = 0; i < RN; ++i) {
-      acc[i] = _mm512_fmadd_ps(ag[i], vs, acc[i]);
-      corr[i] += sz * xsum[i * G + g];
+      for (int b = 0; b < RB; ++b)
+        for (int i = 0; i < RN; ++i)
+          acc[b][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[b][i]), _mm512_set1_ps(cs[b] * xscale[i * B + k0 / block]),
+                                      acc[b][i]);
     }
   }
-  for (int i = 0; i < RN; ++i) out[i] = _mm512_reduce_add_ps(acc[i]) - corr[i];
+  for (int b = 0; b < RB; ++b)
+    for (int i = 0; i < RN; ++i) out[b * RN + i] = _mm512_reduce_add_ps(acc[b][i]);
 }
 
-// out[i] = row n of the codebook weight . x[i]: 16 codes per vector, the 16-entry table lookup is one vpermps.
-template <int RN>
-void codebook4_rows_avx512(const uint32_t* row, const at::Half* cent, int64_t G, int64_t group, const float* x,
-                           int64_t K, float* out) {
-  __m512 acc[RN];
-  for (int i = 0; i < RN; ++i) acc[i] = _mm512_setzero_ps();
-  const __m512i sel = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  const __m512i shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
-  for (int64_t g = 0; g < G; ++g) {
-    const __m512 table = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cent + g * 16)));
-    for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
-      const __m512i w = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 8)));
-      const __m512 wv = _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_permutexvar_epi32(sel, w), shifts), table);
-      for (int i = 0; i < RN; ++i) acc[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * K + k), acc[i]);
-    }
-  }
-  for (int i = 0; i < RN; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
-}
+#define CBTILE(RB, RN) codebook4_tile<RB, RN>(rows, cent, a.G, a.group, a.block, xq, a.K, xsc, out)
 
-#define SPECMOE_DISPATCH_RN(rn, F, ...)                                      \
-  switch (rn) {                                                               \
-    case 1: F<1>(__VA_ARGS__); break; case 2: F<2>(__VA_ARGS__); break;       \
-    case 3: F<3>(__VA_ARGS__); break; case 4: F<4>(__VA_ARGS__); break;       \
-    case 5: F<5>(__VA_ARGS__); break; case 6: F<6>(__VA_ARGS__); break;       \
-    case 7: F<7>(__VA_ARGS__); break; default: F<8>(__VA_ARGS__); break;      \
-  }
-
-void affine3_block(const Affine3Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t row_id = e * a.N + n;
-    const uint32_t* row = a.packed + row_id * a.W;
-    if (row_id + 1 < a.E * a.N) prefetch(row + a.W, a.W * 4);  // the next row streams in while this one computes
-    for (int64_t r0 = lo; r0 < hi; r0 += 8) {  // up to 8 rows share each unpacked group
-      const int64_t rn = std::min<int64_t>(8, hi - r0);
-      float res[8];
-      SPECMOE_DISPATCH_RN(rn, affine3_rows_avx512, row, a.scale + row_id * a.G, a.zero + row_id * a.G, a.G, a.group,
-                          a.xpad + r0 * a.Kp, a.Kp, a.xsum + r0 * a.G, res)
-      for (int64_t i = 0; i < rn; ++i) {
-        float out = res[i];
-        if (a.u) out += avx2::dot(a.u + row_id * a.rank, a.t + (r0 + i) * a.rank, a.rank);
-        a.y[(r0 + i) * a.N + n] = out;
-      }
-    }
-  }
-}
-
+// Groups of a multiple of 64 take the integer tiles above; others the AVX2 path (x comes quantized in its order).
 void codebook4_block(const Codebook4Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
-  if (a.group % 16 != 0) return avx2::codebook4_block(a, e, n0, n1, lo, hi);
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t row_id = e * a.N + n;
-    const uint32_t* row = a.packed + row_id * a.W;
-    if (row_id + 1 < a.E * a.N) prefetch(row + a.W, a.W * 4);
-    for (int64_t r0 = lo; r0 < hi; r0 += 8) {
-      const int64_t rn = std::min<int64_t>(8, hi - r0);
-      float res[8];
-      SPECMOE_DISPATCH_RN(rn, codebook4_rows_avx512, row, a.cent + row_id * a.G * 16, a.G, a.group,
-                          a.x + r0 * a.K, a.K, res)
-      for (int64_t i = 0; i < rn; ++i) a.y[(r0 + i) * a.N + n] = res[i];
+  if (a.xq == nullptr || a.group % 64 != 0) return avx2::codebook4_block(a, e, n0, n1, lo, hi);
+  const uint8_t* rows[4];
+  const at::Half* cent[4];
+  float out[8];
+  for_each_tile(e, a.N, a.E, a.W, a.packed, n0, n1, lo, hi, 4, kRbFor, [&](int64_t n, int rb, int64_t r0, int rn) {
+    for (int b = 0; b < rb; ++b) {
+      const int64_t row_id = e * a.N + n + b;
+      rows[b] = reinterpret_cast<const uint8_t*>(a.packed + row_id * a.W);
+      cent[b] = a.cent + row_id * a.G * 16;
     }
-  }
+    const int16_t* xq = a.xq + r0 * a.K;
+    const float* xsc = a.xscale + r0 * (a.K / a.block);
+    switch (rb * 10 + rn) {
+      case 41: CBTILE(4, 1); break; case 31: CBTILE(3, 1); break; case 21: CBTILE(2, 1); break;
+      case 11: CBTILE(1, 1); break; case 42: CBTILE(4, 2); break; case 32: CBTILE(3, 2); break;
+      case 22: CBTILE(2, 2); break; case 12: CBTILE(1, 2); break; case 23: CBTILE(2, 3); break;
+      case 13: CBTILE(1, 3); break; case 24: CBTILE(2, 4); break; default: CBTILE(1, 4); break;
+    }
+    for (int b = 0; b < rb; ++b)
+      for (int i = 0; i < rn; ++i) a.y[(r0 + i) * a.N + n + b] = out[b * rn + i];
+  });
 }
+#undef CBTILE
 
 }  // namespace avx512
 #pragma GCC pop_options
@@ -719,8 +799,25 @@ void for_each_block(int64_t E, int64_t N, int64_t K, int64_t R, const int64_t* o
 // x [R, K] as int16 [R, Kp] per block of `block` values (zero past K): q = round(x / s), s = max|x| / limit (so
 // |x - s q| <= s / 2); `scale` [R, Kp / block] gets s (NaN for a block with NaN or inf, so the output is NaN as on
 // the float paths) and `sums` (if given) s * sum(q), the dequantized block sum.
-// `codebook_order` writes each 32 values in the order the AVX2 codebook path looks codes up (see table16).
-void quantize_x16(const float* x, int64_t R, int64_t K, int64_t Kp, int64_t block, float limit, bool codebook_order,
+// `order` is the order the codebook paths look codes up in: AVX2's within each 32 values (see avx2::table16), or
+// AVX-512's even then odd positions of each 64 (avx512::codebook4_tile).
+enum class XOrder { kNatural, kAvx2Codebook, kEvenOdd64 };
+
+inline int64_t x_position(int64_t k, XOrder order) {
+  switch (order) {
+    case XOrder::kAvx2Codebook: {
+      const int64_t j = k % 32, half = j / 16, jj = j % 16;
+      return k - j + 16 * half + (jj % 2) * 8 + jj / 2;
+    }
+    case XOrder::kEvenOdd64: {
+      const int64_t j = k % 64;
+      return k - j + (j % 2) * 32 + j / 2;
+    }
+    default: return k;
+  }
+}
+
+void quantize_x16(const float* x, int64_t R, int64_t K, int64_t Kp, int64_t block, float limit, XOrder order,
                   int16_t* q, float* scale, float* sums) {
   const int64_t B = Kp / block;
   for (int64_t r = 0; r < R; ++r)
@@ -737,9 +834,7 @@ void quantize_x16(const float* x, int64_t R, int64_t K, int64_t Kp, int64_t bloc
       int32_t total = 0;
       for (int64_t k = lo; k < lo + block; ++k) {
         const int32_t v = k < hi ? (int32_t)std::nearbyint(xb[k] * inv) : 0;
-        const int64_t j = k % 32, half = j / 16, jj = j % 16;
-        const int64_t at = codebook_order ? k - j + 16 * half + (jj % 2) * 8 + jj / 2 : k;
-        q[r * Kp + at] = (int16_t)v;
+        q[r * Kp + x_position(k, order)] = (int16_t)v;
         total += v;
       }
       scale[r * B + b] = !finite ? NAN : inv > 0.f ? m / limit : 0.f;  // NaN or inf in x: NaN out, as in float
@@ -789,15 +884,14 @@ torch::Tensor affine3_grouped(torch::Tensor x, torch::Tensor offsets, torch::Ten
   const float* xp = x.data_ptr<float>();
   const int64_t* off = offsets.data_ptr<int64_t>();
 
-  // x zero-padded to Kp, its per-group sums, and the compensator's V x.
-  // The float paths: x zero-padded to Kp and its group sums. The integer path (AVX2): x as int16 per group, xsum
-  // the dequantized x's group sums.
+  // The scalar path: x zero-padded to Kp and its group sums. The integer paths (AVX2, AVX-512): x as int16 per
+  // group, xsum the dequantized x's group sums. Both: the compensator's V x.
   std::vector<float> xpad, xsum(R * G, 0.f), t(R * (rank > 0 ? rank : 1), 0.f), xscale;
   std::vector<int16_t> xq;
-  if (active_isa() == kAvx2) {
+  if (active_isa() >= kAvx2) {
     xq.resize(R * Kp);
     xscale.resize(R * G);
-    quantize_x16(xp, R, K, Kp, group, 32767.f, false, xq.data(), xscale.data(), xsum.data());
+    quantize_x16(xp, R, K, Kp, group, 32767.f, XOrder::kNatural, xq.data(), xscale.data(), xsum.data());
   } else {
     xpad.assign(R * Kp, 0.f);
     for (int64_t r = 0; r < R; ++r) {
@@ -845,10 +939,11 @@ torch::Tensor codebook4_grouped(torch::Tensor x, torch::Tensor offsets, torch::T
   std::vector<int16_t> xq;
   std::vector<float> xscale;
   const float* xp = x.data_ptr<float>();
-  if (active_isa() == kAvx2 && group % 32 == 0) {  // the integer path reads x as int16 in its lookup order
+  if (active_isa() >= kAvx2 && group % 32 == 0) {  // the integer paths read x as int16 in their lookup order
+    const XOrder order = active_isa() == kAvx512 && group % 64 == 0 ? XOrder::kEvenOdd64 : XOrder::kAvx2Codebook;
     xq.resize(R * K);
     xscale.resize(R * (K / xblock));
-    quantize_x16(xp, R, K, K, xblock, 16383.f, true, xq.data(), xscale.data(), nullptr);
+    quantize_x16(xp, R, K, K, xblock, 16383.f, order, xq.data(), xscale.data(), nullptr);
   }
   const Codebook4Args args{xp, xq.empty() ? nullptr : xq.data(), xscale.empty() ? nullptr : xscale.data(),
                            reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>()),
