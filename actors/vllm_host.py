@@ -78,10 +78,11 @@ def model_dir(name: str) -> Path:
     return zoo.local_dir(name)
 
 
-def check_servable(name: str, parallel: int = 1) -> bool:
+def check_servable(name: str, pipeline_parallel: int = 1) -> bool:
     """Refuse what the vLLM backend cannot serve, without loading anything (a model in run storage: its small
-    files only, never the weights); returns whether the model is a SpecMoE quantized checkpoint. One rank holds
-    every packed row of such a checkpoint, so `parallel` (tensor x pipeline parallel ranks) must be 1."""
+    files only, never the weights); returns whether the model is a SpecMoE quantized checkpoint. Such a checkpoint
+    is split over tensor-parallel ranks by quant.vllm_quant, not over pipeline stages: `pipeline_parallel` must be
+    1."""
     if storage.is_uri(name) and not name.startswith("file://"):
         path = storage.fetch(name, skip=zoo.WEIGHT_FILES)
     else:
@@ -91,9 +92,9 @@ def check_servable(name: str, parallel: int = 1) -> bool:
     from quant.checkpoint import read_manifest
 
     read_manifest(path)  # a corrupt or foreign manifest: one line, before vLLM starts
-    if parallel > 1:
-        raise EngineError(f"model {name!r} is a SpecMoE quantized checkpoint: vLLM serves it on one rank only "
-                          f"(tensor_parallel_size x pipeline_parallel_size is {parallel}); use 1, or "
+    if pipeline_parallel > 1:
+        raise EngineError(f"model {name!r} is a SpecMoE quantized checkpoint: vLLM serves it with tensor "
+                          f"parallelism only (pipeline_parallel_size is {pipeline_parallel}); use 1, or "
                           "engine.backend=native")
     return True
 
@@ -142,7 +143,7 @@ def engine_args(role) -> dict:
     spec = Speculation(e.speculation.method, e.speculation.num_tokens, e.speculation.ngram_max,
                        e.speculation.ngram_min)
     cuda = on_cuda(m.device)
-    quantized = check_servable(m.name, v.tensor_parallel_size * v.pipeline_parallel_size)
+    quantized = check_servable(m.name, v.pipeline_parallel_size)
     args = dict(model=str(model_dir(m.name)), dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                 seed=0, enable_prefix_caching=True, max_num_seqs=e.max_batch,
                 tensor_parallel_size=v.tensor_parallel_size, pipeline_parallel_size=v.pipeline_parallel_size,
@@ -328,10 +329,11 @@ class VLLMHost:
 def placement_bundles(role) -> list[dict] | None:
     """A role on several GPUs (tensor x pipeline parallel > 1): the host's bundle, then one GPU bundle per vLLM
     worker, reserved together (STRICT_PACK for tensor parallel within a node is left to vLLM's own Ray
-    executor, which places its workers in the host's group)."""
+    executor, which places its workers in the host's group). On the CPU (`model.device: cpu`) vLLM's workers are
+    the host's own processes, `engine.torch_threads` threads each: no group."""
     v = role.engine.vllm
     workers = v.tensor_parallel_size * v.pipeline_parallel_size
-    if workers <= 1:
+    if workers <= 1 or role.model.device == "cpu":
         return None
     return [{"CPU": max(role.actor.num_cpus, 0.01)}] + [{"GPU": 1.0}] * workers
 

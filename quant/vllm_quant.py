@@ -12,8 +12,12 @@ point (pyproject.toml), which every vLLM process runs: `register()` adds
   vLLM fuses q/k/v (and gate/up) into one layer: their rows are stacked, and MiLo compensators become one
   block-diagonal U with the V's stacked, so the fused layer computes every shard's x (W + U V)^T in one call.
 
-`actors.vllm_host` asks for both when a role's model is a SpecMoE checkpoint. One rank holds every row: tensor and
-pipeline parallelism are refused with a one-line error (the packed rows would have to be split per rank).
+Tensor parallelism: each rank keeps its share of the packed rows, as vLLM shards a dense weight. Column-parallel
+layers (q/k/v with GQA's replicated kv heads, gate/up, and each expert's gate and up) keep their rank's output rows;
+row-parallel ones (o, down, and each expert's down) their rank's input columns, cut at whole quantization groups
+(a MiLo V keeps the same columns and U stays whole, so the ranks' U (V_r x_r) add up to U (V x) in vLLM's
+all-reduce; a per-row codebook keeps its table). A split that cuts a group is an error naming the layer.
+`actors.vllm_host` asks for both when a role's model is a SpecMoE checkpoint; pipeline parallelism is refused there.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from safetensors.torch import load_file
 from torch import nn
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
-from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, QKVParallelLinear, ReplicatedLinear,
+                                               RowParallelLinear, UnquantizedLinearMethod)
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.model_loader import register_model_loader
@@ -160,6 +165,61 @@ class SpecMoEMoEMethod(FusedMoEMethodBase):
         return layer.specmoe(x, topk_ids.long(), topk_weights)
 
 
+def _rank_rows(layer, n: int) -> torch.Tensor | None:
+    """The output rows of a linear layer's full weight [n, K] that its tensor-parallel rank computes (None: all)."""
+    tp, rank = getattr(layer, "tp_size", 1), getattr(layer, "tp_rank", 0)
+    if tp == 1 or isinstance(layer, (RowParallelLinear, ReplicatedLinear)):
+        return None
+    if isinstance(layer, QKVParallelLinear):  # kv heads are replicated when there are fewer than ranks
+        q, k, v = (layer.num_heads * layer.head_size, layer.num_kv_heads * layer.head_size,
+                   layer.num_kv_heads * layer.v_head_size)
+        kv = rank // layer.num_kv_head_replicas
+        q_all, k_all = layer.total_num_heads * layer.head_size, layer.total_num_kv_heads * layer.head_size
+        spans = [(rank * q, q), (q_all + kv * k, k), (q_all + k_all + kv * v, v)]
+    else:  # gate/up (merged) or one projection: every part split evenly
+        spans, offset = [], 0
+        for size in getattr(layer, "output_sizes", None) or [n]:
+            spans.append((offset + rank * (size // tp), size // tp))
+            offset += size
+    return torch.cat([torch.arange(start, start + size) for start, size in spans])
+
+
+def _take_rows(kw: dict, rows: torch.Tensor | None, dim: int) -> dict:
+    """QuantLinear (dim 0) or QuantExperts (dim 1) arguments for the given output rows only."""
+    if rows is None:
+        return kw
+    return {key: (val.index_select(dim, rows).contiguous()
+                  if key in ("packed", "scale", "zero", "u", "centroids") and val is not None else val)
+            for key, val in kw.items()}
+
+
+def _take_cols(kw: dict, c0: int, c1: int, k: int, where: str) -> dict:
+    """QuantLinear / QuantExperts arguments (input dim last) for input columns c0..c1 of k, cut at whole groups: a
+    3-bit group is `group` codes in group * 3 / 32 words; codebook codes pack 8 to a word in rows padded to 32."""
+    out, group = dict(kw), kw["group"]
+    if "centroids" in kw:
+        groups = kw["centroids"].shape[-2]
+        cut = 32 if groups == 1 else group
+        if c0 % cut or (c1 % cut and c1 != k):
+            raise CheckpointError(f"{where}: tensor parallelism splits its {k} inputs at {c0}..{c1}, inside a "
+                                  f"codebook block of {cut}")
+        out["packed"] = kw["packed"][..., c0 // 8:c0 // 8 + -(-(c1 - c0) // 32) * 4].contiguous()
+        if groups == 1:
+            out["group"] = c1 - c0
+        else:
+            out["centroids"] = kw["centroids"][..., c0 // group:c1 // group, :].contiguous()
+        return out
+    if c0 % group or (c1 % group and c1 != k):
+        raise CheckpointError(f"{where}: tensor parallelism splits its {k} inputs at {c0}..{c1}, inside a "
+                              f"quantization group of {group}")
+    g0, g1, words = c0 // group, -(-c1 // group), group * kw["bits"] // 32
+    out["packed"] = kw["packed"][..., g0 * words:g1 * words].contiguous()
+    out["scale"], out["zero"] = (kw[key][..., g0:g1].contiguous() for key in ("scale", "zero"))
+    if kw.get("v") is not None:
+        out["v"] = kw["v"][..., c0:c1].contiguous()
+    return out
+
+
 class SpecMoELoader(BaseModelLoader):
     """Loads a SpecMoE checkpoint into a vLLM model built with the `specmoe` quantization method."""
 
@@ -196,6 +256,12 @@ class SpecMoELoader(BaseModelLoader):
                     raise CheckpointError(f"{path}: vLLM's model has no layer for {names} ({module_name})")
                 results = [result(n) for n in names]
                 kwargs = linear_kwargs(results, layer.input_size)
+                kwargs = _take_rows(kwargs, _rank_rows(layer, kwargs["packed"].shape[0]), 0)
+                if isinstance(layer, RowParallelLinear) and layer.tp_size > 1:
+                    c0 = layer.tp_rank * layer.input_size_per_partition
+                    kwargs = _take_cols(kwargs, c0, c0 + layer.input_size_per_partition, layer.input_size,
+                                        module_name)
+                    kwargs["in_features"] = layer.input_size_per_partition
                 out = kwargs["packed"].shape[0]
                 if out != layer.specmoe_out:
                     raise CheckpointError(f"{module_name}: the checkpoint has {out} rows, vLLM's layer "
@@ -207,16 +273,31 @@ class SpecMoELoader(BaseModelLoader):
                 module_name, layer = experts_by_layer.get(layer_prefix, (None, None))
                 if layer is None:
                     raise CheckpointError(f"{path}: vLLM's model has no routed experts in {layer_prefix}")
-                num, hidden, inter = layer.specmoe_shape
+                num, hidden, inter = layer.specmoe_shape  # inter: this rank's share of the intermediate size
                 act = getattr(layer, "activation", "silu")
                 if str(getattr(act, "value", act)).lower() != "silu":
                     raise CheckpointError(f"{module_name}: activation {act} is not SiLU")
+                cfg = layer.moe_config
+                if cfg.moe_parallel_config.use_ep:
+                    raise CheckpointError(f"{module_name}: expert parallelism is not supported for SpecMoE "
+                                          "checkpoints (tensor parallelism is)")
+                tp, rank = cfg.tp_size, cfg.tp_rank
+                full = inter * tp
                 stacked = {}
-                for proj, n, k in (("gate_up_proj", 2 * inter, hidden), ("down_proj", hidden, inter)):
+                for proj, n, k in (("gate_up_proj", 2 * full, hidden), ("down_proj", hidden, full)):
                     per = projections.get(proj, {})
                     if sorted(per) != list(range(num)):
                         raise CheckpointError(f"{layer_prefix}: {proj} has experts {sorted(per)}, vLLM {num}")
                     stacked[proj] = stack_experts([result(per[e]) for e in range(num)], n, k)
+                if stacked["gate_up_proj"]["packed"].shape[1] != 2 * full:
+                    raise CheckpointError(f"{module_name}: the checkpoint's experts have "
+                                          f"{stacked['gate_up_proj']['packed'].shape[1] // 2} intermediate rows, "
+                                          f"vLLM's {full}")
+                if tp > 1:  # this rank's gate and up rows, and the same down columns
+                    mine = torch.arange(rank * inter, (rank + 1) * inter)
+                    stacked["gate_up_proj"] = _take_rows(stacked["gate_up_proj"], torch.cat([mine, full + mine]), 1)
+                    stacked["down_proj"] = _take_cols(stacked["down_proj"], rank * inter, (rank + 1) * inter, full,
+                                                      f"{module_name}.down_proj")
                 layer.specmoe = QuantExperts(stacked["gate_up_proj"], stacked["down_proj"], hidden, inter,
                                              nn.functional.silu)
             rest = load_file(str(path / "rest.safetensors"))

@@ -86,9 +86,11 @@ def test_vllm_config_errors_name_the_key(monkeypatch, tmp_path):
     args = engine_args(role)
     assert args["quantization"] == args["load_format"] == "specmoe" and args["enforce_eager"]
     role.engine.vllm.tensor_parallel_size = 2
-    with pytest.raises(ConfigError, match="'target.engine.backend'.*quantized checkpoint: vLLM serves it on one "
-                                          "rank only"):
-        check_backend("target", role)  # ... on one rank
+    check_backend("target", role)  # ... split over tensor-parallel ranks
+    role.engine.vllm.pipeline_parallel_size = 2
+    with pytest.raises(ConfigError, match="'target.engine.backend'.*quantized checkpoint: vLLM serves it with "
+                                          "tensor parallelism only"):
+        check_backend("target", role)  # ... not over pipeline stages
     with pytest.raises(ConfigError, match="vllm.gpu_memory_utilization"):
         validate(replace(vllm_role(), engine=replace(vllm_role().engine, vllm=replace(
             vllm_role().engine.vllm, gpu_memory_utilization=1.5))))
@@ -358,11 +360,14 @@ def quantized_moe(out):
 
 
 @needs_vllm
-def test_vllm_serves_a_quantized_moe_checkpoint_through_our_kernels(local_ray, tmp_path, prompts):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vllm_serves_a_quantized_moe_checkpoint_through_our_kernels(local_ray, tmp_path, prompts, tp):
     """The `specmoe` quantization method (quant.vllm_quant): vLLM serves a MiLo / CodeQuant checkpoint with the
     packed weights and our kernels, and gives what the native engine gives on the same packed model: the same
     greedy tokens and next-token probabilities within 1e-3 (the fp model's differ by far more, so a vLLM that
-    served other weights would fail)."""
+    served other weights would fail). With 2 tensor-parallel ranks (vLLM's CPU workers) each rank holds half of
+    every layer's packed rows or input columns (q's heads, the one kv head on both, o's and each expert's down
+    inputs at whole groups, a per-row codebook's columns with its table) and the all-reduce puts them together."""
     import torch
 
     from actors.engine import Engine
@@ -372,10 +377,14 @@ def test_vllm_serves_a_quantized_moe_checkpoint_through_our_kernels(local_ray, t
     tok = zoo.load_tokenizer(zoo.SMOLLM2)
     native_q = HostClient(EngineHost.from_engine(Engine(load_quantized(path, runtime="packed"), tok)))
     native_fp = HostClient(EngineHost.from_engine(Engine(fp_model, tok)))
-    handle = start_host("target", vllm_role(name=str(path), method="none"))
+    role = vllm_role(name=str(path), method="none")
+    if tp > 1:  # the ranks are the host's processes on this machine's cores, one thread each
+        role.engine.vllm.tensor_parallel_size, role.model.device, role.engine.torch_threads = tp, "cpu", 1
+    handle = start_host("target", role)
     try:
         host = HostClient(handle)
-        assert ray.get(handle.info.remote(), timeout=600)["model"] == str(path)
+        info = ray.get(handle.info.remote(), timeout=600)
+        assert info["model"] == str(path) and info["tensor_parallel_size"] == tp
         reqs = [Request(p[-40:], max_new_tokens=16) for p in prompts]
         got = asyncio.run(host.generate(reqs))
         want = asyncio.run(native_q.generate([Request(p[-40:], max_new_tokens=16) for p in prompts]))
