@@ -13,7 +13,8 @@ cpu (the C++ kernels of qkernels/cpu.py, all torch threads): every figure below 
   torch_compile_milo3_matvec_speedup_vs_fp32   the alternative to the C++ kernel: `torch.compile` of the
                                     reference dequantize + matmul (the choice of the C++ kernel rests on this)
   expert_shapes                     the demo MoE's expert matrices (gate_up 384 x 576, down 576 x 192), which sit
-                                    in cache: speedups at batch 1 with hot caches
+                                    in cache: speedups at batch 1 with hot caches, every format called in turn
+                                    with fp32 (at least 200 calls each)
   moe_decode_tokens_per_s_ratio     greedy decode tokens/s of the demo MoE quantized with MiLo (packed runtime:
                                     QuantLinear + QuantExperts on the CPU kernels) over the fp32 model, same
                                     engine and prompts, interleaved; `..._codequant` for CodeQuant 4-bit; under
@@ -137,16 +138,28 @@ def _median_runs(runs: list[dict]) -> dict:
     return out
 
 
-def _expert_shapes(timer: _Timer) -> dict:
+def _expert_shapes(reps: int) -> dict:
+    """Per-call times of the demo MoE's expert shapes, hot: calls of ~10 us, so fp32 and every format are called in
+    turn `reps` times (drift in the machine's speed hits all alike) and each figure is a median."""
     out = {}
     for label, (n, k) in {"gate_up_384x576": (384, 576), "down_576x192": (576, 192)}.items():
         w, fns, _ = _formats(n, k, 8)
         x = torch.randn(1, k)
         off = cpu.dense_offsets(1)
-        fp32 = timer(lambda x=x, w=w: torch.nn.functional.linear(x, w), False)
+        calls = {"fp32": lambda x=x, w=w: torch.nn.functional.linear(x, w),
+                 **{name: (lambda fn=fn, x=x, off=off: fn(x, off)) for name, fn in fns.items()}}
+        times: dict = {name: [] for name in calls}
+        for call in calls.values():
+            call()
+        for _ in range(reps):
+            for name, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - t0)
+        fp32 = statistics.median(times["fp32"])
         row = {"fp32_us": fp32 * 1e6}
-        for name, fn in fns.items():
-            t = timer(lambda fn=fn, x=x, off=off: fn(x, off), False)
+        for name in fns:
+            t = statistics.median(times[name])
             row[f"{name}_us"] = t * 1e6
             row[f"{name}_speedup_vs_fp32"] = fp32 / t
         out[label] = row
@@ -332,7 +345,7 @@ def run(args) -> dict:
             cpu.use_isa(isa)
             by_isa[isa] = _median_runs([_cpu_matvec(timer, compare_compile=False) for _ in
                                         tqdm(range(args.kernel_runs), desc=f"kernels {isa}", unit="run")])
-            by_isa[isa]["expert_shapes"] = _expert_shapes(timer)
+            by_isa[isa]["expert_shapes"] = _expert_shapes(max(10 * args.reps, 200))
     finally:
         cpu.use_isa(native)  # the path in force before (SPECMOE_CPU_ISA may have chosen it)
     out["cpu"]["by_isa"] = by_isa

@@ -586,12 +586,26 @@ inline __m512i codes3_words(__m512i raw, __m512i perm, __m512i shift) {
                           _mm512_set1_epi16(7));
 }
 
+// The sums of a, b, c, d in one vector: two unpacks and a shuffle pair put the four in each 128-bit lane, and the
+// lanes are added (the decode tile's four rows at once, instead of four full reductions).
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a0+a2 b0+b2 a1+a3 b1+b3
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  // a b c d per lane
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 // out[b][i] = weight row b . x row i for RB weight rows and RN x rows (int16, padded to Kp, one scale per group), as
-// avx2::affine3_tile. A group of a multiple of 32 but not of 64 ends with one 32-code step. Loads are masked to the
-// row's bytes, so no spare word is needed.
+// avx2::affine3_tile, plus the compensator u_b . t_i (rank > 0): it is added to the row's float accumulator before
+// the one horizontal sum, so a small expert's rank-8 compensator costs one masked FMA per row. A group of a multiple
+// of 32 but not of 64 ends with one 32-code step. Loads are masked to the row's bytes, so no spare word is needed.
 template <int RB, int RN>
 void affine3_tile(const uint8_t* const* rows, const at::Half* const* srow, const at::Half* const* zrow, int64_t G,
-                  int64_t group, const int16_t* xq, int64_t Kp, const float* xscale, const float* xsum, float* out) {
+                  int64_t group, const int16_t* xq, int64_t Kp, const float* xscale, const float* xsum,
+                  const float* const* urow, const float* t, int64_t rank, float* out) {
   const __m512i p0 = _mm512_load_si512(kSpread3.perm[0]), p1 = _mm512_load_si512(kSpread3.perm[1]);
   const __m512i sh = _mm512_load_si512(kSpread3.shift);
   __m512 acc[RB][RN];
@@ -633,17 +647,33 @@ void affine3_tile(const uint8_t* const* rows, const at::Half* const* srow, const
       }
     }
   }
-  for (int b = 0; b < RB; ++b)
-    for (int i = 0; i < RN; ++i) out[b * RN + i] = _mm512_reduce_add_ps(acc[b][i]) - corr[b][i];
+  for (int64_t j = 0; j < rank; j += 16) {
+    const __mmask16 m = rank - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (rank - j)) - 1);
+    __m512 tv[RN];
+    for (int i = 0; i < RN; ++i) tv[i] = _mm512_maskz_loadu_ps(m, t + i * rank + j);
+    for (int b = 0; b < RB; ++b) {
+      const __m512 uv = _mm512_maskz_loadu_ps(m, urow[b] + j);
+      for (int i = 0; i < RN; ++i) acc[b][i] = _mm512_fmadd_ps(uv, tv[i], acc[b][i]);
+    }
+  }
+  if constexpr (RB == 4 && RN == 1) {
+    _mm_storeu_ps(out, _mm_sub_ps(reduce4(acc[0][0], acc[1][0], acc[2][0], acc[3][0]),
+                                  _mm_setr_ps(corr[0][0], corr[1][0], corr[2][0], corr[3][0])));
+  } else {
+    for (int b = 0; b < RB; ++b)
+      for (int i = 0; i < RN; ++i) out[b * RN + i] = _mm512_reduce_add_ps(acc[b][i]) - corr[b][i];
+  }
 }
 
-#define A3TILE(RB, RN) affine3_tile<RB, RN>(rows, srow, zrow, a.G, a.group, xq, a.Kp, xsc, xs, out)
+#define A3TILE(RB, RN) affine3_tile<RB, RN>(rows, srow, zrow, a.G, a.group, xq, a.Kp, xsc, xs, urow, t, rank, out)
 
 // Tiles: 4 weight rows for one or two x rows (decode, two-token steps), 2 for three or four.
 void affine3_block(const Affine3Args& a, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi) {
   const uint8_t* rows[4];
   const at::Half* srow[4];
   const at::Half* zrow[4];
+  const float* urow[4] = {};
+  const int64_t rank = a.u ? a.rank : 0;
   float out[8];
   for_each_tile(e, a.N, a.E, a.W, a.packed, n0, n1, lo, hi, 4, kRbFor, [&](int64_t n, int rb, int64_t r0, int rn) {
     for (int b = 0; b < rb; ++b) {
@@ -651,7 +681,9 @@ void affine3_block(const Affine3Args& a, int64_t e, int64_t n0, int64_t n1, int6
       rows[b] = reinterpret_cast<const uint8_t*>(a.packed + row_id * a.W);
       srow[b] = a.scale + row_id * a.G;
       zrow[b] = a.zero + row_id * a.G;
+      if (rank) urow[b] = a.u + row_id * rank;
     }
+    const float* t = a.t + r0 * a.rank;
     const int16_t* xq = a.xq + r0 * a.Kp;
     const float* xsc = a.xscale + r0 * a.G;
     const float* xs = a.xsum + r0 * a.G;
@@ -661,7 +693,8 @@ void affine3_block(const Affine3Args& a, int64_t e, int64_t n0, int64_t n1, int6
       case 22: A3TILE(2, 2); break; case 12: A3TILE(1, 2); break; case 23: A3TILE(2, 3); break;
       case 13: A3TILE(1, 3); break; case 24: A3TILE(2, 4); break; default: A3TILE(1, 4); break;
     }
-    affine3_store(a, e, n, rb, r0, rn, out, avx2::dot);
+    for (int b = 0; b < rb; ++b)  // the compensator is in already
+      for (int i = 0; i < rn; ++i) a.y[(r0 + i) * a.N + n + b] = out[b * rn + i];
   });
 }
 #undef A3TILE
