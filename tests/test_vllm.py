@@ -86,7 +86,14 @@ def test_vllm_config_errors_name_the_key(monkeypatch, tmp_path):
     args = engine_args(role)
     assert args["quantization"] == args["load_format"] == "specmoe" and args["enforce_eager"]
     role.engine.vllm.tensor_parallel_size = 2
-    check_backend("target", role)  # ... split over tensor-parallel ranks
+    check_backend("target", role)  # ... split over tensor-parallel ranks ...
+    (fake / "specmoe_quant.json").write_text(json.dumps({"format": 1, "tensors": {
+        "model.layers.0.self_attn.o_proj.weight": {"shape": [64, 192], "group_size": 64, "shard": "a"}}}))
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size 2 splits the 192 inputs of model.layers.0.self_attn"
+                                          r".o_proj.weight into 96 per rank, not whole quantization groups of 64"):
+        check_backend("target", role)  # ... at whole groups
+    role.engine.vllm.tensor_parallel_size = 3
+    check_backend("target", role)
     role.engine.vllm.pipeline_parallel_size = 2
     with pytest.raises(ConfigError, match="'target.engine.backend'.*quantized checkpoint: vLLM serves it with "
                                           "tensor parallelism only"):
