@@ -136,18 +136,6 @@ void for_each_tile(int64_t e, int64_t N, int64_t E, int64_t W, const uint32_t* p
   }
 }
 
-// Writes a 3-bit tile's out[b * rn + i] to y, adding the compensator U_e (V_e x) where there is one.
-template <typename Dot>
-inline void affine3_store(const Affine3Args& a, int64_t e, int64_t n, int rb, int64_t r0, int rn, const float* out,
-                          const Dot& dot) {
-  for (int b = 0; b < rb; ++b)
-    for (int i = 0; i < rn; ++i) {
-      const int64_t row_id = e * a.N + n + b;
-      float v = out[b * rn + i];
-      if (a.u) v += dot(a.u + row_id * a.rank, a.t + (r0 + i) * a.rank, a.rank);
-      a.y[(r0 + i) * a.N + n + b] = v;
-    }
-}
 
 using Affine3Block = void (*)(const Affine3Args&, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi);
 using Codebook4Block = void (*)(const Codebook4Args&, int64_t e, int64_t n0, int64_t n1, int64_t lo, int64_t hi);
@@ -345,7 +333,13 @@ void affine3_block(const Affine3Args& a, int64_t e, int64_t n0, int64_t n1, int6
       case 13: A3TILE(1, 3); break;
       default: A3TILE(1, 4); break;
     }
-    affine3_store(a, e, n, rb, r0, rn, out, avx2::dot);
+    for (int b = 0; b < rb; ++b)  // plus the compensator U_e (V_e x) where there is one
+      for (int i = 0; i < rn; ++i) {
+        const int64_t row_id = e * a.N + n + b;
+        float v = out[b * rn + i];
+        if (a.u) v += dot(a.u + row_id * a.rank, a.t + (r0 + i) * a.rank, a.rank);
+        a.y[(r0 + i) * a.N + n + b] = v;
+      }
   });
 }
 #undef A3TILE
