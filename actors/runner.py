@@ -13,10 +13,10 @@ so quantized or swapped modules keep working, but the attention and the KV cache
 - one forward runs B sequences with T_b new tokens each (right-padded to max T_b); projections and MLPs are batched;
   norms and rotary take the model's own formulas with fewer ops;
 - attention reads each sequence's own buffer in place (no padded copy of the caches). On CPU in float32, a step of
-  up to KERNEL_ATTENTION_TOKENS new tokens per sequence (decode, speculative verification, a branch's suffix) runs
-  one kernel call per layer for every sequence (qkernels.cpu.decode_attention: it writes the new keys and values
-  and attends causally, tasks split over threads); torch's SDPA costs 75-95 us of mostly fixed cost per call and
-  sequence on 2 cores, so a 4-sequence step had paid 4x. Longer prefills, other dtypes and GPUs run SDPA per
+  up to KERNEL_ATTENTION_TOKENS new tokens per sequence (decode, speculative verification, a drafted step, a short
+  prompt) runs one kernel call per layer for every sequence (qkernels.cpu.decode_attention: it writes the new keys
+  and values and attends causally, tasks split over threads); torch's SDPA costs 75-95 us of mostly fixed cost per
+  call and sequence on 2 cores, so a 4-sequence step had paid 4x. Longer prefills, other dtypes and GPUs run SDPA per
   sequence (flash; a non-contiguous projection output sends SDPA to its math path, which is why the few-row
   linears return contiguous outputs);
 - on CPU, linears fed a few rows (a decode step, a batched one, a verification chunk) take, per weight shape, what
@@ -187,11 +187,11 @@ def _lean_rms_norm(norm):
     return lean if same else norm
 
 
-SHARED_KERNEL_TOKENS = 32  # ... and, for a batch with a sequence that shares a prefix, up to which it runs there anyway
-# (the alternative, SDPA, needs the sequence's keys in one buffer: a copy of the prefix)
+SHARED_KERNEL_TOKENS = 128  # ... and, for a batch with a sequence that shares a prefix, up to which it runs there
+# anyway (the alternative, SDPA, needs the sequence's keys in one buffer: a copy of the prefix)
 SHARE_MIN_TOKENS = 64  # cached prefixes at least this long are shared, not copied (kernel attention only)
-KERNEL_ATTENTION_TOKENS = 8  # new tokens per sequence up to which a CPU step's attention runs our kernel (measured:
-# faster than per-sequence SDPA up to about 10 on a 2-core Zen 3, slower from 16)
+KERNEL_ATTENTION_TOKENS = 64  # new tokens per sequence up to which a CPU step's attention runs our kernel (measured on
+# a 2-core Zen 4, 400 cached keys: 0.2-0.7x per-sequence SDPA's time up to 64 tokens, about 1.0x at 96-128)
 
 
 @dataclass

@@ -51,6 +51,14 @@ def test_engine_suite_on_tiny_models(tmp_path):
     assert set(got) == set(engine.KEYS) | ALWAYS
     assert got["sd_greedy_identical"] and got["sd_ngram_greedy_identical"] and got["ar_identical_to_hf"]
     assert got["ar_vs_hf_ratio"] > 0 and got["prefill_tokens_ratio"] <= 1.1
+    # the attention paths side by side on the model's heads (CPU float32 with the kernels built: both paths run)
+    from qkernels import cpu
+
+    if cpu.available():
+        assert len(got["attention_kernel_vs_sdpa_time_ratio_runs"]) == got["engine_runs"]
+        assert got["attention_kernel_vs_sdpa_time_ratio"] > 0
+        assert set(got["attention_by_shape"]) == {f"{b}x{t}" for b, t in engine.ATTENTION_SHAPES}
+        assert all(s["kernel_us"] > 0 and s["sdpa_us"] > 0 for s in got["attention_by_shape"].values())
     assert got["machine"]["cores"] >= 1 and got["machine"]["cpu"]
 
 

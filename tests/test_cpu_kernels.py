@@ -386,12 +386,14 @@ def _attention_reference(q, k_new, v_new, kvs, layer, past, lens, scale):
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (6, 3, 20)])
 def test_decode_attention_matches_sdpa_on_every_path(isa_paths, heads, kv_heads, head_dim):
     """The engine's step attention: sequences with 0 to 700 cached positions (one key chunk to a head split over
-    threads), 1-5 new tokens each (causal among themselves, padding rows zero), GQA and plain heads, head sizes the
-    AVX2 path takes and one (20) it leaves to the scalar loops; the new keys and values land in their slots of the
-    chosen layer and nothing else in the buffers changes; and the same with a shared prefix read from its own buffer
-    (half the cached positions, all of them)."""
+    threads), 1-40 new tokens each (causal among themselves, padding rows zero; from 8 queries per KV head the AVX2
+    path runs its blocked tiles: 1-4 queries by 8-16 keys, 1-2 queries by 8-32 dimensions), GQA and plain heads,
+    head sizes the AVX2 path takes and one (20) it leaves to the scalar loops; the new keys and values land in their
+    slots of the chosen layer and nothing else in the buffers changes; and the same with a shared prefix read from its
+    own buffer (half the cached positions, all of them)."""
     layers, layer = 3, 1
-    cases = [([0], [1], 1), ([421], [1], 1), ([400, 3, 700, 64], [1, 1, 1, 1], 1), ([100, 0, 257], [5, 2, 1], 5)]
+    cases = [([0], [1], 1), ([421], [1], 1), ([400, 3, 700, 64], [1, 1, 1, 1], 1), ([100, 0, 257], [5, 2, 1], 5),
+             ([30, 0, 300], [40, 23, 9], 40)]  # drafted steps and short prompts: the blocked path, chunk edges
     for isa in isa_paths:
         cpu.use_isa(isa)
         for past, lens, T in cases:

@@ -324,8 +324,8 @@ def test_one_batched_forward_equals_each_sequence_alone(tiny_llama):
     from actors.runner import ModelRunner
 
     model, _ = tiny_llama
-    prompts = [(PROMPT * 4)[:37], PROMPT[:3], (PROMPT * 3)[5:70]]
-    feeds = [[11, 12, 13, 14, 15], [21], [31, 32, 33]]
+    prompts = [(PROMPT * 4)[:37], PROMPT[:3], (PROMPT * 8)[5:95]]
+    feeds = [list(range(11, 31)), [21], [31, 32, 33]]
 
     def run(runner, indices):
         seqs = [runner.acquire(prompts[i], reserve=8) for i in indices]
@@ -354,24 +354,25 @@ def test_one_batched_forward_equals_each_sequence_alone(tiny_llama):
 
 
 def test_the_attention_kernel_gives_what_per_sequence_sdpa_gives(tiny_llama):
-    """On CPU a step's attention (a few new tokens per sequence) runs qkernels' kernel, every sequence in one call;
-    the per-sequence SDPA path it replaced gives the same logits, and greedy decoding gives the same tokens."""
+    """On CPU a step's attention (up to KERNEL_ATTENTION_TOKENS new tokens per sequence) runs qkernels' kernel, every
+    sequence in one call; the per-sequence SDPA path it replaced gives the same logits (prefills of 37 and 3 tokens,
+    feeds of 1 to 20 tokens: the kernel's per-query and blocked paths), and greedy decoding gives the same tokens."""
     from actors.runner import ModelRunner
     from qkernels import cpu
 
     model, tok = tiny_llama
     if not cpu.available():
         pytest.skip("the CPU kernels could not be built here")
-    prompts = [(PROMPT * 4)[:37], PROMPT[:3], (PROMPT * 3)[5:70]]
-    feeds = [[11, 12, 13, 14, 15], [21], [31, 32, 33]]
+    prompts = [(PROMPT * 4)[:37], PROMPT[:3], (PROMPT * 8)[5:95]]
+    feeds = [list(range(11, 31)), [21], [31, 32, 33]]
     logits = {}
     for kernel in (True, False):
         runner = ModelRunner(model, prefix_cache_tokens=0)
         assert runner.kernel_attention  # float32 on CPU with the kernels built
         runner.kernel_attention = kernel
-        seqs = [runner.acquire(p, reserve=8) for p in prompts]
-        runner.forward(seqs[:1], prompts[:1])  # a long prefill: SDPA on both
-        runner.forward(seqs[1:], prompts[1:])
+        seqs = [runner.acquire(p, reserve=24) for p in prompts]
+        runner.forward(seqs[2:], prompts[2:])  # a long prefill (90 tokens): SDPA on both
+        runner.forward(seqs[:2], prompts[:2])
         logits[kernel] = runner.forward(seqs, feeds, all_logits=True)
     for a, b in zip(logits[True], logits[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -386,10 +387,11 @@ def test_the_attention_kernel_gives_what_per_sequence_sdpa_gives(tiny_llama):
 def test_a_long_cached_prefix_is_shared_not_copied(tiny_llama):
     """On the kernel path a request whose cached prefix is long (>= SHARE_MIN_TOKENS) reads the prefix from the cached
     sequence's buffer instead of copying it: logits match transformers' while the sequence grows its own buffer, is
-    truncated into the shared part, shares from a sequence that itself shares (one level: the same base), and takes
-    a long feed (SDPA: it gets one buffer then); the KV bytes count a shared buffer once, and an engine's branches
-    decode the tokens a copying engine decodes."""
-    from actors.runner import SHARE_MIN_TOKENS, ModelRunner
+    truncated into the shared part, shares from a sequence that itself shares (one level: the same base), takes a
+    drafted step's feed (40 tokens: the kernel, still sharing) and a long one (past SHARED_KERNEL_TOKENS: SDPA, so it
+    gets one buffer then); the KV bytes count a shared buffer once, and an engine's branches decode the tokens a
+    copying engine decodes."""
+    from actors.runner import SHARE_MIN_TOKENS, SHARED_KERNEL_TOKENS, ModelRunner
     from qkernels import cpu
 
     model, tok = tiny_llama
@@ -420,8 +422,10 @@ def test_a_long_cached_prefix_is_shared_not_copied(tiny_llama):
     runner.truncate(seq, 120)  # into the shared part: its next positions go to a new own buffer
     assert seq.offset == 120 and seq.base is root
     check(seq, prefix[120:126])
-    check(seq, (PROMPT * 4)[:40])  # 40 new tokens: SDPA, on one buffer
-    assert seq.base is None and seq.offset == 0 and seq.length == 166
+    check(seq, (PROMPT * 4)[:40])  # 40 new tokens: the kernel, reading the shared prefix
+    assert seq.base is root and seq.offset == 120 and seq.length == 166
+    check(seq, (PROMPT * 12)[:SHARED_KERNEL_TOKENS + 1])  # SDPA, on one buffer
+    assert seq.base is None and seq.offset == 0 and seq.length == 166 + SHARED_KERNEL_TOKENS + 1
 
     tokens = {}
     branches = [prefix + [11 + i, 12, 13] for i in range(3)]

@@ -11,6 +11,12 @@ On `--model` (default `smollm2-135m-instruct`; in-process engine, CPU unless a G
   prefill_tokens_ratio           prefill tokens while committing a ~1000-token answer step by step,
                                  over prompt + answer length
   sd_greedy_identical, sd_speedup  token-level SD with `--draft` (default smollm2-135m-draft-l6) vs AR
+  attention_kernel_vs_sdpa_time_ratio  one layer's step attention on the CPU kernel path (qkernels.cpu.decode_attention,
+                                 every sequence in one call) over the per-sequence SDPA path it replaces, the model's
+                                 heads, the committed prefix's length cached: 4 sequences of a drafted step's 32 new
+                                 tokens each (median of `--engine-runs`, each in *_runs); attention_by_shape: the
+                                 same for 1 and 4 sequences of 1-128 new tokens (kernel_us, sdpa_us, ratio; median of
+                                 the runs). CPU in float32 only (null elsewhere).
   plus the raw timings, acceptance counters, the n-gram SD figures (sd_ngram_*) and the device.
 
 With `--backend vllm` (needs `make venv-vllm`), vLLM's engine beside ours on the same prompts, in fp32, each figure
@@ -48,7 +54,8 @@ KEYS = ("model", "draft", "device", "num_prompts", "max_new_tokens", "ours_token
         "ar_vs_hf_ratio", "ar_identical_to_hf", "ar_tokens", "committed_prefix_tokens", "branch_step_tokens",
         "branch1_s", "branch4_s", "branch4_vs_branch1_time_ratio", "engine_runs", "ar_vs_hf_ratio_runs",
         "branch4_vs_branch1_time_ratio_runs", "branch_kv_bytes", "prefix_kv_bytes", "answer_tokens", "answer_steps",
-        "prompt_tokens", "prefill_tokens", "prefill_tokens_ratio",
+        "prompt_tokens", "prefill_tokens", "prefill_tokens_ratio", "attention_kernel_vs_sdpa_time_ratio",
+        "attention_kernel_vs_sdpa_time_ratio_runs", "attention_by_shape",
         *(f"{label}_{k}" for label in ("sd", "sd_ngram") for k in ("greedy_identical", "speedup", "acceptance_rate",
                                                                    "mean_acceptance_length", "num_tokens")))
 
@@ -145,6 +152,8 @@ def run(args) -> dict:
                branch4_vs_branch1_time_ratio_runs=branch_ratios, branch_kv_bytes=kv4 // 4,
                prefix_kv_bytes=branch_engine.target.bytes_per_token * len(committed))
 
+    out.update(attention_timings(branch_engine.target, len(committed), args.engine_runs))
+
     # --- commit a ~1000-token answer step by step; count what the target prefills
     engine = Engine(model, tok)
     answer_steps, total = [], 0
@@ -184,6 +193,64 @@ def run(args) -> dict:
                     f"{label}_mean_acceptance_length": 1 + counters.accepted_tokens / max(counters.forward_passes, 1),
                     f"{label}_num_tokens": spec.num_tokens})
     return out
+
+
+ATTENTION_SHAPES = ((1, 1), (1, 8), (1, 32), (1, 64), (1, 128), (4, 1), (4, 8), (4, 32), (4, 64))  # (sequences, new)
+HEADLINE_ATTENTION = (4, 32)  # Lookahead Reasoning's target step: drafted steps from 4 branches
+
+
+def attention_timings(runner, past: int, runs: int) -> dict:
+    """One layer's step attention, both paths of ModelRunner.forward on the runner's heads, `past` positions cached
+    per sequence: the kernel (one call, new keys and values written in place) and SDPA per sequence (its keys and
+    values copied into the buffer, then attention with a causal mask, as ModelRunner._attention does). Per run and
+    shape the best of a few repeats, the two paths alternating."""
+    import torch.nn.functional as F
+
+    from qkernels import cpu
+
+    keys = ("attention_kernel_vs_sdpa_time_ratio", "attention_kernel_vs_sdpa_time_ratio_runs", "attention_by_shape")
+    if not runner.kernel_attention:  # not CPU float32, or no kernels: nothing to compare
+        return dict.fromkeys(keys)
+    gen = torch.Generator().manual_seed(0)
+    hq, hkv, d = runner.model.config.num_attention_heads, runner.num_kv_heads, runner.head_dim
+    scale = runner.scaling
+    samples: dict[tuple[int, int], list[tuple[float, float]]] = {shape: [] for shape in ATTENTION_SHAPES}
+    for _ in range(runs):
+        for b, t in ATTENTION_SHAPES:
+            kvs = [torch.randn(1, 2, hkv, past + t, d, generator=gen) for _ in range(b)]
+            q = torch.randn(b, t, hq, d, generator=gen)
+            k, v = torch.randn(b, t, hkv, d, generator=gen), torch.randn(b, t, hkv, d, generator=gen)
+            qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            mask = None if t == 1 else torch.arange(past + t)[None, :] <= torch.arange(past, past + t)[:, None]
+
+            def kernel():
+                cpu.decode_attention(q, k, v, kvs, 0, [past] * b, [t] * b, scale)
+
+            def sdpa():
+                for i in range(b):
+                    kvs[i][0, 0, :, past:] = kh[i]
+                    kvs[i][0, 1, :, past:] = vh[i]
+                    F.scaled_dot_product_attention(qh[i:i + 1], kvs[i][:, 0], kvs[i][:, 1], attn_mask=mask,
+                                                   scale=scale, enable_gqa=True)
+
+            best = [float("inf"), float("inf")]
+            reps = max(2, 256 // (b * t))
+            for _ in range(5):
+                for j, fn in enumerate((kernel, sdpa)):
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        fn()
+                    best[j] = min(best[j], (time.perf_counter() - t0) / reps)
+            samples[(b, t)].append((best[0], best[1]))
+    by_shape = {}
+    for (b, t), runs_ in samples.items():
+        ratio = statistics.median(k / s for k, s in runs_)
+        by_shape[f"{b}x{t}"] = {"sequences": b, "new_tokens": t, "ratio": ratio,
+                                "kernel_us": statistics.median(k for k, _ in runs_) * 1e6,
+                                "sdpa_us": statistics.median(s for _, s in runs_) * 1e6}
+    head = [k / s for k, s in samples[HEADLINE_ATTENTION]]
+    print("attention kernel / SDPA: " + ", ".join(f"{key} {v['ratio']:.2f}" for key, v in by_shape.items()), flush=True)
+    return {keys[0]: statistics.median(head), keys[1]: head, keys[2]: by_shape}
 
 
 async def vllm_perplexity(host, ids: list[int]) -> float:

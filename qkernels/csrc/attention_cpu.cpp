@@ -41,6 +41,7 @@ namespace {
 
 constexpr int64_t kChunk = 64;         // keys per online-softmax chunk (64 rows of D floats stay in L1)
 constexpr int64_t kMinSliceKeys = 128;  // a head is split into slices of at least this many keys
+constexpr int64_t kBlockedQueries = 8;  // queries per task from which the AVX2 path runs run_blocked
 
 // One task: the queries of one (sequence, KV head) against a slice of that head's keys. Query q may see keys
 // below limit[q]. Keeps, per query, the running max m, the sum of exp l and the unnormalized output acc [D]. The
@@ -202,6 +203,162 @@ void run(const Task& t, const float* Kb, const float* Vb, int64_t first, int64_t
   }
 }
 
+// The chunk's keys [n, D] (rows of D floats) as Kt [D, kChunk]: key j of dimension e at Kt[e * kChunk + j], keys
+// n..n8-1 zero. 8 x 8 blocks through registers.
+inline void transpose_keys(const float* K, int64_t n, int64_t D, float* Kt) {
+  for (int64_t j = 0; j < n; j += 8) {
+    const int64_t rows = std::min<int64_t>(8, n - j);
+    for (int64_t e = 0; e < D; e += 8) {
+      __m256 r[8];
+      for (int64_t i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(K + (j + i) * D + e) : _mm256_setzero_ps();
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* o = Kt + e * kChunk + j;
+      _mm256_storeu_ps(o + 0 * kChunk, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(o + 1 * kChunk, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(o + 2 * kChunk, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(o + 3 * kChunk, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(o + 4 * kChunk, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(o + 5 * kChunk, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(o + 6 * kChunk, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(o + 7 * kChunk, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  }
+}
+
+// Scores of NQ queries against NV x 8 keys from key jv of the transposed chunk: s[qi * kChunk + jv ..] = q . k *
+// scale. Each dimension is one broadcast per query and one load per 8 keys, with no horizontal sums.
+template <int NQ, int NV>
+inline void score_tile(const float* const* q, const float* Kt, int64_t D, int64_t jv, __m256 scale, float* s) {
+  __m256 a[NQ][NV];
+  for (int qi = 0; qi < NQ; ++qi)
+    for (int v = 0; v < NV; ++v) a[qi][v] = _mm256_setzero_ps();
+  for (int64_t e = 0; e < D; ++e) {
+    __m256 k[NV];
+    for (int v = 0; v < NV; ++v) k[v] = _mm256_loadu_ps(Kt + e * kChunk + jv + 8 * v);
+    for (int qi = 0; qi < NQ; ++qi) {
+      const __m256 b = _mm256_broadcast_ss(q[qi] + e);
+      for (int v = 0; v < NV; ++v) a[qi][v] = _mm256_fmadd_ps(b, k[v], a[qi][v]);
+    }
+  }
+  for (int qi = 0; qi < NQ; ++qi)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(s + qi * kChunk + jv + 8 * v, _mm256_mul_ps(a[qi][v], scale));
+}
+
+template <int NQ>
+inline void score_rows(const float* const* q, const float* Kt, int64_t D, int64_t n8, __m256 scale, float* s) {
+  int64_t jv = 0;
+  for (; jv + 16 <= n8; jv += 16) score_tile<NQ, 2>(q, Kt, D, jv, scale, s);
+  if (jv < n8) score_tile<NQ, 1>(q, Kt, D, jv, scale, s);
+}
+
+// acc[qi] = acc[qi] * corr[qi] + sum over keys i < n of p[qi][i] v_i, dimensions e0 .. e0 + 8W.
+template <int NQ, int W>
+inline void value_tile(const float* const* p, const float* V, int64_t D, int64_t e0, int64_t n, const float* corr,
+                       float* const* acc) {
+  __m256 o[NQ][W];
+  for (int qi = 0; qi < NQ; ++qi) {
+    const __m256 c = _mm256_set1_ps(corr[qi]);
+    for (int u = 0; u < W; ++u) o[qi][u] = _mm256_mul_ps(_mm256_loadu_ps(acc[qi] + e0 + 8 * u), c);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float* vr = V + i * D + e0;
+    __m256 pb[NQ];
+    for (int qi = 0; qi < NQ; ++qi) pb[qi] = _mm256_broadcast_ss(p[qi] + i);
+    for (int u = 0; u < W; ++u) {
+      const __m256 v = _mm256_loadu_ps(vr + 8 * u);
+      for (int qi = 0; qi < NQ; ++qi) o[qi][u] = _mm256_fmadd_ps(pb[qi], v, o[qi][u]);
+    }
+  }
+  for (int qi = 0; qi < NQ; ++qi)
+    for (int u = 0; u < W; ++u) _mm256_storeu_ps(acc[qi] + e0 + 8 * u, o[qi][u]);
+}
+
+template <int NQ>
+inline void value_rows(const float* const* p, const float* V, int64_t D, int64_t n, const float* corr,
+                       float* const* acc) {
+  for (int64_t e0 = 0; e0 < D; e0 += 32) {
+    switch (std::min<int64_t>(32, D - e0) / 8) {
+      case 4: value_tile<NQ, 4>(p, V, D, e0, n, corr, acc); break;
+      case 3: value_tile<NQ, 3>(p, V, D, e0, n, corr, acc); break;
+      case 2: value_tile<NQ, 2>(p, V, D, e0, n, corr, acc); break;
+      default: value_tile<NQ, 1>(p, V, D, e0, n, corr, acc); break;
+    }
+  }
+}
+
+// The same as run for many queries (a drafted step, a branch's suffix: kBlockedQueries or more per task): the
+// chunk's keys are transposed once, then every score comes out of a register tile of 4 queries x 16 keys and every
+// output of one of 2 queries x 32 dimensions, so each load feeds several FMAs (run reloads the keys and values
+// per query and sums each score horizontally).
+void run_blocked(const Task& t, const float* Kb, const float* Vb, int64_t first, int64_t j0, int64_t j1) {
+  const int64_t D = t.D;
+  constexpr int64_t kRows = 16;  // queries per pass over a chunk: their scores stay in L1 beside the chunk
+  std::vector<float> Kt(D * kChunk), s(kRows * kChunk);
+  const __m256 vscale = _mm256_set1_ps(t.scale);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, j1 - c0), n8 = (n + 7) & ~int64_t(7);
+    const float* V = Vb + (c0 - first) * D;
+    transpose_keys(Kb + (c0 - first) * D, n, D, Kt.data());
+    for (int64_t r0 = 0; r0 < t.nq; r0 += kRows) {
+      const int64_t rows = std::min(kRows, t.nq - r0);
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) score_rows<4>(t.q + r0 + r, Kt.data(), D, n8, vscale, s.data() + r * kChunk);
+      switch (rows - r) {
+        case 3: score_rows<3>(t.q + r0 + r, Kt.data(), D, n8, vscale, s.data() + r * kChunk); break;
+        case 2: score_rows<2>(t.q + r0 + r, Kt.data(), D, n8, vscale, s.data() + r * kChunk); break;
+        case 1: score_rows<1>(t.q + r0 + r, Kt.data(), D, n8, vscale, s.data() + r * kChunk); break;
+        default: break;
+      }
+      // per query: mask keys it may not see, then the online softmax's update; seen[] keys past which p is 0
+      float corr[kRows];
+      int64_t seen[kRows];
+      const float* prow[kRows];
+      float* arow[kRows];
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t qi = r0 + i;
+        float* si = s.data() + i * kChunk;
+        seen[i] = std::clamp<int64_t>(t.limit[qi] - c0, 0, n);
+        prow[i] = si;
+        arow[i] = t.acc + qi * D;
+        if (seen[i] == 0) {  // this chunk is in the query's future: nothing changes
+          std::fill(si, si + n8, 0.f);
+          corr[i] = 1.f;
+          continue;
+        }
+        for (int64_t j = seen[i]; j < n8; ++j) si[j] = ninf;
+        __m256 mx = _mm256_set1_ps(t.m[qi]);
+        for (int64_t j = 0; j < n8; j += 8) mx = _mm256_max_ps(_mm256_loadu_ps(si + j), mx);
+        float lanes[8];
+        _mm256_storeu_ps(lanes, mx);
+        float m = t.m[qi];
+        for (float x : lanes) m = std::max(m, x);  // NaN scores: exp gives NaN below
+        const __m256 vm = _mm256_set1_ps(m);
+        __m256 lsum = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n8; j += 8) {
+          const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(si + j), vm));
+          _mm256_storeu_ps(si + j, p);
+          lsum = _mm256_add_ps(lsum, p);
+        }
+        corr[i] = std::exp(t.m[qi] - m);  // 0 on the query's first chunk
+        t.l[qi] = t.l[qi] * corr[i] + hsum(lsum);
+        t.m[qi] = m;
+      }
+      int64_t i = 0;
+      for (; i + 2 <= rows; i += 2)
+        value_rows<2>(prow + i, V, D, std::max(seen[i], seen[i + 1]), corr + i, arow + i);
+      if (i < rows) value_rows<1>(prow + i, V, D, seen[i], corr + i, arow + i);
+    }
+  }
+}
+
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
@@ -296,7 +453,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_new, torch::Tens
       auto segment = [&](const float* K, int64_t kv_stride, int64_t first, int64_t a, int64_t z) {
         if (a >= z) return;
 #if SPECMOE_ATTN_X86
-        if (fast && D % 8 == 0) return avx2::run(args, K, K + kv_stride, first, a, z);
+        if (fast && D % 8 == 0) {
+          if (nq >= kBlockedQueries) return avx2::run_blocked(args, K, K + kv_stride, first, a, z);
+          return avx2::run(args, K, K + kv_stride, first, a, z);
+        }
 #endif
         scalar::run(args, K, K + kv_stride, first, a, z);
       };
