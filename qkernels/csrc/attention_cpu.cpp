@@ -16,6 +16,10 @@
 // online softmax over chunks of keys that stay in L1: for a chunk, the scores of every query of the head group
 // (G = Hq / Hkv heads x t_b tokens share each key row), then p = exp(score - running max) and acc += p v.
 //
+// A task with many queries (kBlockedQueries or more: a drafted step, a short prompt) runs run_blocked instead: the
+// chunk's keys transposed once, scores and outputs from register tiles of several queries, so that each load feeds
+// several FMAs (docs/results/engine.md has the timings against SDPA up to 128 new tokens).
+//
 // Paths: AVX2 + FMA (D a multiple of 8; exp by Cephes' single-precision polynomial), and scalar loops (std::exp)
 // for other CPUs and head sizes. Both are float32 throughout; tests/test_cpu_kernels.py checks them against SDPA.
 
