@@ -190,8 +190,9 @@ def _lean_rms_norm(norm):
 SHARED_KERNEL_TOKENS = 128  # ... and, for a batch with a sequence that shares a prefix, up to which it runs there
 # anyway (the alternative, SDPA, needs the sequence's keys in one buffer: a copy of the prefix)
 SHARE_MIN_TOKENS = 64  # cached prefixes at least this long are shared, not copied (kernel attention only)
-KERNEL_ATTENTION_TOKENS = 64  # new tokens per sequence up to which a CPU step's attention runs our kernel (measured on
-# a 2-core Zen 4, 400 cached keys: 0.2-0.7x per-sequence SDPA's time up to 64 tokens, about 1.0x at 96-128)
+KERNEL_ATTENTION_TOKENS = 64  # new tokens per sequence up to which a CPU step's attention runs our kernel (`bench
+# engine`'s attention_by_shape on a 2-core Zen 4: 0.25-0.71x per-sequence SDPA's time at 1-128 tokens; a side run
+# had it even with SDPA at 96-128, so longer feeds stay on SDPA unless a prefix is shared)
 
 
 @dataclass

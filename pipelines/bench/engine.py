@@ -221,7 +221,7 @@ def attention_timings(runner, past: int, runs: int) -> dict:
             q = torch.randn(b, t, hq, d, generator=gen)
             k, v = torch.randn(b, t, hkv, d, generator=gen), torch.randn(b, t, hkv, d, generator=gen)
             qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            mask = None if t == 1 else torch.arange(past + t)[None, :] <= torch.arange(past, past + t)[:, None]
+            mask = runner._causal_mask(past, t)
 
             def kernel():
                 cpu.decode_attention(q, k, v, kvs, 0, [past] * b, [t] * b, scale)
