@@ -93,7 +93,7 @@ def check_servable(name: str, pipeline_parallel: int = 1, tensor_parallel: int =
         path = zoo.resolve_dir(name)
     if not (isinstance(path, Path) and (path / "specmoe_quant.json").is_file()):
         return False
-    from quant.checkpoint import read_manifest
+    from quant.checkpoint import read_manifest, tp_cut
 
     # a corrupt or foreign manifest: one line, before vLLM starts
     manifest = read_manifest(path)
@@ -105,7 +105,7 @@ def check_servable(name: str, pipeline_parallel: int = 1, tensor_parallel: int =
         if not any(part in tensor for part in ROW_PARALLEL) or len(entry.get("shape", ())) != 2:
             continue
         k, group = entry["shape"][1], entry.get("group_size") or 32
-        cut = 32 if entry.get("codebook") and group == k else group
+        cut = tp_cut(group, k, bool(entry.get("codebook")))
         if k % tensor_parallel or (k // tensor_parallel) % cut:
             raise EngineError(f"model {name!r}: tensor_parallel_size {tensor_parallel} splits the {k} inputs of "
                               f"{tensor} into {k / tensor_parallel:g} per rank, not whole "

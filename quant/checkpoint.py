@@ -236,6 +236,13 @@ def own_head(config, rest_names) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False)) and "lm_head.weight" in rest_names
 
 
+def tp_cut(group: int, in_features: int, codebook: bool) -> int:
+    """The unit a tensor-parallel rank's share of a quantized layer's inputs must be a whole multiple of: one
+    quantization group, or for a codebook with one group per row, one block of 32 codes (codes pack 8 to a word
+    in rows padded to 32). Both actors.vllm_host (before vLLM starts) and quant.vllm_quant (at the cut) use it."""
+    return 32 if codebook and group == in_features else group
+
+
 def linear_kwargs(results: list, in_features: int) -> dict:
     """The keyword arguments of one QuantLinear computing the row-stacked outputs of `results` (one projection, or
     q, k, v of one attention, which vLLM fuses into one layer): packed codes, scales, zeros or codebooks stacked

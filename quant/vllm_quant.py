@@ -39,7 +39,8 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from qkernels.modules import QuantExperts, QuantLinear
-from quant.checkpoint import MANIFEST, CheckpointError, linear_kwargs, result_from, stack_experts, verify_files
+from quant.checkpoint import (MANIFEST, CheckpointError, linear_kwargs, result_from, stack_experts, tp_cut,
+                              verify_files)
 
 NAME = "specmoe"
 _registered = False
@@ -199,7 +200,7 @@ def _take_cols(kw: dict, c0: int, c1: int, k: int, where: str) -> dict:
     out, group = dict(kw), kw["group"]
     if "centroids" in kw:
         groups = kw["centroids"].shape[-2]
-        cut = 32 if groups == 1 else group
+        cut = tp_cut(group, group * groups, codebook=True)
         if c0 % cut or (c1 % cut and c1 != k):
             raise CheckpointError(f"{where}: tensor parallelism splits its {k} inputs at {c0}..{c1}, inside a "
                                   f"codebook block of {cut}")

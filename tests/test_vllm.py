@@ -94,6 +94,15 @@ def test_vllm_config_errors_name_the_key(monkeypatch, tmp_path):
         check_backend("target", role)  # ... at whole groups
     role.engine.vllm.tensor_parallel_size = 3
     check_backend("target", role)
+    # a codebook with one group per row is cut at whole blocks of 32 codes (quant.checkpoint.tp_cut)
+    (fake / "specmoe_quant.json").write_text(json.dumps({"format": 1, "tensors": {
+        "model.layers.0.mlp.down_proj.weight": {"shape": [64, 192], "group_size": 192, "codebook": True}}}))
+    check_backend("target", role)  # 64 per rank
+    role.engine.vllm.tensor_parallel_size = 4
+    with pytest.raises(ConfigError, match=r"splits the 192 inputs of model.layers.0.mlp.down_proj.weight into 48 per "
+                                          r"rank, not whole codebook blocks of 32"):
+        check_backend("target", role)
+    role.engine.vllm.tensor_parallel_size = 3
     role.engine.vllm.pipeline_parallel_size = 2
     with pytest.raises(ConfigError, match="'target.engine.backend'.*quantized checkpoint: vLLM serves it with "
                                           "tensor parallelism only"):
