@@ -218,7 +218,8 @@ def init_ray(ray_cfg) -> None:
         # offline switches and caches reach the workers; secrets (tokens, keys) never do
         env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "SPECMOE_", "TRITON_"))
                and not any(s in k for s in ("TOKEN", "KEY", "SECRET"))}
-        runtime_env = {"env_vars": env} if env else None
+        runtime_env = {"worker_process_setup_hook": "actors.ray_setup.local_worker_setup",
+                       **({"env_vars": env} if env else {})}
         # address "local": a new instance even when another one runs on this machine (a bare ray.init() would
         # join the last one `ray start` or a test cluster left in /tmp/ray)
         with without_env(*PROCESS_ENV):

@@ -341,6 +341,9 @@ def test_a_ray_train_worker_killed_mid_grpo_restarts_the_group_from_the_last_che
     draft_dir, summary = got["result"]
     assert summary["grpo_steps"] == 6 and summary["grpo_world_size"] == 2
     assert summary["grpo_resumed_from_step"] >= 1  # the restarted group went on from a reported checkpoint
+    # the local instance runs no dashboard, so Ray Train's placement-group cleaner cannot reach the state API; its
+    # warning, once a second through the whole run, is silenced there (actors.ray_setup)
+    assert "Failed to query Ray Train Controller actor state" not in out
     run_dir = Path(draft_dir).parent
     assert json.loads((run_dir / "summary.json").read_text())["grpo_steps"] == 6
     assert summary["warm_start_loss"] > 0 and (run_dir / "ray_train" / "sapo-warm-start").is_dir()  # its own fit
