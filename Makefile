@@ -35,8 +35,8 @@ demo: venv
 test: venv venv-vllm
 	$(OFFLINE) WANDB_MODE=offline SPECMOE_REQUIRE_VLLM=1 $(PY) -X faulthandler -m pytest -q -x --durations=25 tests
 
-test-gpu: venv
-	$(OFFLINE) $(PY) -m pytest -q -m gpu tests
+test-gpu: venv venv-vllm
+	$(OFFLINE) SPECMOE_REQUIRE_VLLM=1 $(PY) -m pytest -q -m gpu tests
 
 bench: venv
 	$(OFFLINE) $(PY) -m pipelines.bench engine --out bench-engine.json
