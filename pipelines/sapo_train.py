@@ -160,6 +160,18 @@ def vllm_steps(llm, tok, prompt_ids: list[list[int]], delimiter: str, stop_ids: 
     return [cut_step(tok, list(o.outputs[0].token_ids), delimiter, stop_ids) for o in outs]
 
 
+def point_vllm_at_model(model, base: str) -> None:
+    """TRL's colocated vLLM (grpo.use_vllm) builds its engine from `model.name_or_path`, then copies the trainer's
+    weights into it by name each step. An early-exit draft (`<model>-draft-l<N>`) is its source model cut to N
+    layers, and its name_or_path is still the source's directory: vLLM would build every layer, take the trained
+    weights into the first N and roll out from another model. Point it at the truncated model written once to the
+    cache instead (what the vLLM backend serves for that name)."""
+    if zoo._DRAFT.match(base):
+        from actors.vllm_host import model_dir
+
+        model.name_or_path = model.config._name_or_path = str(model_dir(base))
+
+
 def step_rollout(tok, delimiter: str, prompt_ids: dict[str, list[int]]):
     """TRL `rollout_func` for grpo.unit=step: samples with the trainer's generation config from the exact prompt
     token ids (the prefix the target wrote, not a re-tokenisation of its text), stops each rollout at the step
@@ -311,6 +323,8 @@ def train(cfg: SapoConfig, run: RunDir, rows: list[dict], hosts: dict, ray_train
 
     model, _ = zoo.load_model(base, cfg.draft.dtype, "cpu", cfg.draft.trust_remote_code)
     g, w = cfg.grpo, cfg.rewards
+    if g.use_vllm:
+        point_vllm_at_model(model, base)
     grpo_rows = step_rows(rows, tok) if g.unit == "step" else answer_rows(rows, tok)
     data = Dataset.from_list(grpo_rows)
     rollout = None

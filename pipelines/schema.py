@@ -605,8 +605,9 @@ class SapoConfig:
             raise ConfigError(f"config key 'draft.device': {self.draft.device!r}, but distributed.use_gpu="
                               f"{self.distributed.use_gpu} decides where the trainers put the draft")
         if self.grpo.use_vllm and not self.distributed.use_gpu:
-            raise ConfigError("config key 'grpo.use_vllm': TRL's colocated vLLM shares the training GPUs, so it "
-                              "needs distributed.use_gpu=true (on CPU the rollouts use transformers' generate)")
+            raise ConfigError("config key 'grpo.use_vllm': TRL's colocated vLLM needs distributed.use_gpu=true: "
+                              "vLLM's CPU build packs its linear weights at load and cannot take the trainer's "
+                              "weight updates (on CPU the rollouts use transformers' generate)")
 
 
 @dataclass

@@ -211,6 +211,8 @@ def test_deepspeed_config_and_cpu_refusal(tmp_path):
         load_config(SapoConfig, "sapo", ["tiny", "distributed.backend=nccl"])
     with pytest.raises(ConfigError, match="'draft.device'"):
         load_config(SapoConfig, "sapo", ["tiny", "draft.device=cuda"])
+    with pytest.raises(ConfigError, match="'grpo.use_vllm'.*CPU build packs its linear weights"):
+        load_config(SapoConfig, "sapo", ["tiny", "grpo.use_vllm=true"])
     assert DistributedConfig().zero_stage is None  # CPU: auto means no DeepSpeed
     assert DistributedConfig(use_gpu=True).zero_stage == 2
     assert DistributedConfig(use_gpu=True, deepspeed_stage="none").zero_stage is None
@@ -234,6 +236,28 @@ def test_deepspeed_config_and_cpu_refusal(tmp_path):
         ds.trainer_config_finalize(args, model, num_training_steps=10)
         assert "auto" not in json.dumps(ds.config) and ds.config["train_micro_batch_size_per_gpu"] == 2
     assert ds.config["zero_optimization"]["reduce_bucket_size"] == model.config.hidden_size ** 2
+
+
+def test_colocated_vllm_builds_an_early_exit_draft_from_the_drafts_own_layers():
+    """grpo.use_vllm: TRL builds its vLLM engine from `model.name_or_path` and copies the trained weights in by name.
+    An early-exit draft's name_or_path is its source model's directory (every layer); the engine must get the
+    truncated model instead, or it rolls out from a model the trainer does not train."""
+    import torch
+
+    from actors import zoo
+    from pipelines.sapo_train import point_vllm_at_model
+
+    model, _ = zoo.load_model("tiny-llama-draft-l1", device="cpu")
+    layers = lambda path: json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"]  # noqa: E731
+    assert layers(model.name_or_path) == 2  # the source's: what TRL would load
+    point_vllm_at_model(model, "tiny-llama-draft-l1")
+    assert layers(model.name_or_path) == model.config.num_hidden_layers == 1
+    assert model.config._name_or_path == model.name_or_path
+    built = zoo.load_model(model.name_or_path, device="cpu")[0].state_dict()
+    assert all(torch.equal(built[k], v) for k, v in model.state_dict().items())  # the same weights, by name
+    before = model.name_or_path
+    point_vllm_at_model(model, before)  # a directory (a warm start's export): TRL loads it as it is
+    assert model.name_or_path == before
 
 
 def test_workers_that_do_not_fit_beside_the_shared_actors_are_a_clear_error(trajectories, tmp_path):
