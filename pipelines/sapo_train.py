@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -147,17 +148,36 @@ def generate_steps(model, tok, prompt_ids: list[list[int]], delimiter: str, stop
 
 
 def vllm_steps(llm, tok, prompt_ids: list[list[int]], delimiter: str, stop_ids: set[int], generation_config) -> \
-        list[list[int]]:
-    """`generate_steps` on a vLLM `LLM`: sampled with the generation config's temperature, top-p, top-k and token
-    cap, stopped at the step delimiter by vLLM and cut there the same way (`cut_step`)."""
+        tuple[list[list[int]], list[list[float | None]]]:
+    """`generate_steps` on a vLLM `LLM`: sampled with the generation config's temperature, top-p, top-k, min-p,
+    repetition penalty and token cap, stopped at the step delimiter by vLLM and cut there the same way (`cut_step`).
+    Also returns each kept token's log-probability as vLLM sampled it (None where vLLM gives NaN), which TRL's
+    importance-sampling correction needs."""
     from vllm import SamplingParams
 
     g = generation_config
     params = SamplingParams(temperature=(g.temperature if g.temperature is not None else 1.0) if g.do_sample else 0.0,
-                            top_p=g.top_p or 1.0, top_k=g.top_k or 0, max_tokens=g.max_new_tokens, stop=[delimiter],
-                            include_stop_str_in_output=True)
+                            top_p=g.top_p or 1.0, top_k=g.top_k or 0, min_p=g.min_p or 0.0,
+                            repetition_penalty=g.repetition_penalty or 1.0, max_tokens=g.max_new_tokens,
+                            stop=[delimiter], include_stop_str_in_output=True, logprobs=0)
     outs = llm.generate([{"prompt_token_ids": i} for i in prompt_ids], params, use_tqdm=False)
-    return [cut_step(tok, list(o.outputs[0].token_ids), delimiter, stop_ids) for o in outs]
+    steps, logprobs = [], []
+    for o in outs:
+        out = o.outputs[0]
+        ids = cut_step(tok, list(out.token_ids), delimiter, stop_ids)
+        steps.append(ids)
+        logprobs.append([None if math.isnan(lp[t].logprob) else lp[t].logprob for t, lp in zip(ids, out.logprobs)])
+    return steps, logprobs
+
+
+def trainer_sampling(trainer):
+    """A GRPO trainer's sampling settings as a GenerationConfig. TRL keeps one only when it generates with
+    transformers; with vLLM (grpo.use_vllm) the trainer holds the bare values."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=trainer.temperature, top_p=trainer.top_p, top_k=trainer.top_k,
+                            min_p=trainer.min_p, repetition_penalty=trainer.repetition_penalty,
+                            max_new_tokens=trainer.max_completion_length)
 
 
 def point_vllm_at_model(model, base: str) -> None:
@@ -181,10 +201,9 @@ def step_rollout(tok, delimiter: str, prompt_ids: dict[str, list[int]]):
 
         ids = [prompt_ids[p] for p in prompts]
         if trainer.use_vllm:  # TRL's colocated vLLM, its weights synced to this step's by the trainer
-            return {"prompt_ids": ids, "completion_ids": vllm_steps(trainer.vllm_generation.llm, tok, ids, delimiter,
-                                                                    set(trainer.eos_token_ids),
-                                                                    trainer.generation_config),
-                    "logprobs": None}
+            completions, logprobs = vllm_steps(trainer.vllm_generation.llm, tok, ids, delimiter,
+                                               set(trainer.eos_token_ids), trainer_sampling(trainer))
+            return {"prompt_ids": ids, "completion_ids": completions, "logprobs": logprobs}
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
                                          gather_deepspeed3_params=trainer.args.ds3_gather_for_generation) as model:
             completions = generate_steps(model, tok, ids, delimiter, set(trainer.eos_token_ids),
