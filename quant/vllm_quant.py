@@ -229,11 +229,18 @@ class SpecMoELoader(BaseModelLoader):
 
     def load_weights(self, model: nn.Module, model_config) -> None:
         path = Path(model_config.model)
-        manifest = verify_files(path)
         config = getattr(model, "quant_config", None) or getattr(getattr(model, "model", None),
                                                                    "quant_config", None)
         if config is None or config.get_name() != NAME:
+            if not (path / MANIFEST).is_file():  # a speculative draft model: vLLM loads it with the target's format
+                from dataclasses import replace
+
+                from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+                DefaultModelLoader(replace(self.load_config, load_format="auto")).load_weights(model, model_config)
+                return
             raise CheckpointError(f"load_format={NAME} needs quantization={NAME}")
+        manifest = verify_files(path)
         plan = config.plan()
         modules = dict(model.named_modules())
         shards: dict[str, dict] = {}

@@ -383,7 +383,9 @@ def test_vllm_serves_a_quantized_moe_checkpoint_through_our_kernels(local_ray, t
     greedy tokens and next-token probabilities within 1e-3 (the fp model's differ by far more, so a vLLM that
     served other weights would fail). With 2 tensor-parallel ranks (vLLM's CPU workers) each rank holds half of
     every layer's packed rows or input columns (q's heads, the one kv head on both, o's and each expert's down
-    inputs at whole groups, a per-row codebook's columns with its table) and the all-reduce puts them together."""
+    inputs at whole groups, a per-row codebook's columns with its table) and the all-reduce puts them together.
+    On one rank a draft model speculates too: vLLM loads it with the target's load format, which hands a model
+    without our quantization to vLLM's own loader (it failed to start before), and greedy output is unchanged."""
     import torch
 
     from actors.engine import Engine
@@ -393,7 +395,8 @@ def test_vllm_serves_a_quantized_moe_checkpoint_through_our_kernels(local_ray, t
     tok = zoo.load_tokenizer(zoo.SMOLLM2)
     native_q = HostClient(EngineHost.from_engine(Engine(load_quantized(path, runtime="packed"), tok)))
     native_fp = HostClient(EngineHost.from_engine(Engine(fp_model, tok)))
-    role = vllm_role(name=str(path), method="none")
+    role = vllm_role(name=str(path), method="none" if tp > 1 else "draft")
+    role.engine.speculation.draft_model = ModelConfig(name="smollm2-135m-draft-l1")
     if tp > 1:  # the ranks are the host's processes on this machine's cores, one thread each
         role.engine.vllm.tensor_parallel_size, role.model.device, role.engine.torch_threads = tp, "cpu", 1
     handle = start_host("target", role)
@@ -405,6 +408,7 @@ def test_vllm_serves_a_quantized_moe_checkpoint_through_our_kernels(local_ray, t
         got = asyncio.run(host.generate(reqs))
         want = asyncio.run(native_q.generate([Request(p[-40:], max_new_tokens=16) for p in prompts]))
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert (sum(g.counters.drafted_tokens for g in got) > 0) == (tp == 1)  # the draft model did speculate
         cands = sorted({t for w in want for t in w.token_ids[:3]} | {5, 100, 1000})
         prefixes = [p[-40:] + w.token_ids[:i] for p, w in zip(prompts, want) for i in (0, 5)]
         q_vllm = torch.tensor(asyncio.run(host.next_token_probs(prefixes, cands)))
