@@ -172,7 +172,9 @@ def start_host(role_name: str, role, placement_group=None, bundle_index: int | N
 
         bundles = placement_bundles(role)
         if bundles is not None:
-            placement_group = group = ray.util.placement_group(bundles, strategy="PACK")
+            # one node: vLLM's Ray executor wants a worker on its driver's (the host's) node, and the workers read
+            # the model from the directory the host resolved there (fetched from run storage on that node only)
+            placement_group = group = ray.util.placement_group(bundles, strategy="STRICT_PACK")
             bundle_index, options["num_gpus"] = 0, 0
     if placement_group is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(

@@ -341,13 +341,14 @@ class VLLMHost:
 
 
 def placement_bundles(role) -> list[dict] | None:
-    """A role on several GPUs (tensor x pipeline parallel > 1): the host's bundle, then one GPU bundle per vLLM
-    worker, reserved together (STRICT_PACK for tensor parallel within a node is left to vLLM's own Ray
-    executor, which places its workers in the host's group). On the CPU (`model.device: cpu`) vLLM's workers are
-    the host's own processes, `engine.torch_threads` threads each: no group."""
+    """A role on several GPUs (tensor x pipeline parallel > 1): the host's bundle (its CPUs and its `actor.resources`,
+    which an actor inside a group can only take from its own bundle), then one GPU bundle per vLLM worker, reserved
+    together on one node (actors.hosts.start_host); vLLM's Ray executor places its workers in the host's group. On
+    the CPU (`model.device: cpu`) vLLM's workers are the host's own processes, `engine.torch_threads` threads each:
+    no group."""
     v = role.engine.vllm
     workers = v.tensor_parallel_size * v.pipeline_parallel_size
     if workers <= 1 or role.model.device == "cpu":
         return None
-    return [{"CPU": max(role.actor.num_cpus, 0.01)}] + [{"GPU": 1.0}] * workers
+    return [{"CPU": max(role.actor.num_cpus, 0.01), **role.actor.resources}] + [{"GPU": 1.0}] * workers
 

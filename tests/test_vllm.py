@@ -56,6 +56,8 @@ def test_role_maps_onto_vllm_engine_args():
     assert placement_bundles(role) is None
     role.engine.vllm.tensor_parallel_size = 2
     assert placement_bundles(role) == [{"CPU": 0.5}, {"GPU": 1.0}, {"GPU": 1.0}]
+    role.actor.resources = {"gpu_node": 0.01}  # the host asks for it inside the group: its bundle must hold it
+    assert placement_bundles(role) == [{"CPU": 0.5, "gpu_node": 0.01}, {"GPU": 1.0}, {"GPU": 1.0}]
 
 
 def test_vllm_config_errors_name_the_key(monkeypatch, tmp_path):
