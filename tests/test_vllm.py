@@ -422,68 +422,76 @@ def test_vllm_serves_a_quantized_moe_checkpoint_through_our_kernels(local_ray, t
         stop_host(handle)
 
 
+COLOCATED_ROLLOUTS = r"""
+import math, os, sys
+
+import torch
+from datasets import Dataset
+from transformers import GenerationConfig
+from trl import GRPOConfig, GRPOTrainer
+
+from actors import zoo
+from pipelines.sapo_train import generate_steps, step_rollout, vllm_steps
+
+questions, out_dir = eval(sys.argv[1]), sys.argv[2]
+model, tok = zoo.load_model(zoo.SMOLLM2, device="cpu")
+prompts = []
+for q in questions:
+    ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+    prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+step_prompt = tok("Step 1: add 2 and 3 to get 5.\n\nStep 2: multiply 5 by 4 to get 20.\n\nStep 3:").input_ids
+by_text = {f"prompt {i}": ids for i, ids in enumerate(prompts + [step_prompt])}
+os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+trainer = GRPOTrainer(
+    model=model, processing_class=tok, reward_funcs=lambda completions, **_: [0.0] * len(completions),
+    train_dataset=Dataset.from_list([{"prompt": p} for p in by_text]), rollout_func=step_rollout(tok, "\n\n", by_text),
+    args=GRPOConfig(output_dir=out_dir, use_cpu=True, report_to=[], use_vllm=True, vllm_mode="colocate",
+                    vllm_max_model_length=1024, max_completion_length=24, num_generations=2,
+                    per_device_train_batch_size=2, temperature=0.7))
+assert not hasattr(trainer, "generation_config")  # what the rollout read before
+out = trainer.rollout_func(list(by_text), trainer)
+assert out["prompt_ids"] == list(by_text.values()) and len(out["completion_ids"]) == len(by_text)
+for ids, prompt, logps in zip(out["completion_ids"], out["prompt_ids"], out["logprobs"]):
+    assert 1 <= len(ids) <= 24 and len(logps) == len(ids)
+    text = tok.decode(ids)
+    assert len(ids) == 24 or ids[-1] == tok.eos_token_id or (
+        "\n\n" in text and "\n\n" not in tok.decode(ids[:-1])), text  # cut at the step's end
+    with torch.no_grad():  # TRL's vLLM reports processed log-probs: after the trainer's temperature
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1] / 0.7
+    want = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(ids)[:, None])[:, 0]
+    assert all(lp is not None and not math.isnan(lp) for lp in logps)
+    # TRL builds its vLLM in the model's config dtype, bf16 for SmolLM2, as on a GPU: measured within 0.16 of the
+    # fp32 reference; the same log-probs one token off were 2.0-7.4 away
+    torch.testing.assert_close(torch.tensor(logps), want, atol=0.25, rtol=0)
+greedy = GenerationConfig(do_sample=False, max_new_tokens=40)
+got, _ = vllm_steps(trainer.vllm_generation.llm, tok, list(by_text.values()), "\n\n", {tok.eos_token_id}, greedy)
+want = [generate_steps(model, tok, [p], "\n\n", {tok.eos_token_id}, generation_config=greedy)[0]
+        for p in by_text.values()]  # one by one: no padding
+assert got == want, (got, want)
+assert any("\n\n" in tok.decode(s) for s in got)  # cut at the delimiter (the rest ran to EOS or the cap)
+trainer.vllm_generation.llm.llm_engine.engine_core.shutdown()
+print("COLOCATED ROLLOUTS OK", flush=True)
+"""
+
+
 @needs_vllm
-def test_sapo_step_rollouts_through_trls_colocated_vllm(prompts, tmp_path):
+def test_sapo_step_rollouts_through_trls_colocated_vllm(tmp_path):
     """grpo.use_vllm's rollout on a real GRPOTrainer whose colocated vLLM TRL builds here on CPU (no training step
     runs: the weight sync before it is what vLLM's CPU build cannot do). TRL keeps no generation_config when it
     uses vLLM, so the rollout takes the trainer's own sampling settings; it returns each kept token's log-probability
     as sampled, which TRL's importance-sampling correction subtracts from the trainer's (None fails the first step).
     They are the model's log-softmax at those tokens, and greedy through the same engine the steps are transformers'
-    generate's, cut at the same token."""
-    import math
+    generate's, cut at the same token. In its own process: TRL's colocate mode runs vLLM's engine in the trainer's
+    process, where it sets RANK, WORLD_SIZE and a process group; and vLLM's CPU build walks every loaded module's
+    globals as it starts, which fails on the flask proxies the S3 server of the cluster tests left imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    import torch
-    from datasets import Dataset
-    from transformers import GenerationConfig
-    from trl import GRPOConfig, GRPOTrainer
-
-    from pipelines.sapo_train import generate_steps, step_rollout, vllm_steps
-
-    model, tok = zoo.load_model(zoo.SMOLLM2, device="cpu")  # the trainer changes its model: not the shared one
-    step_prompt = tok("Step 1: add 2 and 3 to get 5.\n\nStep 2: multiply 5 by 4 to get 20.\n\nStep 3:").input_ids
-    by_text = {f"prompt {i}": ids for i, ids in enumerate(prompts + [step_prompt])}
-    saved_env = dict(os.environ)  # TRL sets RANK, WORLD_SIZE, MASTER_ADDR, ... for vLLM in this process
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    trainer = None
-    try:
-        trainer = GRPOTrainer(
-            model=model, processing_class=tok, reward_funcs=lambda completions, **_: [0.0] * len(completions),
-            train_dataset=Dataset.from_list([{"prompt": p} for p in by_text]),
-            rollout_func=step_rollout(tok, "\n\n", by_text),
-            args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], use_vllm=True, vllm_mode="colocate",
-                            vllm_max_model_length=1024, max_completion_length=24, num_generations=2,
-                            per_device_train_batch_size=2, temperature=0.7))
-        assert not hasattr(trainer, "generation_config")  # what the rollout read before
-        out = trainer.rollout_func(list(by_text), trainer)
-        assert out["prompt_ids"] == list(by_text.values()) and len(out["completion_ids"]) == len(by_text)
-        for ids, prompt, logps in zip(out["completion_ids"], out["prompt_ids"], out["logprobs"]):
-            assert 1 <= len(ids) <= 24 and len(logps) == len(ids)
-            text = tok.decode(ids)
-            assert len(ids) == 24 or ids[-1] == tok.eos_token_id or text.endswith("\n\n") or (
-                "\n\n" in text and "\n\n" not in tok.decode(ids[:-1]))  # cut at the step's end
-            with torch.no_grad():  # TRL's vLLM reports processed log-probs: after the trainer's temperature
-                logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1] / 0.7
-            want = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(ids)[:, None])[:, 0]
-            assert all(lp is not None and not math.isnan(lp) for lp in logps)
-            # TRL builds its vLLM in the model's config dtype, bf16 for SmolLM2, as on a GPU: measured within 0.16 of
-            # the fp32 reference; the same log-probs one token off were 2.0-7.4 away
-            torch.testing.assert_close(torch.tensor(logps), want, atol=0.25, rtol=0)
-        greedy = GenerationConfig(do_sample=False, max_new_tokens=40)
-        got, _ = vllm_steps(trainer.vllm_generation.llm, tok, list(by_text.values()), "\n\n", {tok.eos_token_id},
-                            greedy)
-        want = [generate_steps(model, tok, [p], "\n\n", {tok.eos_token_id}, generation_config=greedy)[0]
-                for p in by_text.values()]  # one by one: no padding
-        assert got == want
-        assert any("\n\n" in tok.decode(s) for s in got)  # cut at the delimiter (the rest ran to EOS or the cap)
-    finally:
-        if trainer is not None:
-            trainer.vllm_generation.llm.llm_engine.engine_core.shutdown()
-        from vllm.distributed import parallel_state
-
-        parallel_state.destroy_model_parallel()
-        parallel_state.destroy_distributed_environment()
-        os.environ.clear()
-        os.environ.update(saved_env)
+    proc = subprocess.run([sys.executable, "-c", COLOCATED_ROLLOUTS, repr(QUESTIONS), str(tmp_path)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "COLOCATED ROLLOUTS OK" in out, out[-4000:]
 
 
 @pytest.mark.gpu
